@@ -1,0 +1,41 @@
+# Shared shell helpers for scripts/{sandbox,test,demo}. Source it; do not run it.
+
+KGUEST_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KGUEST_CACHE=${KGUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kguest}
+
+# die MSG: one clear line on stderr, exit status 2 (or $2).
+die() { echo "${0##*/}: $1" >&2; exit "${2:-2}"; }
+
+# need_packages PKG...: apt-get install whatever of PKG... is not installed.
+# Idempotent and quiet when everything is there; needs root only when it must
+# install.
+need_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "missing packages (${missing[*]}); run as root or install them with apt-get"
+    echo "${0##*/}: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # A stale or empty package list makes installs fail: refresh it once first.
+    apt-get update -qq >&2 || die "apt-get update failed"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+        || die "apt-get install ${missing[*]} failed"
+}
+
+# Packages the build and unit tests need.
+BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-dev pkg-config)
+# Packages the sandbox needs: QEMU (TCG), Debian's kernel with its KVM modules,
+# a static busybox for the initramfs, and cpio to pack it.
+SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc6-dev)
+
+# configure_and_build [BUILD_DIR] [extra cmake args...]
+configure_and_build() {
+    local dir=${1:-$KGUEST_ROOT/build}
+    shift || true
+    cmake -S "$KGUEST_ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKGUEST_WERROR=ON \
+        -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache "$@" >/dev/null \
+        || die "cmake configure failed" 1
+    cmake --build "$dir" -j"$(nproc)" || die "build failed" 1
+}

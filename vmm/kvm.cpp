@@ -1,0 +1,180 @@
+// Thin, checked wrappers over the KVM ioctls (Documentation/virt/kvm/api.rst).
+#include "kvm.hpp"
+#include "error.hpp"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <memory>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+
+namespace kguest {
+
+namespace {
+
+// ioctl() that retries on EINTR and throws SysError(name) on failure.
+template <typename Arg>
+int xioctl(int fd, unsigned long req, const char* name, Arg arg) {
+    int r;
+    do {
+        r = ::ioctl(fd, req, arg);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) throw_errno(name);
+    return r;
+}
+
+} // namespace
+
+// ---- Kvm -------------------------------------------------------------------
+
+Kvm::Kvm(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) throw_errno("open " + path);
+    fd_ = Fd(fd);
+    int version = xioctl(fd, KVM_GET_API_VERSION, "KVM_GET_API_VERSION", 0);
+    if (version != KVM_API_VERSION)
+        throw std::runtime_error("KVM_GET_API_VERSION: got " + std::to_string(version) +
+                                 ", need " + std::to_string(KVM_API_VERSION));
+}
+
+int Kvm::check_extension(long cap) const {
+    int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
+    return r < 0 ? 0 : r;
+}
+
+void Kvm::require_extension(long cap, const char* name) const {
+    if (check_extension(cap) <= 0)
+        throw std::runtime_error(std::string("KVM_CHECK_EXTENSION: host KVM lacks ") + name);
+}
+
+std::size_t Kvm::vcpu_mmap_size() const {
+    return static_cast<std::size_t>(
+        xioctl(fd_.get(), KVM_GET_VCPU_MMAP_SIZE, "KVM_GET_VCPU_MMAP_SIZE", 0));
+}
+
+std::vector<kvm_cpuid_entry2> Kvm::supported_cpuid() const {
+    // The ioctl fails with E2BIG until the buffer is big enough; grow and retry.
+    for (std::uint32_t n = 64; n <= 4096; n *= 2) {
+        std::size_t bytes = sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2);
+        auto buf = std::make_unique<std::uint64_t[]>((bytes + 7) / 8);
+        auto* cpuid = reinterpret_cast<kvm_cpuid2*>(buf.get());
+        cpuid->nent = n;
+        if (::ioctl(fd_.get(), KVM_GET_SUPPORTED_CPUID, cpuid) == 0)
+            return {cpuid->entries, cpuid->entries + cpuid->nent};
+        if (errno != E2BIG) throw_errno("KVM_GET_SUPPORTED_CPUID");
+    }
+    throw SysError("KVM_GET_SUPPORTED_CPUID", E2BIG);
+}
+
+Vm Kvm::create_vm() const {
+    int fd = xioctl(fd_.get(), KVM_CREATE_VM, "KVM_CREATE_VM", 0UL);
+    Fd owned(fd);
+    return Vm(std::move(owned), vcpu_mmap_size());
+}
+
+// ---- Vm --------------------------------------------------------------------
+
+int Vm::check_extension(long cap) const {
+    int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
+    return r < 0 ? 0 : r;
+}
+
+void Vm::set_user_memory_region(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
+                                void* host, std::uint32_t flags) {
+    kvm_userspace_memory_region r{};
+    r.slot = slot;
+    r.flags = flags;
+    r.guest_phys_addr = gpa;
+    r.memory_size = size;
+    r.userspace_addr = reinterpret_cast<std::uint64_t>(host);
+    xioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", &r);
+}
+
+void Vm::set_tss_addr(std::uint64_t addr) {
+    xioctl(fd_.get(), KVM_SET_TSS_ADDR, "KVM_SET_TSS_ADDR", static_cast<unsigned long>(addr));
+}
+
+void Vm::set_identity_map_addr(std::uint64_t addr) {
+    xioctl(fd_.get(), KVM_SET_IDENTITY_MAP_ADDR, "KVM_SET_IDENTITY_MAP_ADDR", &addr);
+}
+
+void Vm::create_irqchip() { xioctl(fd_.get(), KVM_CREATE_IRQCHIP, "KVM_CREATE_IRQCHIP", 0); }
+
+void Vm::create_pit2() {
+    kvm_pit_config cfg{};
+    // KVM_PIT_SPEAKER_DUMMY: port 0x61 reads are answered in the kernel too.
+    cfg.flags = KVM_PIT_SPEAKER_DUMMY;
+    xioctl(fd_.get(), KVM_CREATE_PIT2, "KVM_CREATE_PIT2", &cfg);
+}
+
+void Vm::ioeventfd(const kvm_ioeventfd& spec) {
+    xioctl(fd_.get(), KVM_IOEVENTFD, "KVM_IOEVENTFD", &spec);
+}
+
+void Vm::irq_line(std::uint32_t irq, bool level) {
+    kvm_irq_level l{};
+    l.irq = irq;
+    l.level = level ? 1 : 0;
+    xioctl(fd_.get(), KVM_IRQ_LINE, "KVM_IRQ_LINE", &l);
+}
+
+Vcpu Vm::create_vcpu(unsigned id) const {
+    int fd = xioctl(fd_.get(), KVM_CREATE_VCPU, "KVM_CREATE_VCPU", static_cast<unsigned long>(id));
+    Fd owned(fd);
+    void* run = ::mmap(nullptr, vcpu_mmap_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (run == MAP_FAILED) throw_errno("mmap kvm_run");
+    return Vcpu(std::move(owned), Mapping(run, vcpu_mmap_size_), id);
+}
+
+// ---- Vcpu ------------------------------------------------------------------
+
+int Vcpu::run() { return ::ioctl(fd_.get(), KVM_RUN, 0) < 0 ? errno : 0; }
+
+kvm_regs Vcpu::get_regs() const {
+    kvm_regs r{};
+    xioctl(fd_.get(), KVM_GET_REGS, "KVM_GET_REGS", &r);
+    return r;
+}
+
+void Vcpu::set_regs(const kvm_regs& r) { xioctl(fd_.get(), KVM_SET_REGS, "KVM_SET_REGS", &r); }
+
+kvm_sregs Vcpu::get_sregs() const {
+    kvm_sregs s{};
+    xioctl(fd_.get(), KVM_GET_SREGS, "KVM_GET_SREGS", &s);
+    return s;
+}
+
+void Vcpu::set_sregs(const kvm_sregs& s) { xioctl(fd_.get(), KVM_SET_SREGS, "KVM_SET_SREGS", &s); }
+
+void Vcpu::set_fpu(const kvm_fpu& f) { xioctl(fd_.get(), KVM_SET_FPU, "KVM_SET_FPU", &f); }
+
+void Vcpu::set_cpuid(const std::vector<kvm_cpuid_entry2>& entries) {
+    std::size_t bytes = sizeof(kvm_cpuid2) + entries.size() * sizeof(kvm_cpuid_entry2);
+    auto buf = std::make_unique<std::uint64_t[]>((bytes + 7) / 8);
+    auto* cpuid = reinterpret_cast<kvm_cpuid2*>(buf.get());
+    cpuid->nent = static_cast<std::uint32_t>(entries.size());
+    std::copy(entries.begin(), entries.end(), cpuid->entries);
+    xioctl(fd_.get(), KVM_SET_CPUID2, "KVM_SET_CPUID2", cpuid);
+}
+
+void Vcpu::set_msrs(const std::vector<kvm_msr_entry>& msrs) {
+    std::size_t bytes = sizeof(kvm_msrs) + msrs.size() * sizeof(kvm_msr_entry);
+    auto buf = std::make_unique<std::uint64_t[]>((bytes + 7) / 8);
+    auto* m = reinterpret_cast<kvm_msrs*>(buf.get());
+    m->nmsrs = static_cast<std::uint32_t>(msrs.size());
+    std::copy(msrs.begin(), msrs.end(), m->entries);
+    int n = xioctl(fd_.get(), KVM_SET_MSRS, "KVM_SET_MSRS", m);
+    if (static_cast<std::size_t>(n) != msrs.size())
+        throw std::runtime_error("KVM_SET_MSRS: KVM refused MSR index " +
+                                 std::to_string(msrs[static_cast<std::size_t>(n)].index));
+}
+
+kvm_lapic_state Vcpu::get_lapic() const {
+    kvm_lapic_state l{};
+    xioctl(fd_.get(), KVM_GET_LAPIC, "KVM_GET_LAPIC", &l);
+    return l;
+}
+
+void Vcpu::set_lapic(const kvm_lapic_state& l) { xioctl(fd_.get(), KVM_SET_LAPIC, "KVM_SET_LAPIC", &l); }
+
+} // namespace kguest

@@ -1,0 +1,93 @@
+// The KVM API in three owning types, as rust-vmm splits it: `Kvm` is the open
+// /dev/kvm (system ioctls), `Vm` is one virtual machine (VM ioctls), `Vcpu` is
+// one virtual CPU with its shared `kvm_run` page (vCPU ioctls). Each owns its
+// fd; a Vm outlives the Vcpus made from it only by convention of the caller
+// (the Machine in later code owns both, vCPUs declared last).
+//
+// Every setup ioctl throws SysError naming the ioctl. `Vcpu::run` does not
+// throw: it is on the guest-driven path and returns the errno instead.
+#pragma once
+
+#include "fd.hpp"
+
+#include <cstdint>
+#include <linux/kvm.h>
+#include <string>
+#include <vector>
+
+namespace kguest {
+
+class Vm;
+class Vcpu;
+
+class Kvm {
+public:
+    // Opens the device and insists on KVM_API_VERSION 12 (the only stable one).
+    explicit Kvm(const std::string& path = "/dev/kvm");
+
+    int fd() const { return fd_.get(); }
+    // KVM_CHECK_EXTENSION on the system fd: 0 when absent, else a cap-specific value.
+    int check_extension(long cap) const;
+    // Throws, naming the capability, when the host KVM lacks it.
+    void require_extension(long cap, const char* name) const;
+    std::size_t vcpu_mmap_size() const;
+    // KVM_GET_SUPPORTED_CPUID: every leaf KVM can virtualise on this host.
+    std::vector<kvm_cpuid_entry2> supported_cpuid() const;
+    Vm create_vm() const;
+
+private:
+    Fd fd_;
+};
+
+class Vm {
+public:
+    Vm(Fd fd, std::size_t vcpu_mmap_size) : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size) {}
+
+    int fd() const { return fd_.get(); }
+    int check_extension(long cap) const;
+    void set_user_memory_region(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
+                                void* host, std::uint32_t flags = 0);
+    void set_tss_addr(std::uint64_t addr);
+    void set_identity_map_addr(std::uint64_t addr);
+    void create_irqchip();
+    void create_pit2();
+    // KVM_IOEVENTFD: a guest write matching (addr, len[, datamatch]) signals
+    // `eventfd` inside the kernel instead of exiting to userspace.
+    void ioeventfd(const kvm_ioeventfd& spec);
+    void irq_line(std::uint32_t irq, bool level);
+    Vcpu create_vcpu(unsigned id) const;
+
+private:
+    Fd fd_;
+    std::size_t vcpu_mmap_size_;
+};
+
+class Vcpu {
+public:
+    Vcpu(Fd fd, Mapping run, unsigned id) : fd_(std::move(fd)), run_(std::move(run)), id_(id) {}
+
+    int fd() const { return fd_.get(); }
+    unsigned id() const { return id_; }
+    kvm_run& run_state() const { return *static_cast<kvm_run*>(run_.get()); }
+
+    // KVM_RUN once. Returns 0 after an exit to decode in run_state(), or the
+    // errno (EINTR when a signal kicked us out: not an error). Never throws.
+    int run();
+
+    kvm_regs get_regs() const;
+    void set_regs(const kvm_regs& r);
+    kvm_sregs get_sregs() const;
+    void set_sregs(const kvm_sregs& s);
+    void set_fpu(const kvm_fpu& f);
+    void set_cpuid(const std::vector<kvm_cpuid_entry2>& entries);
+    void set_msrs(const std::vector<kvm_msr_entry>& msrs);
+    kvm_lapic_state get_lapic() const;
+    void set_lapic(const kvm_lapic_state& l);
+
+private:
+    Fd fd_;
+    Mapping run_;
+    unsigned id_;
+};
+
+} // namespace kguest
