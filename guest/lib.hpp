@@ -1,0 +1,41 @@
+// The guest's tiny runtime: serial output, formatted printing, the exit port,
+// string helpers and a spinlock. No libc here.
+#pragma once
+
+#include "arch.hpp"
+
+// The test-exit port shared with kguest (devices/exit_port.hpp) and QEMU's
+// isa-debug-exit (iobase=0xf4): a 32-bit write ends the VM. kguest exits with
+// the value written; QEMU exits with (value << 1) | 1.
+constexpr u16 kExitPort = 0xf4;
+constexpr u16 kCom1 = 0x3f8;
+
+[[noreturn]] void guest_exit(u32 status);
+
+void serial_init();
+void putc(char c);
+void puts(const char* s);
+void print(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap);
+[[noreturn]] void panic(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+usize strlen(const char* s);
+bool str_eq(const char* a, const char* b, usize n);
+// Value of `key=` in a space-separated command line, copied into out; false if absent.
+bool cmdline_get(const char* cmdline, const char* key, char* out, usize size);
+// Is `word` one of the comma-separated items of `list`?
+bool list_has(const char* list, const char* word);
+u64 parse_u64(const char* s, bool* ok);
+
+extern "C" void* memset(void* d, int c, usize n);
+extern "C" void* memcpy(void* d, const void* s, usize n);
+extern "C" void* memmove(void* d, const void* s, usize n);
+extern "C" int memcmp(const void* a, const void* b, usize n);
+
+class SpinLock {
+public:
+    void lock() { while (__atomic_exchange_n(&v_, 1, __ATOMIC_ACQUIRE)) while (__atomic_load_n(&v_, __ATOMIC_RELAXED)) cpu_relax(); }
+    void unlock() { __atomic_store_n(&v_, 0, __ATOMIC_RELEASE); }
+private:
+    int v_ = 0;
+};
