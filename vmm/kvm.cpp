@@ -111,11 +111,11 @@ void Vm::ioeventfd(const kvm_ioeventfd& spec) {
     xioctl(fd_.get(), KVM_IOEVENTFD, "KVM_IOEVENTFD", &spec);
 }
 
-void Vm::irq_line(std::uint32_t irq, bool level) {
+int Vm::irq_line(std::uint32_t irq, bool level) noexcept {
     kvm_irq_level l{};
     l.irq = irq;
     l.level = level ? 1 : 0;
-    xioctl(fd_.get(), KVM_IRQ_LINE, "KVM_IRQ_LINE", &l);
+    return ::ioctl(fd_.get(), KVM_IRQ_LINE, &l) < 0 ? errno : 0;
 }
 
 Vcpu Vm::create_vcpu(unsigned id) const {

@@ -11,7 +11,7 @@
 #include "fd.hpp"
 
 #include <cstdint>
-#include <linux/kvm.h>
+#include "vmm/kvm_uapi.hpp"
 #include <string>
 #include <vector>
 
@@ -54,7 +54,9 @@ public:
     // KVM_IOEVENTFD: a guest write matching (addr, len[, datamatch]) signals
     // `eventfd` inside the kernel instead of exiting to userspace.
     void ioeventfd(const kvm_ioeventfd& spec);
-    void irq_line(std::uint32_t irq, bool level);
+    // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC. Device models call it on
+    // guest-driven paths, so it returns the errno instead of throwing.
+    int irq_line(std::uint32_t irq, bool level) noexcept;
     Vcpu create_vcpu(unsigned id) const;
 
 private:

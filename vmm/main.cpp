@@ -1,33 +1,140 @@
-// kguest's command line. Every subcommand is a function; host setup failures
-// are exceptions caught here, once, and printed as one line.
+// kguest's command line. Each subcommand is a function; host setup failures
+// are exceptions caught here, once, and printed as one line: exit status 2 for
+// the user's mistakes (flags, images), 1 for host failures. `kguest run`
+// otherwise returns the guest's own exit status.
 #include "vmm/error.hpp"
+#include "vmm/machine.hpp"
+#include "vmm/size.hpp"
 
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <string>
+#include <optional>
+#include <string_view>
+#include <vector>
 
+namespace kguest {
 namespace {
 
 constexpr const char* kUsage =
-    "usage: kguest run --kernel PATH [options]   boot a guest\n"
-    "       kguest --version\n";
+    "usage: kguest run --kernel PATH [options]     boot a PVH kernel (e.g. build/guest/guest.elf)\n"
+    "       kguest --version\n"
+    "\n"
+    "run options:\n"
+    "  --kernel PATH             PVH ELF image to boot (required)\n"
+    "  --cmdline STR             kernel command line\n"
+    "  --cpus N                  vCPUs, 1..254 (default 1)\n"
+    "  --memory SIZE             guest RAM, K/M/G suffixes (default 256M, at least 8M)\n"
+    "  --hugepages thp|hugetlbfs|off   RAM backing (default thp)\n"
+    "  --console stdio|none|FILE serial console (default stdio)\n"
+    "  --name NAME               VM name (default kguest)\n"
+    "  --port80 kernel|exit      port 0x80 writes absorbed in KVM (default) or by userspace exits\n";
+
+// Splits "--flag=value" and "--flag value" uniformly.
+class Args {
+public:
+    Args(int argc, char** argv, int first) : v_(argv + first, argv + argc) {}
+    bool done() const { return i_ >= v_.size(); }
+    std::string flag() {
+        std::string a = v_[i_++];
+        if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
+            pending_ = a.substr(eq + 1);
+            return a.substr(0, eq);
+        }
+        return a;
+    }
+    std::string value(const std::string& flag) {
+        if (pending_) {
+            std::string v = *pending_;
+            pending_.reset();
+            return v;
+        }
+        if (done()) throw UsageError(flag + " needs a value");
+        return v_[i_++];
+    }
+    void no_value(const std::string& flag) {
+        if (pending_) throw UsageError(flag + " takes no value");
+    }
+
+private:
+    std::vector<std::string> v_;
+    std::size_t i_ = 0;
+    std::optional<std::string> pending_;
+};
+
+int cmd_run(int argc, char** argv) {
+    VmConfig cfg;
+    Args a(argc, argv, 2);
+    while (!a.done()) {
+        std::string f = a.flag();
+        if (f == "--kernel") {
+            cfg.kernel = a.value(f);
+        } else if (f == "--cmdline") {
+            cfg.cmdline = a.value(f);
+        } else if (f == "--cpus") {
+            std::string v = a.value(f);
+            auto n = parse_size(v);
+            if (!n || v.find_first_not_of("0123456789") != std::string::npos || *n < 1 || *n > kMaxCpus)
+                throw UsageError("--cpus '" + v + "': need a number from 1 to " + std::to_string(kMaxCpus));
+            cfg.cpus = static_cast<unsigned>(*n);
+        } else if (f == "--memory") {
+            std::string v = a.value(f);
+            auto n = parse_size(v);
+            if (!n) throw UsageError("--memory '" + v + "': need a size like 256M or 2G");
+            if (*n < kMinMemory) throw UsageError("--memory " + v + ": too little memory (at least 8M)");
+            cfg.memory = *n;
+        } else if (f == "--hugepages") {
+            std::string v = a.value(f);
+            auto b = parse_backing(v);
+            if (!b) throw UsageError("--hugepages '" + v + "': need thp, hugetlbfs or off");
+            cfg.backing = *b;
+        } else if (f == "--console") {
+            std::string v = a.value(f);
+            if (v.empty()) throw UsageError("--console needs stdio, none or a file name");
+            if (v == "stdio") cfg.console = VmConfig::Console::stdio;
+            else if (v == "none") cfg.console = VmConfig::Console::none;
+            else { cfg.console = VmConfig::Console::file; cfg.console_path = v; }
+        } else if (f == "--name") {
+            cfg.name = a.value(f);
+            if (cfg.name.empty() || cfg.name.find_first_of("/ \t\n") != std::string::npos)
+                throw UsageError("--name '" + cfg.name + "': need a name without spaces or slashes");
+        } else if (f == "--port80") {
+            std::string v = a.value(f);
+            if (v == "kernel") cfg.port80 = VmConfig::Port80Mode::kernel;
+            else if (v == "exit") cfg.port80 = VmConfig::Port80Mode::exit;
+            else throw UsageError("--port80 '" + v + "': need kernel or exit");
+        } else {
+            throw UsageError("run: unknown option '" + f + "' (see kguest --help)");
+        }
+    }
+    if (cfg.kernel.empty()) throw UsageError("run: --kernel PATH is required");
+    Machine m(cfg);
+    return m.run();
+}
 
 } // namespace
+} // namespace kguest
 
 int main(int argc, char** argv) {
+    using namespace kguest;
     try {
-        if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
-            std::fputs(kUsage, argc < 2 ? stderr : stdout);
-            return argc < 2 ? 2 : 0;
+        if (argc < 2) {
+            std::fputs(kUsage, stderr);
+            return 2;
         }
         std::string cmd = argv[1];
+        if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+            std::fputs(kUsage, stdout);
+            return 0;
+        }
         if (cmd == "--version") {
             std::printf("kguest %s\n", KGUEST_VERSION);
             return 0;
         }
-        throw kguest::UsageError("unknown command '" + cmd + "' (see kguest --help)");
-    } catch (const kguest::UsageError& e) {
+        if (cmd == "run") return cmd_run(argc, argv);
+        throw UsageError("unknown command '" + cmd + "' (see kguest --help)");
+    } catch (const UsageError& e) {
         std::fprintf(stderr, "kguest: %s\n", e.what());
         return 2;
     } catch (const std::exception& e) {

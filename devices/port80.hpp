@@ -1,0 +1,55 @@
+// Port 0x80, the POST-code / "I/O delay" port. Linux's native_io_delay()
+// writes it around slow ISA accesses and firmware writes POST codes to it. A
+// guest's writes must never reach the real port (CVE-2017-1000407: flooding it
+// hung hosts), so it is always emulated here:
+//   - writes of any width and any `rep` count are accepted and counted; the
+//     low byte of the last one we see is kept as the POST code;
+//   - reads return 0xff, what QEMU's pc machine returns (an empty ISA slot).
+//
+// Cheap path: with KVM_IOEVENTFD (PIO flag, length 0 = any width, no
+// datamatch) KVM completes writes in the kernel and only bumps an eventfd
+// counter, so a write costs no exit at all; `rep outs` too (KVM's kernel_pio
+// walks the batch). The counter is then read from the eventfd. What that path
+// cannot keep is the value written, so in that mode `last_code` is the last
+// code that came through userspace (reads and, with `--port80 exit`, all
+// writes). The userspace path stays as the fallback and for comparison.
+#pragma once
+
+#include "vmm/bus.hpp"
+#include "vmm/fd.hpp"
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+
+namespace kguest {
+
+class Vm;
+
+class Port80 : public BusDevice {
+public:
+    static constexpr std::uint16_t kPort = 0x80;
+    static constexpr std::uint8_t kReadValue = 0xff;
+
+    void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
+
+    // Registers the in-kernel write path. False (and nothing changes) when the
+    // host KVM refuses; the userspace path then serves every write.
+    bool absorb_in_kernel(Vm& vm);
+    bool absorbed() const { return eventfd_.valid(); }
+
+    // Writes so far, both paths together.
+    std::uint64_t writes();
+    std::uint64_t reads() const { return reads_.load(); }
+    std::uint8_t last_code() const { return last_.load(); }
+
+private:
+    std::atomic<std::uint64_t> user_writes_{0}, reads_{0};
+    std::atomic<std::uint8_t> last_{0};
+    std::mutex mu_;
+    std::uint64_t kernel_writes_ = 0;
+    Fd eventfd_;
+};
+
+} // namespace kguest

@@ -1,0 +1,344 @@
+// Building and running a VM (see machine.hpp). The story in order: open KVM
+// and check what we rely on, create the VM with its in-kernel interrupt
+// controllers and PIT, map guest RAM, plug devices into the buses, load the
+// kernel, create and set up the vCPUs; run() then starts a thread per vCPU and
+// waits, in the main thread, for the VM to end or a signal to arrive.
+#include "machine.hpp"
+#include "cpuid.hpp"
+#include "error.hpp"
+#include "exit.hpp"
+#include "log.hpp"
+#include "size.hpp"
+#include "devices/exit_port.hpp"
+#include "devices/port80.hpp"
+#include "devices/serial.hpp"
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <termios.h>
+#include <unistd.h>
+
+namespace kguest {
+
+namespace {
+
+// Addresses KVM needs for its own use on Intel (real-mode TSS and identity
+// page table for unrestricted-guest-less hosts), in the MMIO hole below the
+// IOAPIC, as QEMU and Firecracker place them.
+constexpr std::uint64_t kTssAddr = 0xfffbd000;
+constexpr std::uint64_t kIdentityMapAddr = 0xfffbc000;
+
+// The kick signal: its handler does nothing; its arrival makes KVM_RUN return EINTR.
+constexpr int kKickSignal = SIGUSR1;
+void on_kick(int) {}
+
+// Puts a terminal in raw-ish mode for the serial console and restores it on
+// destruction (run() returning, normally or by exception). ISIG stays on, so
+// Ctrl-C is SIGINT and stops the VM cleanly; output processing stays on.
+class RawTerminal {
+public:
+    explicit RawTerminal(int fd) : fd_(fd) {
+        if (!::isatty(fd) || ::tcgetattr(fd, &saved_) != 0) return;
+        termios raw = saved_;
+        raw.c_iflag &= ~static_cast<tcflag_t>(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON);
+        raw.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL | ICANON | IEXTEN);
+        raw.c_cc[VMIN] = 1;
+        raw.c_cc[VTIME] = 0;
+        active_ = ::tcsetattr(fd, TCSANOW, &raw) == 0;
+    }
+    ~RawTerminal() {
+        if (active_) ::tcsetattr(fd_, TCSANOW, &saved_);
+    }
+    RawTerminal(const RawTerminal&) = delete;
+    RawTerminal& operator=(const RawTerminal&) = delete;
+
+private:
+    int fd_;
+    termios saved_{};
+    bool active_ = false;
+};
+
+} // namespace
+
+Machine::Machine(const VmConfig& cfg)
+    : cfg_(cfg), kvm_(), vm_(kvm_.create_vm()), mem_(cfg.memory, cfg.backing) {
+    kvm_.require_extension(KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP");
+    kvm_.require_extension(KVM_CAP_PIT2, "KVM_CAP_PIT2");
+    kvm_.require_extension(KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY");
+    kvm_.require_extension(KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID");
+    kvm_.require_extension(KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT");
+    int max_vcpus = kvm_.check_extension(KVM_CAP_MAX_VCPUS);
+    if (max_vcpus <= 0) max_vcpus = kvm_.check_extension(KVM_CAP_NR_VCPUS);
+    if (max_vcpus > 0 && cfg.cpus > static_cast<unsigned>(max_vcpus))
+        throw UsageError("--cpus " + std::to_string(cfg.cpus) + ": this host's KVM allows at most " +
+                         std::to_string(max_vcpus));
+
+    vm_.set_tss_addr(kTssAddr);
+    vm_.set_identity_map_addr(kIdentityMapAddr);
+    vm_.create_irqchip();
+    vm_.create_pit2();
+
+    std::uint32_t slot = 0;
+    for (const auto& r : mem_.regions())
+        vm_.set_user_memory_region(slot++, r.gpa, r.size, mem_.host_base() + r.offset);
+
+    // Console sink.
+    switch (cfg.console) {
+    case VmConfig::Console::stdio: console_fd_ = STDOUT_FILENO; break;
+    case VmConfig::Console::none: console_fd_ = -1; break;
+    case VmConfig::Console::file: {
+        int fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0) throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
+        console_file_ = Fd(fd);
+        console_fd_ = fd;
+        break;
+    }
+    }
+
+    // Devices.
+    serial_ = std::make_shared<Serial>(console_fd_, [this](bool level) {
+        if (int err = vm_.irq_line(Serial::kCom1Irq, level)) {
+            static RateLimit limit;
+            KGUEST_LOG_LIMITED(limit, "serial: KVM_IRQ_LINE: %s (errno %d)", std::strerror(err), err);
+        }
+    });
+    port80_ = std::make_shared<Port80>();
+    exit_port_ = std::make_shared<ExitPort>([this](int status) { request_stop(status); });
+    pio_.insert(Serial::kCom1Base, 8, serial_);
+    pio_.insert(Port80::kPort, 1, port80_);
+    pio_.insert(ExitPort::kPort, ExitPort::kLen, exit_port_);
+    if (cfg.port80 == VmConfig::Port80Mode::kernel) port80_->absorb_in_kernel(vm_);
+
+    // Kernel and boot information.
+    auto image = read_file(cfg.kernel, mem_.size());
+    LoadedKernel k;
+    try {
+        k = load_pvh_elf(mem_, image);
+    } catch (const UsageError& e) {
+        throw UsageError(cfg.kernel + ": " + e.what());
+    }
+    std::uint64_t start_info = write_pvh_start_info(mem_, cfg.cmdline);
+
+    // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
+    // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
+    auto supported = kvm_.supported_cpuid();
+    for (unsigned i = 0; i < cfg.cpus; ++i) {
+        vcpus_.push_back(vm_.create_vcpu(i));
+        setup_vcpu(vcpus_.back(), supported);
+    }
+    setup_boot_cpu(vcpus_[0], k.entry, start_info);
+
+    int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (efd < 0) throw_errno("eventfd");
+    stop_event_ = Fd(efd);
+}
+
+Machine::~Machine() {
+    // run() joins its threads on every path; this covers a Machine that was
+    // built but never run, or a run() that threw while starting threads.
+    if (!threads_.empty() || input_.joinable()) {
+        request_stop(1);
+        for (auto& t : threads_)
+            if (t.joinable()) t.join();
+        if (input_.joinable()) input_.join();
+    }
+}
+
+void Machine::setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported) {
+    CpuidOptions opt;
+    opt.vcpu_id = vcpu.id();
+    opt.cpus = cfg_.cpus;
+    opt.tsc_deadline = kvm_.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+    vcpu.set_cpuid(make_guest_cpuid(supported, opt));
+
+    kvm_fpu fpu{};
+    fpu.fcw = 0x37f;     // x87 reset value
+    fpu.mxcsr = 0x1f80;  // SSE reset value: all exceptions masked
+    vcpu.set_fpu(fpu);
+
+    // LINT0 = ExtINT (the 8259 PIC's output), LINT1 = NMI, as on a PC.
+    kvm_lapic_state lapic = vcpu.get_lapic();
+    auto set_lvt = [&](std::size_t reg, std::uint32_t mode) {
+        std::uint32_t v;
+        std::memcpy(&v, lapic.regs + reg, 4);
+        v = (v & ~0x700u) | (mode << 8);
+        std::memcpy(lapic.regs + reg, &v, 4);
+    };
+    set_lvt(0x350, 7);  // APIC_LVT0, delivery mode ExtINT
+    set_lvt(0x360, 4);  // APIC_LVT1, delivery mode NMI
+    vcpu.set_lapic(lapic);
+}
+
+void Machine::setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t start_info) {
+    // PVH boot ABI: 32-bit protected mode, flat 4 GiB CS (execute/read) and
+    // DS/ES/SS (read/write), a 32-bit TSS in TR, CR0.PE=1 with paging off,
+    // CR4=0, %ebx = start_info. We also write a matching GDT to guest memory,
+    // so selectors stay meaningful until the kernel loads its own.
+    const std::uint64_t gdt[4] = {
+        0,
+        0x00cf9b000000ffff,  // 0x08: code, 32-bit, 4 GiB
+        0x00cf93000000ffff,  // 0x10: data, 4 GiB
+        0x00008b0000000067,  // 0x18: 32-bit TSS (busy)
+    };
+    mem_.write(kBootGdtGpa, gdt, sizeof gdt);
+
+    kvm_sregs s = vcpu.get_sregs();
+    auto seg = [](std::uint16_t sel, std::uint8_t type, bool code_or_data) {
+        kvm_segment g{};
+        g.base = 0;
+        g.limit = 0xffffffff;
+        g.selector = sel;
+        g.type = type;
+        g.present = 1;
+        g.dpl = 0;
+        g.db = 1;
+        g.s = code_or_data ? 1 : 0;
+        g.g = 1;
+        return g;
+    };
+    s.cs = seg(0x08, 0xb, true);
+    s.ds = s.es = s.fs = s.gs = s.ss = seg(0x10, 0x3, true);
+    s.tr = seg(0x18, 0xb, false);
+    s.tr.limit = 0x67;
+    s.tr.g = 0;
+    s.tr.db = 0;
+    s.gdt.base = kBootGdtGpa;
+    s.gdt.limit = sizeof gdt - 1;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = 0x11;  // PE | ET
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.efer = 0;
+    vcpu.set_sregs(s);
+
+    kvm_regs r{};
+    r.rip = entry;
+    r.rbx = start_info;
+    r.rflags = 0x2;
+    vcpu.set_regs(r);
+}
+
+void Machine::request_stop(int status) {
+    bool expected = false;
+    if (!stopping_.compare_exchange_strong(expected, true)) return;
+    status_.store(status);
+    // immediate_exit first, then the signal: a vCPU between its stopping_
+    // check and KVM_RUN still returns at once (KVM_CAP_IMMEDIATE_EXIT).
+    for (auto& v : vcpus_) v.run_state().immediate_exit = 1;
+    for (auto& t : threads_)
+        if (t.joinable() && t.get_id() != std::this_thread::get_id()) pthread_kill(t.native_handle(), kKickSignal);
+    std::uint64_t one = 1;
+    if (stop_event_.valid() && ::write(stop_event_.get(), &one, sizeof one) < 0) {
+        // The eventfd counter cannot overflow with one write; nothing to do.
+    }
+}
+
+void Machine::vcpu_thread(Vcpu& vcpu) {
+    sigset_t kick;
+    sigemptyset(&kick);
+    sigaddset(&kick, kKickSignal);
+    pthread_sigmask(SIG_UNBLOCK, &kick, nullptr);
+
+    const std::size_t run_size = kvm_.vcpu_mmap_size();
+    while (!stopping_.load(std::memory_order_relaxed)) {
+        int err = vcpu.run();
+        if (err == EINTR || err == EAGAIN) continue;
+        if (err != 0) {
+            log_msg("vCPU %u: KVM_RUN: %s (errno %d); stopping the VM", vcpu.id(), std::strerror(err), err);
+            request_stop(1);
+            break;
+        }
+        DecodedExit exit = decode_exit(vcpu.run_state(), run_size);
+        ExitOutcome out = handle_exit(exit, pio_, mmio_, vcpu.id());
+        if (out.what == ExitOutcome::stop) {
+            request_stop(out.status);
+            break;
+        }
+        if (out.what == ExitOutcome::halt) {
+            // Only without an in-kernel LAPIC does HLT come here: nothing can
+            // wake this vCPU, so it is done. The VM ends when all are.
+            if (halted_.fetch_add(1) + 1 == vcpus_.size()) request_stop(0);
+            break;
+        }
+    }
+}
+
+void Machine::input_thread() {
+    pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_event_.get(), POLLIN, 0}};
+    std::uint8_t buf[256];
+    for (;;) {
+        int n = ::poll(fds, 2, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 || (fds[1].revents & POLLIN)) return;
+        if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            ssize_t r = ::read(STDIN_FILENO, buf, sizeof buf);
+            if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+            if (r <= 0) return;  // EOF (e.g. </dev/null) or error: no more input
+            serial_->receive({buf, static_cast<std::size_t>(r)});
+        }
+    }
+}
+
+int Machine::run() {
+    // Stop signals go to a signalfd read by this thread only; every thread we
+    // start inherits the blocked mask. The kick signal is blocked too except
+    // inside vCPU threads, which unblock it.
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    for (int s : {SIGINT, SIGTERM, SIGHUP, kKickSignal}) sigaddset(&sigs, s);
+    sigset_t old;
+    if (int e = pthread_sigmask(SIG_BLOCK, &sigs, &old)) throw SysError("pthread_sigmask", e);
+    struct sigaction sa {};
+    sa.sa_handler = on_kick;
+    sigemptyset(&sa.sa_mask);
+    if (::sigaction(kKickSignal, &sa, nullptr) != 0) throw_errno("sigaction");
+    sigset_t stop_sigs = sigs;
+    sigdelset(&stop_sigs, kKickSignal);
+    int sfd = ::signalfd(-1, &stop_sigs, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0) throw_errno("signalfd");
+    Fd sig_fd(sfd);
+
+    std::unique_ptr<RawTerminal> raw;
+    if (cfg_.console == VmConfig::Console::stdio) {
+        raw = std::make_unique<RawTerminal>(STDIN_FILENO);
+        input_ = std::thread([this] { input_thread(); });
+    }
+    for (auto& v : vcpus_) threads_.emplace_back([this, &v] { vcpu_thread(v); });
+
+    pollfd fds[2] = {{sfd, POLLIN, 0}, {stop_event_.get(), POLLIN, 0}};
+    while (!stopping_.load()) {
+        int n = ::poll(fds, 2, -1);
+        if (n < 0 && errno != EINTR) {
+            log_msg("poll: %s (errno %d); stopping the VM", std::strerror(errno), errno);
+            request_stop(1);
+        }
+        if (n > 0 && (fds[0].revents & POLLIN)) {
+            signalfd_siginfo si;
+            if (::read(sfd, &si, sizeof si) == sizeof si) {
+                log_msg("caught %s; stopping the VM", strsignal(static_cast<int>(si.ssi_signo)));
+                request_stop(128 + static_cast<int>(si.ssi_signo));
+            }
+        }
+    }
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+    if (input_.joinable()) input_.join();
+    raw.reset();
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+
+    int status = status_.load();
+    log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
+            cfg_.name.c_str(), status, static_cast<unsigned long long>(port80_->writes()),
+            port80_->absorbed() ? "in-kernel" : "userspace", static_cast<unsigned long long>(port80_->reads()),
+            port80_->last_code());
+    return status;
+}
+
+} // namespace kguest

@@ -1,0 +1,82 @@
+// A Machine is one running VM: KVM objects, guest RAM, the buses and devices,
+// and one thread per vCPU. Building it (the constructor) does all host setup
+// and may throw; run() starts the vCPUs and returns the VM's exit status when
+// the guest ends it (exit port, triple fault, system event), when every vCPU
+// has halted without an in-kernel LAPIC, or when SIGINT/SIGTERM arrives.
+#pragma once
+
+#include "bus.hpp"
+#include "guest_memory.hpp"
+#include "kvm.hpp"
+#include "loader.hpp"
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace kguest {
+
+class Serial;
+class Port80;
+class ExitPort;
+
+struct VmConfig {
+    std::string kernel;
+    std::string cmdline;
+    std::string name = "kguest";
+    unsigned cpus = 1;
+    std::uint64_t memory = 256ull << 20;
+    Backing backing = Backing::thp;
+    enum class Console { stdio, none, file } console = Console::stdio;
+    std::string console_path;
+    enum class Port80Mode { kernel, exit } port80 = Port80Mode::kernel;
+};
+
+inline constexpr std::uint64_t kMinMemory = 8ull << 20;
+inline constexpr unsigned kMaxCpus = 254;  // xAPIC IDs; 0xff is broadcast
+
+class Machine {
+public:
+    explicit Machine(const VmConfig& cfg);
+    ~Machine();
+    Machine(const Machine&) = delete;
+    Machine& operator=(const Machine&) = delete;
+
+    // Runs the VM to its end; returns the exit status. Call once.
+    int run();
+    // Stops the VM with `status` (the first request wins). Thread-safe.
+    void request_stop(int status);
+
+    Port80& port80() { return *port80_; }
+    Serial& serial() { return *serial_; }
+    const GuestMemory& memory() const { return mem_; }
+
+private:
+    void setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported);
+    void setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t start_info);
+    void vcpu_thread(Vcpu& vcpu);
+    void input_thread();
+
+    VmConfig cfg_;
+    Kvm kvm_;
+    Vm vm_;
+    GuestMemory mem_;
+    Bus pio_{"PIO"};
+    Bus mmio_{"MMIO"};
+    Fd console_file_;
+    int console_fd_ = -1;
+    std::shared_ptr<Serial> serial_;
+    std::shared_ptr<Port80> port80_;
+    std::shared_ptr<ExitPort> exit_port_;
+    std::vector<Vcpu> vcpus_;
+    std::vector<std::thread> threads_;
+    std::thread input_;
+    Fd stop_event_;  // eventfd: written once when the VM stops
+    std::atomic<bool> stopping_{false};
+    std::atomic<int> status_{0};
+    std::atomic<unsigned> halted_{0};
+};
+
+} // namespace kguest
