@@ -100,6 +100,115 @@ halt_forever:
     hlt
     jmp halt_forever
 
+/*
+ * Interrupt and exception entry. One stub per vector pushes a dummy error
+ * code where the CPU pushes none, then the vector, and joins isr_common,
+ * which saves the general registers into a struct Frame (cpu.hpp) and calls
+ * interrupt_dispatch(Frame*). The CPU aligned the stack to 16 before its
+ * 5-word push; 2 + 15 more words keep the call ABI-aligned.
+ */
+    .altmacro
+    .macro ISR_STUB n
+isr_\n:
+    .if (\n == 8) || (\n == 10) || (\n == 11) || (\n == 12) || (\n == 13) || (\n == 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .else
+    push $0
+    .endif
+    push $\n
+    jmp isr_common
+    .endm
+    .macro ISR_ADDR n
+    .quad isr_\n
+    .endm
+
+    .text
+    .set vec, 0
+    .rept 256
+    ISR_STUB %vec
+    .set vec, vec + 1
+    .endr
+
+isr_common:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
+    cld
+    call interrupt_dispatch
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+    add $16, %rsp
+    iretq
+
+    .section .rodata
+    .p2align 3
+    .globl isr_table
+isr_table:
+    .set vec, 0
+    .rept 256
+    ISR_ADDR %vec
+    .set vec, vec + 1
+    .endr
+
+/*
+ * The AP trampoline. An AP wakes from SIPI in real mode at vector * 4 KiB;
+ * the BSP copies these bytes to AP_TRAMPOLINE (0x8000, SIPI vector 8). They
+ * load our GDT, switch to protected mode and jump into the image, where the
+ * AP takes the BSP's path into long mode and then finds its stack in
+ * ap_stack_top.
+ */
+#define AP_TRAMPOLINE 0x8000
+    .text
+    .code16
+    .globl ap_trampoline, ap_trampoline_end
+ap_trampoline:
+    cli
+    xor %ax, %ax
+    mov %ax, %ds
+    lgdtl AP_TRAMPOLINE + (tramp_gdtr - ap_trampoline)
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x18, $ap_entry32
+tramp_gdtr:
+    .word gdt64_end - gdt64 - 1
+    .long gdt64
+ap_trampoline_end:
+
+    .code32
+ap_entry32:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    jmp enter_long_mode32
+    .code64
+
     .section .rodata
     .p2align 3
     .globl gdt64

@@ -46,6 +46,8 @@ void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
         if (*fmt != '%') { emit(p, end, *fmt); continue; }
         ++fmt;
         char pad = ' ';
+        bool alt = false;
+        if (*fmt == '#') { alt = true; ++fmt; }
         if (*fmt == '0') { pad = '0'; ++fmt; }
         int width = 0;
         while (*fmt >= '0' && *fmt <= '9') width = width * 10 + (*fmt++ - '0');
@@ -75,6 +77,7 @@ void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
                 v = longs ? __builtin_va_arg(ap, u64) : __builtin_va_arg(ap, u32);
             }
             unsigned base = *fmt == 'x' ? 16 : 10;
+            if (alt && base == 16) { emit(p, end, '0'); emit(p, end, 'x'); }
             do { tmp[n++] = "0123456789abcdef"[v % base]; v /= base; } while (v);
             if (neg) tmp[n++] = '-';
             for (int i = n; i < width; ++i) emit(p, end, pad);

@@ -1,6 +1,11 @@
-// The small guest's main program: read the PVH start info, print who we are,
-// run the tests the command line asks for and end the VM with their status.
+// The small guest's main program. It reads the PVH start info, sets up
+// interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
+// tests named by test=... (timer, port80, smp, hostile, idle; all = the first
+// three) and ends the VM through the exit port: 0 when every test passed, 1
+// when one failed, 3 on a panic, 4 on an unexpected exception.
+#include "cpu.hpp"
 #include "lib.hpp"
+#include "tests.hpp"
 
 // struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h).
 struct HvmStartInfo {
@@ -18,22 +23,55 @@ struct HvmStartInfo {
 struct HvmMemmapEntry { u64 addr, size; u32 type, reserved; };
 constexpr u32 kHvmStartMagic = 0x336ec578;
 
-extern "C" void ap_main() {
-    for (;;) asm volatile("cli; hlt");
-}
+static char cmdline[4096];
 
 extern "C" void kmain(u32 start_info_paddr) {
     serial_init();
     auto* si = reinterpret_cast<const HvmStartInfo*>(u64(start_info_paddr));
     if (si->magic != kHvmStartMagic) panic("bad hvm_start_info magic %x", si->magic);
-    const char* cmdline = si->cmdline_paddr ? reinterpret_cast<const char*>(si->cmdline_paddr) : "";
-    print("kguest-guest: booted, cmdline \"%s\"\n", cmdline);
+    // Copy the command line first: low memory is ours to reuse (AP trampoline).
+    if (si->cmdline_paddr) {
+        const char* src = reinterpret_cast<const char*>(si->cmdline_paddr);
+        usize n = 0;
+        while (n + 1 < sizeof cmdline && src[n]) { cmdline[n] = src[n]; ++n; }
+        cmdline[n] = 0;
+    }
     u64 ram = 0;
     if (si->version >= 1)
         for (u32 i = 0; i < si->memmap_entries; ++i) {
             auto* e = reinterpret_cast<const HvmMemmapEntry*>(si->memmap_paddr) + i;
             if (e->type == 1) ram += e->size;
         }
-    print("RESULT boot ram_mib=%lu\n", ram >> 20);
-    guest_exit(0);
+
+    idt_init();
+    idt_load();
+    lapic_enable();
+    if (!kvmclock_init()) panic("no kvmclock (KVM_FEATURE_CLOCKSOURCE/CLOCKSOURCE2)");
+    char opt[64];
+    bool small_pages = cmdline_get(cmdline, "pages", opt, sizeof opt) && str_eq(opt, "4k", 3);
+    if (small_pages) paging_use_4k();
+    Cpuid pv = cpuid(0x40000001);
+    print("kguest-guest: cmdline \"%s\", %lu MiB RAM, %s pages, PV features %#x\n", cmdline, ram >> 20,
+          small_pages ? "4 KiB" : "2 MiB", pv.a);
+
+    char tests[256] = "all";
+    cmdline_get(cmdline, "test", tests, sizeof tests);
+    bool all = list_has(tests, "all");
+    unsigned ncpus = cpu_count(cmdline);
+    unsigned online = 1;
+    bool want_smp = all || list_has(tests, "smp") || list_has(tests, "timer");
+    if (want_smp && ncpus > 1) online = smp_boot(ncpus);
+    print("RESULT boot ram_mib=%lu cpus=%u online=%u tsc_khz=%lu\n", ram >> 20, ncpus, online, tsc_hz() / 1000);
+
+    bool ok = true;
+    bool ran = false;
+    if (all || list_has(tests, "smp")) { ok &= test_smp(ncpus, online); ran = true; }
+    if (all || list_has(tests, "port80")) { ok &= test_port80(cmdline); ran = true; }
+    if (all || list_has(tests, "timer")) { ok &= test_timer(cmdline, online); ran = true; }
+    if (list_has(tests, "hostile")) { ok &= test_hostile(cmdline); ran = true; }
+    if (list_has(tests, "idle")) { ok &= test_idle(cmdline); ran = true; }
+    if (list_has(tests, "none")) ran = true;
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,hostile,idle,none)", tests);
+    print("RESULT done ok=%d\n", ok ? 1 : 0);
+    guest_exit(ok ? 0 : 1);
 }

@@ -1,0 +1,64 @@
+// The guest's CPU plumbing: interrupts (IDT, exception dump), the local APIC,
+// kvmclock, per-CPU data, 4 KiB page tables on request, and SMP bring-up
+// with INIT-SIPI-SIPI.
+#pragma once
+
+#include "arch.hpp"
+
+constexpr unsigned kMaxCpus = 256;
+constexpr u8 kTimerVector = 0x40;
+constexpr u8 kWakeVector = 0x41;
+constexpr u8 kSpuriousVector = 0xff;
+
+// What isr_common pushes (entry.S), lowest address first.
+struct Frame {
+    u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    u64 vector, error;
+    u64 rip, cs, rflags, rsp, ss;
+};
+
+using IrqHandler = void (*)(Frame*);
+void idt_init();   // BSP: build the shared IDT
+void idt_load();   // every CPU
+void set_irq_handler(u8 vector, IrqHandler h);
+
+// Local APIC (xAPIC MMIO at 0xfee00000).
+constexpr u64 kLapicBase = 0xfee00000;
+enum : u32 { LAPIC_ID = 0x20, LAPIC_EOI = 0xb0, LAPIC_SVR = 0xf0, LAPIC_ICR_LO = 0x300, LAPIC_ICR_HI = 0x310,
+             LAPIC_LVTT = 0x320, LAPIC_TMICT = 0x380, LAPIC_TMCCT = 0x390, LAPIC_TDCR = 0x3e0 };
+inline u32 lapic_read(u32 reg) { return mmio_read<u32>(kLapicBase + reg); }
+inline void lapic_write(u32 reg, u32 v) { mmio_write<u32>(kLapicBase + reg, v); }
+inline unsigned apic_id() { return lapic_read(LAPIC_ID) >> 24; }
+inline void lapic_eoi() { lapic_write(LAPIC_EOI, 0); }
+void lapic_enable();
+
+// kvmclock (Documentation/virt/kvm/x86/msr.rst): per-CPU pvclock area.
+bool kvmclock_init();  // this CPU; false when the hypervisor offers none
+u64 kvmclock_ns();     // this CPU's clock
+u64 tsc_hz();          // from the pvclock scale factors
+void delay_us(u64 us);
+
+struct PerCpu {
+    volatile u32 online;
+    unsigned apic_id;
+    // Timer test state and results.
+    volatile u64 ticks;
+    u64 target_ticks;
+    u64 period_tsc;
+    u64 next_deadline;
+    u64 start_ns, last_tick_ns;
+    u32 nsamples;
+    u32 lat_ns[1024];
+};
+extern PerCpu percpu[kMaxCpus];
+inline PerCpu& this_cpu() { return percpu[apic_id()]; }
+
+// SMP: start every AP (APIC IDs 1..n-1); each runs `ap_work` once online.
+unsigned cpu_count(const char* cmdline);
+unsigned smp_boot(unsigned ncpus);
+using ApWork = void (*)(unsigned cpu);
+void smp_run_on_aps(ApWork work);  // returns at once; APs run it in parallel
+void smp_wait_aps_idle();
+
+// Remaps the first GiB with 4 KiB pages (pages=4k on the command line).
+void paging_use_4k();

@@ -1,0 +1,8 @@
+// The guest's test modes, selected by test=... on its command line.
+#pragma once
+
+bool test_timer(const char* cmdline, unsigned ncpus);
+bool test_idle(const char* cmdline);
+bool test_port80(const char* cmdline);
+bool test_smp(unsigned ncpus, unsigned online);
+bool test_hostile(const char* cmdline);
