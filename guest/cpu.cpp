@@ -59,6 +59,17 @@ extern "C" void interrupt_dispatch(Frame* f) {
 
 // ---- local APIC ----------------------------------------------------------------
 
+void pic_disable() {
+    // Firmware (SeaBIOS under QEMU) leaves the 8259s delivering IRQ0 as vector
+    // 8, which would look like a double fault. Remap them to 0x20-0x2f (ICW1-4)
+    // and mask every line: the guest only uses the local APIC.
+    outb(0x20, 0x11); outb(0xa0, 0x11);  // ICW1: init, ICW4 follows
+    outb(0x21, 0x20); outb(0xa1, 0x28);  // ICW2: vector bases
+    outb(0x21, 0x04); outb(0xa1, 0x02);  // ICW3: cascade on IRQ2
+    outb(0x21, 0x01); outb(0xa1, 0x01);  // ICW4: 8086 mode
+    outb(0x21, 0xff); outb(0xa1, 0xff);  // OCW1: mask all
+}
+
 void lapic_enable() {
     lapic_write(LAPIC_SVR, 0x100 | kSpuriousVector);  // APIC software enable
     lapic_write(LAPIC_LVTT, 1u << 16);                 // timer masked until a test arms it

@@ -31,6 +31,7 @@ inline void lapic_write(u32 reg, u32 v) { mmio_write<u32>(kLapicBase + reg, v); 
 inline unsigned apic_id() { return lapic_read(LAPIC_ID) >> 24; }
 inline void lapic_eoi() { lapic_write(LAPIC_EOI, 0); }
 void lapic_enable();
+void pic_disable();  // remap the legacy 8259s out of the exception range and mask them
 
 // kvmclock (Documentation/virt/kvm/x86/msr.rst): per-CPU pvclock area.
 bool kvmclock_init();  // this CPU; false when the hypervisor offers none

@@ -43,6 +43,7 @@ extern "C" void kmain(u32 start_info_paddr) {
             if (e->type == 1) ram += e->size;
         }
 
+    pic_disable();
     idt_init();
     idt_load();
     lapic_enable();
