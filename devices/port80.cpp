@@ -11,12 +11,13 @@
 
 namespace kguest {
 
-void Port80::read(std::uint64_t, std::span<std::uint8_t> data) {
-    reads_.fetch_add(1, std::memory_order_relaxed);
+void Port80::read(std::uint64_t offset, std::span<std::uint8_t> data) {
+    if (offset == 0) reads_.fetch_add(1, std::memory_order_relaxed);
     std::memset(data.data(), kReadValue, data.size());
 }
 
-void Port80::write(std::uint64_t, std::span<const std::uint8_t> data) {
+void Port80::write(std::uint64_t offset, std::span<const std::uint8_t> data) {
+    if (offset != 0) return;
     user_writes_.fetch_add(1, std::memory_order_relaxed);
     last_.store(data[0], std::memory_order_relaxed);
 }

@@ -28,7 +28,11 @@ class Vm;
 
 class Port80 : public BusDevice {
 public:
+    // The bus range covers 0x80-0x83 so that a 16- or 32-bit access at 0x80
+    // (which on ISA spans the next ports) lands here too; only accesses that
+    // start at 0x80 count. 0x81-0x83 (DMA page registers on a PC) read 0xff.
     static constexpr std::uint16_t kPort = 0x80;
+    static constexpr std::uint64_t kLen = 4;
     static constexpr std::uint8_t kReadValue = 0xff;
 
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;

@@ -1,8 +1,9 @@
 // The small guest's main program. It reads the PVH start info, sets up
 // interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
-// tests named by test=... (timer, port80, smp, hostile, idle; all = the first
-// three) and ends the VM through the exit port: 0 when every test passed, 1
-// when one failed, 3 on a panic, 4 on an unexpected exception.
+// tests named by test=... (timer, port80, smp, hostile, idle, exception,
+// triplefault; all = the first three) and ends the VM through the exit port:
+// 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
+// unexpected exception.
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "tests.hpp"
@@ -72,7 +73,17 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (list_has(tests, "hostile")) { ok &= test_hostile(cmdline); ran = true; }
     if (list_has(tests, "idle")) { ok &= test_idle(cmdline); ran = true; }
     if (list_has(tests, "none")) ran = true;
-    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,hostile,idle,none)", tests);
+    if (list_has(tests, "exception")) {
+        // An exception with a working IDT: the handler dumps registers and exits with 4.
+        asm volatile("ud2");
+    }
+    if (list_has(tests, "triplefault")) {
+        // A stack pointer into unmapped space: delivering #BP faults (#PF),
+        // delivering that faults (#DF), and then the CPU gives up: a triple
+        // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
+        asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
+    }
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,hostile,idle,none,exception,triplefault)", tests);
     print("RESULT done ok=%d\n", ok ? 1 : 0);
     guest_exit(ok ? 0 : 1);
 }

@@ -44,6 +44,8 @@ DecodedExit decode_exit(kvm_run& run, std::size_t run_size) {
     case KVM_EXIT_INTERNAL_ERROR:
         e.kind = ExitKind::internal_error;
         e.detail = run.internal.suberror;
+        e.count = run.internal.ndata;
+        if (run.internal.ndata > 0) e.addr = run.internal.data[0];
         break;
     case KVM_EXIT_FAIL_ENTRY:
         e.kind = ExitKind::fail_entry;
@@ -101,8 +103,9 @@ ExitOutcome handle_exit(const DecodedExit& e, const Bus& pio, const Bus& mmio, u
                 static_cast<unsigned long long>(e.detail));
         return {ExitOutcome::stop, 1};
     case ExitKind::internal_error:
-        log_msg("vCPU %u: KVM internal error, suberror %llu; stopping the VM", vcpu_id,
-                static_cast<unsigned long long>(e.detail));
+        log_msg("vCPU %u: KVM internal error, suberror %llu (%u data words, first %#llx); stopping the VM",
+                vcpu_id, static_cast<unsigned long long>(e.detail), e.count,
+                static_cast<unsigned long long>(e.addr));
         return {ExitOutcome::stop, 1};
     case ExitKind::fail_entry:
         log_msg("vCPU %u: KVM_EXIT_FAIL_ENTRY, hardware reason %#llx; stopping the VM", vcpu_id,

@@ -34,9 +34,11 @@ namespace {
 Mapping map_ram(std::uint64_t size, Backing backing) {
     const int prot = PROT_READ | PROT_WRITE;
     if (backing == Backing::hugetlbfs) {
-        // hugetlb mappings are aligned to their page size by the kernel.
+        // hugetlb mappings are aligned to their page size by the kernel. No
+        // MAP_NORESERVE here: reserving at mmap time turns "not enough huge
+        // pages" into ENOMEM now instead of SIGBUS when the guest touches RAM.
         void* p = ::mmap(nullptr, size, prot,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0);
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0);
         if (p == MAP_FAILED) {
             int err = errno;
             if (err == ENOMEM)

@@ -66,8 +66,24 @@ private:
 
 } // namespace
 
+namespace {
+LoadedKernel load_kernel(GuestMemory& mem, const VmConfig& cfg) {
+    auto image = read_file(cfg.kernel, mem.size());
+    try {
+        return load_pvh_elf(mem, image);
+    } catch (const UsageError& e) {
+        throw UsageError(cfg.kernel + ": " + e.what());
+    }
+}
+} // namespace
+
 Machine::Machine(const VmConfig& cfg)
-    : cfg_(cfg), kvm_(), vm_(kvm_.create_vm()), mem_(cfg.memory, cfg.backing) {
+    : cfg_(cfg),
+      mem_(cfg.memory, cfg.backing),
+      kernel_(load_kernel(mem_, cfg)),
+      start_info_(write_pvh_start_info(mem_, cfg.cmdline)),
+      kvm_(),
+      vm_(kvm_.create_vm()) {
     kvm_.require_extension(KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP");
     kvm_.require_extension(KVM_CAP_PIT2, "KVM_CAP_PIT2");
     kvm_.require_extension(KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY");
@@ -111,19 +127,9 @@ Machine::Machine(const VmConfig& cfg)
     port80_ = std::make_shared<Port80>();
     exit_port_ = std::make_shared<ExitPort>([this](int status) { request_stop(status); });
     pio_.insert(Serial::kCom1Base, 8, serial_);
-    pio_.insert(Port80::kPort, 1, port80_);
+    pio_.insert(Port80::kPort, Port80::kLen, port80_);
     pio_.insert(ExitPort::kPort, ExitPort::kLen, exit_port_);
     if (cfg.port80 == VmConfig::Port80Mode::kernel) port80_->absorb_in_kernel(vm_);
-
-    // Kernel and boot information.
-    auto image = read_file(cfg.kernel, mem_.size());
-    LoadedKernel k;
-    try {
-        k = load_pvh_elf(mem_, image);
-    } catch (const UsageError& e) {
-        throw UsageError(cfg.kernel + ": " + e.what());
-    }
-    std::uint64_t start_info = write_pvh_start_info(mem_, cfg.cmdline);
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
@@ -132,7 +138,7 @@ Machine::Machine(const VmConfig& cfg)
         vcpus_.push_back(vm_.create_vcpu(i));
         setup_vcpu(vcpus_.back(), supported);
     }
-    setup_boot_cpu(vcpus_[0], k.entry, start_info);
+    setup_boot_cpu(vcpus_[0], kernel_.entry, start_info_);
 
     int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (efd < 0) throw_errno("eventfd");

@@ -59,10 +59,15 @@ private:
     void vcpu_thread(Vcpu& vcpu);
     void input_thread();
 
+    // Declaration order is construction order: everything the user supplies
+    // (flags, image, command line) is checked before /dev/kvm is opened, so
+    // bad input is a usage error even on a host without KVM.
     VmConfig cfg_;
+    GuestMemory mem_;
+    LoadedKernel kernel_;
+    std::uint64_t start_info_;
     Kvm kvm_;
     Vm vm_;
-    GuestMemory mem_;
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     Fd console_file_;

@@ -119,10 +119,7 @@ int cmd_run(int argc, char** argv) {
 int main(int argc, char** argv) {
     using namespace kguest;
     try {
-        if (argc < 2) {
-            std::fputs(kUsage, stderr);
-            return 2;
-        }
+        if (argc < 2) throw UsageError("no command given (see kguest --help)");
         std::string cmd = argv[1];
         if (cmd == "--help" || cmd == "-h" || cmd == "help") {
             std::fputs(kUsage, stdout);

@@ -1,0 +1,64 @@
+// `kguest` command-line handling: every bad flag, unreadable or malformed
+// image and too-small memory gives one clear line on stderr and exit status 2
+// before /dev/kvm is even opened (so these run without KVM).
+#include "process.hpp"
+
+#include <algorithm>
+#include <gtest/gtest.h>
+
+namespace kguest {
+namespace {
+
+using test::kGuestElf;
+using test::kKguest;
+using test::run_process;
+
+void expect_usage_error(const std::vector<std::string>& args, const std::string& needle) {
+    std::vector<std::string> argv = {kKguest};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto r = run_process(argv, 30);
+    std::string joined;
+    for (const auto& a : args) joined += a + " ";
+    EXPECT_EQ(r.status, 2) << joined << "\n" << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << joined << "\nstderr: " << r.err;
+    // One line, prefixed like every kguest message.
+    EXPECT_EQ(r.err.rfind("kguest: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+}
+
+TEST(Cli, BadFlags) {
+    expect_usage_error({}, "no command given");
+    expect_usage_error({"frobnicate"}, "unknown command");
+    expect_usage_error({"run"}, "--kernel PATH is required");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--bogus"}, "unknown option '--bogus'");
+    expect_usage_error({"run", "--kernel"}, "--kernel needs a value");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--cpus", "0"}, "--cpus '0'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--cpus", "2x"}, "--cpus '2x'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--cpus=999"}, "--cpus '999'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--memory", "lots"}, "--memory 'lots'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--memory", "4M"}, "too little memory");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--hugepages", "1G"}, "--hugepages '1G'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--port80", "maybe"}, "--port80 'maybe'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--name", "a/b"}, "--name 'a/b'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--cmdline", std::string(5000, 'x')}, "--cmdline is longer");
+}
+
+TEST(Cli, BadImages) {
+    expect_usage_error({"run", "--kernel", "/nonexistent/guest.elf"}, "cannot open /nonexistent/guest.elf");
+    expect_usage_error({"run", "--kernel", "/tmp"}, "not a regular file");
+    expect_usage_error({"run", "--kernel", KGUEST_SOURCE_DIR "/README.md"}, "not an ELF file");
+    expect_usage_error({"run", "--kernel", kKguest}, "kernel image:");  // a host ELF, not a PVH kernel
+    expect_usage_error({"run", "--kernel", "/dev/null"}, "not a regular file");
+}
+
+TEST(Cli, VersionAndHelp) {
+    auto r = run_process({kKguest, "--version"}, 10);
+    EXPECT_EQ(r.status, 0);
+    EXPECT_EQ(r.out.rfind("kguest ", 0), 0u) << r.out;
+    r = run_process({kKguest, "--help"}, 10);
+    EXPECT_EQ(r.status, 0);
+    EXPECT_NE(r.out.find("--hugepages"), std::string::npos);
+}
+
+} // namespace
+} // namespace kguest

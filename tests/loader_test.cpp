@@ -1,0 +1,317 @@
+// The PVH ELF loader on in-memory images: good images load, every malformed
+// header or note is refused with UsageError, random corruption never crashes;
+// and hvm_start_info / memory map / command line written by write_pvh_start_info.
+#include "vmm/error.hpp"
+#include "vmm/loader.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <elf.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <random>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+namespace kguest {
+namespace {
+
+// Layout of the test image: ELF header, PT_LOAD and PT_NOTE headers, the Xen
+// note, then the loaded bytes.
+constexpr std::size_t kPhOff = sizeof(Elf64_Ehdr);
+constexpr std::size_t kNoteOff = kPhOff + 2 * sizeof(Elf64_Phdr);
+constexpr std::size_t kLoadOff = 0x100;
+constexpr std::uint64_t kFilesz = 0x100, kMemsz = 0x300;
+constexpr std::uint64_t kPaddr = 0x100000, kEntry = 0x100040;
+constexpr std::uint64_t kRam = 4 << 20;
+
+using Image = std::vector<std::uint8_t>;
+
+template <typename T, typename F>
+void edit(Image& img, std::size_t off, F f) {
+    T v;
+    std::memcpy(&v, img.data() + off, sizeof v);
+    f(v);
+    std::memcpy(img.data() + off, &v, sizeof v);
+}
+template <typename F> void edit_eh(Image& img, F f) { edit<Elf64_Ehdr>(img, 0, f); }
+template <typename F> void edit_load(Image& img, F f) { edit<Elf64_Phdr>(img, kPhOff, f); }
+template <typename F> void edit_note_ph(Image& img, F f) { edit<Elf64_Phdr>(img, kPhOff + sizeof(Elf64_Phdr), f); }
+template <typename F> void edit_nhdr(Image& img, F f) { edit<Elf64_Nhdr>(img, kNoteOff, f); }
+
+Image make_image(std::uint32_t desc_size = 8, std::uint64_t entry = kEntry) {
+    Image img(kLoadOff + kFilesz, 0);
+    Elf64_Ehdr eh{};
+    std::memcpy(eh.e_ident, ELFMAG, SELFMAG);
+    eh.e_ident[EI_CLASS] = ELFCLASS64;
+    eh.e_ident[EI_DATA] = ELFDATA2LSB;
+    eh.e_ident[EI_VERSION] = EV_CURRENT;
+    eh.e_type = ET_EXEC;
+    eh.e_machine = EM_X86_64;
+    eh.e_version = EV_CURRENT;
+    eh.e_entry = 0xffffffff81000000;  // the 64-bit entry, which PVH ignores
+    eh.e_phoff = kPhOff;
+    eh.e_ehsize = sizeof eh;
+    eh.e_phentsize = sizeof(Elf64_Phdr);
+    eh.e_phnum = 2;
+    std::memcpy(img.data(), &eh, sizeof eh);
+
+    Elf64_Phdr load{};
+    load.p_type = PT_LOAD;
+    load.p_offset = kLoadOff;
+    load.p_vaddr = load.p_paddr = kPaddr;
+    load.p_filesz = kFilesz;
+    load.p_memsz = kMemsz;
+    std::memcpy(img.data() + kPhOff, &load, sizeof load);
+
+    Elf64_Nhdr nh{4, desc_size, XEN_ELFNOTE_PHYS32_ENTRY};
+    Elf64_Phdr note{};
+    note.p_type = PT_NOTE;
+    note.p_offset = kNoteOff;
+    note.p_filesz = sizeof nh + 4 + desc_size;
+    std::memcpy(img.data() + kPhOff + sizeof load, &note, sizeof note);
+    std::memcpy(img.data() + kNoteOff, &nh, sizeof nh);
+    std::memcpy(img.data() + kNoteOff + sizeof nh, "Xen", 4);
+    std::memcpy(img.data() + kNoteOff + sizeof nh + 4, &entry, desc_size);  // little-endian
+
+    for (std::size_t i = 0; i < kFilesz; ++i) img[kLoadOff + i] = static_cast<std::uint8_t>(i * 7 + 1);
+    return img;
+}
+
+// Refused with a UsageError whose message contains `what`.
+void expect_refused(const Image& img, const std::string& what) {
+    GuestMemory mem(kRam, Backing::off);
+    try {
+        load_pvh_elf(mem, img);
+        ADD_FAILURE() << "loaded; expected refusal mentioning \"" << what << "\"";
+    } catch (const UsageError& e) {
+        EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+}
+
+TEST(PvhLoader, LoadsGoodImage) {
+    for (std::uint32_t desc : {8u, 4u}) {
+        GuestMemory mem(kRam, Backing::off);
+        std::memset(mem.ptr(kPaddr, kMemsz), 0xcc, kMemsz);  // bss must be zeroed
+        Image img = make_image(desc);
+        LoadedKernel k = load_pvh_elf(mem, img);
+        EXPECT_EQ(k.entry, kEntry) << desc;
+        EXPECT_EQ(k.image_start, kPaddr);
+        EXPECT_EQ(k.image_end, kPaddr + kMemsz);
+        EXPECT_EQ(std::memcmp(mem.ptr(kPaddr, kFilesz), img.data() + kLoadOff, kFilesz), 0);
+        const std::uint8_t* bss = mem.ptr(kPaddr + kFilesz, kMemsz - kFilesz);
+        EXPECT_TRUE(std::all_of(bss, bss + (kMemsz - kFilesz), [](std::uint8_t b) { return b == 0; }));
+        EXPECT_EQ(*mem.ptr(kPaddr + kMemsz, 1), 0u);  // fresh RAM beyond: untouched zero pages
+    }
+    // The entry may be the last byte of the image, and the segment may end at the end of RAM.
+    GuestMemory mem(kRam, Backing::off);
+    Image img = make_image(8, kPaddr + kMemsz - 1);
+    EXPECT_EQ(load_pvh_elf(mem, img).entry, kPaddr + kMemsz - 1);
+    img = make_image(4, kRam - kMemsz);
+    edit_load(img, [](Elf64_Phdr& p) { p.p_paddr = kRam - kMemsz; });
+    EXPECT_EQ(load_pvh_elf(mem, img).image_end, kRam);
+}
+
+TEST(PvhLoader, RefusesBadHeaders) {
+    Image good = make_image();
+    expect_refused(Image(good.begin(), good.begin() + sizeof(Elf64_Ehdr) - 1), "too small");
+    Image img = good;
+    img[1] = 'F';
+    expect_refused(img, "bad magic");
+    img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_ident[EI_CLASS] = ELFCLASS32; });
+    expect_refused(img, "64-bit");
+    img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_ident[EI_DATA] = ELFDATA2MSB; });
+    expect_refused(img, "little-endian");
+    img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_machine = EM_386; });
+    expect_refused(img, "x86-64");
+    img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_type = ET_DYN; });
+    expect_refused(img, "executable");
+    img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_phentsize = sizeof(Elf64_Phdr) - 1; });
+    expect_refused(img, "program header size");
+    img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_phnum = 0; });
+    expect_refused(img, "no program headers");
+}
+
+TEST(PvhLoader, RefusesProgramHeadersPastTheEnd) {
+    Image good = make_image();
+    for (std::uint64_t phoff : {std::uint64_t(good.size()), std::uint64_t(good.size() - sizeof(Elf64_Phdr)),
+                                UINT64_MAX - 8}) {
+        Image img = good;
+        edit_eh(img, [&](Elf64_Ehdr& e) { e.e_phoff = phoff; });
+        expect_refused(img, "program headers run past");
+    }
+    Image img = good;
+    edit_eh(img, [](Elf64_Ehdr& e) { e.e_phnum = 0xffff; });  // phnum * phentsize far past the file
+    expect_refused(img, "program headers run past");
+}
+
+TEST(PvhLoader, RefusesBadLoadSegments) {
+    Image good = make_image();
+    Image img = good;
+    edit_load(img, [](Elf64_Phdr& p) { p.p_filesz = kFilesz + 1; });
+    expect_refused(img, "PT_LOAD segment runs past");
+    img = good;
+    edit_load(img, [](Elf64_Phdr& p) { p.p_offset = UINT64_MAX - 0x10; });
+    expect_refused(img, "PT_LOAD segment runs past");
+    img = good;
+    edit_load(img, [](Elf64_Phdr& p) { p.p_memsz = kFilesz - 1; });
+    expect_refused(img, "filesz > memsz");
+    img = good;
+    edit_load(img, [](Elf64_Phdr& p) { p.p_paddr = kKernelMinGpa - 0x1000; });
+    expect_refused(img, "below 1 MiB");
+    for (std::uint64_t paddr : {kRam - kMemsz + 1, kRam, std::uint64_t(kMmioHoleStart), UINT64_MAX - 0x10}) {
+        img = good;
+        edit_load(img, [&](Elf64_Phdr& p) { p.p_paddr = paddr; });
+        expect_refused(img, "does not fit in guest RAM");
+    }
+    img = good;
+    edit_load(img, [](Elf64_Phdr& p) { p.p_type = PT_NULL; });
+    expect_refused(img, "no loadable segments");
+}
+
+TEST(PvhLoader, RefusesMissingOrBadNote) {
+    Image good = make_image();
+    Image img = good;
+    edit_nhdr(img, [](Elf64_Nhdr& n) { n.n_type = XEN_ELFNOTE_PHYS32_ENTRY + 1; });
+    expect_refused(img, "no PVH entry note");
+    img = good;
+    img[kNoteOff + sizeof(Elf64_Nhdr) + 2] = 'm';  // owner "Xem"
+    expect_refused(img, "no PVH entry note");
+    img = good;
+    edit_note_ph(img, [](Elf64_Phdr& p) { p.p_type = PT_NULL; });
+    expect_refused(img, "no PVH entry note");
+    img = good;
+    edit_note_ph(img, [](Elf64_Phdr& p) { p.p_filesz = 8; });  // too short for one header
+    expect_refused(img, "no PVH entry note");
+    img = good;
+    edit_nhdr(img, [](Elf64_Nhdr& n) { n.n_namesz = 100; });
+    expect_refused(img, "runs past its segment");
+    img = good;
+    edit_nhdr(img, [](Elf64_Nhdr& n) { n.n_descsz = 9; });
+    expect_refused(img, "runs past its segment");
+    img = good;
+    edit_nhdr(img, [](Elf64_Nhdr& n) { n.n_namesz = n.n_descsz = 0xffffffff; });
+    expect_refused(img, "runs past its segment");
+    img = good;
+    edit_note_ph(img, [&](Elf64_Phdr& p) { p.p_filesz = good.size(); });  // offset + filesz past the file
+    expect_refused(img, "PT_NOTE segment runs past");
+    expect_refused(make_image(2), "2-byte address");
+}
+
+TEST(PvhLoader, RefusesEntryOutsideTheImage) {
+    expect_refused(make_image(8, kPaddr - 1), "outside the loaded image");
+    expect_refused(make_image(8, kPaddr + kMemsz), "outside the loaded image");
+    expect_refused(make_image(8, 0x100000000ull + kEntry), "outside the loaded image");
+    expect_refused(make_image(8, 0), "no PVH entry note");  // 0 means "none"
+}
+
+TEST(PvhLoader, SaysWhenGivenABzImage) {
+    Image img(0x1000, 0);
+    img[0] = 'M';
+    img[1] = 'Z';
+    std::memcpy(img.data() + 0x202, "HdrS", 4);
+    expect_refused(img, "bzImage");
+    img[0x203] = 'x';
+    expect_refused(img, "bad magic");
+}
+
+TEST(PvhLoader, SurvivesRandomCorruption) {
+    const Image good = make_image();
+    GuestMemory mem(kRam, Backing::off);
+    std::mt19937 rng(12345);
+    unsigned loaded = 0, refused = 0;
+    for (int iter = 0; iter < 4000; ++iter) {
+        Image img = good;
+        unsigned flips = 1 + rng() % 8;
+        for (unsigned i = 0; i < flips; ++i) {
+            // Mostly the headers and the note, where the interesting fields are.
+            std::size_t pos = rng() % 4 != 0 ? rng() % kLoadOff : rng() % img.size();
+            img[pos] = static_cast<std::uint8_t>(rng() % 2 ? rng() : img[pos] ^ (1u << (rng() % 8)));
+        }
+        if (rng() % 16 == 0) img.resize(rng() % img.size());
+        try {
+            load_pvh_elf(mem, img);
+            ++loaded;
+        } catch (const UsageError&) {
+            ++refused;
+        }
+    }
+    EXPECT_EQ(loaded + refused, 4000u);
+    EXPECT_GT(loaded, 0u);  // the corruption is not so heavy that nothing survives
+    EXPECT_GT(refused, 0u);
+}
+
+TEST(PvhStartInfo, WritesStartInfoMemmapAndCmdline) {
+    GuestMemory mem(64 << 20, Backing::off);
+    EXPECT_EQ(write_pvh_start_info(mem, "console=ttyS0 quiet"), kStartInfoGpa);
+    auto si = mem.read_obj<HvmStartInfo>(kStartInfoGpa);
+    ASSERT_TRUE(si.has_value());
+    EXPECT_EQ(si->magic, 0x336ec578u);
+    EXPECT_EQ(si->version, 1u);
+    EXPECT_EQ(si->nr_modules, 0u);
+    EXPECT_EQ(si->cmdline_paddr, kCmdlineGpa);
+    EXPECT_STREQ(reinterpret_cast<const char*>(mem.ptr(kCmdlineGpa, 1)), "console=ttyS0 quiet");
+    EXPECT_EQ(si->memmap_paddr, kMemmapGpa);
+    ASSERT_EQ(si->memmap_entries, 3u);
+    std::vector<HvmMemmapEntry> map(3);
+    ASSERT_TRUE(mem.read(kMemmapGpa, map.data(), 3 * sizeof(HvmMemmapEntry)));
+    // Contiguous from 0 to the end of RAM, with the legacy hole reserved.
+    EXPECT_EQ(map[0].addr, 0u);
+    EXPECT_EQ(map[0].type, 1u);
+    EXPECT_EQ(map[1].addr, map[0].addr + map[0].size);
+    EXPECT_EQ(map[1].type, 2u);
+    EXPECT_EQ(map[2].addr, 0x100000u);
+    EXPECT_EQ(map[1].addr + map[1].size, map[2].addr);
+    EXPECT_EQ(map[2].addr + map[2].size, mem.size());
+    EXPECT_EQ(map[2].type, 1u);
+}
+
+TEST(PvhStartInfo, MemmapCoversHighRam) {
+    GuestMemory mem(4ull << 30, Backing::off);  // MAP_NORESERVE: only the low pages are touched
+    write_pvh_start_info(mem, "");
+    auto si = mem.read_obj<HvmStartInfo>(kStartInfoGpa);
+    ASSERT_TRUE(si.has_value());
+    ASSERT_EQ(si->memmap_entries, 4u);
+    auto low = mem.read_obj<HvmMemmapEntry>(kMemmapGpa + 2 * sizeof(HvmMemmapEntry));
+    auto high = mem.read_obj<HvmMemmapEntry>(kMemmapGpa + 3 * sizeof(HvmMemmapEntry));
+    EXPECT_EQ(low->addr + low->size, kMmioHoleStart);
+    EXPECT_EQ(high->addr, kHighRamStart);
+    EXPECT_EQ(high->size, (4ull << 30) - kMmioHoleStart);
+    EXPECT_EQ(high->type, 1u);
+    EXPECT_EQ(*mem.ptr(kCmdlineGpa, 1), 0u);  // empty cmdline: just the NUL
+}
+
+TEST(PvhStartInfo, CmdlineLimits) {
+    GuestMemory mem(4 << 20, Backing::off);
+    std::string longest(kCmdlineMax - 1, 'a');
+    EXPECT_NO_THROW(write_pvh_start_info(mem, longest));
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(mem.ptr(kCmdlineGpa, kCmdlineMax))), longest);
+    EXPECT_THROW(write_pvh_start_info(mem, longest + "a"), UsageError);
+    EXPECT_THROW(write_pvh_start_info(mem, std::string("a\0b", 3)), UsageError);
+}
+
+TEST(ReadFile, ReadsAndRefuses) {
+    char path[] = "/tmp/kguest_loader_test_XXXXXX";
+    int fd = ::mkstemp(path);
+    ASSERT_GE(fd, 0);
+    EXPECT_THROW(read_file(path, 100), UsageError);  // empty
+    ASSERT_EQ(::write(fd, "hello", 5), 5);
+    ::close(fd);
+    EXPECT_EQ(read_file(path, 5), (std::vector<std::uint8_t>{'h', 'e', 'l', 'l', 'o'}));
+    EXPECT_THROW(read_file(path, 4), UsageError);  // larger than the limit
+    EXPECT_THROW(read_file("/tmp", 100), UsageError);  // not a regular file
+    ::unlink(path);
+    EXPECT_THROW(read_file(path, 100), UsageError);  // gone
+}
+
+} // namespace
+} // namespace kguest

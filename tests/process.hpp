@@ -1,0 +1,110 @@
+// Running build/kguest (or QEMU) as a child process from a test: captured
+// stdout/stderr, exit status, wall and CPU time, a hard timeout, and an
+// optional signal sent after a delay. Header-only; tests only.
+#pragma once
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fcntl.h>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+namespace kguest::test {
+
+struct ProcResult {
+    int status = -1;       // exit status, or 128 + signal
+    bool timed_out = false;
+    std::string out, err;
+    double wall_s = 0, cpu_s = 0;
+};
+
+inline std::string slurp(const std::string& path) {
+    std::ifstream f(path);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+}
+
+inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_s, int signal = 0,
+                              int signal_after_ms = 0) {
+    char out_path[] = "/tmp/kguest-test-out.XXXXXX";
+    char err_path[] = "/tmp/kguest-test-err.XXXXXX";
+    int out_fd = mkstemp(out_path), err_fd = mkstemp(err_path);
+    ProcResult r;
+    if (out_fd < 0 || err_fd < 0) return r;
+    auto t0 = std::chrono::steady_clock::now();
+    pid_t pid = fork();
+    if (pid == 0) {
+        int null = open("/dev/null", O_RDONLY);
+        dup2(null, 0);
+        dup2(out_fd, 1);
+        dup2(err_fd, 2);
+        std::vector<char*> args;
+        for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+        args.push_back(nullptr);
+        execvp(args[0], args.data());
+        std::perror("execvp");
+        _exit(127);
+    }
+    bool signalled = false;
+    int wstatus = 0;
+    rusage ru{};
+    for (;;) {
+        pid_t w = wait4(pid, &wstatus, WNOHANG, &ru);
+        if (w == pid) break;
+        auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+        if (signal && !signalled && ms >= signal_after_ms) {
+            kill(pid, signal);
+            signalled = true;
+        }
+        if (ms > timeout_s * 1000LL && !r.timed_out) {
+            r.timed_out = true;
+            kill(pid, SIGKILL);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    r.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.cpu_s = ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+    r.status = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+    close(out_fd);
+    close(err_fd);
+    r.out = slurp(out_path);
+    r.err = slurp(err_path);
+    unlink(out_path);
+    unlink(err_path);
+    return r;
+}
+
+// Parses the guest's `RESULT name k=v k=v ...` lines; the lines for `name`,
+// each as a key → value map.
+inline std::vector<std::map<std::string, std::string>> results(const std::string& text, const std::string& name) {
+    std::vector<std::map<std::string, std::string>> rows;
+    std::istringstream in(text);
+    std::string line;
+    while (std::getline(in, line)) {
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        std::istringstream words(line);
+        std::string tag, n;
+        if (!(words >> tag >> n) || tag != "RESULT" || n != name) continue;
+        std::map<std::string, std::string> kv;
+        std::string w;
+        while (words >> w)
+            if (auto eq = w.find('='); eq != std::string::npos) kv[w.substr(0, eq)] = w.substr(eq + 1);
+        rows.push_back(kv);
+    }
+    return rows;
+}
+
+inline const std::string kKguest = KGUEST_BINARY_DIR "/kguest";
+inline const std::string kGuestElf = KGUEST_BINARY_DIR "/guest/guest.elf";
+
+} // namespace kguest::test
