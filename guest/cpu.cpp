@@ -101,7 +101,11 @@ bool kvmclock_init() {
     return true;
 }
 
-u64 kvmclock_ns() {
+// kvmclock at a given TSC reading. Taking the TSC once and converting it,
+// rather than calling rdtsc() and kvmclock_ns() back to back, keeps a pair of
+// timestamps consistent even when the host preempts the vCPU between the two
+// (routine with 64 vCPUs on 2 host CPUs).
+u64 kvmclock_ns_at(u64 tsc) {
     volatile PvclockTimeInfo& p = pvclock[apic_id()];
     for (;;) {
         u32 v = p.version;
@@ -110,14 +114,19 @@ u64 kvmclock_ns() {
         u64 tsc_ts = p.tsc_timestamp, sys = p.system_time;
         u32 mul = p.tsc_to_system_mul;
         signed char shift = p.tsc_shift;
-        u64 tsc = rdtsc();
         barrier();
         if (p.version != v) continue;
-        u64 delta = tsc - tsc_ts;
+        // The TSC may predate tsc_timestamp when the host refreshed the
+        // parameters after it was read: scale the distance either way.
+        bool before = tsc < tsc_ts;
+        u64 delta = before ? tsc_ts - tsc : tsc - tsc_ts;
         if (shift < 0) delta >>= -shift; else delta <<= shift;
-        return sys + u64((unsigned __int128)delta * mul >> 32);
+        u64 ns = u64((unsigned __int128)delta * mul >> 32);
+        return before ? sys - ns : sys + ns;
     }
 }
+
+u64 kvmclock_ns() { return kvmclock_ns_at(rdtsc()); }
 
 u64 tsc_hz() {
     volatile PvclockTimeInfo& p = pvclock[apic_id()];

@@ -36,6 +36,7 @@ void pic_disable();  // remap the legacy 8259s out of the exception range and ma
 // kvmclock (Documentation/virt/kvm/x86/msr.rst): per-CPU pvclock area.
 bool kvmclock_init();  // this CPU; false when the hypervisor offers none
 u64 kvmclock_ns();     // this CPU's clock
+u64 kvmclock_ns_at(u64 tsc);  // this CPU's clock at a TSC reading taken earlier
 u64 tsc_hz();          // from the pvclock scale factors
 void delay_us(u64 us);
 

@@ -33,7 +33,7 @@ static void timer_isr(Frame*) {
     if (c.ticks >= c.target_ticks) {
         // When the last tick was due, by kvmclock: drift compares the tick
         // timebase with kvmclock; wake-up latency is reported on its own.
-        c.last_tick_ns = kvmclock_ns() - late_ns;
+        c.last_tick_ns = kvmclock_ns_at(now) - late_ns;
     } else {
         // Absolute schedule: deadline k = start + k * period, so latency does not accumulate.
         c.next_deadline += c.period_tsc;
@@ -60,7 +60,7 @@ static void timer_run_local(unsigned) {
     else { lapic_write(LAPIC_TDCR, 0xb); lapic_write(LAPIC_LVTT, kTimerVector); }
     cli();
     u64 tsc0 = rdtsc();
-    c.start_ns = kvmclock_ns();
+    c.start_ns = kvmclock_ns_at(tsc0);
     c.next_deadline = tsc0 + c.period_tsc;
     arm(c.next_deadline);
     // Give up after twice the interval plus 2 s: a lost interrupt shows as missing ticks.

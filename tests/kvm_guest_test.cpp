@@ -97,7 +97,12 @@ TEST(KvmGuest, HostileGuestCannotHurtTheVmm) {
     EXPECT_EQ(h[0]["ins_filled"], "1");
     EXPECT_EQ(h[0]["unclaimed_read"], "0xffffffff");
     EXPECT_NE(r.err.find("unclaimed"), std::string::npos);
-    EXPECT_LT(std::count(r.err.begin(), r.err.end(), '\n'), 200) << "logging is not rate-limited";
+    // Rate-limited: each limiter (PIO, MMIO) lets 5 lines a second through plus
+    // one "suppressed" note, so the log grows with time, not with the ~7,000
+    // bad accesses. (In the nested sandbox the run takes over a minute.)
+    long lines = std::count(r.err.begin(), r.err.end(), '\n');
+    EXPECT_LE(lines, 2 * 6 * (static_cast<long>(r.wall_s) + 2) + 10) << "logging is not rate-limited";
+    EXPECT_LT(lines, 7000 / 4) << "logging is not rate-limited";
 }
 
 TEST(KvmGuest, GuestExceptionAndTripleFaultEndTheVm) {
@@ -113,6 +118,19 @@ TEST(KvmGuest, GuestExceptionAndTripleFaultEndTheVm) {
     EXPECT_TRUE(r.err.find("triple fault") != std::string::npos ||
                 (pvm && r.err.find("KVM internal error") != std::string::npos))
         << r.err;
+}
+
+TEST(KvmGuest, IdleGuestBlocksInTheKernel) {
+    KGUEST_OPEN_KVM(kvm);
+    // 3 s of HLT between 100 Hz ticks. HLT must block in KVM, never spin in
+    // userspace: a spinning VMM would burn a whole CPU (ratio ~1). The 5% goal
+    // itself is a figure scripts/core-bench prints; here we only catch spinning.
+    auto r = run_process(kguest_run("test=idle hz=100 idle_ms=3000", 1), 120);
+    ASSERT_EQ(r.status, 0) << r.out << r.err;
+    auto idle = results(r.out, "idle");
+    ASSERT_EQ(idle.size(), 1u) << r.out;
+    EXPECT_EQ(idle[0]["ticks"], "300");
+    EXPECT_LT(r.cpu_s / r.wall_s, 0.3) << "cpu " << r.cpu_s << " s in " << r.wall_s << " s";
 }
 
 TEST(KvmGuest, SigtermStopsTheVmCleanly) {
@@ -138,7 +156,7 @@ TEST(KvmGuest, BootsUnderQemuToo) {
     KGUEST_OPEN_KVM(kvm);
     // The same PVH image under a VMM we did not write. QEMU's isa-debug-exit
     // turns the guest's status S into (S << 1) | 1, so success is 1.
-    auto r = run_process({"qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-smp", "2", "-m", "128",
+    auto r = run_process({"qemu-system-x86_64", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "2", "-m", "128",
                           "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
                           "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", kGuestElf,
                           "-append", "test=smp,timer timer_ms=500"},
