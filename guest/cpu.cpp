@@ -90,11 +90,29 @@ alignas(64) static volatile PvclockTimeInfo pvclock[kMaxCpus];
 constexpr u32 MSR_KVM_SYSTEM_TIME = 0x12;
 constexpr u32 MSR_KVM_SYSTEM_TIME_NEW = 0x4b564d01;
 
-bool kvmclock_init() {
+constexpr u32 MSR_GS_BASE = 0xc0000101;
+constexpr u32 MSR_KVM_PV_EOI_EN = 0x4b564d04;
+
+u32 kvm_pv_features() {
     Cpuid sig = cpuid(0x40000000);
-    if (sig.b != 0x4b4d564b || sig.c != 0x564b4d56 || sig.d != 0x4d) return false;
-    u32 features = cpuid(0x40000001).a;
-    u64 gpa = u64(&pvclock[apic_id()]) | 1;  // bit 0: enable
+    if (sig.b != 0x4b4d564b || sig.c != 0x564b4d56 || sig.d != 0x4d) return 0;  // "KVMKVMKVM"
+    return cpuid(0x40000001).a;
+}
+
+void percpu_init() {
+    unsigned id = apic_id();
+    PerCpu& c = percpu[id];
+    c.self = &c;
+    c.apic_id = id;
+    wrmsr(MSR_GS_BASE, u64(&c));
+    c.pv_eoi = 0;  // must be zero when enabled
+    if (kvm_pv_features() & (1u << 6))  // KVM_FEATURE_PV_EOI
+        wrmsr(MSR_KVM_PV_EOI_EN, u64(&c.pv_eoi) | 1);
+}
+
+bool kvmclock_init() {
+    u32 features = kvm_pv_features();
+    u64 gpa = u64(&pvclock[this_cpu().apic_id]) | 1;  // bit 0: enable
     if (features & (1u << 3)) wrmsr(MSR_KVM_SYSTEM_TIME_NEW, gpa);
     else if (features & 1u) wrmsr(MSR_KVM_SYSTEM_TIME, gpa);
     else return false;
@@ -106,7 +124,7 @@ bool kvmclock_init() {
 // timestamps consistent even when the host preempts the vCPU between the two
 // (routine with 64 vCPUs on 2 host CPUs).
 u64 kvmclock_ns_at(u64 tsc) {
-    volatile PvclockTimeInfo& p = pvclock[apic_id()];
+    volatile PvclockTimeInfo& p = pvclock[this_cpu().apic_id];
     for (;;) {
         u32 v = p.version;
         barrier();
@@ -129,7 +147,7 @@ u64 kvmclock_ns_at(u64 tsc) {
 u64 kvmclock_ns() { return kvmclock_ns_at(rdtsc()); }
 
 u64 tsc_hz() {
-    volatile PvclockTimeInfo& p = pvclock[apic_id()];
+    volatile PvclockTimeInfo& p = pvclock[this_cpu().apic_id];
     // ns = (tsc << shift) * mul / 2^32  =>  tsc per second = 1e9 * 2^32 / mul / 2^shift
     u64 hz = (1000000000ull << 32) / p.tsc_to_system_mul;
     return p.tsc_shift >= 0 ? hz >> p.tsc_shift : hz << -p.tsc_shift;
@@ -176,9 +194,9 @@ static void send_ipi(unsigned dest, u32 icr_lo) {
 extern "C" void ap_main() {
     idt_load();
     lapic_enable();
+    percpu_init();
     kvmclock_init();
     PerCpu& me = this_cpu();
-    me.apic_id = apic_id();
     __atomic_store_n(&me.online, 1, __ATOMIC_RELEASE);
     u32 seen = 0;
     for (;;) {
@@ -188,7 +206,7 @@ extern "C" void ap_main() {
         seen = ap_work_gen;
         ApWork w = ap_work;
         w(me.apic_id);
-        __atomic_fetch_sub(&ap_busy, 1, __ATOMIC_RELEASE);
+        if (__atomic_sub_fetch(&ap_busy, 1, __ATOMIC_ACQ_REL) == 0) send_ipi(0, kWakeVector);  // the last one wakes the BSP
     }
 }
 
@@ -225,7 +243,13 @@ void smp_run_on_aps(ApWork work) {
 }
 
 void smp_wait_aps_idle() {
-    while (__atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE) != 0) cpu_relax();
+    // Halt rather than spin: with vCPUs overcommitted the APs need the host
+    // CPU we would burn. (Also a workaround: in the QEMU TCG sandbox a vCPU
+    // spinning without exits was seen to starve the sandbox kernel's IPIs.)
+    u64 flags;
+    asm volatile("pushfq; popq %0; cli" : "=r"(flags)::"memory");
+    while (__atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE) != 0) { sti_hlt(); cli(); }
+    if (flags & (1u << 9)) sti();
 }
 
 // ---- 4 KiB pages -----------------------------------------------------------------

@@ -29,10 +29,11 @@ enum : u32 { LAPIC_ID = 0x20, LAPIC_EOI = 0xb0, LAPIC_SVR = 0xf0, LAPIC_ICR_LO =
 inline u32 lapic_read(u32 reg) { return mmio_read<u32>(kLapicBase + reg); }
 inline void lapic_write(u32 reg, u32 v) { mmio_write<u32>(kLapicBase + reg, v); }
 inline unsigned apic_id() { return lapic_read(LAPIC_ID) >> 24; }
-inline void lapic_eoi() { lapic_write(LAPIC_EOI, 0); }
 void lapic_enable();
 void pic_disable();  // remap the legacy 8259s out of the exception range and mask them
 
+// The KVM PV feature bits (CPUID 0x40000001 EAX), 0 without a KVM signature.
+u32 kvm_pv_features();
 // kvmclock (Documentation/virt/kvm/x86/msr.rst): per-CPU pvclock area.
 bool kvmclock_init();  // this CPU; false when the hypervisor offers none
 u64 kvmclock_ns();     // this CPU's clock
@@ -41,8 +42,10 @@ u64 tsc_hz();          // from the pvclock scale factors
 void delay_us(u64 us);
 
 struct PerCpu {
-    volatile u32 online;
+    PerCpu* self;              // GS:0 points here (see this_cpu())
     unsigned apic_id;
+    volatile u32 online;
+    alignas(4) volatile u32 pv_eoi;  // KVM PV EOI flag word (MSR_KVM_PV_EOI_EN)
     // Timer test state and results.
     volatile u64 ticks;
     u64 target_ticks;
@@ -53,7 +56,29 @@ struct PerCpu {
     u32 lat_ns[1024];
 };
 extern PerCpu percpu[kMaxCpus];
-inline PerCpu& this_cpu() { return percpu[apic_id()]; }
+// This CPU's PerCpu through GS, which percpu_init() points at it: reading the
+// APIC ID instead would be an MMIO access, i.e. a VM exit, on every call.
+inline PerCpu& this_cpu() {
+    PerCpu* p;
+    asm volatile("mov %%gs:0, %0" : "=r"(p));
+    return *p;
+}
+// Per-CPU setup, first thing on each CPU once its LAPIC is on: GS, and PV EOI
+// (KVM_FEATURE_PV_EOI) when offered.
+void percpu_init();
+// End of interrupt. With PV EOI, KVM sets bit 0 of pv_eoi when it injects an
+// interrupt whose EOI it can infer; clearing the bit then replaces the EOI
+// write and its exit (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN;
+// Linux's kvm_guest_apic_eoi_write). Only this CPU and KVM, while this vCPU
+// is not running, touch the word, so no atomic is needed.
+inline void lapic_eoi() {
+    PerCpu& c = this_cpu();
+    if (c.pv_eoi & 1) {
+        c.pv_eoi = c.pv_eoi & ~1u;
+        return;
+    }
+    lapic_write(LAPIC_EOI, 0);
+}
 
 // SMP: start every AP (APIC IDs 1..n-1); each runs `ap_work` once online.
 unsigned cpu_count(const char* cmdline);

@@ -1,7 +1,7 @@
 // The small guest's main program. It reads the PVH start info, sets up
 // interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
-// tests named by test=... (timer, port80, smp, hostile, idle, exception,
-// triplefault; all = the first three) and ends the VM through the exit port:
+// tests named by test=... (timer, port80, smp, hostile, idle, spinlock,
+// exception, triplefault; all = the first three) and ends the VM through the exit port:
 // 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
 // unexpected exception.
 #include "cpu.hpp"
@@ -48,6 +48,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     idt_init();
     idt_load();
     lapic_enable();
+    percpu_init();
     if (!kvmclock_init()) panic("no kvmclock (KVM_FEATURE_CLOCKSOURCE/CLOCKSOURCE2)");
     char opt[64];
     bool small_pages = cmdline_get(cmdline, "pages", opt, sizeof opt) && str_eq(opt, "4k", 3);
@@ -61,7 +62,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     bool all = list_has(tests, "all");
     unsigned ncpus = cpu_count(cmdline);
     unsigned online = 1;
-    bool want_smp = all || list_has(tests, "smp") || list_has(tests, "timer");
+    bool want_smp = all || list_has(tests, "smp") || list_has(tests, "timer") || list_has(tests, "spinlock");
     if (want_smp && ncpus > 1) online = smp_boot(ncpus);
     print("RESULT boot ram_mib=%lu cpus=%u online=%u tsc_khz=%lu\n", ram >> 20, ncpus, online, tsc_hz() / 1000);
 
@@ -72,6 +73,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (all || list_has(tests, "timer")) { ok &= test_timer(cmdline, online); ran = true; }
     if (list_has(tests, "hostile")) { ok &= test_hostile(cmdline); ran = true; }
     if (list_has(tests, "idle")) { ok &= test_idle(cmdline); ran = true; }
+    if (list_has(tests, "spinlock")) { ok &= test_spinlock(cmdline, online); ran = true; }
     if (list_has(tests, "none")) ran = true;
     if (list_has(tests, "exception")) {
         // An exception with a working IDT: the handler dumps registers and exits with 4.
@@ -83,7 +85,7 @@ extern "C" void kmain(u32 start_info_paddr) {
         // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
-    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,hostile,idle,none,exception,triplefault)", tests);
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,hostile,idle,spinlock,none,exception,triplefault)", tests);
     print("RESULT done ok=%d\n", ok ? 1 : 0);
     guest_exit(ok ? 0 : 1);
 }

@@ -7,12 +7,18 @@
 // ---- timer: kvmclock + LAPIC timer (TSC-deadline or one-shot) -------------------
 
 constexpr u32 MSR_IA32_TSC_DEADLINE = 0x6e0;
-static bool use_deadline;
+// TSC-deadline (default when offered), one-shot (re-armed each tick) or
+// periodic (armed once: no exit per tick to re-arm it) LAPIC timer.
+enum class TimerMode { deadline, oneshot, periodic };
+static TimerMode tmode;
+static const char* tmode_name() {
+    return tmode == TimerMode::deadline ? "tsc-deadline" : tmode == TimerMode::oneshot ? "oneshot" : "periodic";
+}
 static u64 g_tsc_hz, g_apic_per_ms;  // APIC timer counts per ms in one-shot mode
 static u64 g_hz = 100, g_ms = 1000;
 
 static void arm(u64 deadline_tsc) {
-    if (use_deadline) {
+    if (tmode == TimerMode::deadline) {
         wrmsr(MSR_IA32_TSC_DEADLINE, deadline_tsc);
         return;
     }
@@ -25,19 +31,26 @@ static void arm(u64 deadline_tsc) {
 static void timer_isr(Frame*) {
     u64 now = rdtsc();
     PerCpu& c = this_cpu();
+    if (c.ticks >= c.target_ticks) {  // a periodic tick past the last one, before the disarm
+        lapic_eoi();
+        return;
+    }
     u64 late = now > c.next_deadline ? now - c.next_deadline : 0;
     u64 late_ns = late * 1000000 / (g_tsc_hz / 1000);
     if (c.nsamples < sizeof c.lat_ns / sizeof c.lat_ns[0])
         c.lat_ns[c.nsamples++] = u32(late_ns > 0xffffffffull ? 0xffffffff : late_ns);
     c.ticks = c.ticks + 1;
     if (c.ticks >= c.target_ticks) {
-        // When the last tick was due, by kvmclock: drift compares the tick
-        // timebase with kvmclock; wake-up latency is reported on its own.
-        c.last_tick_ns = kvmclock_ns_at(now) - late_ns;
+        // When the last tick came, by kvmclock. TSC-deadline and one-shot
+        // ticks follow our TSC schedule, so we take when it was due (latency
+        // is reported on its own) and drift compares the TSC rate we derived
+        // from kvmclock with kvmclock itself. A periodic LAPIC timer runs on
+        // its own clock: its arrival time shows how far that clock drifts.
+        c.last_tick_ns = kvmclock_ns_at(now) - (tmode == TimerMode::periodic ? 0 : late_ns);
     } else {
         // Absolute schedule: deadline k = start + k * period, so latency does not accumulate.
         c.next_deadline += c.period_tsc;
-        arm(c.next_deadline);
+        if (tmode != TimerMode::periodic) arm(c.next_deadline);
     }
     lapic_eoi();
 }
@@ -56,17 +69,19 @@ static void timer_run_local(unsigned) {
     c.nsamples = 0;
     c.target_ticks = g_hz * g_ms / 1000;
     c.period_tsc = g_tsc_hz / g_hz;
-    if (use_deadline) lapic_write(LAPIC_LVTT, (2u << 17) | kTimerVector);
+    if (tmode == TimerMode::deadline) lapic_write(LAPIC_LVTT, (2u << 17) | kTimerVector);
+    else if (tmode == TimerMode::periodic) { lapic_write(LAPIC_TDCR, 0xb); lapic_write(LAPIC_LVTT, (1u << 17) | kTimerVector); }
     else { lapic_write(LAPIC_TDCR, 0xb); lapic_write(LAPIC_LVTT, kTimerVector); }
     cli();
     u64 tsc0 = rdtsc();
     c.start_ns = kvmclock_ns_at(tsc0);
     c.next_deadline = tsc0 + c.period_tsc;
-    arm(c.next_deadline);
+    if (tmode == TimerMode::periodic) lapic_write(LAPIC_TMICT, u32(g_apic_per_ms * 1000 / g_hz));
+    else arm(c.next_deadline);
     // Give up after twice the interval plus 2 s: a lost interrupt shows as missing ticks.
     u64 give_up = c.start_ns + 2 * g_ms * 1000000 + 2000000000ull;
     while (c.ticks < c.target_ticks && kvmclock_ns() < give_up) { sti_hlt(); cli(); }
-    if (use_deadline) wrmsr(MSR_IA32_TSC_DEADLINE, 0); else lapic_write(LAPIC_TMICT, 0);
+    if (tmode == TimerMode::deadline) wrmsr(MSR_IA32_TSC_DEADLINE, 0); else lapic_write(LAPIC_TMICT, 0);
     lapic_write(LAPIC_LVTT, 1u << 16);
     sti();
 }
@@ -87,7 +102,7 @@ static bool timer_report(unsigned cpu) {
     bool ok = c.ticks == expected && drift_ppm < 10000 && drift_ppm > -10000;
     print("RESULT timer cpu=%u apic=%u mode=%s hz=%lu ticks=%lu expected=%lu drift_ppm=%ld lat_p50_us=%u.%03u "
           "lat_p99_us=%u.%03u lat_max_us=%u.%03u ok=%d\n",
-          cpu, c.apic_id, use_deadline ? "tsc-deadline" : "oneshot", g_hz, u64(c.ticks), expected, drift_ppm,
+          cpu, c.apic_id, tmode_name(), g_hz, u64(c.ticks), expected, drift_ppm,
           p50 / 1000, p50 % 1000, p99 / 1000, p99 % 1000, mx / 1000, mx % 1000, ok ? 1 : 0);
     return ok;
 }
@@ -98,16 +113,21 @@ static void timer_setup(const char* cmdline) {
     if (cmdline_get(cmdline, "hz", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 1 && v <= 10000) g_hz = v; }
     if (cmdline_get(cmdline, "timer_ms", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 10) g_ms = v; }
     g_tsc_hz = tsc_hz();
-    use_deadline = (cpuid(1).c & (1u << 24)) && !(cmdline_get(cmdline, "timer", buf, sizeof buf) && str_eq(buf, "oneshot", 8));
-    if (!use_deadline) {
-        // Calibrate the APIC timer against kvmclock over 10 ms.
+    tmode = (cpuid(1).c & (1u << 24)) ? TimerMode::deadline : TimerMode::oneshot;
+    if (cmdline_get(cmdline, "timer", buf, sizeof buf)) {
+        if (str_eq(buf, "oneshot", 8)) tmode = TimerMode::oneshot;
+        else if (str_eq(buf, "periodic", 9)) tmode = TimerMode::periodic;
+    }
+    if (tmode != TimerMode::deadline) {
+        // Calibrate the APIC timer against kvmclock over 50 ms (the exits
+        // around the window cost tens of µs: a short window skews the rate).
         lapic_write(LAPIC_TDCR, 0xb);  // divide by 1
         lapic_write(LAPIC_LVTT, (1u << 16) | kTimerVector);
         lapic_write(LAPIC_TMICT, 0xffffffff);
-        delay_us(10000);
+        delay_us(50000);
         u32 left = lapic_read(LAPIC_TMCCT);
         lapic_write(LAPIC_TMICT, 0);
-        g_apic_per_ms = (0xffffffffull - left) / 10;
+        g_apic_per_ms = (0xffffffffull - left) / 50;
     }
     set_irq_handler(kTimerVector, timer_isr);
 }
@@ -115,7 +135,7 @@ static void timer_setup(const char* cmdline) {
 bool test_timer(const char* cmdline, unsigned ncpus) {
     timer_setup(cmdline);
     print("timer: %lu Hz for %lu ms on %u CPU(s), %s, TSC %lu kHz\n", g_hz, g_ms, ncpus,
-          use_deadline ? "TSC-deadline" : "one-shot", g_tsc_hz / 1000);
+          tmode_name(), g_tsc_hz / 1000);
     smp_run_on_aps(timer_run_local);
     timer_run_local(0);
     smp_wait_aps_idle();

@@ -6,3 +6,4 @@ bool test_idle(const char* cmdline);
 bool test_port80(const char* cmdline);
 bool test_smp(unsigned ncpus, unsigned online);
 bool test_hostile(const char* cmdline);
+bool test_spinlock(const char* cmdline, unsigned ncpus);  // guest/spinlock.cpp

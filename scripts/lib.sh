@@ -30,6 +30,11 @@ BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-d
 # a static busybox for the initramfs, and cpio to pack it.
 SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc6-dev)
 
+# For the benchmarks: field LINE KEY prints the value of KEY=... in a guest
+# `RESULT name k=v ...` line; median prints the median of the numbers on stdin.
+field() { sed -nE "s/.* $2=([^ ]+).*/\1/p" <<<"$1"; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
 # configure_and_build [BUILD_DIR] [extra cmake args...]
 configure_and_build() {
     local dir=${1:-$KGUEST_ROOT/build}

@@ -38,6 +38,7 @@ TEST(Cli, BadFlags) {
     expect_usage_error({"run", "--kernel", kGuestElf, "--memory", "lots"}, "--memory 'lots'");
     expect_usage_error({"run", "--kernel", kGuestElf, "--memory", "4M"}, "too little memory");
     expect_usage_error({"run", "--kernel", kGuestElf, "--hugepages", "1G"}, "--hugepages '1G'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--no-pv-spinlocks=yes"}, "--no-pv-spinlocks takes no value");
     expect_usage_error({"run", "--kernel", kGuestElf, "--port80", "maybe"}, "--port80 'maybe'");
     expect_usage_error({"run", "--kernel", kGuestElf, "--name", "a/b"}, "--name 'a/b'");
     expect_usage_error({"run", "--kernel", kGuestElf, "--cmdline", std::string(5000, 'x')}, "--cmdline is longer");

@@ -37,6 +37,11 @@ inline constexpr std::uint32_t kWantedPvFeatures =
     (1u << KVM_FEATURE_PV_TLB_FLUSH) | (1u << KVM_FEATURE_PV_SEND_IPI) | (1u << KVM_FEATURE_POLL_CONTROL) |
     (1u << KVM_FEATURE_PV_SCHED_YIELD) | (1u << KVM_FEATURE_CLOCKSOURCE_STABLE_BIT);
 
+// The PV features a guest uses through hypercalls (VMCALL/VMMCALL):
+// KVM_HC_KICK_CPU, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD.
+inline constexpr std::uint32_t kHypercallPvFeatures =
+    (1u << KVM_FEATURE_PV_UNHALT) | (1u << KVM_FEATURE_PV_SEND_IPI) | (1u << KVM_FEATURE_PV_SCHED_YIELD);
+
 struct CpuidOptions {
     unsigned vcpu_id = 0;
     unsigned cpus = 1;

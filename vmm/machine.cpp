@@ -17,6 +17,7 @@
 #include <csignal>
 #include <cstring>
 #include <fcntl.h>
+#include <filesystem>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -134,6 +135,16 @@ Machine::Machine(const VmConfig& cfg)
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
     auto supported = kvm_.supported_cpuid();
+    pv_features_ = kWantedPvFeatures;
+    if (!cfg.pv_spinlocks) pv_features_ &= ~(1u << KVM_FEATURE_PV_UNHALT);
+    // Hack: PVM, the software-only KVM some CI hosts run (kvm_pvm.ko), lists
+    // the hypercall-based PV features, but a guest's VMCALL/VMMCALL never
+    // completes there (seen: the vCPU hangs in KVM_HC_KICK_CPU). Offer them
+    // only where the standard hypercall instruction works.
+    if (std::filesystem::exists("/sys/module/kvm_pvm") && (pv_features_ & kHypercallPvFeatures)) {
+        log_msg("host KVM is PVM: hiding PV_UNHALT, PV_SEND_IPI and PV_SCHED_YIELD (its hypercalls hang the guest)");
+        pv_features_ &= ~kHypercallPvFeatures;
+    }
     for (unsigned i = 0; i < cfg.cpus; ++i) {
         vcpus_.push_back(vm_.create_vcpu(i));
         setup_vcpu(vcpus_.back(), supported);
@@ -161,6 +172,7 @@ void Machine::setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& suppor
     opt.vcpu_id = vcpu.id();
     opt.cpus = cfg_.cpus;
     opt.tsc_deadline = kvm_.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+    opt.pv_features = pv_features_;
     vcpu.set_cpuid(make_guest_cpuid(supported, opt));
 
     kvm_fpu fpu{};

@@ -32,6 +32,9 @@ struct VmConfig {
     enum class Console { stdio, none, file } console = Console::stdio;
     std::string console_path;
     enum class Port80Mode { kernel, exit } port80 = Port80Mode::kernel;
+    // Hide KVM_FEATURE_PV_UNHALT (like Linux's `nopvspin`): guests fall back to
+    // native spinlocks, for pv/native comparisons from the command line.
+    bool pv_spinlocks = true;
 };
 
 inline constexpr std::uint64_t kMinMemory = 8ull << 20;
@@ -76,6 +79,7 @@ private:
     std::shared_ptr<Port80> port80_;
     std::shared_ptr<ExitPort> exit_port_;
     std::vector<Vcpu> vcpus_;
+    std::uint32_t pv_features_ = 0;  // KVM PV features offered (0x40000001 EAX), before the host's mask
     std::vector<std::thread> threads_;
     std::thread input_;
     Fd stop_event_;  // eventfd: written once when the VM stops

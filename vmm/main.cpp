@@ -29,7 +29,8 @@ constexpr const char* kUsage =
     "  --hugepages thp|hugetlbfs|off   RAM backing (default thp)\n"
     "  --console stdio|none|FILE serial console (default stdio)\n"
     "  --name NAME               VM name (default kguest)\n"
-    "  --port80 kernel|exit      port 0x80 writes absorbed in KVM (default) or by userspace exits\n";
+    "  --port80 kernel|exit      port 0x80 writes absorbed in KVM (default) or by userspace exits\n"
+    "  --no-pv-spinlocks         hide KVM_FEATURE_PV_UNHALT from the guest (native spinlocks)\n";
 
 // Splits "--flag=value" and "--flag value" uniformly.
 class Args {
@@ -104,6 +105,9 @@ int cmd_run(int argc, char** argv) {
             if (v == "kernel") cfg.port80 = VmConfig::Port80Mode::kernel;
             else if (v == "exit") cfg.port80 = VmConfig::Port80Mode::exit;
             else throw UsageError("--port80 '" + v + "': need kernel or exit");
+        } else if (f == "--no-pv-spinlocks") {
+            a.no_value(f);
+            cfg.pv_spinlocks = false;
         } else {
             throw UsageError("run: unknown option '" + f + "' (see kguest --help)");
         }

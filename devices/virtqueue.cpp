@@ -1,0 +1,246 @@
+// The split virtqueue (see virtqueue.hpp). Ring layout (2.7, all fields
+// little-endian): avail = { flags, idx, ring[size], used_event }, used =
+// { flags, idx, { id, len }[size], avail_event }. The indexes the two sides
+// publish (avail->idx, used->idx) are accessed atomically, with acquire on the
+// read of the driver's index and release on the write of ours (2.7.13.3,
+// 2.7.8); everything else is copied once into host variables before use, so a
+// guest changing the rings under us can give us garbage but never a bad access.
+#include "virtqueue.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstring>
+
+static_assert(std::endian::native == std::endian::little, "virtio 1.x rings are little-endian");
+
+namespace kguest {
+
+namespace {
+
+// Only ever called on 2-byte-aligned fields of rings whose alignment and
+// extent configure() checked.
+std::uint16_t load16(std::uint8_t* p, std::memory_order order) {
+    return std::atomic_ref<std::uint16_t>(*reinterpret_cast<std::uint16_t*>(p)).load(order);
+}
+
+void store16(std::uint8_t* p, std::uint16_t v, std::memory_order order) {
+    std::atomic_ref<std::uint16_t>(*reinterpret_cast<std::uint16_t*>(p)).store(v, order);
+}
+
+// Walks [offset, offset+len) of the readable (or writable) part of a chain,
+// calling fn(gpa, pos, n) for each piece; false, without calling fn, when the
+// range runs past the end of that part.
+template <typename Fn>
+bool for_each_piece(const DescChain& chain, bool writable, std::uint64_t offset, std::uint64_t len,
+                    Fn&& fn) {
+    std::uint64_t total = writable ? chain.writable_len() : chain.readable_len();
+    if (offset > total || len > total - offset) return false;
+    std::uint64_t pos = 0;
+    for (const DescChainElem& e : chain.elems()) {
+        if (len == 0) break;
+        if (e.write != writable) continue;
+        if (offset >= e.len) {
+            offset -= e.len;
+            continue;
+        }
+        std::uint64_t n = std::min<std::uint64_t>(e.len - offset, len);
+        if (!fn(e.addr + offset, pos, n)) return false;
+        pos += n;
+        len -= n;
+        offset = 0;
+    }
+    return true;
+}
+
+} // namespace
+
+void DescChain::clear() {
+    head_ = 0;
+    elems_.clear();
+    readable_len_ = writable_len_ = 0;
+}
+
+bool DescChain::read(const GuestMemory& mem, std::uint64_t offset, void* dst, std::uint64_t len) const {
+    auto* out = static_cast<std::uint8_t*>(dst);
+    return for_each_piece(*this, false, offset, len, [&](std::uint64_t gpa, std::uint64_t pos, std::uint64_t n) {
+        return mem.read(gpa, out + pos, n);
+    });
+}
+
+bool DescChain::write(GuestMemory& mem, std::uint64_t offset, const void* src, std::uint64_t len) const {
+    auto* in = static_cast<const std::uint8_t*>(src);
+    return for_each_piece(*this, true, offset, len, [&](std::uint64_t gpa, std::uint64_t pos, std::uint64_t n) {
+        return mem.write(gpa, in + pos, n);
+    });
+}
+
+bool Virtqueue::configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint64_t avail_gpa,
+                          std::uint64_t used_gpa) {
+    ready_ = false;
+    if (failed_) return false;   // only reset() clears an error, keeping its reason
+    if (size == 0 || size > kVirtqMaxSize || !std::has_single_bit(size)) {
+        reason_ = "queue size is not a power of 2 in 1..32768";
+        return false;
+    }
+    // 2.7: alignment 16 / 2 / 4; sizes 16*size, 6+2*size, 6+8*size bytes.
+    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0) {
+        reason_ = "misaligned ring address";
+        return false;
+    }
+    std::uint8_t* desc = mem_.ptr(desc_gpa, 16ull * size);
+    std::uint8_t* avail = mem_.ptr(avail_gpa, 6 + 2ull * size);
+    std::uint8_t* used = mem_.ptr(used_gpa, 6 + 8ull * size);
+    if (desc == nullptr || avail == nullptr || used == nullptr) {
+        reason_ = "ring not entirely in guest RAM";
+        return false;
+    }
+    size_ = size;
+    desc_ = desc;
+    avail_ = avail;
+    used_ = used;
+    last_avail_ = used_idx_ = signalled_used_ = 0;
+    signalled_valid_ = false;
+    ready_ = true;
+    return true;
+}
+
+void Virtqueue::reset() {
+    event_idx_ = indirect_ = ready_ = failed_ = signalled_valid_ = false;
+    reason_ = "";
+    size_ = 0;
+    desc_ = avail_ = used_ = nullptr;
+    last_avail_ = used_idx_ = signalled_used_ = 0;
+}
+
+PopStatus Virtqueue::fail(const char* reason) {
+    failed_ = true;
+    reason_ = reason;
+    return PopStatus::error;
+}
+
+std::uint16_t Virtqueue::avail_idx() const {
+    return load16(avail_ + 2, std::memory_order_acquire);
+}
+
+bool Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total) {
+    bool writable = (d.flags & kVirtqDescFWrite) != 0;
+    // 2.7.4.2: the driver MUST place device-writable buffers after readable ones.
+    if (!writable && !out.elems_.empty() && out.elems_.back().write) {
+        fail("device-readable descriptor after a device-writable one");
+        return false;
+    }
+    if (!mem_.contains(d.addr, d.len)) {   // a zero-length buffer must still point at RAM
+        fail("buffer not entirely in guest RAM");
+        return false;
+    }
+    total += d.len;
+    if (total > UINT32_MAX) {   // 2.7.5.2 caps a chain at 2^32 bytes; used->len has 32 bits
+        fail("chain longer than 4 GiB");
+        return false;
+    }
+    out.elems_.push_back({d.addr, d.len, writable});
+    (writable ? out.writable_len_ : out.readable_len_) += d.len;
+    return true;
+}
+
+PopStatus Virtqueue::pop(DescChain& out) {
+    if (failed_) return PopStatus::error;
+    if (!ready_) return PopStatus::empty;
+    // 2.7.6: avail->idx is where the driver will put the next entry; it may
+    // only be up to `size` entries ahead of what we have consumed.
+    auto pending = static_cast<std::uint16_t>(avail_idx() - last_avail_);
+    if (pending == 0) return PopStatus::empty;
+    if (pending > size_) return fail("avail idx more than queue size ahead");
+    std::uint16_t head = load16(avail_ + 4 + 2 * (last_avail_ & (size_ - 1)), std::memory_order_relaxed);
+    if (head >= size_) return fail("head index out of range");
+
+    out.clear();
+    out.head_ = head;
+    const std::uint8_t* table = desc_;
+    std::uint64_t table_len = size_;   // entries
+    bool in_indirect = false;
+    std::uint32_t idx = head;
+    std::uint32_t buffers = 0;
+    std::uint64_t total = 0;
+    for (;;) {
+        Descriptor d;
+        std::memcpy(&d, table + 16ull * idx, sizeof d);   // idx < table_len
+        if (d.flags & kVirtqDescFIndirect) {
+            // 2.7.5.3.1: only with the feature, only one level, never with NEXT;
+            // 2.7.5.3.2: it may follow direct descriptors, and its WRITE flag
+            // is ignored.
+            if (!indirect_) return fail("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC");
+            if (in_indirect) return fail("nested INDIRECT descriptor");
+            if (d.flags & kVirtqDescFNext) return fail("INDIRECT descriptor with NEXT");
+            if (d.len == 0 || d.len % 16 != 0) return fail("indirect table length not a nonzero multiple of 16");
+            table = mem_.ptr(d.addr, d.len);
+            if (table == nullptr) return fail("indirect table not entirely in guest RAM");
+            table_len = d.len / 16;
+            in_indirect = true;
+            idx = 0;
+            continue;
+        }
+        // 2.7.5.3.1: no chain longer than the queue size, indirect buffers
+        // included. This also ends any loop through `next`.
+        if (++buffers > size_) return fail("descriptor chain loops or is longer than the queue size");
+        if (!add_buffer(out, d, total)) return PopStatus::error;
+        if (!(d.flags & kVirtqDescFNext)) break;
+        if (d.next >= table_len) return fail("next index out of range");
+        idx = d.next;
+    }
+    ++last_avail_;
+    return PopStatus::ok;
+}
+
+bool Virtqueue::push_used(std::uint16_t head, std::uint32_t written) {
+    if (!ready_ || failed_ || head >= size_) return false;
+    // 2.7.8: fill the element, then publish the index with release so the
+    // driver never sees the index before the element.
+    const std::uint32_t elem[2] = {head, written};
+    std::memcpy(used_ + 4 + 8 * (used_idx_ & (size_ - 1)), elem, sizeof elem);
+    ++used_idx_;
+    store16(used_ + 2, used_idx_, std::memory_order_release);
+    return true;
+}
+
+bool Virtqueue::needs_notification() {
+    if (!ready_) return false;
+    // Our used->idx store must be visible before we read the driver's
+    // suppression state, or both sides may decide not to act.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (!event_idx_)   // 2.7.7.2
+        return (load16(avail_, std::memory_order_relaxed) & kVirtqAvailFNoInterrupt) == 0;
+    // 2.7.10: interrupt iff used_event lies in [old, new), i.e. vring_need_event().
+    std::uint16_t old = signalled_used_;
+    bool valid = signalled_valid_;
+    signalled_used_ = used_idx_;
+    signalled_valid_ = true;
+    if (!valid) return true;
+    std::uint16_t event = load16(avail_ + 4 + 2 * size_, std::memory_order_relaxed);
+    return static_cast<std::uint16_t>(used_idx_ - event - 1) < static_cast<std::uint16_t>(used_idx_ - old);
+}
+
+void Virtqueue::set_avail_event() {
+    if (ready_ && event_idx_) store16(used_ + 4 + 8 * size_, last_avail_, std::memory_order_relaxed);
+}
+
+void Virtqueue::disable_notifications() {
+    // With EVENT_IDX the driver ignores used->flags (2.7.10); leaving
+    // avail_event where it is suppresses notifications once it is passed.
+    if (ready_ && !event_idx_) store16(used_, kVirtqUsedFNoNotify, std::memory_order_relaxed);
+}
+
+bool Virtqueue::enable_notifications() {
+    if (!ready_ || failed_) return false;
+    if (event_idx_)
+        set_avail_event();
+    else
+        store16(used_, 0, std::memory_order_relaxed);
+    // The store above must be visible before we re-read avail->idx: a driver
+    // that added a buffer just before reading it would not notify us.
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return avail_idx() != last_avail_;
+}
+
+} // namespace kguest
