@@ -46,6 +46,7 @@ struct PerCpu {
     unsigned apic_id;
     volatile u32 online;
     alignas(4) volatile u32 pv_eoi;  // KVM PV EOI flag word (MSR_KVM_PV_EOI_EN)
+    u64 eoi_writes, pv_eois;         // EOIs done by an APIC write (an exit) and by PV EOI
     // Timer test state and results.
     volatile u64 ticks;
     u64 target_ticks;
@@ -75,8 +76,10 @@ inline void lapic_eoi() {
     PerCpu& c = this_cpu();
     if (c.pv_eoi & 1) {
         c.pv_eoi = c.pv_eoi & ~1u;
+        ++c.pv_eois;
         return;
     }
+    ++c.eoi_writes;
     lapic_write(LAPIC_EOI, 0);
 }
 

@@ -160,7 +160,8 @@ bool test_idle(const char* cmdline) {
     g_ms = 3000;
     if (cmdline_get(cmdline, "idle_ms", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 10) g_ms = v; }
     timer_run_local(0);
-    print("RESULT idle hz=%lu ms=%lu ticks=%lu\n", g_hz, g_ms, u64(percpu[0].ticks));
+    print("RESULT idle hz=%lu ms=%lu ticks=%lu mode=%s pv_eois=%lu eoi_writes=%lu\n", g_hz, g_ms, u64(percpu[0].ticks),
+          tmode_name(), percpu[0].pv_eois, percpu[0].eoi_writes);
     return percpu[0].ticks == g_hz * g_ms / 1000;
 }
 
