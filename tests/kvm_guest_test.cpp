@@ -4,13 +4,13 @@
 #include "process.hpp"
 
 #include <cstdlib>
-#include <filesystem>
 #include <regex>
 
 namespace kguest {
 namespace {
 
 using test::kGuestElf;
+using test::kguest_run;
 using test::kKguest;
 using test::results;
 using test::run_process;
@@ -29,12 +29,6 @@ HostPort80 host_port80(const std::string& err) {
         h.last = std::stoi(m[3], nullptr, 16);
     }
     return h;
-}
-
-std::vector<std::string> kguest_run(const std::string& cmdline, unsigned cpus, std::vector<std::string> extra = {}) {
-    std::vector<std::string> a = {kKguest, "run", "--kernel", kGuestElf, "--cmdline", cmdline, "--cpus", std::to_string(cpus)};
-    a.insert(a.end(), extra.begin(), extra.end());
-    return a;
 }
 
 TEST(KvmGuest, AllTestsOnFourCpus) {
@@ -114,7 +108,7 @@ TEST(KvmGuest, GuestExceptionAndTripleFaultEndTheVm) {
     EXPECT_EQ(r.status, 1) << r.out << r.err;
     // Hardware KVM reports KVM_EXIT_SHUTDOWN; the software-only PVM flavour of
     // KVM some CI hosts run reports an emulation failure instead.
-    bool pvm = std::filesystem::exists("/sys/module/kvm_pvm");
+    bool pvm = test::host_is_pvm();
     EXPECT_TRUE(r.err.find("triple fault") != std::string::npos ||
                 (pvm && r.err.find("KVM internal error") != std::string::npos))
         << r.err;

@@ -6,24 +6,17 @@
 #include "kvm_env.hpp"
 #include "process.hpp"
 
-#include <filesystem>
 
 namespace kguest {
 namespace {
 
-using test::kGuestElf;
-using test::kKguest;
 using test::results;
 using test::run_process;
 
-// PVM hosts get no PV_UNHALT from kguest (see Machine): pv falls back to native.
-bool host_is_pvm() { return std::filesystem::exists("/sys/module/kvm_pvm"); }
+using test::host_is_pvm;  // PVM hosts get no PV_UNHALT from kguest: pv falls back to native
 
 test::ProcResult run_spinlock(const std::string& args, unsigned cpus, std::vector<std::string> extra = {}) {
-    std::vector<std::string> a = {kKguest, "run", "--kernel", kGuestElf, "--console", "stdio", "--cpus",
-                                  std::to_string(cpus), "--cmdline", "test=spinlock " + args};
-    a.insert(a.end(), extra.begin(), extra.end());
-    return run_process(a, 300);
+    return run_process(test::kguest_run("test=spinlock " + args, cpus, extra), 300);
 }
 
 TEST(KvmSpinlock, BothFlavoursStayConsistentUnderOvercommit) {

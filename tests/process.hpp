@@ -107,4 +107,16 @@ inline std::vector<std::map<std::string, std::string>> results(const std::string
 inline const std::string kKguest = KGUEST_BINARY_DIR "/kguest";
 inline const std::string kGuestElf = KGUEST_BINARY_DIR "/guest/guest.elf";
 
+// argv of `kguest run` booting the small guest with `cmdline`, plus `extra` flags.
+inline std::vector<std::string> kguest_run(const std::string& cmdline, unsigned cpus,
+                                           std::vector<std::string> extra = {}) {
+    std::vector<std::string> a = {kKguest, "run", "--kernel", kGuestElf, "--cmdline", cmdline, "--cpus", std::to_string(cpus)};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+}
+
+// PVM, the software-only KVM some CI hosts run: no kvm_amd/kvm_intel quirks,
+// and kguest hides the hypercall-based PV features there (see Machine).
+inline bool host_is_pvm() { return access("/sys/module/kvm_pvm", F_OK) == 0; }
+
 } // namespace kguest::test
