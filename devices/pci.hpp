@@ -1,0 +1,144 @@
+// PCI bus 0 behind configuration mechanism #1 (PCI Local Bus Spec 3.0 §3.2.2.3.2,
+// ports 0xcf8 address / 0xcfc-0xcff data), the way Linux's
+// arch/x86/pci/direct.c probes and uses it. It will host virtio-pci devices
+// (VIRTIO 1.2 §4.1); it knows nothing of KVM.
+//
+// A PciFunction owns a type-0 header (spec §6.1): 256 bytes of configuration
+// space plus a per-bit write mask saying what the guest may change. Every
+// guest write goes bytewise through that mask, so identity registers, the
+// capability chain and the BAR size/type bits cannot be altered whatever the
+// offset, width or alignment. The guest is hostile: nothing on the access path
+// throws, and odd accesses read all-ones or are dropped. Setup calls (set_bar,
+// add_capability, add_function) throw std::invalid_argument on misuse.
+//
+// Hooks (on_bar_moved, on_command_write, on_config_write) run on the vCPU
+// thread that did the config write, under the host bridge's lock and inside
+// the PIO bus dispatch (which holds that Bus's shared lock): they must not
+// touch the bridge, and must not insert into the PIO bus synchronously.
+// The config space is guarded by that lock alone: outside the hooks, read it
+// (bar_address, command, config_read) only before the VM runs.
+#pragma once
+
+#include "vmm/bus.hpp"
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+
+namespace kguest {
+
+namespace pci {
+// Type-0 header offsets (PCI 3.0 §6.1, figure 6-1).
+inline constexpr unsigned kVendorId = 0x00, kDeviceId = 0x02, kCommand = 0x04, kStatus = 0x06,
+                          kRevision = 0x08, kClassProg = 0x09, kCacheLine = 0x0c,
+                          kHeaderType = 0x0e, kBar0 = 0x10, kSubsystemVendor = 0x2c,
+                          kSubsystemId = 0x2e, kCapPtr = 0x34, kInterruptLine = 0x3c,
+                          kInterruptPin = 0x3d;
+inline constexpr std::uint16_t kCommandIo = 1u << 0, kCommandMemory = 1u << 1,
+                               kCommandMaster = 1u << 2, kCommandIntxDisable = 1u << 10;
+inline constexpr std::uint16_t kStatusCapList = 1u << 4;
+inline constexpr unsigned kConfigSize = 256, kNumBars = 6, kCapStart = 0x40;
+} // namespace pci
+
+class PciFunction {
+public:
+    enum class BarKind : std::uint8_t { kNone, kMem32, kMem64, kIo };
+    struct BarAddress {
+        std::uint64_t address = 0;  // 0 when unprogrammed (or not a BAR)
+        bool decode = false;        // Command bit 0 (io) / 1 (memory) set
+    };
+
+    PciFunction();
+    virtual ~PciFunction() = default;
+    PciFunction(const PciFunction&) = delete;
+    PciFunction& operator=(const PciFunction&) = delete;
+
+    // Identity (read-only to the guest).
+    void set_ids(std::uint16_t vendor, std::uint16_t device);
+    void set_class(std::uint32_t class_code, std::uint8_t revision = 0);  // 24-bit base/sub/prog-if
+    void set_subsystem(std::uint16_t vendor, std::uint16_t id);
+    void set_header_type(std::uint8_t type);
+    void set_interrupt_pin(std::uint8_t pin);  // 1 = INTA# .. 4 = INTD#, 0 = none
+
+    // Appends a capability (spec §6.7): `body` is what follows the ID and Next
+    // bytes; `writable` (same length or empty) is the guest-writable bit mask
+    // for the body. Links it into the list at 0x34 and sets Status bit 4.
+    // Returns its offset; throws when it does not fit in 0x40..0xff.
+    std::uint8_t add_capability(std::uint8_t id, std::span<const std::uint8_t> body,
+                                std::span<const std::uint8_t> writable = {});
+
+    // Declares BAR `index` (spec §6.2.5.1). Memory BARs are >= 16 bytes, I/O
+    // BARs 4..256 bytes and decode 16-bit port addresses only; sizes are
+    // powers of two. A 64-bit BAR also takes slot index + 1.
+    void set_bar(unsigned index, std::uint64_t size, BarKind kind, bool prefetchable = false);
+    BarAddress bar_address(unsigned index) const;
+    std::uint64_t bar_size(unsigned index) const { return index < pci::kNumBars ? bars_[index].size : 0; }
+    BarKind bar_kind(unsigned index) const { return index < pci::kNumBars ? bars_[index].kind : BarKind::kNone; }
+
+    // Guest accesses, as routed by the host bridge: `size` bytes at `offset`
+    // (little-endian); bytes past 0xff read 0xff / are dropped.
+    std::uint32_t config_read(unsigned offset, unsigned size) const;
+    void config_write(unsigned offset, unsigned size, std::uint32_t value);
+
+    // Device-side access bypassing the write mask (e.g. to update a capability).
+    void set_config(unsigned offset, unsigned size, std::uint32_t value);
+    void set_writable(unsigned offset, unsigned size, std::uint32_t mask);
+    std::uint16_t command() const { return static_cast<std::uint16_t>(config_read(pci::kCommand, 2)); }
+
+protected:
+    // A BAR's address changed (including sizing writes of all-ones; a 64-bit
+    // BAR reports once per half written). Check bar_address().decode.
+    virtual void on_bar_moved(unsigned /*index*/, std::uint64_t /*old_addr*/, std::uint64_t /*new_addr*/) {}
+    // Any write touching the Command register.
+    virtual void on_command_write(std::uint16_t /*old_cmd*/, std::uint16_t /*new_cmd*/) {}
+    // Every guest write, after it was applied and after the hooks above
+    // (e.g. a writable capability field changed).
+    virtual void on_config_write(unsigned /*offset*/, unsigned /*size*/) {}
+
+private:
+    struct Bar {
+        BarKind kind = BarKind::kNone;
+        std::uint64_t size = 0;
+        bool upper = false;  // high half of the 64-bit BAR in the slot below
+    };
+    std::uint64_t raw_bar_address(unsigned index) const;
+
+    std::array<std::uint8_t, pci::kConfigSize> config_{};
+    std::array<std::uint8_t, pci::kConfigSize> wmask_{};
+    std::array<Bar, pci::kNumBars> bars_{};
+    std::uint8_t last_cap_ = 0;  // offset of the last capability, 0 if none
+    unsigned cap_end_ = pci::kCapStart;
+};
+
+// The conf1 ports, inserted on the PIO bus at kBase..kBase+kLen-1. Slot 0 holds
+// the bridge's own host-bridge function (00:00.0, i440FX IDs, class 0x060000
+// so Linux's pci_sanity_check accepts the mechanism). Only function 0 of each
+// slot exists. Port 0xcf9 (PIIX reset control) falls in this range and is
+// ignored like the other byte ports of the address register.
+class PciHostBridge : public BusDevice {
+public:
+    static constexpr std::uint16_t kBase = 0xcf8;
+    static constexpr std::uint64_t kLen = 8;
+    static constexpr unsigned kSlots = 32;
+
+    PciHostBridge();
+
+    // Places `fn` at 00:slot.0. Throws on slot 0, slot >= 32, a taken slot or null.
+    void add_function(unsigned slot, std::shared_ptr<PciFunction> fn);
+    std::uint32_t address() const;
+
+    void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
+
+private:
+    // The function the latched address selects, with the register base, or null.
+    PciFunction* selected(unsigned& reg) const;
+
+    mutable std::mutex mu_;
+    std::uint32_t address_ = 0;
+    std::array<std::shared_ptr<PciFunction>, kSlots> slots_{};
+};
+
+} // namespace kguest
