@@ -6,17 +6,22 @@
 //     low byte of the last one we see is kept as the POST code;
 //   - reads return 0xff, what QEMU's pc machine returns (an empty ISA slot).
 //
-// Cheap path: with KVM_IOEVENTFD (PIO flag, length 0 = any width, no
-// datamatch) KVM completes writes in the kernel and only bumps an eventfd
-// counter, so a write costs no exit at all; `rep outs` too (KVM's kernel_pio
-// walks the batch). The counter is then read from the eventfd. What that path
-// cannot keep is the value written, so in that mode `last_code` is the last
-// code that came through userspace (reads and, with `--port80 exit`, all
-// writes). The userspace path stays as the fallback and for comparison.
+// Cheap paths, both completing writes inside KVM without an exit to us:
+//   - coalesced PIO (KVM_CAP_COALESCED_PIO, preferred): KVM appends every
+//     write (port, width, data) to a ring page it shares with us; we drain
+//     the ring after each vCPU exit and whenever the counters are read. A
+//     full ring (about 170 entries) makes the next write exit to us, and that
+//     exit drains it. Counts and the last code are exact.
+//   - KVM_IOEVENTFD (PIO flag, length 0 = any width, no datamatch): KVM only
+//     bumps an eventfd counter, so the value written is lost and `last_code`
+//     is the last code that came through userspace.
+// `rep outs` is absorbed by both (KVM's kernel_pio walks the batch). The
+// userspace path stays as the fallback and for comparison (`--port80 exit`).
 #pragma once
 
 #include "vmm/bus.hpp"
 #include "vmm/fd.hpp"
+#include "vmm/kvm_uapi.hpp"
 
 #include <atomic>
 #include <cstdint>
@@ -38,10 +43,19 @@ public:
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
 
-    // Registers the in-kernel write path. False (and nothing changes) when the
-    // host KVM refuses; the userspace path then serves every write.
-    bool absorb_in_kernel(Vm& vm);
-    bool absorbed() const { return eventfd_.valid(); }
+    // Registers an in-kernel write path: coalesced PIO when `ring` (the
+    // coalesced MMIO page of a vCPU mapping, or null if the host has none) is
+    // given and KVM accepts the zone, else an ioeventfd. False (and nothing
+    // changes) when the host KVM refuses both; the userspace path then serves
+    // every write.
+    bool absorb_in_kernel(Vm& vm, kvm_coalesced_mmio_ring* ring);
+    bool absorbed() const { return eventfd_.valid() || ring_ != nullptr; }
+    // Reads writes from `ring` from now on (absorb_in_kernel does this after
+    // KVM accepted the zone; unit tests hand it a made-up ring page).
+    void attach_ring(kvm_coalesced_mmio_ring* ring) { ring_ = ring; }
+    // Takes the queued coalesced writes (a no-op without a ring). Any thread;
+    // call it before handling an exit, so that the codes stay in order.
+    void drain();
 
     // Writes so far, both paths together.
     std::uint64_t writes();
@@ -54,6 +68,7 @@ private:
     std::mutex mu_;
     std::uint64_t kernel_writes_ = 0;
     Fd eventfd_;
+    kvm_coalesced_mmio_ring* ring_ = nullptr;  // shared with KVM: it writes `last`, we write `first`
 };
 
 } // namespace kguest

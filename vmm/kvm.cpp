@@ -111,6 +111,14 @@ void Vm::ioeventfd(const kvm_ioeventfd& spec) {
     xioctl(fd_.get(), KVM_IOEVENTFD, "KVM_IOEVENTFD", &spec);
 }
 
+void Vm::register_coalesced_pio(std::uint16_t port, std::uint32_t len) {
+    kvm_coalesced_mmio_zone zone{};
+    zone.addr = port;
+    zone.size = len;
+    zone.pio = 1;
+    xioctl(fd_.get(), KVM_REGISTER_COALESCED_MMIO, "KVM_REGISTER_COALESCED_MMIO", &zone);
+}
+
 int Vm::irq_line(std::uint32_t irq, bool level) noexcept {
     kvm_irq_level l{};
     l.irq = irq;

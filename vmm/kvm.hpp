@@ -54,6 +54,9 @@ public:
     // KVM_IOEVENTFD: a guest write matching (addr, len[, datamatch]) signals
     // `eventfd` inside the kernel instead of exiting to userspace.
     void ioeventfd(const kvm_ioeventfd& spec);
+    // KVM_REGISTER_COALESCED_MMIO with pio = 1: writes to ports
+    // [port, port+len) are queued in the coalesced ring, not exits.
+    void register_coalesced_pio(std::uint16_t port, std::uint32_t len);
     // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC. Device models call it on
     // guest-driven paths, so it returns the errno instead of throwing.
     int irq_line(std::uint32_t irq, bool level) noexcept;

@@ -130,7 +130,6 @@ Machine::Machine(const VmConfig& cfg)
     pio_.insert(Serial::kCom1Base, 8, serial_);
     pio_.insert(Port80::kPort, Port80::kLen, port80_);
     pio_.insert(ExitPort::kPort, ExitPort::kLen, exit_port_);
-    if (cfg.port80 == VmConfig::Port80Mode::kernel) port80_->absorb_in_kernel(vm_);
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
@@ -150,6 +149,18 @@ Machine::Machine(const VmConfig& cfg)
         setup_vcpu(vcpus_.back(), supported);
     }
     setup_boot_cpu(vcpus_[0], kernel_.entry, start_info_);
+
+    // Port 0x80's in-kernel path. The coalesced ring is a page of every
+    // vCPU's mapping, at the offset KVM_CAP_COALESCED_MMIO returns.
+    if (cfg.port80 == VmConfig::Port80Mode::kernel) {
+        kvm_coalesced_mmio_ring* ring = nullptr;
+        int page = kvm_.check_extension(KVM_CAP_COALESCED_MMIO);
+        if (kvm_.check_extension(KVM_CAP_COALESCED_PIO) > 0 && page > 0 &&
+            (static_cast<std::size_t>(page) + 1) * 4096 <= kvm_.vcpu_mmap_size())
+            ring = reinterpret_cast<kvm_coalesced_mmio_ring*>(reinterpret_cast<std::uint8_t*>(&vcpus_[0].run_state()) +
+                                                              static_cast<std::size_t>(page) * 4096);
+        port80_->absorb_in_kernel(vm_, ring);
+    }
 
     int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (efd < 0) throw_errno("eventfd");
@@ -273,6 +284,7 @@ void Machine::vcpu_thread(Vcpu& vcpu) {
             request_stop(1);
             break;
         }
+        port80_->drain();  // queued POST codes first, so they stay in order with this exit
         DecodedExit exit = decode_exit(vcpu.run_state(), run_size);
         ExitOutcome out = handle_exit(exit, pio_, mmio_, vcpu.id());
         if (out.what == ExitOutcome::stop) {
