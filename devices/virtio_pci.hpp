@@ -1,0 +1,236 @@
+// The virtio-pci modern transport (VIRTIO 1.2 section 4.1): one PCI function
+// wrapping one VirtioDevice. It knows nothing of KVM; interrupts leave through
+// VirtioInterrupts (which the VMM backs with irqfds / KVM MSI routes) and the
+// BAR is reached through mmio_read/mmio_write (or bar_device(), a BusDevice
+// the VMM inserts on its MMIO bus at bar_gpa()).
+//
+// PCI identity (4.1.2): vendor 0x1AF4, device 0x1040 + virtio device ID,
+// revision 1, subsystem 0x1AF4/0x1100 (as QEMU), header type 0, INTA#, class
+// code from the caller. One 64-bit memory BAR, BAR 4 (kBarSize bytes), holds
+// every region, each at a 4 KiB boundary:
+//
+//   0x0000 common configuration (4.1.4.3)        cfg_type 1
+//   0x1000 ISR status (4.1.4.5)                  cfg_type 3
+//   0x2000 device-specific configuration (4.1.4.6) cfg_type 4 (if any)
+//   0x3000 notifications (4.1.4.4), 4 bytes per queue, queue_notify_off = q
+//   0x4000 MSI-X table, num_queues + 1 entries (PCI 3.0 §6.8.2)
+//   0x5000 MSI-X PBA
+//
+// Capabilities: the five virtio vendor capabilities (cfg_type 1..5, the last
+// being the PCI configuration access window of 4.1.4.9) and MSI-X (ID 0x11,
+// Message Control enable and function mask writable).
+//
+// The guest is hostile: accesses of the wrong width, alignment or offset read
+// all-ones and are dropped, and nothing on a guest path throws. Queue errors
+// set DEVICE_NEEDS_RESET and raise a configuration interrupt (2.1.2).
+//
+// Locking: a control lock serialises the common/device configuration (status,
+// negotiation, queue setup); an interrupt lock guards ISR, vectors and the
+// MSI-X table/PBA, and is taken after the control lock when both are needed.
+// VirtioInterrupts and the MSI-X hook are called under the interrupt lock:
+// they must not call back into this object. Config-space hooks (BAR moves,
+// Message Control) run under the host bridge's lock (see pci.hpp).
+#pragma once
+
+#include "devices/pci.hpp"
+#include "devices/virtio.hpp"
+#include "devices/virtqueue.hpp"
+#include "vmm/bus.hpp"
+#include "vmm/guest_memory.hpp"
+#include "vmm/log.hpp"
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <vector>
+
+namespace kguest {
+
+// 4.1.4: virtio_pci_cap.cfg_type.
+inline constexpr std::uint8_t VIRTIO_PCI_CAP_COMMON_CFG = 1;
+inline constexpr std::uint8_t VIRTIO_PCI_CAP_NOTIFY_CFG = 2;
+inline constexpr std::uint8_t VIRTIO_PCI_CAP_ISR_CFG = 3;
+inline constexpr std::uint8_t VIRTIO_PCI_CAP_DEVICE_CFG = 4;
+inline constexpr std::uint8_t VIRTIO_PCI_CAP_PCI_CFG = 5;
+// 4.1.4.5: ISR status bits.
+inline constexpr std::uint8_t VIRTIO_PCI_ISR_QUEUE = 1;
+inline constexpr std::uint8_t VIRTIO_PCI_ISR_CONFIG = 2;
+// 4.1.5.1.2: "no vector".
+inline constexpr std::uint16_t VIRTIO_MSI_NO_VECTOR = 0xffff;
+// 4.1.4.3: struct virtio_pci_common_cfg offsets.
+inline constexpr unsigned VIRTIO_PCI_COMMON_DFSELECT = 0x00, VIRTIO_PCI_COMMON_DF = 0x04,
+                          VIRTIO_PCI_COMMON_GFSELECT = 0x08, VIRTIO_PCI_COMMON_GF = 0x0c,
+                          VIRTIO_PCI_COMMON_MSIX = 0x10, VIRTIO_PCI_COMMON_NUMQ = 0x12,
+                          VIRTIO_PCI_COMMON_STATUS = 0x14, VIRTIO_PCI_COMMON_CFGGENERATION = 0x15,
+                          VIRTIO_PCI_COMMON_Q_SELECT = 0x16, VIRTIO_PCI_COMMON_Q_SIZE = 0x18,
+                          VIRTIO_PCI_COMMON_Q_MSIX = 0x1a, VIRTIO_PCI_COMMON_Q_ENABLE = 0x1c,
+                          VIRTIO_PCI_COMMON_Q_NOFF = 0x1e, VIRTIO_PCI_COMMON_Q_DESCLO = 0x20,
+                          VIRTIO_PCI_COMMON_Q_DESCHI = 0x24, VIRTIO_PCI_COMMON_Q_AVAILLO = 0x28,
+                          VIRTIO_PCI_COMMON_Q_AVAILHI = 0x2c, VIRTIO_PCI_COMMON_Q_USEDLO = 0x30,
+                          VIRTIO_PCI_COMMON_Q_USEDHI = 0x34, VIRTIO_PCI_COMMON_Q_NDATA = 0x38,
+                          VIRTIO_PCI_COMMON_Q_RESET = 0x3a;
+// PCI 3.0 §6.8.2: MSI-X.
+inline constexpr std::uint8_t PCI_CAP_ID_MSIX = 0x11;
+inline constexpr std::uint8_t PCI_CAP_ID_VNDR = 0x09;
+inline constexpr std::uint16_t PCI_MSIX_FLAGS_ENABLE = 0x8000, PCI_MSIX_FLAGS_MASKALL = 0x4000;
+
+// Where the transport's interrupts go; the VMM implements it with irqfds.
+// Called under the transport's interrupt lock, from any thread.
+struct VirtioInterrupts {
+    virtual ~VirtioInterrupts() = default;
+    virtual void msix(std::uint16_t vector) = 0;   // MSI-X enabled, vector unmasked
+    virtual void intx(bool level) = 0;             // INTA# level (MSI-X disabled)
+};
+
+class VirtioPciDevice : public PciFunction,
+                        public VirtioTransport,
+                        public std::enable_shared_from_this<VirtioPciDevice> {
+public:
+    static constexpr unsigned kBar = 4;
+    static constexpr std::uint64_t kBarSize = 0x8000;
+    static constexpr std::uint64_t kCommonOffset = 0x0000, kIsrOffset = 0x1000,
+                                   kDeviceOffset = 0x2000, kNotifyOffset = 0x3000,
+                                   kMsixTableOffset = 0x4000, kMsixPbaOffset = 0x5000,
+                                   kRegionSize = 0x1000;
+    static constexpr std::uint32_t kNotifyOffMultiplier = 4;
+    static constexpr std::uint16_t kMaxQueues = 255;   // table (queues + 1) fits 4 KiB
+    static constexpr std::uint16_t kSubsystemId = 0x1100;
+
+    struct MsixEntry {
+        std::uint64_t address = 0;
+        std::uint32_t data = 0;
+        bool masked = true;   // vector control bit 0 (set at reset, PCI 3.0 §6.8.2.9)
+    };
+
+    // Throws std::invalid_argument on null arguments, 0 or more than kMaxQueues
+    // queues, a bad max_queue_size or a device config over 4 KiB.
+    VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemory& mem,
+                    std::shared_ptr<VirtioInterrupts> irq, std::uint32_t class_code);
+    ~VirtioPciDevice() override;
+
+    // The BAR region, offsets relative to the BAR base.
+    void mmio_read(std::uint64_t offset, std::span<std::uint8_t> data);
+    void mmio_write(std::uint64_t offset, std::span<const std::uint8_t> data);
+    // A BusDevice forwarding to mmio_read/mmio_write that shares ownership of
+    // this object; needs the object to be owned by a std::shared_ptr.
+    std::shared_ptr<BusDevice> bar_device();
+
+    // VirtioTransport.
+    void interrupt_queue(std::uint16_t q) override;
+    void interrupt_config() override;
+    void needs_reset() override;
+    std::uint64_t driver_features() const override { return driver_features_.load(); }
+
+    // State the VMM (and tests) query.
+    std::uint8_t device_status() const { return status_.load(); }
+    std::uint64_t offered_features() const { return offered_; }
+    std::uint16_t num_queues() const { return static_cast<std::uint16_t>(queues_.size()); }
+    std::uint16_t msix_table_size() const { return static_cast<std::uint16_t>(queues_.size() + 1); }
+    std::uint64_t bar_gpa() const { return bar_gpa_.load(); }
+    bool bar_decode() const { return bar_decode_.load(); }
+    MsixEntry msix_entry(std::uint16_t vector) const;   // default entry when out of range
+    bool msix_enabled() const;
+    bool msix_function_masked() const;
+    bool msix_pending(std::uint16_t vector) const;
+    std::uint8_t isr_peek() const;
+    std::uint8_t msix_cap_offset() const { return msix_cap_; }
+
+    // Hooks for the VMM, set before the VM runs. The BAR hook gets the BAR's
+    // address and whether memory decode is on, after every move or Command
+    // write changing either (under the bridge lock: it may remap the MMIO bus
+    // but must not touch the PIO bus or the bridge). The MSI-X hook gets the
+    // vector whose table entry the guest wrote, or VIRTIO_MSI_NO_VECTOR when
+    // Message Control changed (re-read everything); under the interrupt lock.
+    void set_bar_hook(std::function<void(std::uint64_t gpa, bool decode)> hook) { bar_hook_ = std::move(hook); }
+    void set_msix_hook(std::function<void(std::uint16_t vector)> hook) { msix_hook_ = std::move(hook); }
+
+protected:
+    void on_bar_moved(unsigned index, std::uint64_t old_addr, std::uint64_t new_addr) override;
+    void on_command_write(std::uint16_t old_cmd, std::uint16_t new_cmd) override;
+    void on_config_write(unsigned offset, unsigned size) override;
+
+private:
+    class BarRegion : public BusDevice {
+    public:
+        explicit BarRegion(VirtioPciDevice& owner) : owner_(owner) {}
+        void read(std::uint64_t offset, std::span<std::uint8_t> data) override { owner_.mmio_read(offset, data); }
+        void write(std::uint64_t offset, std::span<const std::uint8_t> data) override {
+            owner_.mmio_write(offset, data);
+        }
+
+    private:
+        VirtioPciDevice& owner_;
+    };
+    struct QueueRegs {
+        std::uint16_t max = 0;
+        std::uint16_t size = 0;
+        bool enabled = false;
+        std::uint64_t desc = 0, driver = 0, device = 0;
+    };
+
+    // Region handlers; `size` is 1..8. Reads return false for "all-ones".
+    bool common_read(std::uint64_t off, std::size_t size, std::uint64_t& v);
+    void common_write(std::uint64_t off, std::size_t size, std::uint64_t v);
+    void write_status(std::uint8_t v);
+    void reset_locked();                 // ctrl_mu_ held
+    void enable_queue(std::uint16_t q);  // ctrl_mu_ held
+    bool queue_setup_allowed(std::uint16_t q) const;
+    bool msix_read(std::uint64_t off, std::size_t size, std::uint64_t& v) const;
+    void msix_write(std::uint64_t off, std::size_t size, std::uint64_t v);
+    void bar_read(std::uint64_t offset, std::span<std::uint8_t> data, bool side_effects);
+
+    // irq_mu_ held.
+    void raise_config_locked();
+    void signal_vector_locked(std::uint16_t vector);
+    void deliver_pending_locked();
+    void update_intx_locked();
+    bool entry_masked_locked(std::uint16_t v) const { return (msix_table_[v][3] & 1) != 0; }
+
+    void pci_cfg_window(unsigned offset, unsigned size);
+    void notify_bar_hook();
+
+    std::shared_ptr<VirtioDevice> device_;
+    GuestMemory& mem_;
+    std::shared_ptr<VirtioInterrupts> irq_;
+    std::uint64_t offered_ = 0;
+    std::size_t config_size_ = 0;
+
+    // Control state (ctrl_mu_).
+    std::mutex ctrl_mu_;
+    std::uint32_t dfselect_ = 0, gfselect_ = 0;
+    std::uint16_t queue_select_ = 0;
+    std::vector<QueueRegs> qregs_;
+    std::vector<Virtqueue> queues_;
+    std::atomic<std::uint8_t> status_{0};
+    std::atomic<std::uint8_t> generation_{0};
+    std::atomic<std::uint64_t> driver_features_{0};
+
+    // Interrupt state (irq_mu_).
+    mutable std::mutex irq_mu_;
+    std::uint8_t isr_ = 0;
+    bool intx_level_ = false;
+    bool intx_disabled_ = false;
+    bool msix_enabled_ = false;
+    bool msix_masked_ = false;
+    std::uint16_t config_vector_ = VIRTIO_MSI_NO_VECTOR;
+    std::vector<std::uint16_t> queue_vector_;
+    std::vector<std::array<std::uint32_t, 4>> msix_table_;
+    std::vector<std::uint64_t> pba_;
+
+    // Capability offsets in config space.
+    std::uint8_t msix_cap_ = 0;
+    std::uint8_t pci_cfg_cap_ = 0;
+
+    std::atomic<std::uint64_t> bar_gpa_{0};
+    std::atomic<bool> bar_decode_{false};
+    std::function<void(std::uint64_t, bool)> bar_hook_;
+    std::function<void(std::uint16_t)> msix_hook_;
+    RateLimit log_limit_{5};
+    BarRegion bar_region_{*this};
+};
+
+} // namespace kguest
