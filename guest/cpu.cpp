@@ -99,6 +99,8 @@ u32 kvm_pv_features() {
     return cpuid(0x40000001).a;
 }
 
+bool g_use_pv_eoi = true;
+
 void percpu_init() {
     unsigned id = apic_id();
     PerCpu& c = percpu[id];
@@ -106,7 +108,7 @@ void percpu_init() {
     c.apic_id = id;
     wrmsr(MSR_GS_BASE, u64(&c));
     c.pv_eoi = 0;  // must be zero when enabled
-    if (kvm_pv_features() & (1u << 6))  // KVM_FEATURE_PV_EOI
+    if (g_use_pv_eoi && (kvm_pv_features() & (1u << 6)))  // KVM_FEATURE_PV_EOI
         wrmsr(MSR_KVM_PV_EOI_EN, u64(&c.pv_eoi) | 1);
 }
 

@@ -48,7 +48,7 @@ struct PerCpu {
     alignas(4) volatile u32 pv_eoi;  // KVM PV EOI flag word (MSR_KVM_PV_EOI_EN)
     u64 eoi_writes, pv_eois;         // EOIs done by an APIC write (an exit) and by PV EOI
     // Timer test state and results.
-    volatile u64 ticks;
+    volatile u64 ticks, spurious;
     u64 target_ticks;
     u64 period_tsc;
     u64 next_deadline;
@@ -67,6 +67,7 @@ inline PerCpu& this_cpu() {
 // Per-CPU setup, first thing on each CPU once its LAPIC is on: GS, and PV EOI
 // (KVM_FEATURE_PV_EOI) when offered.
 void percpu_init();
+extern bool g_use_pv_eoi;  // pv_eoi=off on the command line clears it
 // End of interrupt. With PV EOI, KVM sets bit 0 of pv_eoi when it injects an
 // interrupt whose EOI it can infer; clearing the bit then replaces the EOI
 // write and its exit (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN;

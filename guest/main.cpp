@@ -1,6 +1,6 @@
 // The small guest's main program. It reads the PVH start info, sets up
 // interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
-// tests named by test=... (timer, port80, smp, hostile, idle, spinlock,
+// tests named by test=... (timer, port80, smp, pci, hostile, idle, spinlock,
 // exception, triplefault; all = the first three) and ends the VM through the exit port:
 // 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
 // unexpected exception.
@@ -48,9 +48,10 @@ extern "C" void kmain(u32 start_info_paddr) {
     idt_init();
     idt_load();
     lapic_enable();
+    char opt[64];
+    g_use_pv_eoi = !(cmdline_get(cmdline, "pv_eoi", opt, sizeof opt) && str_eq(opt, "off", 4));
     percpu_init();
     if (!kvmclock_init()) panic("no kvmclock (KVM_FEATURE_CLOCKSOURCE/CLOCKSOURCE2)");
-    char opt[64];
     bool small_pages = cmdline_get(cmdline, "pages", opt, sizeof opt) && str_eq(opt, "4k", 3);
     if (small_pages) paging_use_4k();
     Cpuid pv = cpuid(0x40000001);
@@ -72,6 +73,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (all || list_has(tests, "port80")) { ok &= test_port80(cmdline); ran = true; }
     if (all || list_has(tests, "timer")) { ok &= test_timer(cmdline, online); ran = true; }
     if (list_has(tests, "hostile")) { ok &= test_hostile(cmdline); ran = true; }
+    if (list_has(tests, "pci")) { ok &= test_pci(); ran = true; }
     if (list_has(tests, "idle")) { ok &= test_idle(cmdline); ran = true; }
     if (list_has(tests, "spinlock")) { ok &= test_spinlock(cmdline, online); ran = true; }
     if (list_has(tests, "none")) ran = true;
@@ -85,7 +87,7 @@ extern "C" void kmain(u32 start_info_paddr) {
         // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
-    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,hostile,idle,spinlock,none,exception,triplefault)", tests);
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,none,exception,triplefault)", tests);
     print("RESULT done ok=%d\n", ok ? 1 : 0);
     guest_exit(ok ? 0 : 1);
 }

@@ -16,6 +16,10 @@ static const char* tmode_name() {
 }
 static u64 g_tsc_hz, g_apic_per_ms;  // APIC timer counts per ms in one-shot mode
 static u64 g_hz = 100, g_ms = 1000;
+// A tick test fails beyond this drift (ppm); 0 = report drift, judge only the
+// tick count (drift_limit_ppm=0: with 64 vCPUs on the 2-CPU nested sandbox,
+// a migrated vCPU's kvmclock was seen to jump by ~18 ms within a run).
+static u64 g_drift_limit = 10000;
 
 static void arm(u64 deadline_tsc) {
     if (tmode == TimerMode::deadline) {
@@ -32,6 +36,16 @@ static void timer_isr(Frame*) {
     u64 now = rdtsc();
     PerCpu& c = this_cpu();
     if (c.ticks >= c.target_ticks) {  // a periodic tick past the last one, before the disarm
+        lapic_eoi();
+        return;
+    }
+    // A TSC-deadline or one-shot tick cannot come before its deadline (KVM
+    // waits out its timer advance before entering the guest). One more than
+    // an eighth of a period early is a second delivery of the same expiry,
+    // seen now and then in the nested sandbox: count it apart, do not let it
+    // advance the schedule.
+    if (tmode != TimerMode::periodic && now + c.period_tsc / 8 < c.next_deadline) {
+        c.spurious = c.spurious + 1;
         lapic_eoi();
         return;
     }
@@ -66,6 +80,7 @@ static void sort_u32(u32* a, u32 n) {
 static void timer_run_local(unsigned) {
     PerCpu& c = this_cpu();
     c.ticks = 0;
+    c.spurious = 0;
     c.nsamples = 0;
     c.target_ticks = g_hz * g_ms / 1000;
     c.period_tsc = g_tsc_hz / g_hz;
@@ -99,10 +114,11 @@ static bool timer_report(unsigned cpu) {
     u32 n = c.nsamples;
     u32 p50 = n ? c.lat_ns[n / 2] : 0, p99 = n ? c.lat_ns[(n * 99) / 100 < n ? (n * 99) / 100 : n - 1] : 0;
     u32 mx = n ? c.lat_ns[n - 1] : 0;
-    bool ok = c.ticks == expected && drift_ppm < 10000 && drift_ppm > -10000;
-    print("RESULT timer cpu=%u apic=%u mode=%s hz=%lu ticks=%lu expected=%lu drift_ppm=%ld lat_p50_us=%u.%03u "
+    i64 limit = i64(g_drift_limit);
+    bool ok = c.ticks == expected && (limit == 0 || (drift_ppm < limit && drift_ppm > -limit));
+    print("RESULT timer cpu=%u apic=%u mode=%s hz=%lu ticks=%lu expected=%lu spurious=%lu drift_ppm=%ld lat_p50_us=%u.%03u "
           "lat_p99_us=%u.%03u lat_max_us=%u.%03u ok=%d\n",
-          cpu, c.apic_id, tmode_name(), g_hz, u64(c.ticks), expected, drift_ppm,
+          cpu, c.apic_id, tmode_name(), g_hz, u64(c.ticks), expected, u64(c.spurious), drift_ppm,
           p50 / 1000, p50 % 1000, p99 / 1000, p99 % 1000, mx / 1000, mx % 1000, ok ? 1 : 0);
     return ok;
 }
@@ -112,6 +128,7 @@ static void timer_setup(const char* cmdline) {
     bool ok;
     if (cmdline_get(cmdline, "hz", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 1 && v <= 10000) g_hz = v; }
     if (cmdline_get(cmdline, "timer_ms", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 10) g_ms = v; }
+    if (cmdline_get(cmdline, "drift_limit_ppm", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok) g_drift_limit = v; }
     g_tsc_hz = tsc_hz();
     tmode = (cpuid(1).c & (1u << 24)) ? TimerMode::deadline : TimerMode::oneshot;
     if (cmdline_get(cmdline, "timer", buf, sizeof buf)) {
@@ -215,6 +232,32 @@ bool test_smp(unsigned ncpus, unsigned online) {
     ids[p] = 0;
     print("RESULT smp cpus=%u online=%u apic_ids=%s ok=%d\n", ncpus, online, ids, ok ? 1 : 0);
     return ok;
+}
+
+// ---- pci: configuration mechanism #1, bus 0 ----------------------------------------
+
+static u32 pci_conf_read32(u32 bus, u32 slot, u32 reg) {
+    outl(0xcf8, 0x80000000u | (bus << 16) | (slot << 11) | (reg & 0xfc));
+    return inl(0xcfc);
+}
+
+bool test_pci() {
+    // Linux's pci_check_type1() (arch/x86/pci/direct.c): the address port
+    // reads back what was written to it.
+    outl(0xcf8, 0x80000000u);
+    bool type1 = inl(0xcf8) == 0x80000000u;
+    unsigned devices = 0;
+    for (u32 slot = 0; slot < 32; ++slot) {
+        u32 id = pci_conf_read32(0, slot, 0);
+        if ((id & 0xffff) == 0xffff) continue;  // empty slot: all-ones
+        ++devices;
+        print("pci: 00:%02x.0 %04x:%04x class %06x\n", slot, id & 0xffff, id >> 16, pci_conf_read32(0, slot, 8) >> 8);
+    }
+    u32 hb = pci_conf_read32(0, 0, 0), hb_class = pci_conf_read32(0, 0, 8) >> 8;
+    bool bus1_empty = pci_conf_read32(1, 0, 0) == 0xffffffffu;
+    print("RESULT pci type1=%d devices=%u host_bridge=%04x:%04x class=%06x bus1_empty=%d\n", type1 ? 1 : 0, devices,
+          hb & 0xffff, hb >> 16, hb_class, bus1_empty ? 1 : 0);
+    return type1 && hb_class == 0x060000 && bus1_empty;
 }
 
 // ---- hostile: do what a malicious guest would, then exit normally --------------

@@ -6,4 +6,5 @@ bool test_idle(const char* cmdline);
 bool test_port80(const char* cmdline);
 bool test_smp(unsigned ncpus, unsigned online);
 bool test_hostile(const char* cmdline);
+bool test_pci();
 bool test_spinlock(const char* cmdline, unsigned ncpus);  // guest/spinlock.cpp

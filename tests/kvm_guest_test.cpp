@@ -140,12 +140,30 @@ TEST(KvmGuest, SigtermStopsTheVmCleanly) {
 
 TEST(KvmGuest, SixtyFourVcpus) {
     KGUEST_OPEN_KVM(kvm);
-    auto r = run_process(kguest_run("test=smp,timer hz=50 timer_ms=200", 64, {"--memory", "128M"}), 900);
+    // 64 vCPUs must come up and every one must get all its ticks. Drift is
+    // judged on 4 vCPUs (AllTestsOnFourCpus), not here: at 32x overcommit in
+    // the nested sandbox a migrated vCPU's kvmclock was seen to jump ~18 ms.
+    auto r = run_process(kguest_run("test=smp,timer hz=50 timer_ms=200 drift_limit_ppm=0", 64, {"--memory", "128M"}), 900);
     ASSERT_EQ(r.status, 0) << r.out << r.err;
     auto smp = results(r.out, "smp");
     ASSERT_EQ(smp.size(), 1u);
     EXPECT_EQ(smp[0]["online"], "64");
-    EXPECT_EQ(results(r.out, "timer").size(), 64u);
+    auto timers = results(r.out, "timer");
+    ASSERT_EQ(timers.size(), 64u);
+    for (auto& t : timers) EXPECT_EQ(t["ticks"], t["expected"]) << "cpu " << t["cpu"];
+}
+
+TEST(KvmGuest, PciBusZeroHasAHostBridge) {
+    KGUEST_OPEN_KVM(kvm);
+    auto r = run_process(kguest_run("test=pci", 1), 120);
+    ASSERT_EQ(r.status, 0) << r.out << r.err;
+    auto pci = results(r.out, "pci");
+    ASSERT_EQ(pci.size(), 1u) << r.out;
+    EXPECT_EQ(pci[0]["type1"], "1");
+    EXPECT_EQ(pci[0]["host_bridge"], "8086:1237");
+    EXPECT_EQ(pci[0]["class"], "060000");
+    EXPECT_EQ(pci[0]["devices"], "1");  // no virtio devices yet
+    EXPECT_EQ(pci[0]["bus1_empty"], "1");
 }
 
 TEST(KvmGuest, BootsUnderQemuToo) {
@@ -155,12 +173,16 @@ TEST(KvmGuest, BootsUnderQemuToo) {
     auto r = run_process({"qemu-system-x86_64", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-smp", "2", "-m", "128",
                           "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
                           "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", kGuestElf,
-                          "-append", "test=smp,timer timer_ms=500"},
+                          "-append", "test=smp,timer,pci timer_ms=500"},
                          600);
     ASSERT_EQ(r.status, 1) << r.out << r.err;
     auto timers = results(r.out, "timer");
     ASSERT_EQ(timers.size(), 2u) << r.out;
     for (auto& t : timers) EXPECT_EQ(t["ok"], "1") << "cpu " << t["cpu"];
+    // The same PCI probe finds QEMU's i440FX host bridge.
+    auto pci = results(r.out, "pci");
+    ASSERT_EQ(pci.size(), 1u) << r.out;
+    EXPECT_EQ(pci[0]["class"], "060000");
 }
 
 } // namespace

@@ -10,6 +10,7 @@
 #include "log.hpp"
 #include "size.hpp"
 #include "devices/exit_port.hpp"
+#include "devices/pci.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
 
@@ -130,6 +131,10 @@ Machine::Machine(const VmConfig& cfg)
     pio_.insert(Serial::kCom1Base, 8, serial_);
     pio_.insert(Port80::kPort, Port80::kLen, port80_);
     pio_.insert(ExitPort::kPort, ExitPort::kLen, exit_port_);
+    // PCI bus 0 (configuration mechanism #1) with its host bridge at 00:00.0;
+    // virtio-pci devices will sit in the slots after it.
+    pci_ = std::make_shared<PciHostBridge>();
+    pio_.insert(PciHostBridge::kBase, PciHostBridge::kLen, pci_);
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.

@@ -21,6 +21,7 @@ namespace kguest {
 class Serial;
 class Port80;
 class ExitPort;
+class PciHostBridge;
 
 struct VmConfig {
     std::string kernel;
@@ -78,6 +79,7 @@ private:
     std::shared_ptr<Serial> serial_;
     std::shared_ptr<Port80> port80_;
     std::shared_ptr<ExitPort> exit_port_;
+    std::shared_ptr<PciHostBridge> pci_;  // bus 0 through ports 0xcf8-0xcff
     std::vector<Vcpu> vcpus_;
     std::uint32_t pv_features_ = 0;  // KVM PV features offered (0x40000001 EAX), before the host's mask
     std::vector<std::thread> threads_;
