@@ -246,8 +246,7 @@ void smp_run_on_aps(ApWork work) {
 
 void smp_wait_aps_idle() {
     // Halt rather than spin: with vCPUs overcommitted the APs need the host
-    // CPU we would burn. (Also a workaround: in the QEMU TCG sandbox a vCPU
-    // spinning without exits was seen to starve the sandbox kernel's IPIs.)
+    // CPU we would burn. The last AP to finish sends kWakeVector.
     u64 flags;
     asm volatile("pushfq; popq %0; cli" : "=r"(flags)::"memory");
     while (__atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE) != 0) { sti_hlt(); cli(); }
