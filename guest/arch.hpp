@@ -45,5 +45,12 @@ inline void cli() { asm volatile("cli" ::: "memory"); }
 // sti; hlt back to back: an interrupt cannot slip in between (STI's shadow).
 inline void sti_hlt() { asm volatile("sti; hlt" ::: "memory"); }
 inline void barrier() { asm volatile("" ::: "memory"); }
+// Disables interrupts and says whether they were on, for irq_restore().
+inline bool irq_save() {
+    u64 flags;
+    asm volatile("pushfq; popq %0; cli" : "=r"(flags)::"memory");
+    return (flags & (1u << 9)) != 0;  // RFLAGS.IF
+}
+inline void irq_restore(bool were_on) { if (were_on) sti(); }
 template <typename T> inline T mmio_read(u64 addr) { return *reinterpret_cast<volatile T*>(addr); }
 template <typename T> inline void mmio_write(u64 addr, T v) { *reinterpret_cast<volatile T*>(addr) = v; }

@@ -108,15 +108,15 @@ void percpu_init() {
     c.apic_id = id;
     wrmsr(MSR_GS_BASE, u64(&c));
     c.pv_eoi = 0;  // must be zero when enabled
-    if (g_use_pv_eoi && (kvm_pv_features() & (1u << 6)))  // KVM_FEATURE_PV_EOI
+    if (g_use_pv_eoi && (kvm_pv_features() & KVM_FEATURE_PV_EOI))
         wrmsr(MSR_KVM_PV_EOI_EN, u64(&c.pv_eoi) | 1);
 }
 
 bool kvmclock_init() {
     u32 features = kvm_pv_features();
     u64 gpa = u64(&pvclock[this_cpu().apic_id]) | 1;  // bit 0: enable
-    if (features & (1u << 3)) wrmsr(MSR_KVM_SYSTEM_TIME_NEW, gpa);
-    else if (features & 1u) wrmsr(MSR_KVM_SYSTEM_TIME, gpa);
+    if (features & KVM_FEATURE_CLOCKSOURCE2) wrmsr(MSR_KVM_SYSTEM_TIME_NEW, gpa);
+    else if (features & KVM_FEATURE_CLOCKSOURCE) wrmsr(MSR_KVM_SYSTEM_TIME, gpa);
     else return false;
     return true;
 }
@@ -247,10 +247,9 @@ void smp_run_on_aps(ApWork work) {
 void smp_wait_aps_idle() {
     // Halt rather than spin: with vCPUs overcommitted the APs need the host
     // CPU we would burn. The last AP to finish sends kWakeVector.
-    u64 flags;
-    asm volatile("pushfq; popq %0; cli" : "=r"(flags)::"memory");
+    bool irqs_on = irq_save();
     while (__atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE) != 0) { sti_hlt(); cli(); }
-    if (flags & (1u << 9)) sti();
+    irq_restore(irqs_on);
 }
 
 // ---- 4 KiB pages -----------------------------------------------------------------

@@ -32,8 +32,11 @@ inline unsigned apic_id() { return lapic_read(LAPIC_ID) >> 24; }
 void lapic_enable();
 void pic_disable();  // remap the legacy 8259s out of the exception range and mask them
 
-// The KVM PV feature bits (CPUID 0x40000001 EAX), 0 without a KVM signature.
+// The KVM PV feature bits (CPUID 0x40000001 EAX), 0 without a KVM signature
+// (Documentation/virt/kvm/x86/cpuid.rst).
 u32 kvm_pv_features();
+enum : u32 { KVM_FEATURE_CLOCKSOURCE = 1u << 0, KVM_FEATURE_CLOCKSOURCE2 = 1u << 3, KVM_FEATURE_PV_EOI = 1u << 6,
+             KVM_FEATURE_PV_UNHALT = 1u << 7 };
 // kvmclock (Documentation/virt/kvm/x86/msr.rst): per-CPU pvclock area.
 bool kvmclock_init();  // this CPU; false when the hypervisor offers none
 u64 kvmclock_ns();     // this CPU's clock

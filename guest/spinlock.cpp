@@ -29,7 +29,7 @@ bool pv_spinlock_init() {
     amd = v.b == 0x68747541;  // "Auth"enticAMD
     // KVM would patch the other vendor's instruction too (unless userspace
     // disabled KVM_X86_QUIRK_FIX_HYPERCALL_INSN); using the right one avoids that.
-    return (kvm_pv_features() & (1u << 7)) != 0;  // KVM_FEATURE_PV_UNHALT
+    return (kvm_pv_features() & KVM_FEATURE_PV_UNHALT) != 0;
 }
 
 static long kvm_hypercall2(u64 nr, u64 a0, u64 a1) {
@@ -55,8 +55,7 @@ void pv_lock_wait(TicketLock& l, u32 ticket) {
         // announcement was visible, we see it here; if after, it sees
         // `sleepers` and kicks us. A kick that lands before the HLT is not
         // lost either: KVM keeps it (pv_unhalted) and HLT returns at once.
-        u64 flags;
-        asm volatile("pushfq; popq %0; cli" : "=r"(flags)::"memory");
+        bool irqs_on = irq_save();
         w.ticket = ticket;
         w.lock = &l;
         __atomic_add_fetch(&l.sleepers, 1, __ATOMIC_SEQ_CST);
@@ -65,10 +64,10 @@ void pv_lock_wait(TicketLock& l, u32 ticket) {
             // shadow lets no interrupt in before the HLT); with them off, a
             // bare HLT that only the kick (or an NMI) ends.
             ++w.halts;
-            if (flags & (1u << 9)) asm volatile("sti; hlt; cli" ::: "memory");
+            if (irqs_on) asm volatile("sti; hlt; cli" ::: "memory");
             else asm volatile("hlt" ::: "memory");
         }
-        if (flags & (1u << 9)) sti();
+        irq_restore(irqs_on);
         w.lock = nullptr;
         __atomic_sub_fetch(&l.sleepers, 1, __ATOMIC_RELAXED);
         if (__atomic_load_n(&l.head, __ATOMIC_ACQUIRE) == ticket) return;
