@@ -100,6 +100,15 @@ public:
     virtual void reset() = 0;
     // 2.9 / 4.1.5.2: the driver kicked queue `q` (only after DRIVER_OK).
     virtual void queue_notify(std::uint16_t q) = 0;
+    // KVM_IOEVENTFD: before the VM runs, the VMM may offer one eventfd per
+    // queue (fds[q]) that KVM signals when the driver writes queue q's notify
+    // address, so a kick costs no exit to userspace. A device that returns
+    // true reads them itself (from its own thread or event loop) and treats a
+    // signal like queue_notify(q); it must ignore signals while not active.
+    // queue_notify() stays valid either way (the VMM falls back to the MMIO
+    // exit when an ioeventfd cannot be registered). The fds stay owned by
+    // the VMM and live as long as the device.
+    virtual bool take_notify_fds(std::span<const int> /*fds*/) { return false; }
 
     // Called by the transport that hosts the device (null to detach).
     void attach(VirtioTransport* transport) { transport_ = transport; }
