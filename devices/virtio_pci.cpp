@@ -118,7 +118,12 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemo
     device_->attach(this);
 }
 
-VirtioPciDevice::~VirtioPciDevice() { device_->attach(nullptr); }
+VirtioPciDevice::~VirtioPciDevice() {
+    // A device with its own thread must stop using the queues (and us)
+    // before we go: reset() guarantees that (virtio.hpp).
+    device_->reset();
+    device_->attach(nullptr);
+}
 
 std::shared_ptr<BusDevice> VirtioPciDevice::bar_device() {
     return std::shared_ptr<BusDevice>(shared_from_this(), &bar_region_);
@@ -417,7 +422,8 @@ void VirtioPciDevice::signal_vector_locked(std::uint16_t vector) {
         pba_[vector / 64] |= std::uint64_t{1} << (vector % 64);   // PCI 3.0 §6.8.2.10
         return;
     }
-    irq_->msix(vector);
+    const auto& e = msix_table_[vector];
+    irq_->msix(vector, std::uint64_t{e[0]} | std::uint64_t{e[1]} << 32, e[2]);
 }
 
 void VirtioPciDevice::deliver_pending_locked() {
@@ -426,7 +432,8 @@ void VirtioPciDevice::deliver_pending_locked() {
         const std::uint64_t bit = std::uint64_t{1} << (v % 64);
         if ((pba_[v / 64] & bit) != 0 && !entry_masked_locked(v)) {
             pba_[v / 64] &= ~bit;
-            irq_->msix(v);
+            const auto& e = msix_table_[v];
+            irq_->msix(v, std::uint64_t{e[0]} | std::uint64_t{e[1]} << 32, e[2]);
         }
     }
 }

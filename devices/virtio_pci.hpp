@@ -82,7 +82,9 @@ inline constexpr std::uint16_t PCI_MSIX_FLAGS_ENABLE = 0x8000, PCI_MSIX_FLAGS_MA
 // Called under the transport's interrupt lock, from any thread.
 struct VirtioInterrupts {
     virtual ~VirtioInterrupts() = default;
-    virtual void msix(std::uint16_t vector) = 0;   // MSI-X enabled, vector unmasked
+    // MSI-X enabled and the vector unmasked: send the message the guest
+    // programmed into table entry `vector` (PCI 3.0 §6.8.2).
+    virtual void msix(std::uint16_t vector, std::uint64_t address, std::uint32_t data) = 0;
     virtual void intx(bool level) = 0;             // INTA# level (MSI-X disabled)
 };
 

@@ -29,6 +29,9 @@ BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-d
 # Packages the sandbox needs: QEMU (TCG), Debian's kernel with its KVM modules,
 # a static busybox for the initramfs, and cpio to pack it.
 SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc6-dev)
+# Packages the network tests use: ip (TAP setup), ping, and passt (the
+# unprivileged backend's far end).
+NET_PACKAGES=(iproute2 iputils-ping passt)
 
 # For the benchmarks: field LINE KEY prints the value of KEY=... in a guest
 # `RESULT name k=v ...` line; median prints the median of the numbers on stdin.

@@ -84,6 +84,92 @@ inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_
     return r;
 }
 
+// A child process running while the test talks to it (a VM serving the
+// network, passt): output into temp files, killed if still running when
+// the object goes.
+class Background {
+public:
+    explicit Background(const std::vector<std::string>& argv) {
+        char out_path[] = "/tmp/kguest-bg-out.XXXXXX";
+        char err_path[] = "/tmp/kguest-bg-err.XXXXXX";
+        int out_fd = mkstemp(out_path), err_fd = mkstemp(err_path);
+        out_path_ = out_path;
+        err_path_ = err_path;
+        t0_ = std::chrono::steady_clock::now();
+        pid_ = fork();
+        if (pid_ == 0) {
+            int null = open("/dev/null", O_RDONLY);
+            dup2(null, 0);
+            dup2(out_fd, 1);
+            dup2(err_fd, 2);
+            std::vector<char*> args;
+            for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+            args.push_back(nullptr);
+            execvp(args[0], args.data());
+            std::perror("execvp");
+            _exit(127);
+        }
+        close(out_fd);
+        close(err_fd);
+    }
+    Background(const Background&) = delete;
+    Background& operator=(const Background&) = delete;
+    ~Background() {
+        if (pid_ > 0 && !done_) {
+            kill(pid_, SIGKILL);
+            waitpid(pid_, nullptr, 0);
+        }
+        unlink(out_path_.c_str());
+        unlink(err_path_.c_str());
+    }
+    std::string out() const { return slurp(out_path_); }
+    std::string err() const { return slurp(err_path_); }
+    bool running() {
+        if (done_) return false;
+        int ws = 0;
+        if (waitpid(pid_, &ws, WNOHANG) == pid_) finish(ws);
+        return !done_;
+    }
+    // Waits until stdout contains `text`; false on timeout or exit.
+    bool wait_for_output(const std::string& text, int timeout_s) {
+        auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+        while (std::chrono::steady_clock::now() < end) {
+            if (out().find(text) != std::string::npos) return true;
+            if (!running()) return out().find(text) != std::string::npos;
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+        return false;
+    }
+    // Waits for the exit (SIGKILL after the timeout) and returns the result.
+    ProcResult wait(int timeout_s) {
+        auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+        while (running() && std::chrono::steady_clock::now() < end) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (running()) {
+            r_.timed_out = true;
+            kill(pid_, SIGKILL);
+            int ws = 0;
+            waitpid(pid_, &ws, 0);
+            finish(ws);
+        }
+        r_.out = out();
+        r_.err = err();
+        return r_;
+    }
+    pid_t pid() const { return pid_; }
+
+private:
+    void finish(int ws) {
+        done_ = true;
+        r_.status = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+        r_.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    }
+    pid_t pid_ = -1;
+    bool done_ = false;
+    ProcResult r_;
+    std::string out_path_, err_path_;
+    std::chrono::steady_clock::time_point t0_;
+};
+
 // Parses the guest's `RESULT name k=v k=v ...` lines; the lines for `name`,
 // each as a key → value map.
 inline std::vector<std::map<std::string, std::string>> results(const std::string& text, const std::string& name) {

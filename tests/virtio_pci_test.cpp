@@ -77,7 +77,7 @@ struct Sink : VirtioInterrupts {
     std::vector<std::uint16_t> vectors;
     std::vector<bool> levels;
     bool level = false;
-    void msix(std::uint16_t vector) override { vectors.push_back(vector); }
+    void msix(std::uint16_t vector, std::uint64_t, std::uint32_t) override { vectors.push_back(vector); }
     void intx(bool l) override {
         levels.push_back(l);
         level = l;

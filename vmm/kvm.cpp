@@ -111,6 +111,26 @@ void Vm::ioeventfd(const kvm_ioeventfd& spec) {
     xioctl(fd_.get(), KVM_IOEVENTFD, "KVM_IOEVENTFD", &spec);
 }
 
+int Vm::try_ioeventfd(const kvm_ioeventfd& spec) noexcept {
+    return ::ioctl(fd_.get(), KVM_IOEVENTFD, &spec) < 0 ? errno : 0;
+}
+
+void Vm::irqfd(int eventfd, std::uint32_t gsi) {
+    kvm_irqfd spec{};
+    spec.fd = static_cast<std::uint32_t>(eventfd);
+    spec.gsi = gsi;
+    xioctl(fd_.get(), KVM_IRQFD, "KVM_IRQFD", &spec);
+}
+
+int Vm::set_gsi_routing(const std::vector<kvm_irq_routing_entry>& entries) noexcept {
+    // struct kvm_irq_routing ends in a flexible array: one allocation for both.
+    std::vector<std::uint64_t> buf((sizeof(kvm_irq_routing) + entries.size() * sizeof(kvm_irq_routing_entry) + 7) / 8);
+    auto* table = reinterpret_cast<kvm_irq_routing*>(buf.data());
+    table->nr = static_cast<std::uint32_t>(entries.size());
+    std::copy(entries.begin(), entries.end(), table->entries);
+    return ::ioctl(fd_.get(), KVM_SET_GSI_ROUTING, table) < 0 ? errno : 0;
+}
+
 void Vm::register_coalesced_pio(std::uint16_t port, std::uint32_t len) {
     kvm_coalesced_mmio_zone zone{};
     zone.addr = port;

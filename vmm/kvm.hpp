@@ -54,6 +54,14 @@ public:
     // KVM_IOEVENTFD: a guest write matching (addr, len[, datamatch]) signals
     // `eventfd` inside the kernel instead of exiting to userspace.
     void ioeventfd(const kvm_ioeventfd& spec);
+    // The same for guest-driven paths (a PCI BAR moved): the errno, or 0.
+    int try_ioeventfd(const kvm_ioeventfd& spec) noexcept;
+    // KVM_IRQFD: writing `eventfd` raises GSI `gsi` inside the kernel.
+    void irqfd(int eventfd, std::uint32_t gsi);
+    // KVM_SET_GSI_ROUTING: replaces the VM's whole GSI routing table
+    // (irqchip pins and MSI messages). Guest-driven (an MSI-X table write
+    // reaches it), so it returns the errno instead of throwing.
+    int set_gsi_routing(const std::vector<kvm_irq_routing_entry>& entries) noexcept;
     // KVM_REGISTER_COALESCED_MMIO with pio = 1: writes to ports
     // [port, port+len) are queued in the coalesced ring, not exits.
     void register_coalesced_pio(std::uint16_t port, std::uint32_t len);

@@ -11,6 +11,7 @@
 #include "size.hpp"
 #include "devices/exit_port.hpp"
 #include "devices/pci.hpp"
+#include "vmm/virtio_kvm.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
 
@@ -135,6 +136,7 @@ Machine::Machine(const VmConfig& cfg)
     // virtio-pci devices will sit in the slots after it.
     pci_ = std::make_shared<PciHostBridge>();
     pio_.insert(PciHostBridge::kBase, PciHostBridge::kLen, pci_);
+    gsi_router_ = std::make_unique<GsiRouter>(vm_);
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
@@ -181,6 +183,17 @@ Machine::~Machine() {
             if (t.joinable()) t.join();
         if (input_.joinable()) input_.join();
     }
+}
+
+VirtioPciSlot& Machine::add_virtio(std::shared_ptr<VirtioDevice> dev, std::uint32_t class_code) {
+    // BARs from the bottom of the 32-bit MMIO hole, one kBarSize apart (a
+    // power of two, so each is naturally aligned as PCI requires).
+    const unsigned slot = static_cast<unsigned>(virtio_.size()) + 1;
+    if (slot >= PciHostBridge::kSlots) throw UsageError("too many PCI devices (at most 31)");
+    const std::uint64_t bar = kMmioHoleStart + (slot - 1) * VirtioPciDevice::kBarSize;
+    virtio_.push_back(std::make_unique<VirtioPciSlot>(vm_, *gsi_router_, mmio_, mem_, *pci_, std::move(dev),
+                                                      class_code, slot, bar));
+    return *virtio_.back();
 }
 
 void Machine::setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported) {

@@ -22,6 +22,9 @@ class Serial;
 class Port80;
 class ExitPort;
 class PciHostBridge;
+class VirtioDevice;
+class VirtioPciSlot;
+class GsiRouter;
 
 struct VmConfig {
     std::string kernel;
@@ -62,6 +65,8 @@ private:
     void setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t start_info);
     void vcpu_thread(Vcpu& vcpu);
     void input_thread();
+    // Puts a virtio device in the next free PCI slot, BAR pre-assigned.
+    VirtioPciSlot& add_virtio(std::shared_ptr<VirtioDevice> dev, std::uint32_t class_code);
 
     // Declaration order is construction order: everything the user supplies
     // (flags, image, command line) is checked before /dev/kvm is opened, so
@@ -72,6 +77,10 @@ private:
     std::uint64_t start_info_;
     Kvm kvm_;
     Vm vm_;
+    // Before the buses and the bridge, so those drop their references first
+    // and a slot's device (and its thread) goes before the slot's eventfds.
+    std::unique_ptr<GsiRouter> gsi_router_;
+    std::vector<std::unique_ptr<VirtioPciSlot>> virtio_;   // slots 1, 2, ...
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     Fd console_file_;

@@ -1,0 +1,90 @@
+// Where a virtio-pci device (devices/virtio_pci.hpp, which knows nothing of
+// KVM) meets KVM, so that its data path needs no exit to userspace:
+//
+//   - interrupts: each MSI-X vector gets a GSI with an MSI route and an irqfd;
+//     raising it is one eventfd write from the device's thread. The route is
+//     (re)programmed lazily, when a vector fires with a message that differs
+//     from the one KVM has, so an MSI-X table write costs nothing until used.
+//     INTx (drivers that leave MSI-X off) is a level on an IOAPIC pin, 16-23.
+//   - kicks: each queue's notify address gets a KVM_IOEVENTFD, when the
+//     device takes the eventfds (VirtioDevice::take_notify_fds); otherwise a
+//     kick is an MMIO exit that the transport forwards.
+//   - the BAR: inserted on the MMIO bus wherever the guest puts it (kguest
+//     pre-assigns it, as Firecracker and kvmtool do, since no firmware runs),
+//     with the ioeventfds moved along. A BAR over guest RAM, the LAPIC/IOAPIC
+//     page range or another device is refused with a log line, not mapped.
+#pragma once
+
+#include "devices/virtio_pci.hpp"
+#include "vmm/bus.hpp"
+#include "vmm/fd.hpp"
+#include "vmm/guest_memory.hpp"
+#include "vmm/kvm.hpp"
+#include "vmm/log.hpp"
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace kguest {
+
+// The VM's GSI routing table. KVM_SET_GSI_ROUTING replaces the whole table,
+// so we keep it here: KVM's default irqchip routes (GSI 0-15 to the PIC and
+// IOAPIC, 16-23 to the IOAPIC, as virt/kvm/irq_comm.c sets them up) plus one
+// MSI route per allocated GSI.
+class GsiRouter {
+public:
+    static constexpr std::uint32_t kFirstMsiGsi = 24;
+    explicit GsiRouter(Vm& vm) : vm_(vm) {}
+    // Setup time: a fresh GSI for an MSI route (no route until set_msi).
+    std::uint32_t alloc_msi_gsi();
+    // Points `gsi` at an MSI message and commits the table. Guest-driven:
+    // returns the errno (0 on success), never throws.
+    int set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t data) noexcept;
+
+private:
+    std::vector<kvm_irq_routing_entry> table_locked() const;
+    Vm& vm_;
+    std::mutex mu_;
+    std::uint32_t next_gsi_ = kFirstMsiGsi;
+    struct Msi { std::uint32_t gsi; std::uint64_t address; std::uint32_t data; bool set; };
+    std::vector<Msi> msi_;
+};
+
+// One virtio device on PCI bus 0, wired to KVM.
+class VirtioPciSlot {
+public:
+    // Throws on host setup failures. `bar_gpa` is the pre-assigned BAR.
+    VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& mem, PciHostBridge& bridge,
+                  std::shared_ptr<VirtioDevice> device, std::uint32_t class_code, unsigned slot,
+                  std::uint64_t bar_gpa);
+    VirtioPciSlot(const VirtioPciSlot&) = delete;
+    VirtioPciSlot& operator=(const VirtioPciSlot&) = delete;
+
+    VirtioPciDevice& pci() { return *pci_; }
+    std::uint32_t intx_gsi() const;
+    bool ioeventfds() const { return !notify_fds_.empty(); }
+    std::uint64_t msi_count() const;
+    std::uint64_t intx_count() const;
+
+private:
+    class Irqs;
+    // The BAR hook: unmap, then map at `gpa` when decode is on (guest-driven).
+    void map_bar(std::uint64_t gpa, bool decode) noexcept;
+    void set_ioeventfds(std::uint64_t bar, bool assign) noexcept;
+
+    Vm& vm_;
+    Bus& mmio_;
+    GuestMemory& mem_;
+    std::shared_ptr<Irqs> irqs_;
+    // Declared before pci_: the device (and its thread) goes first.
+    std::vector<Fd> notify_fds_;   // one per queue, when the device took them
+    std::shared_ptr<VirtioPciDevice> pci_;
+    bool ioeventfd_any_length_ = false;
+    std::mutex bar_mu_;
+    std::uint64_t mapped_ = 0;     // BAR address on the MMIO bus, 0 if none
+    RateLimit log_limit_{5};
+};
+
+} // namespace kguest
