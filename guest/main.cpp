@@ -1,11 +1,12 @@
 // The small guest's main program. It reads the PVH start info, sets up
 // interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
 // tests named by test=... (timer, port80, smp, pci, hostile, idle, spinlock,
-// exception, triplefault; all = the first three) and ends the VM through the exit port:
-// 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
+// net-echo, net-ping, net-bench, exception, triplefault; all = the first
+// three) and ends the VM through the exit port: 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
 // unexpected exception.
 #include "cpu.hpp"
 #include "lib.hpp"
+#include "net.hpp"
 #include "tests.hpp"
 
 // struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h).
@@ -76,6 +77,10 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (list_has(tests, "pci")) { ok &= test_pci(); ran = true; }
     if (list_has(tests, "idle")) { ok &= test_idle(cmdline); ran = true; }
     if (list_has(tests, "spinlock")) { ok &= test_spinlock(cmdline, online); ran = true; }
+    if (list_has(tests, "net-echo")) { ok &= test_net_echo(cmdline); ran = true; }
+    if (list_has(tests, "net-ping")) { ok &= test_net_ping(cmdline); ran = true; }
+    if (list_has(tests, "net-bench")) { ok &= test_net_bench(cmdline); ran = true; }
+    net_shutdown();  // stop the NIC's DMA before the VM ends (no-op when unused)
     if (list_has(tests, "none")) ran = true;
     if (list_has(tests, "exception")) {
         // An exception with a working IDT: the handler dumps registers and exits with 4.
@@ -87,7 +92,7 @@ extern "C" void kmain(u32 start_info_paddr) {
         // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
-    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,none,exception,triplefault)", tests);
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,none,exception,triplefault)", tests);
     print("RESULT done ok=%d\n", ok ? 1 : 0);
     guest_exit(ok ? 0 : 1);
 }

@@ -3,6 +3,7 @@
 #include "tests.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
+#include "pci.hpp"
 
 // ---- timer: kvmclock + LAPIC timer (TSC-deadline or one-shot) -------------------
 
@@ -235,11 +236,6 @@ bool test_smp(unsigned ncpus, unsigned online) {
 }
 
 // ---- pci: configuration mechanism #1, bus 0 ----------------------------------------
-
-static u32 pci_conf_read32(u32 bus, u32 slot, u32 reg) {
-    outl(0xcf8, 0x80000000u | (bus << 16) | (slot << 11) | (reg & 0xfc));
-    return inl(0xcfc);
-}
 
 bool test_pci() {
     // Linux's pci_check_type1() (arch/x86/pci/direct.c): the address port

@@ -8,3 +8,7 @@ bool test_smp(unsigned ncpus, unsigned online);
 bool test_hostile(const char* cmdline);
 bool test_pci();
 bool test_spinlock(const char* cmdline, unsigned ncpus);  // guest/spinlock.cpp
+// guest/net.cpp: virtio-net over virtio-pci and a minimal IPv4 stack.
+bool test_net_echo(const char* cmdline);
+bool test_net_ping(const char* cmdline);
+bool test_net_bench(const char* cmdline);
