@@ -11,11 +11,13 @@
 #include "size.hpp"
 #include "devices/exit_port.hpp"
 #include "devices/pci.hpp"
+#include "devices/virtio_net.hpp"
 #include "vmm/virtio_kvm.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
 
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <fcntl.h>
@@ -137,6 +139,16 @@ Machine::Machine(const VmConfig& cfg)
     pci_ = std::make_shared<PciHostBridge>();
     pio_.insert(PciHostBridge::kBase, PciHostBridge::kLen, pci_);
     gsi_router_ = std::make_unique<GsiRouter>(vm_);
+
+    // virtio-net devices (VIRTIO 1.2 5.1), class 0x020000 (Ethernet).
+    for (const auto& n : cfg.nets) {
+        auto dev = std::make_shared<VirtioNet>(open_backend(n), n.mac);
+        auto& pci_slot = add_virtio(dev, 0x020000);
+        log_msg("virtio-net %s on %s %s at PCI 00:%02x.0, %u queue pair(s), kicks %s", format_mac(n.mac).c_str(),
+                n.kind == NetConfig::Kind::tap ? "TAP" : "stream", n.target.c_str(), static_cast<unsigned>(virtio_.size()),
+                dev->queue_pairs(), pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
+        nets_.push_back(std::move(dev));
+    }
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
@@ -281,10 +293,45 @@ void Machine::request_stop(int status) {
     for (auto& v : vcpus_) v.run_state().immediate_exit = 1;
     for (auto& t : threads_)
         if (t.joinable() && t.get_id() != std::this_thread::get_id()) pthread_kill(t.native_handle(), kKickSignal);
+    {
+        std::lock_guard lock(pause_mu_);   // parked vCPUs wake up and leave
+        pause_cv_.notify_all();
+    }
     std::uint64_t one = 1;
     if (stop_event_.valid() && ::write(stop_event_.get(), &one, sizeof one) < 0) {
         // The eventfd counter cannot overflow with one write; nothing to do.
     }
+}
+
+bool Machine::pause() {
+    std::unique_lock lock(pause_mu_);
+    if (stopping_.load()) return false;
+    paused_.store(true);
+    // The same kick as request_stop: immediate_exit, then the signal.
+    for (auto& v : vcpus_) v.run_state().immediate_exit = 1;
+    for (auto& t : threads_)
+        if (t.joinable() && t.get_id() != std::this_thread::get_id()) pthread_kill(t.native_handle(), kKickSignal);
+    return pause_cv_.wait_for(lock, std::chrono::seconds(5), [&] {
+        return stopping_.load() || parked_ + halted_.load() >= threads_.size();
+    }) && !stopping_.load();
+}
+
+void Machine::resume() {
+    std::lock_guard lock(pause_mu_);
+    paused_.store(false);
+    pause_cv_.notify_all();
+}
+
+void Machine::park(Vcpu& vcpu) {
+    std::unique_lock lock(pause_mu_);
+    ++parked_;
+    pause_cv_.notify_all();
+    pause_cv_.wait(lock, [&] { return !paused_.load() || stopping_.load(); });
+    --parked_;
+    // Re-arm KVM_RUN; request_stop sets stopping_ before immediate_exit, so
+    // checking again after clearing cannot lose a stop.
+    vcpu.run_state().immediate_exit = 0;
+    if (stopping_.load()) vcpu.run_state().immediate_exit = 1;
 }
 
 void Machine::vcpu_thread(Vcpu& vcpu) {
@@ -295,6 +342,10 @@ void Machine::vcpu_thread(Vcpu& vcpu) {
 
     const std::size_t run_size = kvm_.vcpu_mmap_size();
     while (!stopping_.load(std::memory_order_relaxed)) {
+        if (paused_.load()) {
+            park(vcpu);
+            continue;
+        }
         int err = vcpu.run();
         if (err == EINTR || err == EAGAIN) continue;
         if (err != 0) {
@@ -386,6 +437,14 @@ int Machine::run() {
             cfg_.name.c_str(), status, static_cast<unsigned long long>(port80_->writes()),
             port80_->absorbed() ? "in-kernel" : "userspace", static_cast<unsigned long long>(port80_->reads()),
             port80_->last_code());
+    for (std::size_t i = 0; i < nets_.size(); ++i) {
+        NetCounters c = nets_[i]->counters();
+        log_msg("virtio-net %zu: rx %llu packets (%llu dropped), tx %llu packets (%llu dropped); %llu MSI-X, %llu INTx interrupts",
+                i, static_cast<unsigned long long>(c.rx_packets), static_cast<unsigned long long>(c.rx_dropped),
+                static_cast<unsigned long long>(c.tx_packets), static_cast<unsigned long long>(c.tx_dropped),
+                static_cast<unsigned long long>(virtio_[i]->msi_count()),
+                static_cast<unsigned long long>(virtio_[i]->intx_count()));
+    }
     return status;
 }
 

@@ -6,11 +6,14 @@
 #pragma once
 
 #include "bus.hpp"
+#include "devices/net_backend.hpp"
 #include "guest_memory.hpp"
 #include "kvm.hpp"
 #include "loader.hpp"
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
@@ -24,6 +27,7 @@ class ExitPort;
 class PciHostBridge;
 class VirtioDevice;
 class VirtioPciSlot;
+class VirtioNet;
 class GsiRouter;
 
 struct VmConfig {
@@ -39,6 +43,8 @@ struct VmConfig {
     // Hide KVM_FEATURE_PV_UNHALT (like Linux's `nopvspin`): guests fall back to
     // native spinlocks, for pv/native comparisons from the command line.
     bool pv_spinlocks = true;
+    // virtio-net devices (--net), in PCI slot order.
+    std::vector<NetConfig> nets;
 };
 
 inline constexpr std::uint64_t kMinMemory = 8ull << 20;
@@ -55,6 +61,12 @@ public:
     int run();
     // Stops the VM with `status` (the first request wins). Thread-safe.
     void request_stop(int status);
+    // Parks every vCPU thread outside KVM_RUN and returns once all are parked
+    // (false if the VM is stopping or they did not park within 5 s);
+    // resume() lets them go on. Thread-safe (the control API calls them).
+    bool pause();
+    void resume();
+    bool paused() const { return paused_.load(); }
 
     Port80& port80() { return *port80_; }
     Serial& serial() { return *serial_; }
@@ -64,6 +76,7 @@ private:
     void setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported);
     void setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t start_info);
     void vcpu_thread(Vcpu& vcpu);
+    void park(Vcpu& vcpu);   // a vCPU thread waiting out a pause
     void input_thread();
     // Puts a virtio device in the next free PCI slot, BAR pre-assigned.
     VirtioPciSlot& add_virtio(std::shared_ptr<VirtioDevice> dev, std::uint32_t class_code);
@@ -81,6 +94,7 @@ private:
     // and a slot's device (and its thread) goes before the slot's eventfds.
     std::unique_ptr<GsiRouter> gsi_router_;
     std::vector<std::unique_ptr<VirtioPciSlot>> virtio_;   // slots 1, 2, ...
+    std::vector<std::shared_ptr<VirtioNet>> nets_;
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     Fd console_file_;
@@ -97,6 +111,10 @@ private:
     std::atomic<bool> stopping_{false};
     std::atomic<int> status_{0};
     std::atomic<unsigned> halted_{0};
+    std::mutex pause_mu_;
+    std::condition_variable pause_cv_;
+    std::atomic<bool> paused_{false};
+    unsigned parked_ = 0;   // vCPU threads waiting in park() (pause_mu_)
 };
 
 } // namespace kguest

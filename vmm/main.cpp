@@ -30,7 +30,10 @@ constexpr const char* kUsage =
     "  --console stdio|none|FILE serial console (default stdio)\n"
     "  --name NAME               VM name (default kguest)\n"
     "  --port80 kernel|exit      port 0x80 writes absorbed in KVM (default) or by userspace exits\n"
-    "  --no-pv-spinlocks         hide KVM_FEATURE_PV_UNHALT from the guest (native spinlocks)\n";
+    "  --no-pv-spinlocks         hide KVM_FEATURE_PV_UNHALT from the guest (native spinlocks)\n"
+    "  --net tap=IFNAME[,mac=MAC][,queues=N]   virtio-net on a TAP interface (created if missing)\n"
+    "  --net stream=PATH[,mac=MAC]             virtio-net on a passt / QEMU -netdev stream socket\n"
+    "                            (repeat --net for more devices)\n";
 
 // Splits "--flag=value" and "--flag value" uniformly.
 class Args {
@@ -105,6 +108,8 @@ int cmd_run(int argc, char** argv) {
             if (v == "kernel") cfg.port80 = VmConfig::Port80Mode::kernel;
             else if (v == "exit") cfg.port80 = VmConfig::Port80Mode::exit;
             else throw UsageError("--port80 '" + v + "': need kernel or exit");
+        } else if (f == "--net") {
+            cfg.nets.push_back(parse_net_spec(a.value(f), static_cast<unsigned>(cfg.nets.size())));
         } else if (f == "--no-pv-spinlocks") {
             a.no_value(f);
             cfg.pv_spinlocks = false;

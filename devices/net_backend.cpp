@@ -1,0 +1,358 @@
+// Packet backends for virtio-net (see net_backend.hpp): the TAP interface,
+// the length-prefixed UNIX stream of QEMU's `-netdev stream` / passt, the
+// `--net` parser and the factory.
+//
+// Partial I/O on the stream: reads are reassembled in a receive buffer (a
+// length prefix or a frame may arrive in any number of pieces); a write that
+// the socket takes only in part is finished later from a send queue (the
+// device polls POLLOUT and calls flush()), and while more than
+// kStreamMaxQueued bytes wait there write_frame refuses new frames (`again`),
+// which is the device's cue to stop taking TX chains: backpressure, never a
+// blocking call on the device's loop.
+#include "devices/net_backend.hpp"
+
+#include "vmm/error.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <fcntl.h>
+#include <linux/if_tun.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+namespace kguest {
+
+// ---- --net parsing ----
+
+namespace {
+
+[[noreturn]] void bad_spec(std::string_view spec, const std::string& why) {
+    throw UsageError("--net " + std::string(spec) + ": " + why);
+}
+
+bool parse_mac(std::string_view s, MacAddress& mac) {
+    if (s.size() != 17) return false;
+    for (std::size_t i = 0; i < 6; ++i) {
+        const char* p = s.data() + 3 * i;
+        if (i < 5 && p[2] != ':') return false;
+        unsigned v = 0;
+        auto [end, ec] = std::from_chars(p, p + 2, v, 16);
+        if (ec != std::errc() || end != p + 2) return false;
+        mac[i] = static_cast<std::uint8_t>(v);
+    }
+    return true;
+}
+
+// Linux's dev_valid_name(): 1..15 bytes, no '/', ':' or whitespace, not "." or "..".
+std::string check_ifname(std::string_view spec, std::string_view name) {
+    if (name.empty()) bad_spec(spec, "empty interface name");
+    if (name.size() >= IFNAMSIZ)
+        bad_spec(spec, "interface name '" + std::string(name) + "' is longer than 15 characters");
+    if (name == "." || name == ".." ||
+        name.find_first_of("/: \t\n\r\f\v") != std::string_view::npos)
+        bad_spec(spec, "invalid interface name '" + std::string(name) + "'");
+    return std::string(name);
+}
+
+} // namespace
+
+std::string format_mac(const MacAddress& mac) {
+    char buf[18];
+    std::snprintf(buf, sizeof buf, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4],
+                  mac[5]);
+    return buf;
+}
+
+NetConfig parse_net_spec(std::string_view spec, unsigned index) {
+    NetConfig cfg;
+    bool have_kind = false, have_mac = false, have_queues = false;
+    std::string_view rest = spec;
+    if (spec.empty()) bad_spec(spec, "empty value (want tap=IFNAME or stream=PATH)");
+    while (true) {
+        const std::size_t comma = rest.find(',');
+        const std::string_view item = rest.substr(0, comma);
+        const std::size_t eq = item.find('=');
+        if (eq == std::string_view::npos) bad_spec(spec, "'" + std::string(item) + "' is not KEY=VALUE");
+        const std::string_view key = item.substr(0, eq), value = item.substr(eq + 1);
+        if (key == "tap" || key == "stream") {
+            if (have_kind) bad_spec(spec, "more than one of tap= and stream=");
+            have_kind = true;
+            if (key == "tap") {
+                cfg.kind = NetConfig::Kind::tap;
+                cfg.target = check_ifname(spec, value);
+            } else {
+                cfg.kind = NetConfig::Kind::stream;
+                if (value.empty()) bad_spec(spec, "empty socket path");
+                if (value.size() >= sizeof(sockaddr_un::sun_path))
+                    bad_spec(spec, "socket path longer than " + std::to_string(sizeof(sockaddr_un::sun_path) - 1) +
+                                       " bytes");
+                cfg.target = std::string(value);
+            }
+        } else if (key == "mac") {
+            if (have_mac) bad_spec(spec, "mac= given twice");
+            have_mac = true;
+            if (!parse_mac(value, cfg.mac))
+                bad_spec(spec, "bad MAC address '" + std::string(value) + "' (want XX:XX:XX:XX:XX:XX)");
+            if (cfg.mac[0] & 1) bad_spec(spec, "MAC address " + std::string(value) + " is multicast");
+            if (cfg.mac == MacAddress{}) bad_spec(spec, "MAC address is all zeros");
+        } else if (key == "queues") {
+            if (have_queues) bad_spec(spec, "queues= given twice");
+            have_queues = true;
+            unsigned n = 0;
+            auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n, 10);
+            if (ec != std::errc() || end != value.data() + value.size() || n < 1 || n > kMaxNetQueuePairs)
+                bad_spec(spec, "queues= wants a number from 1 to " + std::to_string(kMaxNetQueuePairs));
+            cfg.queue_pairs = n;
+        } else {
+            bad_spec(spec, "unknown key '" + std::string(key) + "' (want tap, stream, mac, queues)");
+        }
+        if (comma == std::string_view::npos) break;
+        rest = rest.substr(comma + 1);
+    }
+    if (!have_kind) bad_spec(spec, "missing tap=IFNAME or stream=PATH");
+    if (have_queues && cfg.kind != NetConfig::Kind::tap) bad_spec(spec, "queues= is only for tap");
+    if (!have_mac) {
+        // 52:54:00 is QEMU's locally administered prefix; the low 24 bits
+        // count up from 12:34:56 with the device index.
+        const std::uint32_t low = (0x123456u + index) & 0xffffff;
+        cfg.mac = {0x52, 0x54, 0x00, static_cast<std::uint8_t>(low >> 16), static_cast<std::uint8_t>(low >> 8),
+                   static_cast<std::uint8_t>(low)};
+    }
+    return cfg;
+}
+
+// ---- TAP ----
+
+TapBackend::TapBackend(const std::string& ifname, unsigned queues) {
+    if (ifname.empty() || ifname.size() >= IFNAMSIZ) throw UsageError("bad TAP interface name '" + ifname + "'");
+    if (queues < 1 || queues > kMaxNetQueuePairs) throw UsageError("bad TAP queue count");
+    name_ = ifname;
+    for (unsigned q = 0; q < queues; ++q) {
+        Fd fd(::open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC));
+        if (!fd.valid()) throw_errno("open /dev/net/tun");
+        ifreq ifr{};
+        std::memcpy(ifr.ifr_name, name_.data(), name_.size());
+        ifr.ifr_flags = static_cast<short>(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (queues > 1 ? IFF_MULTI_QUEUE : 0));
+        if (::ioctl(fd.get(), TUNSETIFF, &ifr) != 0) throw_errno("TUNSETIFF " + name_);
+        name_.assign(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ));
+        int hdr = static_cast<int>(kVnetHdrLen);
+        if (::ioctl(fd.get(), TUNSETVNETHDRSZ, &hdr) != 0) throw_errno("TUNSETVNETHDRSZ " + name_);
+        // No offloads until the guest negotiates them (VirtioNet::activate).
+        if (::ioctl(fd.get(), TUNSETOFFLOAD, 0ul) != 0) throw_errno("TUNSETOFFLOAD " + name_);
+        fds_.push_back(std::move(fd));
+    }
+}
+
+NetIoResult TapBackend::read_frame(unsigned q, std::span<std::uint8_t> buf) {
+    for (;;) {
+        const ssize_t n = ::read(fds_[q].get(), buf.data(), buf.size());
+        if (n > 0) {
+            // tun truncates what does not fit: a frame filling the buffer may be cut.
+            if (static_cast<std::size_t>(n) >= buf.size() || static_cast<std::size_t>(n) < kVnetHdrLen)
+                return {NetIo::drop, 0, EMSGSIZE};
+            return {NetIo::ok, static_cast<std::size_t>(n), 0};
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) return {NetIo::again, 0, 0};
+        // EBADFD: queue detached; others: the interface went away.
+        const int err = n == 0 ? EPIPE : errno;
+        return {err == EBADFD ? NetIo::again : NetIo::closed, 0, err};
+    }
+}
+
+NetIoResult TapBackend::write_frame(unsigned q, std::span<const iovec> frame) {
+    std::size_t total = 0;
+    for (const iovec& v : frame) total += v.iov_len;
+    if (total < kVnetHdrLen || total > kMaxPacketLen) return {NetIo::drop, 0, EMSGSIZE};
+    for (;;) {
+        const ssize_t n = ::writev(fds_[q].get(), frame.data(), static_cast<int>(frame.size()));
+        if (n >= 0) return {NetIo::ok, total, 0};   // tun takes a frame whole
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) return {NetIo::again, 0, 0};
+        // EIO (interface down), EINVAL (bad vnet header from the guest),
+        // ENOMEM...: this frame is lost, the next may pass.
+        if (errno == EBADF || errno == EBADFD) return {NetIo::closed, 0, errno};
+        return {NetIo::drop, 0, errno};
+    }
+}
+
+int TapBackend::set_offloads(unsigned tun_flags) {
+    for (const Fd& fd : fds_)
+        if (::ioctl(fd.get(), TUNSETOFFLOAD, static_cast<unsigned long>(tun_flags)) != 0) return errno;
+    return 0;
+}
+
+int TapBackend::set_queue_enabled(unsigned q, bool enabled) {
+    if (fds_.size() < 2 || q >= fds_.size()) return 0;
+    ifreq ifr{};
+    ifr.ifr_flags = static_cast<short>(enabled ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE);
+    if (::ioctl(fds_[q].get(), TUNSETQUEUE, &ifr) != 0) {
+        // Attaching an attached queue or detaching a detached one: EINVAL.
+        return errno == EINVAL ? 0 : errno;
+    }
+    return 0;
+}
+
+// ---- UNIX stream, 4-byte big-endian length prefix ----
+
+namespace {
+constexpr std::size_t kStreamInBuf = 4 * (4 + kMaxFrameLen);   // several frames per read()
+}
+
+StreamBackend::StreamBackend(const std::string& path) : name_(path) {
+    sockaddr_un sa{};
+    sa.sun_family = AF_UNIX;
+    if (path.empty() || path.size() >= sizeof sa.sun_path) throw UsageError("bad socket path '" + path + "'");
+    std::memcpy(sa.sun_path, path.data(), path.size());
+    fd_ = Fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd_.valid()) throw_errno("socket");
+    // A blocking connect (a UNIX socket connects at once or fails), then
+    // non-blocking for the data path.
+    int rc;
+    do rc = ::connect(fd_.get(), reinterpret_cast<const sockaddr*>(&sa), sizeof sa);
+    while (rc != 0 && errno == EINTR);
+    if (rc != 0) throw_errno("connect " + path);
+    init();
+}
+
+StreamBackend::StreamBackend(Fd connected, std::string name) : fd_(std::move(connected)), name_(std::move(name)) {
+    if (!fd_.valid()) throw SysError("stream backend", EBADF);
+    init();
+}
+
+void StreamBackend::init() {
+    const int fl = ::fcntl(fd_.get(), F_GETFL);
+    if (fl < 0 || ::fcntl(fd_.get(), F_SETFL, fl | O_NONBLOCK) != 0) throw_errno("fcntl O_NONBLOCK " + name_);
+    in_.resize(kStreamInBuf);
+    out_.reserve(64 * 1024);
+}
+
+NetIoResult StreamBackend::read_frame(unsigned, std::span<std::uint8_t> buf) {
+    for (;;) {
+        // Discarding the rest of an oversized frame.
+        if (skip_ > 0 && in_tail_ > in_head_) {
+            const std::size_t n = std::min(skip_, in_tail_ - in_head_);
+            in_head_ += n;
+            skip_ -= n;
+        }
+        if (skip_ == 0 && in_tail_ - in_head_ >= 4) {
+            const std::uint8_t* p = in_.data() + in_head_;
+            const std::uint32_t len = std::uint32_t{p[0]} << 24 | std::uint32_t{p[1]} << 16 |
+                                      std::uint32_t{p[2]} << 8 | std::uint32_t{p[3]};
+            if (len > kMaxFrameLen || len > buf.size()) {
+                in_head_ += 4;
+                skip_ = len;
+                return {NetIo::drop, 0, EMSGSIZE};
+            }
+            if (in_tail_ - in_head_ >= 4 + std::size_t{len}) {
+                std::memcpy(buf.data(), p + 4, len);
+                in_head_ += 4 + len;
+                if (in_head_ == in_tail_) in_head_ = in_tail_ = 0;
+                if (len == 0) continue;   // an empty frame carries nothing
+                return {NetIo::ok, len, 0};
+            }
+        }
+        if (eof_) {
+            if (in_tail_ != in_head_ || skip_ != 0) {   // a frame cut short by the hang-up
+                in_head_ = in_tail_ = skip_ = 0;
+                return {NetIo::drop, 0, EPIPE};
+            }
+            return {NetIo::closed, 0, EPIPE};
+        }
+        // Need more bytes: compact, then read as much as fits.
+        if (in_head_ > 0) {
+            std::memmove(in_.data(), in_.data() + in_head_, in_tail_ - in_head_);
+            in_tail_ -= in_head_;
+            in_head_ = 0;
+        }
+        const ssize_t n = ::recv(fd_.get(), in_.data() + in_tail_, in_.size() - in_tail_, MSG_DONTWAIT);
+        if (n > 0) {
+            in_tail_ += static_cast<std::size_t>(n);
+            continue;
+        }
+        if (n == 0) {
+            eof_ = true;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) return {NetIo::again, 0, 0};
+        eof_ = true;
+        return {NetIo::closed, 0, errno};
+    }
+}
+
+NetIoResult StreamBackend::write_frame(unsigned, std::span<const iovec> frame) {
+    std::size_t total = 0;
+    for (const iovec& v : frame) total += v.iov_len;
+    if (total == 0 || total > kMaxFrameLen) return {NetIo::drop, 0, EMSGSIZE};
+    const std::uint8_t prefix[4] = {static_cast<std::uint8_t>(total >> 24), static_cast<std::uint8_t>(total >> 16),
+                                    static_cast<std::uint8_t>(total >> 8), static_cast<std::uint8_t>(total)};
+    std::size_t sent = 0;
+    if (!wants_write(0)) {
+        // Nothing queued: try to send it all now, straight from guest memory.
+        std::vector<iovec> iov;
+        iov.reserve(frame.size() + 1);
+        iov.push_back({const_cast<std::uint8_t*>(prefix), sizeof prefix});
+        iov.insert(iov.end(), frame.begin(), frame.end());
+        msghdr msg{};
+        msg.msg_iov = iov.data();
+        msg.msg_iovlen = iov.size();
+        ssize_t n;
+        do n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && errno != EAGAIN) return {NetIo::closed, 0, errno};
+        sent = n < 0 ? 0 : static_cast<std::size_t>(n);
+        if (sent == total + 4) return {NetIo::ok, total, 0};
+        out_.clear();
+        out_head_ = 0;
+    } else if (out_.size() - out_head_ + 4 + total > kStreamMaxQueued) {
+        return {NetIo::again, 0, 0};
+    }
+    // Queue what did not go out (the whole frame or its tail).
+    auto append = [&](const std::uint8_t* p, std::size_t n) {
+        if (sent >= n) {
+            sent -= n;
+            return;
+        }
+        out_.insert(out_.end(), p + sent, p + n);
+        sent = 0;
+    };
+    append(prefix, sizeof prefix);
+    for (const iovec& v : frame) append(static_cast<const std::uint8_t*>(v.iov_base), v.iov_len);
+    return {NetIo::ok, total, 0};
+}
+
+NetIo StreamBackend::flush(unsigned) {
+    while (out_head_ < out_.size()) {
+        const ssize_t n = ::send(fd_.get(), out_.data() + out_head_, out_.size() - out_head_, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            out_head_ += static_cast<std::size_t>(n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) break;
+        return NetIo::closed;
+    }
+    if (out_head_ == out_.size()) {
+        out_.clear();
+        out_head_ = 0;
+        return NetIo::ok;
+    }
+    if (out_head_ > kStreamMaxQueued / 2) {   // keep the queue from creeping
+        out_.erase(out_.begin(), out_.begin() + static_cast<std::ptrdiff_t>(out_head_));
+        out_head_ = 0;
+    }
+    return NetIo::again;
+}
+
+std::unique_ptr<NetBackend> open_backend(const NetConfig& config) {
+    if (config.kind == NetConfig::Kind::tap) return std::make_unique<TapBackend>(config.target, config.queue_pairs);
+    return std::make_unique<StreamBackend>(config.target);
+}
+
+} // namespace kguest

@@ -1,0 +1,173 @@
+// Packet backends for virtio-net (devices/virtio_net.hpp): where the guest's
+// Ethernet frames go on the host. A NetBackend is one or more packet channels
+// ("queues", one per virtqueue pair), each a non-blocking fd the device's event
+// loop polls, plus frame-sized read and write calls that never block and never
+// throw. Two kinds:
+//
+//   TapBackend     a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI|
+//                  IFF_VNET_HDR, IFF_MULTI_QUEUE for several queues): every
+//                  frame carries a 12-byte struct virtio_net_hdr_v1 (VIRTIO 1.2
+//                  5.1.6), so checksum and segmentation offloads pass through.
+//   StreamBackend  a connected UNIX stream socket speaking QEMU's
+//                  `-netdev stream` / passt framing: a 4-byte big-endian length,
+//                  then the frame. No vnet header.
+//
+// Setup (constructors, open_backend, parse_net_spec) throws SysError or
+// UsageError; the data path (read_frame/write_frame/flush/set_offloads/
+// set_queue_enabled) reports through return values. A backend is used by one
+// thread at a time (the device's loop), so it has no locks of its own.
+#pragma once
+
+#include "vmm/fd.hpp"
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <sys/uio.h>
+#include <vector>
+
+namespace kguest {
+
+// 5.1.6: struct virtio_net_hdr_v1 (VERSION_1 always has num_buffers).
+inline constexpr std::size_t kVnetHdrLen = 12;
+// Largest frame (Ethernet header included, vnet header excluded) either way:
+// a 64 KiB GSO packet plus its Ethernet header, i.e. 65562 bytes with the
+// vnet header, as QEMU's NET_BUFSIZE.
+inline constexpr std::size_t kMaxFrameLen = 65550;
+inline constexpr std::size_t kMaxPacketLen = kVnetHdrLen + kMaxFrameLen;   // 65562
+
+using MacAddress = std::array<std::uint8_t, 6>;
+
+// What a `--net` option asks for.
+struct NetConfig {
+    enum class Kind { tap, stream };
+    Kind kind = Kind::tap;
+    std::string target;          // TAP interface name or socket path
+    MacAddress mac{};
+    unsigned queue_pairs = 1;    // tap only: IFF_MULTI_QUEUE when > 1
+};
+
+inline constexpr unsigned kMaxNetQueuePairs = 16;
+
+// Parses `tap=IFNAME[,mac=XX:XX:XX:XX:XX:XX][,queues=N]` or
+// `stream=PATH[,mac=...]`. Without mac=, the MAC is 52:54:00:12:34:56 plus
+// `index` (the device's index among the --net options). Throws UsageError
+// with one line naming the problem.
+NetConfig parse_net_spec(std::string_view spec, unsigned index = 0);
+std::string format_mac(const MacAddress& mac);
+
+// The outcome of one frame transfer.
+enum class NetIo {
+    ok,       // a whole frame moved; `len` bytes (vnet header included if any)
+    again,    // nothing moved: would block (read: nothing complete yet; write:
+              // the channel is full, retry once fd() is writable and flush()ed)
+    drop,     // this frame was lost (too big, transient error); carry on
+    closed,   // the channel is gone for good (peer hung up, fatal error)
+};
+struct NetIoResult {
+    NetIo status = NetIo::again;
+    std::size_t len = 0;
+    int err = 0;   // errno for drop/closed, 0 otherwise
+};
+
+class NetBackend {
+public:
+    virtual ~NetBackend() = default;
+
+    // Packet channels (1 unless a multi-queue TAP); q below is < num_queues().
+    virtual unsigned num_queues() const = 0;
+    // Non-blocking fd to poll for POLLIN (read_frame) and POLLOUT (flush).
+    virtual int fd(unsigned q = 0) const = 0;
+    // Whether frames carry a 12-byte virtio_net_hdr_v1 in front, both ways.
+    virtual bool has_vnet_hdr() const = 0;
+
+    // Reads one frame (with its vnet header if has_vnet_hdr()) into `buf`,
+    // which should hold kMaxPacketLen bytes; larger frames are dropped.
+    virtual NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) = 0;
+    // Writes one frame given as pieces (with its vnet header if
+    // has_vnet_hdr()): all of it is accepted, or none (again), or it is lost.
+    virtual NetIoResult write_frame(unsigned q, std::span<const iovec> frame) = 0;
+    // Whether accepted output is still queued in the backend; if so, poll
+    // fd(q) for POLLOUT and call flush(q), which returns ok when the queue
+    // drained, again when some is left, closed on a fatal error.
+    virtual bool wants_write(unsigned /*q*/) const { return false; }
+    virtual NetIo flush(unsigned /*q*/) { return NetIo::ok; }
+
+    // TUN_F_* offloads the guest can take on received frames (TUNSETOFFLOAD);
+    // 0 or an errno. Backends without a vnet header ignore it.
+    virtual int set_offloads(unsigned /*tun_flags*/) { return 0; }
+    // Multi-queue TAP: attach or detach channel q (TUNSETQUEUE), so the kernel
+    // steers no traffic to queue pairs the guest does not use. 0 or an errno.
+    virtual int set_queue_enabled(unsigned /*q*/, bool /*enabled*/) { return 0; }
+
+    // For messages: "tap kgb0", "stream /run/passt.sock".
+    virtual std::string describe() const = 0;
+};
+
+class TapBackend final : public NetBackend {
+public:
+    // Opens (creating it when missing, which needs CAP_NET_ADMIN) the TAP
+    // interface `ifname` with `queues` channels. Throws SysError naming the
+    // failing call ("open /dev/net/tun", "TUNSETIFF kgb0", ...).
+    explicit TapBackend(const std::string& ifname, unsigned queues = 1);
+
+    unsigned num_queues() const override { return static_cast<unsigned>(fds_.size()); }
+    int fd(unsigned q = 0) const override { return fds_[q].get(); }
+    bool has_vnet_hdr() const override { return true; }
+    NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
+    NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
+    int set_offloads(unsigned tun_flags) override;
+    int set_queue_enabled(unsigned q, bool enabled) override;
+    std::string describe() const override { return "tap " + name_; }
+    const std::string& ifname() const { return name_; }
+
+private:
+    std::string name_;   // as the kernel named it
+    std::vector<Fd> fds_;
+};
+
+// Output queued past this many bytes makes write_frame answer `again`.
+inline constexpr std::size_t kStreamMaxQueued = 1 << 20;
+
+class StreamBackend final : public NetBackend {
+public:
+    // Connects to the UNIX stream socket at `path`; throws SysError
+    // ("socket", "connect PATH") or UsageError (path too long).
+    explicit StreamBackend(const std::string& path);
+    // Takes a connected stream socket (made non-blocking here), e.g. one end
+    // of a socketpair.
+    explicit StreamBackend(Fd connected, std::string name = "socket");
+
+    unsigned num_queues() const override { return 1; }
+    int fd(unsigned = 0) const override { return fd_.get(); }
+    bool has_vnet_hdr() const override { return false; }
+    NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
+    NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
+    bool wants_write(unsigned) const override { return out_head_ < out_.size(); }
+    NetIo flush(unsigned q) override;
+    std::string describe() const override { return "stream " + name_; }
+
+private:
+    void init();
+
+    Fd fd_;
+    std::string name_;
+    // Receive side: bytes read but not yet returned live in in_[in_head_,
+    // in_tail_); skip_ counts the rest of an oversized frame being discarded.
+    std::vector<std::uint8_t> in_;
+    std::size_t in_head_ = 0, in_tail_ = 0;
+    std::size_t skip_ = 0;
+    bool eof_ = false;
+    // Send side: accepted but unsent bytes, out_[out_head_, size()).
+    std::vector<std::uint8_t> out_;
+    std::size_t out_head_ = 0;
+};
+
+// Opens the backend `config` describes. Throws SysError / UsageError.
+std::unique_ptr<NetBackend> open_backend(const NetConfig& config);
+
+} // namespace kguest

@@ -1,0 +1,196 @@
+// virtio-net (VIRTIO 1.2 section 5.1), the device half: moves Ethernet frames
+// between the guest's receive/transmit virtqueues and a NetBackend (TAP or a
+// UNIX stream, net_backend.hpp). Queues are rx0, tx0, rx1, tx1, ..., then the
+// control queue when there is more than one pair (5.1.2). Every frame in
+// either direction is preceded by a 12-byte struct virtio_net_hdr_v1
+// (5.1.6); for backends without one the device writes a zero header on RX and
+// strips the header on TX.
+//
+// Threading: one event-loop thread per device, started by the constructor
+// and idle until activate(). It waits in io_uring (liburing) on an internal
+// wake eventfd, on the per-queue notify eventfds handed over by
+// take_notify_fds() (KVM ioeventfds), and on the backend's fds; only that
+// thread touches the queues, guest memory and the backend after construction.
+// queue_notify() (vCPU threads) only flags the queue and wakes the loop.
+// activate(), reset() and take_notify_fds() post a request under a mutex and
+// wait until the loop has acknowledged it, so when reset() returns the loop no
+// longer touches the queues. counters() is safe from any thread.
+// No exceptions leave the guest-driven paths; a malformed ring or an
+// oversized TX frame sets DEVICE_NEEDS_RESET (fail()) and the device stops
+// touching its queues until reset.
+#pragma once
+
+#include "devices/net_backend.hpp"
+#include "devices/virtio.hpp"
+#include "vmm/fd.hpp"
+#include "vmm/log.hpp"
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct io_uring_sqe;   // liburing, kept out of this header
+
+namespace kguest {
+
+// 5.1.3: feature bits.
+inline constexpr unsigned VIRTIO_NET_F_CSUM = 0;
+inline constexpr unsigned VIRTIO_NET_F_GUEST_CSUM = 1;
+inline constexpr unsigned VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 2;
+inline constexpr unsigned VIRTIO_NET_F_MTU = 3;
+inline constexpr unsigned VIRTIO_NET_F_MAC = 5;
+inline constexpr unsigned VIRTIO_NET_F_GUEST_TSO4 = 7;
+inline constexpr unsigned VIRTIO_NET_F_GUEST_TSO6 = 8;
+inline constexpr unsigned VIRTIO_NET_F_GUEST_ECN = 9;
+inline constexpr unsigned VIRTIO_NET_F_GUEST_UFO = 10;
+inline constexpr unsigned VIRTIO_NET_F_HOST_TSO4 = 11;
+inline constexpr unsigned VIRTIO_NET_F_HOST_TSO6 = 12;
+inline constexpr unsigned VIRTIO_NET_F_HOST_ECN = 13;
+inline constexpr unsigned VIRTIO_NET_F_HOST_UFO = 14;
+inline constexpr unsigned VIRTIO_NET_F_MRG_RXBUF = 15;
+inline constexpr unsigned VIRTIO_NET_F_STATUS = 16;
+inline constexpr unsigned VIRTIO_NET_F_CTRL_VQ = 17;
+inline constexpr unsigned VIRTIO_NET_F_CTRL_RX = 18;
+inline constexpr unsigned VIRTIO_NET_F_MQ = 22;
+// 5.1.4: status field.
+inline constexpr std::uint16_t VIRTIO_NET_S_LINK_UP = 1;
+// 5.1.6: virtio_net_hdr flags and gso_type.
+inline constexpr std::uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
+inline constexpr std::uint8_t VIRTIO_NET_HDR_GSO_NONE = 0;
+// 5.1.6.5: control queue.
+inline constexpr std::uint8_t VIRTIO_NET_OK = 0;
+inline constexpr std::uint8_t VIRTIO_NET_ERR = 1;
+inline constexpr std::uint8_t VIRTIO_NET_CTRL_MQ = 4;
+inline constexpr std::uint8_t VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0;
+
+// 5.1.6: struct virtio_net_hdr_v1, little-endian.
+struct VirtioNetHdr {
+    std::uint8_t flags;
+    std::uint8_t gso_type;
+    std::uint16_t hdr_len;
+    std::uint16_t gso_size;
+    std::uint16_t csum_start;
+    std::uint16_t csum_offset;
+    std::uint16_t num_buffers;
+};
+static_assert(sizeof(VirtioNetHdr) == kVnetHdrLen);
+
+// Traffic counters for the VMM's exit summary (frame bytes, headers excluded).
+struct NetCounters {
+    std::uint64_t rx_packets = 0, rx_bytes = 0, rx_dropped = 0;
+    std::uint64_t tx_packets = 0, tx_bytes = 0, tx_dropped = 0;
+};
+
+class VirtioNet final : public VirtioDevice {
+public:
+    static constexpr std::uint16_t kQueueSize = 256;
+    static constexpr std::uint16_t kDefaultMtu = 1500;
+
+    // Queue pairs = backend->num_queues(). Starts the event loop (idle until
+    // activate()). Throws SysError when io_uring or the eventfd cannot be
+    // set up, std::invalid_argument on a null backend or too many queues.
+    VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, std::uint16_t mtu = kDefaultMtu);
+    ~VirtioNet() override;   // stops and joins the loop
+
+    VirtioNet(const VirtioNet&) = delete;
+    VirtioNet& operator=(const VirtioNet&) = delete;
+
+    // VirtioDevice.
+    std::uint16_t device_id() const override { return 1; }
+    std::uint64_t device_features() const override { return features_; }
+    bool accept_features(std::uint64_t features) override;
+    std::uint16_t num_queues() const override { return num_queues_; }
+    std::uint16_t max_queue_size(std::uint16_t q) const override { return q < num_queues_ ? kQueueSize : 0; }
+    std::size_t config_size() const override { return sizeof config_; }
+    void read_config(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
+    void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
+    void reset() override;
+    void queue_notify(std::uint16_t q) override;
+    // Takes one eventfd per queue (fds.size() == num_queues()); the first call
+    // wins, later ones return false. The loop reads them from then on.
+    bool take_notify_fds(std::span<const int> fds) override;
+
+    NetCounters counters() const;
+    unsigned queue_pairs() const { return pairs_; }
+    const NetBackend& backend() const { return *backend_; }
+
+private:
+    struct Pair;
+    enum class Rx { done, no_buffers, error };
+
+    void loop();
+    void wake();
+    void arm_read(int fd, std::uint64_t tag, std::uint64_t* buf);
+    void arm_poll(int fd, unsigned events, std::uint64_t tag);
+    ::io_uring_sqe* get_sqe();
+    void apply_request();
+    void do_activate();
+    void do_deactivate();
+    void rx_pump(unsigned p);
+    Rx rx_deliver(unsigned p);
+    bool next_rx_chain(unsigned p, DescChain& out, Rx& why);
+    void tx_pump(unsigned p);
+    void ctrl_pump();
+    std::uint8_t ctrl_command(const DescChain& chain);
+    void set_active_pairs(unsigned n);
+    void queue_error(std::uint16_t q, const char* what);
+    void backend_closed(unsigned p, int err);
+    void maybe_notify(std::uint16_t q);
+
+    // Fixed at construction.
+    std::unique_ptr<NetBackend> backend_;
+    unsigned pairs_;
+    std::uint16_t num_queues_;
+    std::uint64_t features_;
+    struct __attribute__((packed)) Config {   // 5.1.4 struct virtio_net_config
+        std::uint8_t mac[6];
+        std::uint16_t status;
+        std::uint16_t max_virtqueue_pairs;
+        std::uint16_t mtu;
+    } config_{};
+    Fd wake_fd_;
+    struct Ring;
+    std::unique_ptr<Ring> ring_;
+
+    // Requests to the loop (mu_).
+    std::mutex mu_;
+    std::condition_variable acked_;
+    std::uint64_t req_seq_ = 0, ack_seq_ = 0;
+    bool want_active_ = false;
+    bool stop_ = false;
+    std::span<Virtqueue> req_queues_;
+    GuestMemory* req_mem_ = nullptr;
+    std::uint64_t req_features_ = 0;
+    std::vector<int> notify_fds_;
+    std::atomic<std::uint64_t> req_pending_{0};
+    std::unique_ptr<std::atomic<bool>[]> kicks_;
+
+    // Loop-thread state.
+    bool active_ = false;
+    bool broken_ = false;     // a queue failed: hands off until reset
+    bool closed_ = false;     // the backend is gone
+    std::span<Virtqueue> queues_;
+    GuestMemory* mem_ = nullptr;
+    std::uint64_t negotiated_ = 0;
+    bool mergeable_ = false;
+    bool guest_csum_ = false;
+    unsigned active_pairs_ = 1;
+    bool notify_fds_armed_ = false;
+    std::vector<int> loop_notify_fds_;
+    std::vector<std::uint64_t> evbuf_;   // READ targets for the eventfds
+    std::vector<std::unique_ptr<Pair>> pair_;
+    std::vector<bool> dirty_;            // queues with work to do
+    std::atomic<std::uint64_t> rx_packets_{0}, rx_bytes_{0}, rx_dropped_{0};
+    std::atomic<std::uint64_t> tx_packets_{0}, tx_bytes_{0}, tx_dropped_{0};
+    RateLimit log_limit_{5};
+    bool logged_error_ = false;
+
+    std::thread thread_;
+};
+
+} // namespace kguest
