@@ -57,6 +57,7 @@ struct NetDev {
     bool asm_bad;
     volatile u64 irq_rx, irq_tx, irq_config;
     u64 halts;
+    u64 late_wakeups;  // timer ended a halt with used buffers waiting
     bool busy_poll;  // net_poll=1: spin instead of halting
     u64 tsc_hz;
     // IPv4 configuration (host byte order).
@@ -149,10 +150,19 @@ void net_wait(u64 deadline_ns) {
     u64 now = kvmclock_ns();
     if (now >= deadline_ns) return;
     if (dev.busy_poll) { cpu_relax(); return; }
-    u64 until = dev.msix ? deadline_ns : (deadline_ns - now > 100000 ? now + 100000 : deadline_ns);
-    if (!dev.tsc_deadline && (!dev.msix || until != ~0ull)) {
-        cpu_relax();  // no timer to end a halt: spin
-        return;
+    // With MSI-X a halt still ends within 5 ms: a lost or late wake-up then
+    // costs 5 ms, not the rest of the test. (2.7.10: with EVENT_IDX a device
+    // interrupts once when the used index passes used_event, so one lost
+    // interrupt would otherwise stall the queue for good. Seen in the nested
+    // TCG sandbox, with QEMU's device as with ours.)
+    u64 cap = dev.msix ? 5000000ull : 100000ull;
+    u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
+    if (!dev.tsc_deadline) {
+        if (!dev.msix || deadline_ns != ~0ull) {
+            cpu_relax();  // no timer to end a halt: spin
+            return;
+        }
+        until = ~0ull;  // halt until the interrupt
     }
     cli();
     // 2.7.10: ask for an interrupt at the next used buffer, then re-check:
@@ -162,9 +172,12 @@ void net_wait(u64 deadline_ns) {
     if (!pending) {
         if (until != ~0ull) wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + ns_to_tsc(until - now));
         ++dev.halts;
+        u64 irqs = dev.irq_rx + dev.irq_tx;
         sti_hlt();  // any interrupt ends it: the caller re-checks everything
         cli();
         if (until != ~0ull) wrmsr(MSR_IA32_TSC_DEADLINE, 0);
+        // Woken by the timer with used buffers waiting: an interrupt was lost or late.
+        if (dev.irq_rx + dev.irq_tx == irqs && (dev.rx.has_used() || dev.tx.has_used())) ++dev.late_wakeups;
     }
     // Busy again: no interrupts until the next wait (NAPI-style).
     dev.rx.disable_interrupts();
@@ -716,8 +729,8 @@ bool test_net_echo(const char* cmdline) {
     run_until(drain, [] { return dev.tx_nfree == dev.tx.size; });
     g_udp_handler = nullptr;
     NetStats d = stats_since(s0);
-    print("net-echo: %s, %lu halts, %lu receive and %lu transmit interrupts, %lu kicks, %lu bad used entries\n",
-          echo_stop ? "stopped by kguest-stop" : "net_ms elapsed", dev.halts, u64(dev.irq_rx), u64(dev.irq_tx),
+    print("net-echo: %s, %lu halts (%lu ended by the timer with work waiting), %lu receive and %lu transmit interrupts, %lu kicks, %lu bad used entries\n",
+          echo_stop ? "stopped by kguest-stop" : "net_ms elapsed", dev.halts, dev.late_wakeups, u64(dev.irq_rx), u64(dev.irq_tx),
           dev.rx.kicks + dev.tx.kicks, dev.rx.bad_used + dev.tx.bad_used);
     print("RESULT net-echo rx=%lu tx=%lu arp=%lu icmp=%lu udp=%lu dropped=%lu ok=1\n", d.rx, d.tx, d.arp, d.icmp,
           d.udp, d.dropped);

@@ -3,9 +3,13 @@
 #include "error.hpp"
 #include "size.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <sys/mman.h>
+#include <vector>
 
 #ifndef MAP_HUGE_2MB
 #define MAP_HUGE_2MB (21 << MAP_HUGE_SHIFT)
@@ -103,6 +107,75 @@ bool GuestMemory::write(std::uint64_t gpa, const void* src, std::uint64_t len) {
     if (p == nullptr) return false;
     std::memcpy(p, src, len);
     return true;
+}
+
+bool GuestMemory::discard(std::uint64_t gpa, std::uint64_t len) {
+    const std::uint64_t grain = backing_ == Backing::hugetlbfs ? kHugePageSize : 4096;
+    if (len == 0 || gpa % grain != 0 || len % grain != 0) return false;
+    std::uint8_t* p = ptr(gpa, len);
+    if (p == nullptr) return false;
+    // Private anonymous memory (THP, 4 KiB or hugetlb): MADV_DONTNEED drops
+    // the pages now. MADV_REMOVE would be the call for a shared mapping;
+    // ours is private, where it fails.
+    return ::madvise(p, len, MADV_DONTNEED) == 0;
+}
+
+namespace {
+
+// mincore(2) over [p, p+len), both 4 KiB-aligned, in bounded chunks.
+std::uint64_t count_resident(std::uint8_t* p, std::uint64_t len) {
+    constexpr std::uint64_t kPage = 4096, kChunkPages = 16384;
+    std::vector<unsigned char> vec(kChunkPages);
+    std::uint64_t resident = 0;
+    for (std::uint64_t done = 0; done < len;) {
+        const std::uint64_t n = std::min(len - done, kChunkPages * kPage);
+        if (::mincore(p + done, n, vec.data()) != 0) return resident;
+        const std::uint64_t pages = (n + kPage - 1) / kPage;
+        for (std::uint64_t i = 0; i < pages; ++i) resident += (vec[i] & 1) != 0 ? kPage : 0;
+        done += n;
+    }
+    return resident;
+}
+
+} // namespace
+
+std::uint64_t GuestMemory::resident_bytes() const {
+    return count_resident(host_base(), size());
+}
+
+std::uint64_t GuestMemory::resident_bytes(std::uint64_t gpa, std::uint64_t len) const {
+    const std::uint64_t start = gpa & ~std::uint64_t{4095};
+    if (len == 0 || gpa - start > UINT64_MAX - len) return 0;
+    const std::uint64_t span = (gpa - start + len + 4095) & ~std::uint64_t{4095};
+    std::uint8_t* p = ptr(start, span);
+    return p == nullptr ? 0 : count_resident(p, span);
+}
+
+std::uint64_t GuestMemory::huge_backed_bytes() const {
+    if (backing_ == Backing::hugetlbfs) return resident_bytes();
+    std::FILE* f = std::fopen("/proc/self/smaps", "re");
+    if (f == nullptr) return 0;
+    const auto base = reinterpret_cast<std::uintptr_t>(host_base());
+    const std::uintptr_t end = base + size();
+    std::uint64_t total = 0, overlap = 0;
+    char* line = nullptr;   // getline(3) grows it: path names have no length limit
+    std::size_t cap = 0;
+    while (::getline(&line, &cap, f) > 0) {
+        std::uintmax_t lo = 0, hi = 0, kb = 0;
+        // A VMA header "start-end perms ..." starts with lower-case hex; the
+        // field lines ("Rss:", "AnonHugePages:") with an upper-case name.
+        const char c = line[0];
+        const bool header = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+        if (header && std::sscanf(line, "%jx-%jx ", &lo, &hi) == 2) {
+            const std::uintptr_t a = std::max<std::uintptr_t>(lo, base), b = std::min<std::uintptr_t>(hi, end);
+            overlap = a < b ? b - a : 0;
+        } else if (overlap != 0 && std::sscanf(line, "AnonHugePages: %ju kB", &kb) == 1) {
+            total += std::min<std::uint64_t>(kb * 1024, overlap);
+        }
+    }
+    std::free(line);
+    std::fclose(f);
+    return total;
 }
 
 } // namespace kguest

@@ -54,6 +54,26 @@ public:
     bool read(std::uint64_t gpa, void* dst, std::uint64_t len) const;
     bool write(std::uint64_t gpa, const void* src, std::uint64_t len);
 
+    // Returns the host memory behind [gpa, gpa+len) (one RAM region) to the
+    // host: the next guest access finds zeroes. madvise(MADV_DONTNEED) on
+    // this private anonymous mapping; for hugetlbfs that needs Linux >= 5.18
+    // and 2 MiB-aligned ranges (the freed huge pages go back to the hugetlb
+    // pool, and a later touch needs a free one there again). gpa and len must
+    // be 4 KiB-aligned (2 MiB with hugetlbfs) and len non-zero; false, with
+    // nothing done, otherwise or when madvise fails. With THP, a range that
+    // covers part of a huge page splits it (the balloon avoids that).
+    bool discard(std::uint64_t gpa, std::uint64_t len);
+    // Bytes of the RAM mapping (or of [gpa, gpa+len) of guest RAM, one
+    // region) resident in host memory, from mincore(2): the mapping's Rss,
+    // plus pages that map the shared zero page after a read fault.
+    std::uint64_t resident_bytes() const;
+    std::uint64_t resident_bytes(std::uint64_t gpa, std::uint64_t len) const;
+    // Bytes of the RAM mapping backed by 2 MiB pages: for thp/off the sum of
+    // AnonHugePages in /proc/self/smaps over the mapping's VMAs (a VMA that the
+    // kernel merged with a neighbour counts at most its overlap with ours);
+    // for hugetlbfs every resident byte. 0 when smaps cannot be read.
+    std::uint64_t huge_backed_bytes() const;
+
     template <typename T>
     std::optional<T> read_obj(std::uint64_t gpa) const {
         static_assert(std::is_trivially_copyable_v<T>);

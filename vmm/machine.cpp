@@ -12,6 +12,9 @@
 #include "devices/exit_port.hpp"
 #include "devices/pci.hpp"
 #include "devices/virtio_net.hpp"
+#include "balloon/balloon.hpp"
+#include "vmm/api.hpp"
+#include "vmm/api_client.hpp"
 #include "vmm/virtio_kvm.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
@@ -22,6 +25,8 @@
 #include <cstring>
 #include <fcntl.h>
 #include <filesystem>
+#include <fstream>
+#include <sys/mman.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -148,6 +153,20 @@ Machine::Machine(const VmConfig& cfg)
                 n.kind == NetConfig::Kind::tap ? "TAP" : "stream", n.target.c_str(), static_cast<unsigned>(virtio_.size()),
                 dev->queue_pairs(), pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
         nets_.push_back(std::move(dev));
+    }
+
+    // virtio-balloon (VIRTIO 1.2 5.5), class 0xff0000 as QEMU's.
+    if (cfg.balloon) {
+        balloon_ = std::make_shared<VirtioBalloon>(mem_);
+        add_virtio(balloon_, 0xff0000);
+        log_msg("virtio-balloon at PCI 00:%02x.0 (stats, deflate-on-OOM, free page reporting)",
+                static_cast<unsigned>(virtio_.size()));
+    }
+    if (cfg.prefault) {
+        // MADV_POPULATE_WRITE (Linux 5.14): fault every page in now, so a
+        // benchmark does not measure first touches; with thp they are huge.
+        constexpr int kMadvPopulateWrite = 23;
+        if (::madvise(mem_.host_base(), mem_.size(), kMadvPopulateWrite) != 0) throw_errno("madvise(MADV_POPULATE_WRITE)");
     }
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
@@ -385,6 +404,103 @@ void Machine::input_thread() {
     }
 }
 
+// ---- the control API's view of the VM (vmm/api.hpp) ------------------------------
+
+namespace {
+std::uint64_t vmm_rss_bytes() {
+    // VmRSS of the whole process (guest RAM that is resident included).
+    std::ifstream f("/proc/self/status");
+    std::string key;
+    while (f >> key) {
+        if (key == "VmRSS:") {
+            std::uint64_t kib = 0;
+            f >> kib;
+            return kib << 10;
+        }
+        f.ignore(1 << 20, '\n');
+    }
+    return 0;
+}
+} // namespace
+
+class MachineControl : public VmControl {
+public:
+    explicit MachineControl(Machine& m) : m_(m) {}
+
+    nlohmann::json info() override {
+        nlohmann::json j = {
+            {"name", m_.cfg_.name},
+            {"state", m_.paused() ? "paused" : "running"},
+            {"cpus", m_.cfg_.cpus},
+            {"memory", m_.mem_.size()},
+            {"backing", backing_name(m_.mem_.backing())},
+            {"hugepage_backed_bytes", m_.mem_.huge_backed_bytes()},
+            {"rss_bytes", m_.mem_.resident_bytes()},
+            {"vmm_rss_bytes", vmm_rss_bytes()},
+        };
+        if (m_.balloon_)
+            j["balloon"] = {{"target_bytes", std::uint64_t{m_.balloon_->target_pages()} << 12},
+                            {"actual_bytes", std::uint64_t{m_.balloon_->actual_pages()} << 12}};
+        return j;
+    }
+
+    nlohmann::json counters() override {
+        nlohmann::json j;
+        j["port80"] = {{"writes", m_.port80_->writes()}, {"reads", m_.port80_->reads()}, {"last_code", m_.port80_->last_code()}};
+        for (std::size_t i = 0; i < m_.nets_.size(); ++i) {
+            NetCounters c = m_.nets_[i]->counters();
+            j["net" + std::to_string(i)] = {{"rx_packets", c.rx_packets}, {"rx_bytes", c.rx_bytes}, {"rx_dropped", c.rx_dropped},
+                                            {"tx_packets", c.tx_packets}, {"tx_bytes", c.tx_bytes}, {"tx_dropped", c.tx_dropped}};
+        }
+        if (m_.balloon_) {
+            // Ask for a fresh sample (5.5.6.3); this answer carries the last one.
+            m_.balloon_->request_stats();
+            BalloonCounters c = m_.balloon_->counters();
+            nlohmann::json b = {{"inflated_pages", c.tracker.inflated_pages},
+                                {"regions_released", c.tracker.regions_released},
+                                {"released_bytes", c.tracker.bytes_released},
+                                {"discarded_bytes", c.tracker.bytes_discarded},
+                                {"reported_bytes", c.tracker.reported_bytes},
+                                {"bad_pfns", c.tracker.bad_pfns},
+                                {"bad_chains", c.bad_chains}};
+            BalloonStats st = m_.balloon_->stats();
+            if (st.valid) {
+                // libvirt's virDomainMemoryStatTags names and units (KiB), as
+                // `virsh dommemstat` prints them.
+                nlohmann::json s;
+                for (const auto& v : st.values) s[v.name] = v.libvirt_value;
+                s["last_update"] = st.last_update_unix_s;
+                b["stats"] = s;
+            }
+            j["balloon"] = b;
+        }
+        return j;
+    }
+
+    std::string resize(std::uint64_t desired_balloon_bytes) override {
+        if (!m_.balloon_) return "this VM has no balloon (start it with --balloon)";
+        if (desired_balloon_bytes > m_.mem_.size()) return "desired_balloon is larger than guest RAM";
+        m_.balloon_->set_target_pages(static_cast<std::uint32_t>(desired_balloon_bytes >> 12));
+        return "";
+    }
+    std::string pause() override {
+        if (m_.paused()) return "already paused";
+        return m_.pause() ? "" : "the vCPUs did not stop (is the VM stopping?)";
+    }
+    std::string resume() override {
+        if (!m_.paused()) return "not paused";
+        m_.resume();
+        return "";
+    }
+    std::string shutdown() override {
+        m_.request_stop(0);
+        return "";
+    }
+
+private:
+    Machine& m_;
+};
+
 int Machine::run() {
     // Stop signals go to a signalfd read by this thread only; every thread we
     // start inherits the blocked mask. The kick signal is blocked too except
@@ -404,6 +520,12 @@ int Machine::run() {
     if (sfd < 0) throw_errno("signalfd");
     Fd sig_fd(sfd);
 
+    // The control API on its own thread (a client can never make a vCPU
+    // wait), started before any thread so a socket error needs no cleanup.
+    MachineControl control(*this);
+    std::unique_ptr<ApiServer> api;
+    if (cfg_.api_socket != "none")
+        api = std::make_unique<ApiServer>(cfg_.api_socket.empty() ? socket_for(cfg_.name) : cfg_.api_socket, control);
     std::unique_ptr<RawTerminal> raw;
     if (cfg_.console == VmConfig::Console::stdio) {
         raw = std::make_unique<RawTerminal>(STDIN_FILENO);
@@ -429,6 +551,7 @@ int Machine::run() {
     for (auto& t : threads_) t.join();
     threads_.clear();
     if (input_.joinable()) input_.join();
+    api.reset();
     raw.reset();
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
 

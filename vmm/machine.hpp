@@ -28,6 +28,8 @@ class PciHostBridge;
 class VirtioDevice;
 class VirtioPciSlot;
 class VirtioNet;
+class VirtioBalloon;
+class MachineControl;
 class GsiRouter;
 
 struct VmConfig {
@@ -45,6 +47,12 @@ struct VmConfig {
     bool pv_spinlocks = true;
     // virtio-net devices (--net), in PCI slot order.
     std::vector<NetConfig> nets;
+    // A virtio-balloon device (--balloon), after the network devices.
+    bool balloon = false;
+    // The control API's socket: "" picks socket_for(name), "none" has none.
+    std::string api_socket;
+    // Fault all guest RAM in before boot (MADV_POPULATE_WRITE, --prefault).
+    bool prefault = false;
 };
 
 inline constexpr std::uint64_t kMinMemory = 8ull << 20;
@@ -69,6 +77,7 @@ public:
     bool paused() const { return paused_.load(); }
 
     Port80& port80() { return *port80_; }
+    VirtioBalloon* balloon() { return balloon_.get(); }
     Serial& serial() { return *serial_; }
     const GuestMemory& memory() const { return mem_; }
 
@@ -95,6 +104,8 @@ private:
     std::unique_ptr<GsiRouter> gsi_router_;
     std::vector<std::unique_ptr<VirtioPciSlot>> virtio_;   // slots 1, 2, ...
     std::vector<std::shared_ptr<VirtioNet>> nets_;
+    std::shared_ptr<VirtioBalloon> balloon_;
+    friend class MachineControl;   // the control API's view (machine.cpp)
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     Fd console_file_;

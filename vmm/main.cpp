@@ -3,6 +3,7 @@
 // the user's mistakes (flags, images), 1 for host failures. `kguest run`
 // otherwise returns the guest's own exit status.
 #include "vmm/error.hpp"
+#include "vmm/api_client.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/size.hpp"
 
@@ -33,7 +34,11 @@ constexpr const char* kUsage =
     "  --no-pv-spinlocks         hide KVM_FEATURE_PV_UNHALT from the guest (native spinlocks)\n"
     "  --net tap=IFNAME[,mac=MAC][,queues=N]   virtio-net on a TAP interface (created if missing)\n"
     "  --net stream=PATH[,mac=MAC]             virtio-net on a passt / QEMU -netdev stream socket\n"
-    "                            (repeat --net for more devices)\n";
+    "                            (repeat --net for more devices)\n"
+    "  --balloon                 a virtio-balloon device (resize with `kguest balloon NAME --target SIZE`)\n"
+    "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
+    "                            /run/kguest/NAME.sock for root)\n"
+    "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n";
 
 // Splits "--flag=value" and "--flag value" uniformly.
 class Args {
@@ -110,6 +115,15 @@ int cmd_run(int argc, char** argv) {
             else throw UsageError("--port80 '" + v + "': need kernel or exit");
         } else if (f == "--net") {
             cfg.nets.push_back(parse_net_spec(a.value(f), static_cast<unsigned>(cfg.nets.size())));
+        } else if (f == "--balloon") {
+            a.no_value(f);
+            cfg.balloon = true;
+        } else if (f == "--prefault") {
+            a.no_value(f);
+            cfg.prefault = true;
+        } else if (f == "--api-socket") {
+            cfg.api_socket = a.value(f);
+            if (cfg.api_socket.empty()) throw UsageError("--api-socket needs a path or none");
         } else if (f == "--no-pv-spinlocks") {
             a.no_value(f);
             cfg.pv_spinlocks = false;
@@ -132,8 +146,13 @@ int main(int argc, char** argv) {
         std::string cmd = argv[1];
         if (cmd == "--help" || cmd == "-h" || cmd == "help") {
             std::fputs(kUsage, stdout);
+            std::fputs("\ncontrol commands (through a running VM's API socket):\n", stdout);
+            std::fputs(cli_usage(), stdout);
             return 0;
         }
+        if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
+            cmd == "stop")
+            return cli_main(argc, argv);
         if (cmd == "--version") {
             std::printf("kguest %s\n", KGUEST_VERSION);
             return 0;

@@ -1,0 +1,383 @@
+// virtio-balloon device model (VIRTIO 1.2 section 5.5): configuration
+// space, the inflate/deflate/stats/reporting queues, and the statistics
+// naming shared with libvirt (see balloon.hpp).
+#include "balloon/balloon.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+
+// Only the VIR_DOMAIN_MEMORY_STAT_* enum is used (nothing is linked).
+#if __has_include(<libvirt/libvirt.h>)
+#include <libvirt/libvirt.h>
+#define KGUEST_HAVE_LIBVIRT_H 1
+#endif
+
+namespace kguest {
+
+namespace {
+
+// libvirt's virDomainMemoryStatTags (libvirt-domain.h). The values are
+// libvirt's stable ABI, so without the header the same numbers serve.
+#ifdef KGUEST_HAVE_LIBVIRT_H
+constexpr int kVirSwapIn = VIR_DOMAIN_MEMORY_STAT_SWAP_IN, kVirSwapOut = VIR_DOMAIN_MEMORY_STAT_SWAP_OUT,
+              kVirMajorFault = VIR_DOMAIN_MEMORY_STAT_MAJOR_FAULT,
+              kVirMinorFault = VIR_DOMAIN_MEMORY_STAT_MINOR_FAULT, kVirUnused = VIR_DOMAIN_MEMORY_STAT_UNUSED,
+              kVirAvailable = VIR_DOMAIN_MEMORY_STAT_AVAILABLE, kVirUsable = VIR_DOMAIN_MEMORY_STAT_USABLE,
+              kVirDiskCaches = VIR_DOMAIN_MEMORY_STAT_DISK_CACHES,
+              kVirHugetlbPgalloc = VIR_DOMAIN_MEMORY_STAT_HUGETLB_PGALLOC,
+              kVirHugetlbPgfail = VIR_DOMAIN_MEMORY_STAT_HUGETLB_PGFAIL;
+#else
+constexpr int kVirSwapIn = 0, kVirSwapOut = 1, kVirMajorFault = 2, kVirMinorFault = 3, kVirUnused = 4,
+              kVirAvailable = 5, kVirUsable = 8, kVirDiskCaches = 10, kVirHugetlbPgalloc = 11,
+              kVirHugetlbPgfail = 12;
+#endif
+
+struct StatName {
+    int libvirt_tag;
+    const char* name;      // as virsh dommemstat / virDomainMemoryStats users know it
+    std::uint64_t divisor; // virtio unit → libvirt unit (bytes → KiB for sizes)
+};
+
+// Indexed by virtio tag (5.5.6.3). MEMTOT → AVAILABLE and AVAIL → USABLE as
+// in libvirt's qemuMonitorJSONGetMemoryStats ("stat-total-memory" →
+// VIR_DOMAIN_MEMORY_STAT_AVAILABLE, "stat-available-memory" → _USABLE).
+constexpr StatName kStatNames[VIRTIO_BALLOON_S_NR] = {
+    {kVirSwapIn, "swap_in", 1024},          // VIRTIO_BALLOON_S_SWAP_IN (bytes)
+    {kVirSwapOut, "swap_out", 1024},        // VIRTIO_BALLOON_S_SWAP_OUT (bytes)
+    {kVirMajorFault, "major_fault", 1},     // VIRTIO_BALLOON_S_MAJFLT
+    {kVirMinorFault, "minor_fault", 1},     // VIRTIO_BALLOON_S_MINFLT
+    {kVirUnused, "unused", 1024},           // VIRTIO_BALLOON_S_MEMFREE
+    {kVirAvailable, "available", 1024},     // VIRTIO_BALLOON_S_MEMTOT
+    {kVirUsable, "usable", 1024},           // VIRTIO_BALLOON_S_AVAIL
+    {kVirDiskCaches, "disk_caches", 1024},  // VIRTIO_BALLOON_S_CACHES
+    {kVirHugetlbPgalloc, "hugetlb_pgalloc", 1},   // VIRTIO_BALLOON_S_HTLB_PGALLOC
+    {kVirHugetlbPgfail, "hugetlb_pgfail", 1},     // VIRTIO_BALLOON_S_HTLB_PGFAIL
+};
+
+std::uint32_t load_le32(const std::uint8_t* p) {
+    return std::uint32_t{p[0]} | std::uint32_t{p[1]} << 8 | std::uint32_t{p[2]} << 16 | std::uint32_t{p[3]} << 24;
+}
+
+const char* role_name(BalloonQueue r) {
+    switch (r) {
+    case BalloonQueue::inflate: return "inflateq";
+    case BalloonQueue::deflate: return "deflateq";
+    case BalloonQueue::stats: return "statsq";
+    case BalloonQueue::reporting: return "reporting_vq";
+    case BalloonQueue::none: break;
+    }
+    return "unused queue";
+}
+
+} // namespace
+
+bool balloon_stat_libvirt(std::uint16_t tag, int& libvirt_tag, const char*& name) {
+    if (tag >= VIRTIO_BALLOON_S_NR) return false;
+    libvirt_tag = kStatNames[tag].libvirt_tag;
+    name = kStatNames[tag].name;
+    return true;
+}
+
+VirtioBalloon::VirtioBalloon(GuestMemory& mem, BalloonOptions options)
+    : mem_(mem), options_(options), tracker_(mem) {}
+
+std::uint64_t VirtioBalloon::device_features() const {
+    std::uint64_t f = virtio_bit(VIRTIO_F_INDIRECT_DESC) | virtio_bit(VIRTIO_F_EVENT_IDX);
+    if (options_.stats) f |= virtio_bit(VIRTIO_BALLOON_F_STATS_VQ);
+    if (options_.deflate_on_oom) f |= virtio_bit(VIRTIO_BALLOON_F_DEFLATE_ON_OOM);
+    if (options_.reporting) f |= virtio_bit(VIRTIO_BALLOON_F_REPORTING);
+    return f;
+}
+
+// ---- Configuration space (5.5.4) ----
+//
+//   0  le32 num_pages              device → driver: the target
+//   4  le32 actual                 driver → device
+//   8  le32 free_page_hint_cmd_id  (FREE_PAGE_HINT, not offered: reads 0)
+//  12  le32 poison_val             (PAGE_POISON, not offered: reads 0)
+
+void VirtioBalloon::read_config(std::uint64_t offset, std::span<std::uint8_t> data) {
+    std::array<std::uint8_t, kConfigSize> img{};
+    {
+        std::lock_guard lock(mu_);
+        for (unsigned i = 0; i < 4; ++i) img[i] = static_cast<std::uint8_t>(num_pages_ >> (8 * i));
+        std::copy(actual_bytes_.begin(), actual_bytes_.end(), img.begin() + 4);
+    }
+    for (std::size_t i = 0; i < data.size(); ++i)
+        data[i] = offset + i < img.size() ? img[offset + i] : 0xff;
+}
+
+void VirtioBalloon::write_config(std::uint64_t offset, std::span<const std::uint8_t> data) {
+    // 5.5.4: only `actual` is driver-writable (poison_val too, with
+    // PAGE_POISON, which is not offered). Any width is applied byte-wise.
+    std::lock_guard lock(mu_);
+    for (std::size_t i = 0; i < data.size(); ++i) {
+        const std::uint64_t o = offset + i;
+        if (o >= 4 && o < 8) actual_bytes_[o - 4] = data[i];
+    }
+    actual_ = load_le32(actual_bytes_.data());
+}
+
+void VirtioBalloon::set_target_pages(std::uint32_t pages) {
+    {
+        std::lock_guard lock(mu_);
+        num_pages_ = pages;
+    }
+    // 2.5.1: configuration change notification (the transport bumps
+    // config_generation first).
+    notify_config_changed();
+}
+
+std::uint32_t VirtioBalloon::target_pages() const {
+    std::lock_guard lock(mu_);
+    return num_pages_;
+}
+
+std::uint32_t VirtioBalloon::actual_pages() const {
+    std::lock_guard lock(mu_);
+    return actual_;
+}
+
+// ---- Lifecycle ----
+
+void VirtioBalloon::activate(std::span<Virtqueue> queues, GuestMemory& /*mem*/) {
+    std::lock_guard lock(mu_);
+    queues_ = queues;
+    features_ = transport() != nullptr ? transport()->driver_features() : device_features();
+    stats_head_.reset();
+    stats_requested_ = false;
+    stats_queue_ = 0;
+    for (std::uint16_t q = 0; q < queues_.size(); ++q)
+        if (role_locked(q) == BalloonQueue::stats) stats_queue_ = q;
+    // Linux primes statsq with its first buffer and kicks it in probe,
+    // before it sets DRIVER_OK, and the transport drops kicks before
+    // DRIVER_OK: pick that buffer up now, or the stats would never start.
+    if (role_locked(stats_queue_) == BalloonQueue::stats && queues_[stats_queue_].ready())
+        process_stats(queues_[stats_queue_], stats_queue_);
+}
+
+void VirtioBalloon::reset() {
+    // 2.4: stop touching the queues; the transport resets them after us.
+    // The stats buffer belongs to the old rings: drop it without pushing.
+    std::lock_guard lock(mu_);
+    queues_ = {};
+    features_ = 0;
+    stats_head_.reset();
+    stats_requested_ = false;
+    actual_ = 0;
+    actual_bytes_ = {};
+}
+
+void VirtioBalloon::reset_tracking() {
+    std::lock_guard lock(mu_);
+    tracker_.clear();
+}
+
+BalloonQueue VirtioBalloon::role_locked(std::uint16_t q) const {
+    if (queues_.empty()) return BalloonQueue::none;
+    const bool stats = (features_ & virtio_bit(VIRTIO_BALLOON_F_STATS_VQ)) != 0;
+    const bool reporting = (features_ & virtio_bit(VIRTIO_BALLOON_F_REPORTING)) != 0;
+    switch (q) {
+    case 0: return BalloonQueue::inflate;
+    case 1: return BalloonQueue::deflate;
+    case 2: return stats ? BalloonQueue::stats : reporting ? BalloonQueue::reporting : BalloonQueue::none;
+    case 3: return stats && reporting ? BalloonQueue::reporting : BalloonQueue::none;
+    case 4: return reporting ? BalloonQueue::reporting : BalloonQueue::none;
+    default: return BalloonQueue::none;
+    }
+}
+
+BalloonQueue VirtioBalloon::queue_role(std::uint16_t q) const {
+    std::lock_guard lock(mu_);
+    return role_locked(q);
+}
+
+bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
+    std::lock_guard lock(mu_);
+    return tracker_.inflated(pfn);
+}
+
+// ---- Queues ----
+
+void VirtioBalloon::queue_notify(std::uint16_t q) {
+    std::lock_guard lock(mu_);
+    if (q >= queues_.size() || !queues_[q].ready()) return;
+    Virtqueue& vq = queues_[q];
+    switch (role_locked(q)) {
+    case BalloonQueue::inflate: process_pfns(vq, true); break;
+    case BalloonQueue::deflate: process_pfns(vq, false); break;
+    case BalloonQueue::stats: process_stats(vq, q); return;   // notifies on request only
+    case BalloonQueue::reporting: process_reporting(vq); break;
+    case BalloonQueue::none:
+        // A queue of a feature that was not negotiated: nothing to do; its
+        // buffers stay where they are.
+        return;
+    }
+    if (!vq.failed() && vq.needs_notification()) notify_used(q);
+}
+
+void VirtioBalloon::fail_locked(const char* what, const Virtqueue& vq) {
+    ++counters_.bad_chains;
+    KGUEST_LOG_LIMITED(log_limit_, "virtio-balloon: %s: %s; device needs reset", what, vq.error_reason());
+    fail();
+}
+
+void VirtioBalloon::process_pfns(Virtqueue& vq, bool inflate) {
+    // 5.5.6.1: each buffer is an array of le32 PFNs (4 KiB frames),
+    // device-readable; any device-writable part is ignored (used length 0).
+    constexpr std::uint64_t kChunk = 1024;   // PFNs read at a time
+    std::uint32_t raw[kChunk];
+    DescChain chain;
+    for (;;) {
+        vq.disable_notifications();
+        PopStatus st;
+        while ((st = vq.pop(chain)) == PopStatus::ok) {
+            ++(inflate ? counters_.inflate_buffers : counters_.deflate_buffers);
+            std::uint64_t n = chain.readable_len() / 4;
+            if (chain.readable_len() % 4 != 0) ++counters_.odd_buffers;
+            if (n > kMaxPfnsPerChain) {
+                ++counters_.truncated_buffers;
+                n = kMaxPfnsPerChain;
+            }
+            for (std::uint64_t done = 0; done < n;) {
+                const std::uint64_t k = std::min(kChunk, n - done);
+                if (!chain.read(mem_, done * 4, raw, k * 4)) break;   // cannot happen: n fits
+                pfn_buf_.resize(k);
+                for (std::uint64_t i = 0; i < k; ++i)
+                    pfn_buf_[i] = load_le32(reinterpret_cast<const std::uint8_t*>(&raw[i]));
+                if (inflate)
+                    tracker_.inflate(pfn_buf_);
+                else
+                    tracker_.deflate(pfn_buf_);
+                done += k;
+            }
+            vq.push_used(chain.head(), 0);
+        }
+        if (st == PopStatus::error) {
+            fail_locked(inflate ? "inflateq" : "deflateq", vq);
+            return;
+        }
+        if (!vq.enable_notifications()) return;
+    }
+}
+
+void VirtioBalloon::process_reporting(Virtqueue& vq) {
+    // 5.5.6.4: each device-writable buffer is a free range of guest memory;
+    // the device may discard it and returns the chain with length 0. The
+    // pages stay the guest's (not ballooned): nothing is tracked.
+    DescChain chain;
+    for (;;) {
+        vq.disable_notifications();
+        PopStatus st;
+        while ((st = vq.pop(chain)) == PopStatus::ok) {
+            ++counters_.report_buffers;
+            for (const DescChainElem& e : chain.elems())
+                if (e.write) tracker_.report_free(e.addr, e.len);
+            vq.push_used(chain.head(), 0);
+        }
+        if (st == PopStatus::error) {
+            fail_locked(role_name(BalloonQueue::reporting), vq);
+            return;
+        }
+        if (!vq.enable_notifications()) return;
+    }
+}
+
+void VirtioBalloon::process_stats(Virtqueue& vq, std::uint16_t q) {
+    // 5.5.6.3: the driver makes one device-readable buffer of
+    // virtio_balloon_stat entries available; the device keeps it until it
+    // wants fresh values, then uses it (length 0) and the driver refills and
+    // re-adds it.
+    DescChain chain;
+    for (;;) {
+        vq.disable_notifications();
+        PopStatus st;
+        while ((st = vq.pop(chain)) == PopStatus::ok) {
+            if (stats_head_) {
+                // A second buffer while we hold one: the driver broke the
+                // protocol. Give the old one back and keep the newest.
+                vq.push_used(*stats_head_, 0);
+                if (vq.needs_notification()) notify_used(q);
+            }
+            parse_stats(chain);
+            stats_head_ = chain.head();
+            stats_requested_ = false;
+        }
+        if (st == PopStatus::error) {
+            stats_head_.reset();
+            fail_locked(role_name(BalloonQueue::stats), vq);
+            return;
+        }
+        if (!vq.enable_notifications()) return;
+    }
+}
+
+void VirtioBalloon::parse_stats(const DescChain& chain) {
+    // 5.5.6.3: struct virtio_balloon_stat { le16 tag; le64 val; } packed,
+    // 10 bytes each. A trailing partial entry is ignored; so is what lies
+    // past kMaxStatsEntries (Linux sends one entry per known tag).
+    constexpr std::size_t kEntry = 10;
+    std::uint64_t n = chain.readable_len() / kEntry;
+    if (chain.readable_len() % kEntry != 0) ++counters_.odd_buffers;
+    if (n > kMaxStatsEntries) {
+        ++counters_.truncated_buffers;
+        n = kMaxStatsEntries;
+    }
+    std::array<std::uint8_t, kMaxStatsEntries * kEntry> buf{};
+    if (n != 0 && !chain.read(mem_, 0, buf.data(), n * kEntry)) n = 0;
+    stat_has_ = {};   // a sample replaces the previous one as a whole
+    for (std::uint64_t i = 0; i < n; ++i) {
+        const std::uint8_t* e = buf.data() + i * kEntry;
+        const std::uint16_t tag = static_cast<std::uint16_t>(e[0] | e[1] << 8);
+        std::uint64_t val = 0;
+        for (int b = 7; b >= 0; --b) val = val << 8 | e[2 + b];
+        if (tag >= VIRTIO_BALLOON_S_NR) {
+            ++counters_.unknown_stat_tags;
+            continue;
+        }
+        stat_val_[tag] = val;
+        stat_has_[tag] = true;
+    }
+    ++samples_;
+    sample_time_ = std::chrono::steady_clock::now();
+    sample_unix_s_ = static_cast<std::int64_t>(std::time(nullptr));
+}
+
+bool VirtioBalloon::request_stats() {
+    std::lock_guard lock(mu_);
+    if (!stats_head_ || stats_queue_ >= queues_.size()) return false;
+    Virtqueue& vq = queues_[stats_queue_];
+    if (!vq.ready() || vq.failed()) return false;
+    vq.push_used(*stats_head_, 0);
+    stats_head_.reset();
+    stats_requested_ = true;
+    if (vq.needs_notification()) notify_used(stats_queue_);
+    return true;
+}
+
+BalloonStats VirtioBalloon::stats() const {
+    std::lock_guard lock(mu_);
+    BalloonStats s;
+    s.samples = samples_;
+    s.valid = samples_ != 0;
+    s.request_pending = stats_requested_;
+    if (!s.valid) return s;
+    s.age = std::chrono::steady_clock::now() - sample_time_;
+    s.last_update_unix_s = sample_unix_s_;
+    for (std::uint16_t tag = 0; tag < VIRTIO_BALLOON_S_NR; ++tag) {
+        if (!stat_has_[tag]) continue;
+        const StatName& n = kStatNames[tag];
+        s.values.push_back({tag, n.libvirt_tag, n.name, stat_val_[tag], stat_val_[tag] / n.divisor});
+    }
+    return s;
+}
+
+BalloonCounters VirtioBalloon::counters() const {
+    std::lock_guard lock(mu_);
+    BalloonCounters c = counters_;
+    c.tracker = tracker_.counters();
+    return c;
+}
+
+} // namespace kguest

@@ -1,0 +1,156 @@
+// BalloonTracker: per-2 MiB-region bitmaps of ballooned pages and the
+// backing-aware release policy (see tracker.hpp).
+#include "balloon/tracker.hpp"
+
+#include <algorithm>
+
+namespace kguest {
+
+BalloonTracker::BalloonTracker(GuestMemory& mem)
+    : mem_(mem), per_page_(mem.backing() == Backing::off), regions_(mem.size() / kHugePageSize) {}
+
+bool BalloonTracker::locate(std::uint64_t pfn, std::uint64_t& gpa, std::uint64_t& offset) const {
+    if (pfn > (UINT64_MAX >> kBalloonPfnShift)) return false;
+    gpa = pfn << kBalloonPfnShift;
+    for (const MemoryRegion& r : mem_.regions()) {
+        if (gpa >= r.gpa && gpa - r.gpa < r.size) {
+            offset = r.offset + (gpa - r.gpa);
+            return true;
+        }
+    }
+    return false;   // beyond RAM or in the MMIO hole [kMmioHoleStart, 4 GiB)
+}
+
+void BalloonTracker::discard(std::uint64_t gpa, std::uint64_t len) {
+    if (mem_.discard(gpa, len))
+        counters_.bytes_discarded += len;
+    else
+        ++counters_.discard_errors;
+}
+
+void BalloonTracker::flush_run() {
+    if (run_len_ != 0) discard(run_gpa_, run_len_);
+    run_len_ = 0;
+}
+
+void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
+    for (std::uint64_t pfn : pfns) {
+        std::uint64_t gpa = 0, off = 0;
+        if (!locate(pfn, gpa, off)) {
+            ++counters_.bad_pfns;
+            continue;
+        }
+        auto& slot = regions_[off / kHugePageSize];
+        if (!slot) slot = std::make_unique<Region>();
+        Region& r = *slot;
+        const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
+        std::uint64_t& word = r.bits[page / 64];
+        const std::uint64_t bit = std::uint64_t{1} << (page % 64);
+        if ((word & bit) != 0) {
+            ++counters_.double_inflates;
+            continue;
+        }
+        word |= bit;
+        ++r.count;
+        ++counters_.inflated_pages;
+        if (per_page_) {
+            // 4 KiB backing: give the page back now, coalescing runs.
+            if (run_len_ != 0 && run_gpa_ + run_len_ == gpa) {
+                run_len_ += kBalloonPageSize;
+            } else {
+                flush_run();
+                run_gpa_ = gpa;
+                run_len_ = kBalloonPageSize;
+            }
+            counters_.bytes_released += kBalloonPageSize;
+        }
+        if (r.count == kBalloonPagesPerRegion) {
+            r.released = true;
+            ++counters_.regions_released;
+            if (!per_page_) {
+                // THP / hugetlbfs: the whole huge page goes at once.
+                discard(gpa & ~(kHugePageSize - 1), kHugePageSize);
+                counters_.bytes_released += kHugePageSize;
+            }
+        }
+    }
+    flush_run();
+}
+
+void BalloonTracker::deflate(std::span<const std::uint64_t> pfns) {
+    // 5.5.6.2: without VIRTIO_BALLOON_F_MUST_TELL_HOST (not offered) the
+    // guest may already be using the pages; nothing to do host-side but
+    // bookkeeping: a discarded page refaults as zeroes when touched.
+    for (std::uint64_t pfn : pfns) {
+        std::uint64_t gpa = 0, off = 0;
+        if (!locate(pfn, gpa, off)) {
+            ++counters_.bad_pfns;
+            continue;
+        }
+        auto& slot = regions_[off / kHugePageSize];
+        const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
+        const std::uint64_t bit = std::uint64_t{1} << (page % 64);
+        if (!slot || (slot->bits[page / 64] & bit) == 0) {
+            ++counters_.stray_deflates;
+            continue;
+        }
+        Region& r = *slot;
+        r.bits[page / 64] &= ~bit;
+        --r.count;
+        --counters_.inflated_pages;
+        if (per_page_) counters_.bytes_released -= kBalloonPageSize;
+        if (r.released) {
+            r.released = false;
+            --counters_.regions_released;
+            if (!per_page_) counters_.bytes_released -= kHugePageSize;
+        }
+        if (r.count == 0) slot.reset();
+    }
+}
+
+std::uint64_t BalloonTracker::report_free(std::uint64_t gpa, std::uint64_t len) {
+    if (len == 0) return 0;
+    if (gpa > UINT64_MAX - len || !mem_.contains(gpa, len)) {
+        // The virtqueue already checked each buffer against RAM; this is
+        // the last line of defence.
+        counters_.bad_pfns += (len + kBalloonPageSize - 1) / kBalloonPageSize;
+        return 0;
+    }
+    const std::uint64_t grain = release_granule();
+    const std::uint64_t start = (gpa + grain - 1) & ~(grain - 1);
+    const std::uint64_t end = (gpa + len) & ~(grain - 1);
+    if (start >= end) {
+        counters_.reported_kept_bytes += len;
+        return 0;
+    }
+    const std::uint64_t before = counters_.bytes_discarded;
+    discard(start, end - start);
+    const std::uint64_t done = counters_.bytes_discarded - before;
+    counters_.reported_bytes += done;
+    counters_.reported_kept_bytes += len - done;
+    return done;
+}
+
+void BalloonTracker::clear() {
+    for (auto& r : regions_) r.reset();
+    counters_.inflated_pages = 0;
+    counters_.regions_released = 0;
+    counters_.bytes_released = 0;
+}
+
+bool BalloonTracker::inflated(std::uint64_t pfn) const {
+    std::uint64_t gpa = 0, off = 0;
+    if (!locate(pfn, gpa, off)) return false;
+    const auto& slot = regions_[off / kHugePageSize];
+    const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
+    return slot && (slot->bits[page / 64] >> (page % 64) & 1) != 0;
+}
+
+bool BalloonTracker::region_released(std::uint64_t gpa) const {
+    std::uint64_t g = 0, off = 0;
+    if (!locate(gpa >> kBalloonPfnShift, g, off)) return false;
+    const auto& slot = regions_[off / kHugePageSize];
+    return slot && slot->released;
+}
+
+} // namespace kguest

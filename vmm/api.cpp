@@ -1,0 +1,415 @@
+// The API server (see api.hpp): socket setup with plain syscalls, so every
+// failure names its call and errno; then one thread running an Asio
+// io_context with one Session per client. A Session reads one request at a
+// time under a deadline (idle wait, request, response write each have their
+// own), answers it through api_dispatch() and either waits for the next one
+// (keep-alive) or closes. Deadlines are one steady_timer per session that
+// cancels the socket; a generation counter makes a late timer harmless. This is
+// the only translation unit of the server that includes Beast.
+#include "api.hpp"
+#include "error.hpp"
+#include "log.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <optional>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <thread>
+#include <unistd.h>
+
+namespace kguest {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using json = nlohmann::json;
+using Socket = asio::local::stream_protocol::socket;
+
+// ---------------------------------------------------------------------------
+// Routing, independent of sockets.
+
+namespace {
+
+constexpr std::string_view kPrefix = "/api/v1/";
+
+ApiReply error_reply(unsigned status, const std::string& message) {
+    return ApiReply{status, json{{"error", message}}, {}};
+}
+
+ApiReply control_reply(const std::string& err) {
+    if (err.empty()) return ApiReply{204, nullptr, {}};
+    return error_reply(409, err);
+}
+
+ApiReply do_resize(VmControl& vm, std::string_view body) {
+    json req = json::parse(body.begin(), body.end(), nullptr, false);
+    if (req.is_discarded()) return error_reply(400, "malformed JSON body");
+    if (!req.is_object())
+        return error_reply(400, "body must be a JSON object: {\"desired_ram\": BYTES} or {\"desired_balloon\": BYTES}");
+    for (const auto& item : req.items())
+        if (item.key() != "desired_ram" && item.key() != "desired_balloon")
+            return error_reply(400, "unknown field '" + item.key() + "'");
+    bool has_ram = req.contains("desired_ram"), has_balloon = req.contains("desired_balloon");
+    if (has_ram == has_balloon) return error_reply(400, "need exactly one of desired_ram or desired_balloon");
+    const char* key = has_ram ? "desired_ram" : "desired_balloon";
+    const json& v = req[key];
+    if (!v.is_number_unsigned()) return error_reply(400, std::string(key) + " must be a non-negative integer (bytes)");
+    std::uint64_t n = v.get<std::uint64_t>();
+
+    json info = vm.info();
+    if (!info.is_object() || !info.contains("memory") || !info["memory"].is_number_unsigned())
+        return error_reply(500, "the VM does not report its memory size");
+    std::uint64_t memory = info["memory"].get<std::uint64_t>();
+    std::uint64_t floor = std::min(kMinGuestRam, memory);
+    std::uint64_t balloon;
+    if (has_ram) {
+        if (n > memory)
+            return error_reply(400, "desired_ram " + std::to_string(n) + " exceeds the VM's memory (" +
+                                        std::to_string(memory) + " bytes)");
+        if (n < floor)
+            return error_reply(400, "desired_ram " + std::to_string(n) + " is below the floor of " +
+                                        std::to_string(floor) + " bytes");
+        balloon = memory - n;
+    } else {
+        if (n > memory - floor)
+            return error_reply(400, "desired_balloon " + std::to_string(n) + " would leave the guest less than " +
+                                        std::to_string(floor) + " bytes");
+        balloon = n;
+    }
+    return control_reply(vm.resize(balloon));
+}
+
+} // namespace
+
+ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view target, std::string_view body) {
+    struct Route {
+        std::string_view name, method;
+    };
+    static constexpr Route routes[] = {
+        {"vmm.ping", "GET"},   {"vm.info", "GET"},   {"vm.counters", "GET"}, {"vm.resize", "PUT"},
+        {"vm.pause", "PUT"},   {"vm.resume", "PUT"}, {"vm.shutdown", "PUT"},
+    };
+    std::string_view path = target.substr(0, target.find('?'));
+    const Route* route = nullptr;
+    if (path.substr(0, kPrefix.size()) == kPrefix)
+        for (const Route& r : routes)
+            if (path.substr(kPrefix.size()) == r.name) route = &r;
+    if (route == nullptr) return error_reply(404, "no such endpoint: " + std::string(path));
+    if (method != route->method) {
+        ApiReply r = error_reply(405, std::string(route->name) + " takes " + std::string(route->method));
+        r.allow = route->method;
+        return r;
+    }
+    try {
+        const std::string_view name = route->name;
+        if (name == "vmm.ping") return ApiReply{200, json{{"version", KGUEST_VERSION}, {"pid", ::getpid()}}, {}};
+        if (name == "vm.info") return ApiReply{200, vm.info(), {}};
+        if (name == "vm.counters") return ApiReply{200, vm.counters(), {}};
+        if (name == "vm.resize") return do_resize(vm, body);
+        if (name == "vm.pause") return control_reply(vm.pause());
+        if (name == "vm.resume") return control_reply(vm.resume());
+        return control_reply(vm.shutdown());
+    } catch (const std::exception& e) {
+        return error_reply(500, std::string(route->name) + ": " + e.what());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The server.
+
+struct ApiServer::Impl {
+    Impl(const std::string& p, VmControl& v, ApiLimits l) : path(p), vm(v), limits(l) {}
+
+    std::string path;
+    VmControl& vm;
+    ApiLimits limits;
+    std::size_t sessions = 0;  // live Sessions; API thread only
+    dev_t dev = 0;             // identity of the socket file we bound,
+    ino_t ino = 0;             // so the destructor never unlinks another's
+    // Sessions refer to the members above, so the io_context (whose
+    // destruction frees the last Sessions) comes after them.
+    asio::io_context io{1};
+    asio::local::stream_protocol::acceptor acceptor{io};
+    asio::steady_timer retry{io};  // backs off accept() after EMFILE and friends
+    std::thread thread;
+
+    void accept();
+};
+
+namespace {
+
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n"; }
+
+class Session : public std::enable_shared_from_this<Session> {
+public:
+    Session(Socket s, ApiServer::Impl& srv) : socket_(std::move(s)), timer_(srv.io), srv_(srv) { ++srv_.sessions; }
+    ~Session() { --srv_.sessions; }
+
+    void start() { wait_request(); }
+
+private:
+    // Waits for the first byte of the next request (keep-alive idle time).
+    void wait_request() {
+        if (buffer_.size() > 0) return read_request();  // pipelined
+        arm(srv_.limits.idle_timeout);
+        socket_.async_wait(Socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
+            self->disarm();
+            if (ec) return self->close();
+            self->read_request();
+        });
+    }
+
+    void read_request() {
+        parser_.emplace();
+        parser_->body_limit(srv_.limits.body_limit);
+        parser_->header_limit(static_cast<std::uint32_t>(srv_.limits.header_limit));
+        arm(srv_.limits.request_timeout);
+        http::async_read(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+            self->on_read(ec);
+        });
+    }
+
+    void on_read(beast::error_code ec) {
+        bool timed_out = timed_out_;
+        disarm();
+        if (ec) {
+            if (timed_out) {
+                if (parser_->got_some() || buffer_.size() > 0)
+                    return send(error_reply(408, "request not complete within " +
+                                                     std::to_string(srv_.limits.request_timeout.count()) + " ms"),
+                                false, 11);
+                return close();
+            }
+            if (ec == http::error::end_of_stream || ec == http::error::partial_message) return close();
+            if (ec == http::error::body_limit)
+                return send(error_reply(413, "body over " + std::to_string(srv_.limits.body_limit) + " bytes"),
+                            false, 11);
+            if (ec == http::error::header_limit)
+                return send(error_reply(431, "header over " + std::to_string(srv_.limits.header_limit) + " bytes"),
+                            false, 11);
+            if (ec.category() == http::make_error_code(http::error::bad_method).category())
+                return send(error_reply(400, "malformed HTTP request: " + ec.message()), false, 11);
+            return close();  // an I/O error: the client is gone
+        }
+        const auto& req = parser_->get();
+        auto method = req.method_string();
+        auto target = req.target();
+        const std::string& body = req.body();
+        ApiReply reply = api_dispatch(srv_.vm, std::string_view(method.data(), method.size()),
+                                      std::string_view(target.data(), target.size()), body);
+        send(std::move(reply), req.keep_alive(), req.version());
+    }
+
+    void send(ApiReply reply, bool keep_alive, unsigned version) {
+        res_ = {};
+        res_.version(version == 10 ? 10 : 11);
+        res_.result(reply.status);
+        res_.set(http::field::server, "kguest/" KGUEST_VERSION);
+        if (!reply.allow.empty()) res_.set(http::field::allow, reply.allow);
+        if (reply.status != 204) {
+            res_.set(http::field::content_type, "application/json");
+            res_.body() = dump(reply.body);
+            res_.prepare_payload();
+        }
+        res_.keep_alive(keep_alive);
+        arm(srv_.limits.write_timeout);
+        http::async_write(socket_, res_, [self = shared_from_this(), keep_alive](beast::error_code ec, std::size_t) {
+            self->disarm();
+            if (ec || !keep_alive) return self->close();
+            self->wait_request();
+        });
+    }
+
+    void close() {
+        disarm();
+        beast::error_code ignored;
+        socket_.shutdown(Socket::shutdown_both, ignored);
+        socket_.close(ignored);
+    }
+
+    // One deadline at a time: the timer cancels whatever the socket is doing.
+    void arm(std::chrono::milliseconds after) {
+        timed_out_ = false;
+        timer_.expires_after(after);
+        timer_.async_wait([self = shared_from_this(), gen = ++gen_](beast::error_code ec) {
+            if (ec || gen != self->gen_) return;
+            self->timed_out_ = true;
+            beast::error_code ignored;
+            self->socket_.cancel(ignored);
+        });
+    }
+    void disarm() {
+        ++gen_;
+        timed_out_ = false;
+        timer_.cancel();
+    }
+
+    Socket socket_;
+    asio::steady_timer timer_;
+    ApiServer::Impl& srv_;
+    beast::flat_buffer buffer_{8192};
+    std::optional<http::request_parser<http::string_body>> parser_;
+    http::response<http::string_body> res_;
+    std::uint64_t gen_ = 0;
+    bool timed_out_ = false;
+};
+
+// Answers a client over the connection limit without giving it a Session:
+// one non-blocking send, then close.
+void refuse_busy(Socket& s) {
+    static const std::string response = [] {
+        std::string body = dump(json{{"error", "too many API connections"}});
+        return "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: " +
+               std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body;
+    }();
+    (void)::send(s.native_handle(), response.data(), response.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    beast::error_code ignored;
+    s.close(ignored);
+}
+
+// mkdir -p with mode 0700 for what is missing; refuses a directory that
+// belongs to someone else (another user could otherwise pre-create
+// /tmp/kguest-$UID and watch or replace our socket).
+void make_socket_dir(const std::string& dir) {
+    if (dir.empty()) return;
+    for (std::size_t pos = 1; pos <= dir.size(); ++pos) {
+        if (pos != dir.size() && dir[pos] != '/') continue;
+        std::string prefix = dir.substr(0, pos);
+        if (::mkdir(prefix.c_str(), 0700) != 0 && errno != EEXIST) throw_errno("mkdir " + prefix);
+    }
+    struct stat st {};
+    if (::lstat(dir.c_str(), &st) != 0) throw_errno("lstat " + dir);
+    if (!S_ISDIR(st.st_mode)) throw SysError("api socket directory " + dir, ENOTDIR);
+    if (st.st_uid != ::geteuid() && st.st_uid != 0)
+        throw std::runtime_error("api socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
+                                 ", not to us (uid " + std::to_string(::geteuid()) + ")");
+}
+
+sockaddr_un socket_address(const std::string& path) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (path.empty() || path.size() >= sizeof addr.sun_path)
+        throw SysError("api socket path '" + path + "'", ENAMETOOLONG);
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    return addr;
+}
+
+// Removes `path` if it is a socket nobody listens on; throws if a server
+// answers there or if it is not a socket at all.
+void remove_stale_socket(const std::string& path, const sockaddr_un& addr) {
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT) return;
+        throw_errno("lstat " + path);
+    }
+    if (!S_ISSOCK(st.st_mode))
+        throw std::runtime_error("api socket path " + path + " exists and is not a socket; not replacing it");
+    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (probe < 0) throw_errno("socket(AF_UNIX)");
+    int rc = ::connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+    int err = errno;
+    ::close(probe);
+    // EAGAIN: a listener whose backlog is full is still a live server.
+    if (rc == 0 || err == EAGAIN || err == EINPROGRESS)
+        throw std::runtime_error("api socket " + path +
+                                 " is served by another process (a VM with this name is running?)");
+    if (err != ECONNREFUSED) throw SysError("connect " + path, err);
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw_errno("unlink stale socket " + path);
+}
+
+} // namespace
+
+void ApiServer::Impl::accept() {
+    acceptor.async_accept([this](beast::error_code ec, Socket s) {
+        if (ec == asio::error::operation_aborted || !acceptor.is_open()) return;
+        if (ec) {
+            static RateLimit limit;
+            KGUEST_LOG_LIMITED(limit, "api: accept on %s: %s", path.c_str(), ec.message().c_str());
+            retry.expires_after(std::chrono::milliseconds(100));
+            retry.async_wait([this](beast::error_code e) {
+                if (!e) accept();
+            });
+            return;
+        }
+        if (sessions >= limits.max_connections)
+            refuse_busy(s);
+        else
+            std::make_shared<Session>(std::move(s), *this)->start();
+        accept();
+    });
+}
+
+ApiServer::ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits limits)
+    : impl_(std::make_unique<Impl>(socket_path, vm, limits)) {
+    sockaddr_un addr = socket_address(socket_path);
+    if (auto slash = socket_path.rfind('/'); slash != std::string::npos && slash != 0)
+        make_socket_dir(socket_path.substr(0, slash));
+    remove_stale_socket(socket_path, addr);
+
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) throw_errno("socket(AF_UNIX)");
+    auto fail = [&](const std::string& call) {
+        int err = errno;
+        ::close(fd);
+        throw SysError(call, err);
+    };
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) fail("bind " + socket_path);
+    // Nobody can connect before listen(), so the chmod leaves no window.
+    struct stat st {};
+    if (::chmod(socket_path.c_str(), 0600) != 0 || ::stat(socket_path.c_str(), &st) != 0) {
+        int err = errno;
+        ::unlink(socket_path.c_str());
+        errno = err;
+        fail("chmod " + socket_path);
+    }
+    impl_->dev = st.st_dev;
+    impl_->ino = st.st_ino;
+    if (::listen(fd, 64) != 0) {
+        int err = errno;
+        ::unlink(socket_path.c_str());
+        errno = err;
+        fail("listen " + socket_path);
+    }
+    beast::error_code ec;
+    impl_->acceptor.assign(asio::local::stream_protocol(), fd, ec);
+    if (ec) {
+        ::close(fd);
+        ::unlink(socket_path.c_str());
+        throw SysError("api acceptor " + socket_path, ec.value());
+    }
+    impl_->accept();
+    impl_->thread = std::thread([impl = impl_.get()] {
+        for (;;) {
+            try {
+                impl->io.run();
+                return;
+            } catch (const std::exception& e) {
+                log_msg("api: %s", e.what());
+            }
+        }
+    });
+}
+
+ApiServer::~ApiServer() {
+    impl_->io.stop();
+    if (impl_->thread.joinable()) impl_->thread.join();
+    beast::error_code ignored;
+    impl_->acceptor.close(ignored);
+    struct stat st {};
+    if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_dev == impl_->dev && st.st_ino == impl_->ino)
+        ::unlink(impl_->path.c_str());
+    // impl_'s destruction closes the remaining client connections.
+}
+
+const std::string& ApiServer::path() const { return impl_->path; }
+
+} // namespace kguest

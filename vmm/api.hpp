@@ -1,0 +1,100 @@
+// The VM control API: HTTP/1.1 + JSON on a UNIX socket, in the style of Cloud
+// Hypervisor's API (`curl --unix-socket SOCK http://localhost/api/v1/vm.info`).
+// The VMM implements the small VmControl interface; ApiServer owns the socket
+// and one thread running Boost.Asio/Beast, and calls VmControl on that thread
+// only. The server never blocks the VM: a slow or malicious client holds at
+// most its own connection (bounded in number, time and size), and vCPU threads
+// never wait on the API thread (the VmControl implementation must keep it that
+// way: hand requests to the VM through atomics or queues, never take a lock a
+// vCPU holds across a guest exit). Beast stays inside api.cpp.
+//
+// Routes (all under /api/v1/):
+//   GET vmm.ping     200 {"version": "0.1.0", "pid": N}
+//   GET vm.info      200 VmControl::info()
+//   GET vm.counters  200 VmControl::counters()
+//   PUT vm.resize    {"desired_balloon": BYTES} or {"desired_ram": BYTES}  -> 204
+//   PUT vm.pause / vm.resume / vm.shutdown                                -> 204
+// Errors carry {"error": "message"}: 400 bad JSON or fields, 404 unknown path,
+// 405 wrong method, 408 request not complete in time, 409 the VM refused
+// (VmControl returned a message), 413 body over the limit, 500 an exception,
+// 503 too many connections.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+namespace kguest {
+
+// Implemented by the VMM; every call comes from the API thread, one at a time.
+// Calls must be quick: while one runs, no other client is served. They must
+// also never make a vCPU wait for them (post the request, do not join).
+struct VmControl {
+    virtual ~VmControl() = default;
+    // Keys the API and the CLI rely on (others are passed through as-is):
+    //   "name": string, "state": "running" | "paused", "cpus": number,
+    //   "memory": guest RAM in bytes (required for desired_ram),
+    //   "backing": "thp" | "hugetlbfs" | "off", "hugepage_backed_bytes", "rss_bytes",
+    //   "balloon": {"target_bytes", "actual_bytes"} when the VM has a balloon.
+    // Keys ending in "_bytes" (and "memory") are shown in MiB by the CLI.
+    virtual nlohmann::json info() = 0;
+    // Per-device counters, balloon statistics, port 0x80 count: any JSON object.
+    virtual nlohmann::json counters() = 0;
+    // How much the balloon should hold, in bytes. Returns "" on success or a
+    // message for the client (HTTP 409). Must not wait for the guest.
+    virtual std::string resize(std::uint64_t desired_balloon_bytes) = 0;
+    // Each returns "" on success or a message (HTTP 409). shutdown() only
+    // requests the stop: it must not destroy the ApiServer from inside the call.
+    virtual std::string pause() = 0;
+    virtual std::string resume() = 0;
+    virtual std::string shutdown() = 0;
+};
+
+// The smallest guest size vm.resize accepts for desired_ram (and the most the
+// balloon may take: memory - kMinGuestRam).
+inline constexpr std::uint64_t kMinGuestRam = 16ull << 20;
+
+struct ApiLimits {
+    std::size_t max_connections = 32;      // more are answered 503 and closed
+    std::size_t body_limit = 64 * 1024;    // larger bodies get 413
+    std::size_t header_limit = 8 * 1024;   // larger headers get 431
+    std::chrono::milliseconds request_timeout{5000};  // first byte to complete request, else 408
+    std::chrono::milliseconds idle_timeout{10000};    // keep-alive wait for the next request
+    std::chrono::milliseconds write_timeout{5000};    // a client that does not read its response
+};
+
+// One HTTP exchange, without sockets: what the server answers `method target`
+// with `body`. status 204 means no body. Exposed for tests.
+struct ApiReply {
+    unsigned status = 200;
+    nlohmann::json body;  // null for 204
+    std::string allow;    // the Allow header of a 405
+};
+ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view target,
+                      std::string_view body);
+
+class ApiServer {
+public:
+    // Creates the socket's directory if missing (mode 0700), replaces a stale
+    // socket file (one nobody listens on), refuses a path another process
+    // serves, binds, chmods the socket 0600 and starts the API thread.
+    // Throws SysError naming the call and the path on failure.
+    ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits limits = {});
+    ~ApiServer();  // stops and joins the thread, closes all clients, unlinks the socket
+    ApiServer(const ApiServer&) = delete;
+    ApiServer& operator=(const ApiServer&) = delete;
+
+    const std::string& path() const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+} // namespace kguest

@@ -1,0 +1,69 @@
+// The client side of the VM control API (see api.hpp): ApiClient makes one
+// HTTP request per connection on a VM's UNIX socket, under a deadline, and
+// cli_main() implements the control subcommands of the kguest binary:
+//
+//   kguest list                                   running VMs: NAME STATE MEMORY
+//   kguest info NAME                              vm.info
+//   kguest stats NAME                             vm.counters
+//   kguest balloon NAME --target SIZE [--wait] [--timeout SECONDS]
+//   kguest pause|resume|stop NAME
+//
+// NAME picks socket_for(NAME); `--api-socket PATH` names a socket instead and
+// `--json` prints the server's JSON as is. Exit status: 0 done, 1 the VM could
+// not be reached, refused, or (balloon --wait) did not get there in time,
+// 2 bad usage. Beast stays inside api_client.cpp.
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+namespace kguest {
+
+struct ApiResponse {
+    unsigned status = 0;
+    nlohmann::json body;  // null when the response had no body (204)
+    bool ok() const { return status >= 200 && status < 300; }
+    // body["error"] when there is one, else "HTTP <status>".
+    std::string error() const;
+};
+
+class ApiClient {
+public:
+    explicit ApiClient(std::string socket_path, std::chrono::milliseconds timeout = std::chrono::seconds(5));
+
+    // `endpoint` is "vm.info" (put under /api/v1/) or a full "/api/v1/..." path.
+    // Throws SysError naming the call and the socket when the VM cannot be
+    // reached ("connect /run/kguest/vm.sock: Connection refused (errno 111)")
+    // or the exchange does not finish in time (ETIMEDOUT); any HTTP status is
+    // returned, not thrown.
+    ApiResponse request(std::string_view method, std::string_view endpoint,
+                        const nlohmann::json& body = nullptr) const;
+    ApiResponse get(std::string_view endpoint) const { return request("GET", endpoint); }
+    ApiResponse put(std::string_view endpoint, const nlohmann::json& body = nullptr) const {
+        return request("PUT", endpoint, body);
+    }
+
+    const std::string& socket_path() const { return path_; }
+
+private:
+    std::string path_;
+    std::chrono::milliseconds timeout_;
+};
+
+// Where VMs put their sockets: $XDG_RUNTIME_DIR/kguest when set, else
+// /run/kguest for root, else /tmp/kguest-$UID.
+std::string default_socket_dir();
+// default_socket_dir() + "/NAME.sock"; throws UsageError for a name with '/'.
+std::string socket_for(const std::string& name);
+
+// The usage lines of these subcommands, for `kguest --help`.
+const char* cli_usage();
+
+// argv[1] is the subcommand (list, info, balloon, stats, pause, resume, stop).
+// Prints errors itself as one line; returns the exit status.
+int cli_main(int argc, char** argv);
+
+} // namespace kguest
