@@ -5,6 +5,7 @@
 // three) and ends the VM through the exit port: 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
 // unexpected exception.
 #include "cpu.hpp"
+#include "balloon.hpp"
 #include "lib.hpp"
 #include "net.hpp"
 #include "tests.hpp"
@@ -42,7 +43,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (si->version >= 1)
         for (u32 i = 0; i < si->memmap_entries; ++i) {
             auto* e = reinterpret_cast<const HvmMemmapEntry*>(si->memmap_paddr) + i;
-            if (e->type == 1) ram += e->size;
+            if (e->type == 1) { ram += e->size; balloon_add_ram(e->addr, e->size); }
         }
 
     pic_disable();
@@ -80,6 +81,8 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (list_has(tests, "net-echo")) { ok &= test_net_echo(cmdline); ran = true; }
     if (list_has(tests, "net-ping")) { ok &= test_net_ping(cmdline); ran = true; }
     if (list_has(tests, "net-bench")) { ok &= test_net_bench(cmdline); ran = true; }
+    if (list_has(tests, "tlb")) { ok &= test_tlb(cmdline); ran = true; }
+    if (list_has(tests, "balloon")) { ok &= test_balloon(cmdline); ran = true; }
     net_shutdown();  // stop the NIC's DMA before the VM ends (no-op when unused)
     if (list_has(tests, "none")) ran = true;
     if (list_has(tests, "exception")) {
@@ -92,7 +95,7 @@ extern "C" void kmain(u32 start_info_paddr) {
         // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
-    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,none,exception,triplefault)", tests);
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,tlb,balloon,none,exception,triplefault)", tests);
     print("RESULT done ok=%d\n", ok ? 1 : 0);
     guest_exit(ok ? 0 : 1);
 }

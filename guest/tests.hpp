@@ -12,3 +12,7 @@ bool test_spinlock(const char* cmdline, unsigned ncpus);  // guest/spinlock.cpp
 bool test_net_echo(const char* cmdline);
 bool test_net_ping(const char* cmdline);
 bool test_net_bench(const char* cmdline);
+// guest/tlb.cpp: pointer-chase latency over working sets of growing size (TLB misses).
+bool test_tlb(const char* cmdline);
+// guest/balloon.cpp: virtio-balloon driver following the host's target, page patterns checked.
+bool test_balloon(const char* cmdline);

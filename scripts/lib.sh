@@ -32,7 +32,7 @@ BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-d
 SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc6-dev)
 # Packages the network tests use: ip (TAP setup), ping, and passt (the
 # unprivileged backend's far end).
-NET_PACKAGES=(iproute2 iputils-ping passt)
+NET_PACKAGES=(iproute2 iputils-ping passt curl)
 
 # For the benchmarks: field LINE KEY prints the value of KEY=... in a guest
 # `RESULT name k=v ...` line; median prints the median of the numbers on stdin.
@@ -48,3 +48,5 @@ configure_and_build() {
         || die "cmake configure failed" 1
     cmake --build "$dir" -j"$(nproc)" || die "build failed" 1
 }
+# Packages scripts/tlb-overhead uses: gnuplot for its PNG plot.
+TLB_PACKAGES=(gnuplot-nox)

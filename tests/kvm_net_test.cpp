@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -92,6 +93,17 @@ void send_stop(const std::string& addr, std::uint16_t port) {
     close(s);
 }
 
+// Each thread of process `pid`: name, state, user/system ticks, last CPU
+// and where it sleeps (for a stalled VM's failure message).
+std::string threads_of(pid_t pid) {
+    std::string out;
+    for (const auto& t : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
+        std::string stat = slurp(t.path().string() + "/stat"), wchan = slurp(t.path().string() + "/wchan");
+        out += "  " + stat.substr(0, 160) + " wchan=" + wchan + "\n";
+    }
+    return out;
+}
+
 // The echo test against a guest that is booting in `vm` with address
 // 10.78.N.2 behind `tap`; returns the VM's result.
 ProcResult echo_test(Background& vm, const std::string& guest_ip) {
@@ -105,7 +117,9 @@ ProcResult echo_test(Background& vm, const std::string& guest_ip) {
     EXPECT_NE(ping.out.find(" 0% packet loss"), std::string::npos) << ping.out;
     std::string why;
     unsigned good = udp_echo(guest_ip, 7777, 10000, why);
-    EXPECT_EQ(good, 10000u) << why << "\nVM so far:\n" << vm.out() << vm.err();
+    EXPECT_EQ(good, 10000u) << why << "\nVM so far:\n" << vm.out() << vm.err() << "VM threads:\n" << threads_of(vm.pid())
+                            << "3 s later:\n" << (std::this_thread::sleep_for(std::chrono::seconds(3)), threads_of(vm.pid()))
+                            << run_process({"ip", "-s", "neigh", "show"}, 10).out;
     send_stop(guest_ip, 7777);
     return vm.wait(30);
 }
