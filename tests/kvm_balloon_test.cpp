@@ -59,7 +59,7 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
     EXPECT_GE(full["hugepage_backed_bytes"].get<std::uint64_t>(), ram * 9 / 10) << full.dump();
     std::vector<std::uint64_t> inflated_rss;
     for (int cycle = 1; cycle <= 5; ++cycle) {
-        auto in = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "256M", "--wait", "--timeout", "30"}, 60);
+        auto in = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "256M", "--wait", "--timeout", "120"}, 150);
         ASSERT_EQ(in.status, 0) << "cycle " << cycle << ": " << in.out << in.err;
         json small = info(sock);
         const std::uint64_t rss = small["vmm_rss_bytes"];
@@ -67,7 +67,7 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
         EXPECT_GE(rss_full - std::min(rss, rss_full), 768 * kMiB * 9 / 10) << "cycle " << cycle << ": " << small.dump();
         EXPECT_GE(small["hugepage_backed_bytes"].get<std::uint64_t>(), 256 * kMiB * 8 / 10) << small.dump();
         const std::size_t done = count(vm.out(), "balloon: target=0 ");
-        auto out = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "1G", "--wait", "--timeout", "30"}, 60);
+        auto out = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "1G", "--wait", "--timeout", "120"}, 150);
         ASSERT_EQ(out.status, 0) << "cycle " << cycle << ": " << out.out << out.err;
         // The guest re-touches and verifies what came back before its next line.
         for (int i = 0; i < 1200 && count(vm.out(), "balloon: target=0 ") == done; ++i)
