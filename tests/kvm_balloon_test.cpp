@@ -28,9 +28,17 @@ using nlohmann::json;
 
 constexpr std::uint64_t kMiB = 1ull << 20;
 
+// `kguest info --json`; a failure is reported and reads as zeros.
 json info(const std::string& sock) {
-    auto r = run_process({kKguest, "info", "--api-socket", sock, "--json"}, 30);
-    return r.status == 0 ? json::parse(r.out, nullptr, false) : json();
+    ProcResult r;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+        r = run_process({kKguest, "info", "--api-socket", sock, "--json"}, 30);
+        json j = r.status == 0 ? json::parse(r.out, nullptr, false) : json();
+        if (j.is_object()) return j;
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    ADD_FAILURE() << "kguest info failed 3 times (status " << r.status << "): " << r.err << r.out;
+    return {{"memory", 0}, {"vmm_rss_bytes", 0}, {"hugepage_backed_bytes", 0}, {"state", ""}};
 }
 
 bool wait_socket(const std::string& path, int seconds) {
@@ -59,7 +67,8 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
     EXPECT_GE(full["hugepage_backed_bytes"].get<std::uint64_t>(), ram * 9 / 10) << full.dump();
     std::vector<std::uint64_t> inflated_rss;
     for (int cycle = 1; cycle <= 5; ++cycle) {
-        auto in = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "256M", "--wait", "--timeout", "120"}, 150);
+        auto in = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "256M", "--wait", "--timeout", "30"}, 60);
+        // The bound: the guest reports `actual` at the target within 30 s.
         ASSERT_EQ(in.status, 0) << "cycle " << cycle << ": " << in.out << in.err;
         json small = info(sock);
         const std::uint64_t rss = small["vmm_rss_bytes"];
@@ -72,6 +81,7 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
         // The guest re-touches and verifies what came back before its next line.
         for (int i = 0; i < 1200 && count(vm.out(), "balloon: target=0 ") == done; ++i)
             std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        ASSERT_TRUE(vm.running()) << "the VM ended during cycle " << cycle << "\n" << vm.out() << vm.err();
         EXPECT_GE(info(sock)["vmm_rss_bytes"].get<std::uint64_t>(), rss_full * 9 / 10) << "deflated memory not back in use";
     }
     auto r = vm.wait(120);
