@@ -106,16 +106,6 @@ void irq_config(Frame*) { b.irq_config = b.irq_config + 1; lapic_eoi(); }
 void irq_queue(Frame*) { b.irq_queue = b.irq_queue + 1; lapic_eoi(); }
 void irq_timer(Frame*) { b.irq_timer = b.irq_timer + 1; lapic_eoi(); }
 
-u64 knob(const char* cmdline, const char* key, u64 def) {
-    char buf[24];
-    bool ok;
-    if (cmdline_get(cmdline, key, buf, sizeof buf)) {
-        u64 v = parse_u64(buf, &ok);
-        if (ok) return v;
-        print("balloon: ignoring bad %s=%s\n", key, buf);
-    }
-    return def;
-}
 
 u64 block_addr(u32 blk) { return u64(blk) * kBlock; }
 u32 block_pfn(u32 blk) { return u32(block_addr(blk) / kPage); }
@@ -497,10 +487,10 @@ void balloon_add_ram(u64 addr, u64 size) {
 // ---- test=balloon -----------------------------------------------------------------------------------
 
 bool test_balloon(const char* cmdline) {
-    u64 ms = knob(cmdline, "balloon_ms", 60000);
-    u64 cycles = knob(cmdline, "cycles", 1);
+    u64 ms = cmdline_u64(cmdline, "balloon_ms", 60000, "balloon");
+    u64 cycles = cmdline_u64(cmdline, "cycles", 1, "balloon");
     if (cycles == 0) cycles = 1;
-    u64 stop = knob(cmdline, "balloon_stop", 1);  // 0: only balloon_ms ends the test
+    u64 stop = cmdline_u64(cmdline, "balloon_stop", 1, "balloon");  // 0: only balloon_ms ends the test
     if (!blocks_init()) {
         print("balloon: no 2 MiB RAM block above the image and below 3 GiB\n");
         print("RESULT balloon changes=0 max_pages=0 mismatches=0 stats_sent=0 ok=0\n");

@@ -183,3 +183,13 @@ extern "C" int memcmp(const void* a, const void* b, usize n) {
     for (usize i = 0; i < n; ++i) if (x[i] != y[i]) return x[i] < y[i] ? -1 : 1;
     return 0;
 }
+
+u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who) {
+    char buf[24];
+    bool ok;
+    if (!cmdline_get(cmdline, key, buf, sizeof buf)) return def;
+    u64 v = parse_u64(buf, &ok);
+    if (ok) return v;
+    print("%s: ignoring bad %s=%s\n", who, key, buf);
+    return def;
+}

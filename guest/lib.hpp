@@ -26,6 +26,9 @@ bool cmdline_get(const char* cmdline, const char* key, char* out, usize size);
 // Is `word` one of the comma-separated items of `list`?
 bool list_has(const char* list, const char* word);
 u64 parse_u64(const char* s, bool* ok);
+// The number after `key=` in the command line, or `def` when absent; a value
+// that is not a number is ignored with a line naming `who` and the knob.
+u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who);
 
 extern "C" void* memset(void* d, int c, usize n);
 extern "C" void* memcpy(void* d, const void* s, usize n);

@@ -664,16 +664,6 @@ void net_shutdown() {
 
 namespace {
 
-u64 knob(const char* cmdline, const char* key, u64 def) {
-    char buf[24];
-    bool ok;
-    if (cmdline_get(cmdline, key, buf, sizeof buf)) {
-        u64 v = parse_u64(buf, &ok);
-        if (ok) return v;
-        print("net: ignoring bad %s=%s\n", key, buf);
-    }
-    return def;
-}
 
 void sort_u32(u32* a, u32 n) {
     for (u32 gap = n / 2; gap > 0; gap /= 2)
@@ -732,8 +722,8 @@ bool test_net_echo(const char* cmdline) {
         print("RESULT net-echo rx=0 tx=0 arp=0 icmp=0 udp=0 dropped=0 ok=0\n");
         return false;
     }
-    echo_port = u16(knob(cmdline, "udp_port", 7777));
-    u64 ms = knob(cmdline, "net_ms", 0);
+    echo_port = u16(cmdline_u64(cmdline, "udp_port", 7777, "net"));
+    u64 ms = cmdline_u64(cmdline, "net_ms", 0, "net");
     u64 deadline = ms ? kvmclock_ns() + ms * 1000000ull : ~0ull;
     char ip[16];
     format_ipv4(dev.ip, ip);
@@ -756,7 +746,7 @@ bool test_net_echo(const char* cmdline) {
 }
 
 bool test_net_ping(const char* cmdline) {
-    u64 count = knob(cmdline, "count", 10);
+    u64 count = cmdline_u64(cmdline, "count", 10, "net");
     if (count > kMaxSamples) count = kMaxSamples;
     char buf[40];
     u32 target = 0;
@@ -814,8 +804,8 @@ void bench_udp(const UdpPacket& p) {
 }  // namespace
 
 bool test_net_bench(const char* cmdline) {
-    u64 count = knob(cmdline, "count", 1000), size = knob(cmdline, "size", 64);
-    u64 timeout_ms = knob(cmdline, "timeout_ms", 1000);
+    u64 count = cmdline_u64(cmdline, "count", 1000, "net"), size = cmdline_u64(cmdline, "size", 64, "net");
+    u64 timeout_ms = cmdline_u64(cmdline, "timeout_ms", 1000, "net");
     if (count > kMaxSamples) count = kMaxSamples;
     char buf[40];
     const char* end;

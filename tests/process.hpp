@@ -34,14 +34,8 @@ inline std::string slurp(const std::string& path) {
     return ss.str();
 }
 
-inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_s, int signal = 0,
-                              int signal_after_ms = 0) {
-    char out_path[] = "/tmp/kguest-test-out.XXXXXX";
-    char err_path[] = "/tmp/kguest-test-err.XXXXXX";
-    int out_fd = mkstemp(out_path), err_fd = mkstemp(err_path);
-    ProcResult r;
-    if (out_fd < 0 || err_fd < 0) return r;
-    auto t0 = std::chrono::steady_clock::now();
+// Forks `argv` with stdin from /dev/null and stdout/stderr into the two fds.
+inline pid_t spawn(const std::vector<std::string>& argv, int out_fd, int err_fd) {
     pid_t pid = fork();
     if (pid == 0) {
         int null = open("/dev/null", O_RDONLY);
@@ -55,6 +49,18 @@ inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_
         std::perror("execvp");
         _exit(127);
     }
+    return pid;
+}
+
+inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_s, int signal = 0,
+                              int signal_after_ms = 0) {
+    char out_path[] = "/tmp/kguest-test-out.XXXXXX";
+    char err_path[] = "/tmp/kguest-test-err.XXXXXX";
+    int out_fd = mkstemp(out_path), err_fd = mkstemp(err_path);
+    ProcResult r;
+    if (out_fd < 0 || err_fd < 0) return r;
+    auto t0 = std::chrono::steady_clock::now();
+    pid_t pid = spawn(argv, out_fd, err_fd);
     bool signalled = false;
     int wstatus = 0;
     rusage ru{};
@@ -96,19 +102,7 @@ public:
         out_path_ = out_path;
         err_path_ = err_path;
         t0_ = std::chrono::steady_clock::now();
-        pid_ = fork();
-        if (pid_ == 0) {
-            int null = open("/dev/null", O_RDONLY);
-            dup2(null, 0);
-            dup2(out_fd, 1);
-            dup2(err_fd, 2);
-            std::vector<char*> args;
-            for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-            args.push_back(nullptr);
-            execvp(args[0], args.data());
-            std::perror("execvp");
-            _exit(127);
-        }
+        pid_ = spawn(argv, out_fd, err_fd);
         close(out_fd);
         close(err_fd);
     }
