@@ -275,9 +275,11 @@ bool test_hostile(const char* cmdline) {
     for (u64 i = 0; i < n; ++i) {
         u16 port = u16(rnd());
         // Spare the ports that would end or break this test itself: the exit
-        // port, the serial console, and the in-kernel PIC/PIT we rely on.
+        // port, the serial console, the in-kernel PIC/PIT we rely on, the
+        // i8042 (0x64, below 0x70) and the ACPI sleep/reset registers
+        // (0x600-0x603), whose right values power off or reset the VM.
         if ((port >= 0xf4 && port <= 0xf7) || (port >= 0x3f8 && port <= 0x3ff) || port < 0x70 ||
-            (port >= 0xa0 && port <= 0xa1) || (port >= 0x4d0 && port <= 0x4d1))
+            (port >= 0xa0 && port <= 0xa1) || (port >= 0x4d0 && port <= 0x4d1) || (port >= 0x600 && port <= 0x603))
             continue;
         u64 v = rnd();
         switch (v % 6) {

@@ -4,6 +4,9 @@
 #include "process.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <gtest/gtest.h>
 
 namespace kguest {
@@ -47,9 +50,40 @@ TEST(Cli, BadFlags) {
 TEST(Cli, BadImages) {
     expect_usage_error({"run", "--kernel", "/nonexistent/guest.elf"}, "cannot open /nonexistent/guest.elf");
     expect_usage_error({"run", "--kernel", "/tmp"}, "not a regular file");
-    expect_usage_error({"run", "--kernel", KGUEST_SOURCE_DIR "/README.md"}, "not an ELF file");
+    expect_usage_error({"run", "--kernel", KGUEST_SOURCE_DIR "/README.md"}, "neither a PVH ELF file nor a bzImage");
     expect_usage_error({"run", "--kernel", kKguest}, "kernel image:");  // a host ELF, not a PVH kernel
     expect_usage_error({"run", "--kernel", "/dev/null"}, "not a regular file");
+}
+
+// Malformed Linux kernels, made from the installed Debian bzImage (CI
+// installs linux-image-amd64 for the sandbox): each is one clear line.
+TEST(Cli, MalformedBzImages) {
+    const std::string vmlinuz = "/vmlinuz";
+    std::ifstream in(vmlinuz, std::ios::binary);
+    if (!in) GTEST_SKIP() << "no /vmlinuz on this host (apt-get install linux-image-amd64)";
+    std::vector<char> image((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    ASSERT_GT(image.size(), 0x1000u);
+    auto write = [](const std::string& path, const std::vector<char>& bytes) {
+        std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+        return path;
+    };
+    std::vector<char> img(image.begin(), image.begin() + static_cast<long>(image.size() / 2));
+    expect_usage_error({"run", "--kernel", write("/tmp/kguest-cli-truncated", img)}, "bzImage truncated");
+    img = image;
+    img[0x202] = 'X';  // "HdrS" magic
+    expect_usage_error({"run", "--kernel", write("/tmp/kguest-cli-magic", img)}, "neither a PVH ELF file nor a bzImage");
+    img = image;
+    img[0x206] = 0x01;  // protocol 2.01
+    img[0x207] = 0x02;
+    expect_usage_error({"run", "--kernel", write("/tmp/kguest-cli-version", img)}, "boot protocol 2.1 is too old");
+    std::vector<char> initrd(80u << 20, 'x');
+    expect_usage_error({"run", "--kernel", vmlinuz, "--memory", "64M", "--initrd", write("/tmp/kguest-cli-initrd", initrd)},
+                       "larger than guest RAM");
+    initrd.resize(40u << 20);
+    expect_usage_error({"run", "--kernel", vmlinuz, "--memory", "96M", "--initrd", write("/tmp/kguest-cli-initrd", initrd)},
+                       "does not fit in guest RAM beside the kernel");
+    expect_usage_error({"run", "--kernel", vmlinuz, "--memory", "16M"}, "needs");
+    for (const char* f : {"truncated", "magic", "version", "initrd"}) std::remove((std::string("/tmp/kguest-cli-") + f).c_str());
 }
 
 TEST(Cli, VersionAndHelp) {

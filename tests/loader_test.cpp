@@ -1,6 +1,8 @@
-// The PVH ELF loader on in-memory images: good images load, every malformed
-// header or note is refused with UsageError, random corruption never crashes;
-// and hvm_start_info / memory map / command line written by write_pvh_start_info.
+// The kernel loaders on in-memory images: good PVH ELF files and bzImages
+// load, every malformed header or note is refused with UsageError naming the
+// problem, random corruption never crashes; hvm_start_info / memory map /
+// command line written by write_pvh_start_info, and the bzImage zero page,
+// initrd placement and page tables written by load_kernel.
 #include "vmm/error.hpp"
 #include "vmm/loader.hpp"
 
@@ -214,14 +216,204 @@ TEST(PvhLoader, RefusesEntryOutsideTheImage) {
     expect_refused(make_image(8, 0), "no PVH entry note");  // 0 means "none"
 }
 
-TEST(PvhLoader, SaysWhenGivenABzImage) {
+TEST(PvhLoader, SaysWhenNeitherElfNorBzImage) {
     Image img(0x1000, 0);
     img[0] = 'M';
     img[1] = 'Z';
+    expect_refused(img, "neither a PVH ELF file nor a bzImage");
+}
+
+TEST(PvhLoader, LinuxNoteMarksAVmlinux) {
+    Image img = make_image();
+    EXPECT_FALSE(is_linux_kernel(img));
+    // Point the PT_NOTE at a note area holding a note owned by "Linux".
+    Image linux_img = img;
+    const std::size_t off = linux_img.size();
+    Elf64_Nhdr nh{6, 4, 1};
+    linux_img.resize(off + sizeof nh + 8 + 4);
+    std::memcpy(linux_img.data() + off, &nh, sizeof nh);
+    std::memcpy(linux_img.data() + off + sizeof nh, "Linux", 6);
+    edit_note_ph(linux_img, [&](Elf64_Phdr& p) {
+        p.p_offset = off;
+        p.p_filesz = sizeof nh + 8 + 4;
+    });
+    EXPECT_TRUE(is_linux_kernel(linux_img));
+    EXPECT_FALSE(is_linux_kernel(Image(10, 0)));
+}
+
+// ---- bzImage ------------------------------------------------------------------
+
+constexpr unsigned kSetupSects = 7;                       // setup code: (7 + 1) * 512 bytes
+constexpr std::size_t kSetupBytes = (kSetupSects + 1) * 512;
+constexpr std::size_t kPayload = 0x3000;                 // the "compressed kernel"
+constexpr std::uint32_t kInitSize = 0x200000;
+constexpr std::uint64_t kBzRam = 64 << 20;
+
+template <typename T>
+void poke(Image& img, std::size_t off, T v) { std::memcpy(img.data() + off, &v, sizeof v); }
+
+Image make_bzimage() {
+    Image img(kSetupBytes + kPayload, 0);
+    img[0x1f1] = kSetupSects;
+    poke<std::uint32_t>(img, 0x1f4, kPayload / 16);       // syssize
+    poke<std::uint16_t>(img, 0x1fe, 0xaa55);              // boot_flag
+    img[0x200] = 0xeb;                                    // jmp short
+    img[0x201] = 0x66;                                    // header ends at 0x268
     std::memcpy(img.data() + 0x202, "HdrS", 4);
-    expect_refused(img, "bzImage");
-    img[0x203] = 'x';
-    expect_refused(img, "bad magic");
+    poke<std::uint16_t>(img, 0x206, 0x020f);              // protocol 2.15
+    img[0x211] = 0x01;                                    // LOADED_HIGH
+    poke<std::uint32_t>(img, 0x22c, 0x7fffffff);          // initrd_addr_max
+    poke<std::uint32_t>(img, 0x230, 0x200000);            // kernel_alignment
+    poke<std::uint16_t>(img, 0x236, 0x03);                // XLF_KERNEL_64 | XLF_CAN_BE_LOADED_ABOVE_4G
+    poke<std::uint32_t>(img, 0x238, 2047);                // cmdline_size
+    poke<std::uint64_t>(img, 0x258, 0x1000000);           // pref_address: 16 MiB
+    poke<std::uint32_t>(img, 0x260, kInitSize);
+    for (std::size_t i = 0; i < kPayload; ++i) img[kSetupBytes + i] = static_cast<std::uint8_t>(i * 13 + 5);
+    return img;
+}
+
+void expect_bz_refused(const Image& img, const std::string& what, const Image& initrd = {},
+                       const std::string& cmdline = "console=ttyS0", std::uint64_t ram = kBzRam) {
+    GuestMemory mem(ram, Backing::off);
+    try {
+        load_kernel(mem, img, initrd, cmdline, 0xe0000);
+        ADD_FAILURE() << "loaded; expected refusal mentioning \"" << what << "\"";
+    } catch (const UsageError& e) {
+        EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+}
+
+template <typename T>
+T peek(const GuestMemory& mem, std::uint64_t gpa) { return *mem.read_obj<T>(gpa); }
+
+TEST(BzImageLoader, LoadsKernelZeroPageInitrdAndPageTables) {
+    GuestMemory mem(kBzRam, Backing::off);
+    Image initrd(10000, 0x5a);
+    const Image img = make_bzimage();
+    ASSERT_TRUE(is_bzimage(img));
+    ASSERT_TRUE(is_linux_kernel(img));
+    BootPlan plan = load_kernel(mem, img, initrd, "console=ttyS0 quiet", 0xe0000);
+    EXPECT_EQ(plan.mode, BootPlan::Mode::linux64);
+    EXPECT_EQ(plan.entry, 0x100200u);  // 64-bit entry: load address + 0x200
+    EXPECT_EQ(plan.arg, kZeroPageGpa);
+    EXPECT_TRUE(plan.linux);
+    // The protected-mode kernel at 1 MiB.
+    EXPECT_EQ(std::memcmp(mem.ptr(0x100000, kPayload), img.data() + kSetupBytes, kPayload), 0);
+    // Zero page: the header copied, our fields filled.
+    const std::uint64_t zp = kZeroPageGpa;
+    EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x202), 0x53726448u);  // "HdrS"
+    EXPECT_EQ(peek<std::uint16_t>(mem, zp + 0x206), 0x020fu);
+    EXPECT_EQ(peek<std::uint8_t>(mem, zp + 0x210), 0xffu);         // type_of_loader
+    EXPECT_EQ(peek<std::uint8_t>(mem, zp + 0x211), 0x81u);         // LOADED_HIGH | CAN_USE_HEAP
+    EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x228), kCmdlineGpa);
+    EXPECT_STREQ(reinterpret_cast<const char*>(mem.ptr(kCmdlineGpa, 1)), "console=ttyS0 quiet");
+    EXPECT_EQ(peek<std::uint64_t>(mem, zp + 0x070), 0xe0000u);     // acpi_rsdp_addr
+    // The initrd: page-aligned at the top of RAM, intact.
+    const std::uint32_t rd = peek<std::uint32_t>(mem, zp + 0x218);
+    EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x21c), initrd.size());
+    EXPECT_EQ(rd % 4096, 0u);
+    EXPECT_LE(rd + initrd.size(), kBzRam);
+    EXPECT_GT(rd + initrd.size() + 4096, kBzRam);
+    EXPECT_GE(rd, 0x1000000u + kInitSize);  // clear of the decompressed kernel
+    EXPECT_EQ(*mem.ptr(rd, 1), 0x5a);
+    EXPECT_EQ(plan.initrd_gpa, rd);
+    // E820: low RAM, the reserved BIOS area (with the ACPI tables), RAM from 1 MiB.
+    ASSERT_EQ(peek<std::uint8_t>(mem, zp + 0x1e8), 3u);
+    EXPECT_EQ(peek<std::uint64_t>(mem, zp + 0x2d0 + 8), 0x9fc00u);
+    EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x2d0 + 20 + 16), 2u);
+    EXPECT_EQ(peek<std::uint64_t>(mem, zp + 0x2d0 + 40), 0x100000u);
+    EXPECT_EQ(peek<std::uint64_t>(mem, zp + 0x2d0 + 48), kBzRam - 0x100000);
+    EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x2d0 + 56), 1u);
+    // Identity page tables: PML4[0] -> PDPT -> PDs; 2 MiB pages up to 4 GiB.
+    const std::uint64_t pdpt = peek<std::uint64_t>(mem, kPml4Gpa) & ~0xfffull;
+    const std::uint64_t pd3 = peek<std::uint64_t>(mem, pdpt + 3 * 8) & ~0xfffull;
+    EXPECT_EQ(peek<std::uint64_t>(mem, pd3 + 511 * 8), 0xffe00000ull | 0x83);
+}
+
+TEST(BzImageLoader, WithoutInitrdTheRamdiskFieldsStayZero) {
+    GuestMemory mem(kBzRam, Backing::off);
+    load_kernel(mem, make_bzimage(), {}, "", 0);
+    EXPECT_EQ(peek<std::uint32_t>(mem, kZeroPageGpa + 0x218), 0u);
+    EXPECT_EQ(peek<std::uint32_t>(mem, kZeroPageGpa + 0x21c), 0u);
+}
+
+TEST(BzImageLoader, RefusesMalformedImages) {
+    const Image good = make_bzimage();
+    // Truncated: the header's syssize promises more than the file has.
+    expect_bz_refused(Image(good.begin(), good.end() - 16), "truncated");
+    expect_bz_refused(Image(good.begin(), good.begin() + kSetupBytes), "truncated");
+    expect_bz_refused(Image(good.begin(), good.begin() + 0x240), "truncated inside its setup header");
+    // Wrong magic: then it is neither format.
+    Image img = good;
+    img[0x205] = 'X';
+    expect_bz_refused(img, "neither a PVH ELF file nor a bzImage");
+    img = good;
+    poke<std::uint16_t>(img, 0x1fe, 0x1234);
+    expect_bz_refused(img, "boot_flag");
+    // Bad setup version.
+    img = good;
+    poke<std::uint16_t>(img, 0x206, 0x0204);
+    expect_bz_refused(img, "boot protocol 2.4 is too old");
+    img = good;
+    img[0x211] = 0;
+    expect_bz_refused(img, "zImage");
+    img = good;
+    poke<std::uint16_t>(img, 0x236, 0x02);
+    expect_bz_refused(img, "64-bit entry");
+    img = good;
+    poke<std::uint32_t>(img, 0x260, 0);
+    expect_bz_refused(img, "init_size");
+}
+
+TEST(BzImageLoader, RefusesWhatDoesNotFit) {
+    const Image good = make_bzimage();
+    // The kernel needs pref_address + init_size: 18 MiB, not in 16 MiB.
+    expect_bz_refused(good, "needs 18 MiB", {}, "", 16 << 20);
+    // An initrd larger than RAM, and one that would overlap the kernel.
+    expect_bz_refused(good, "does not fit", Image(kBzRam + 4096, 1));
+    expect_bz_refused(good, "does not fit", Image(kBzRam - (16 << 20), 1));
+    // A command line longer than the kernel's cmdline_size.
+    expect_bz_refused(good, "cmdline_size", {}, std::string(2048, 'x'));
+    GuestMemory mem(kBzRam, Backing::off);
+    EXPECT_NO_THROW(load_kernel(mem, good, {}, std::string(2047, 'x'), 0));
+}
+
+TEST(BzImageLoader, SurvivesRandomCorruption) {
+    const Image good = make_bzimage();
+    GuestMemory mem(kBzRam, Backing::off);
+    std::mt19937 rng(777);
+    unsigned loaded = 0, refused = 0;
+    for (int iter = 0; iter < 4000; ++iter) {
+        Image img = good;
+        for (unsigned i = 0, flips = 1 + rng() % 4; i < flips; ++i) {
+            std::size_t pos = 0x1f1 + rng() % (0x268 - 0x1f1);  // the header fields
+            img[pos] = static_cast<std::uint8_t>(rng());
+        }
+        if (rng() % 16 == 0) img.resize(rng() % img.size());
+        try {
+            load_kernel(mem, img, {}, "console=ttyS0", 0);
+            ++loaded;
+        } catch (const UsageError&) {
+            ++refused;
+        }
+    }
+    EXPECT_GT(loaded, 0u);
+    EXPECT_GT(refused, 0u);
+}
+
+TEST(BzImageLoader, ParsesTheInstalledDebianKernel) {
+    // The host's own kernel when there is one (Debian's bzImage is what the
+    // Linux kvm tests boot); a hand-made header proves the rest above.
+    std::string path;
+    for (const char* p : {"/boot/vmlinuz", "/vmlinuz"})
+        if (::access(p, R_OK) == 0) path = p;
+    if (path.empty()) GTEST_SKIP() << "no /boot/vmlinuz on this host";
+    auto image = read_file(path, 256 << 20);
+    SetupHeader h = parse_setup_header(image);
+    EXPECT_GE(h.version, 0x020cu);
+    GuestMemory mem(256 << 20, Backing::off);
+    BootPlan plan = load_kernel(mem, image, {}, "console=ttyS0", 0xe0000);
+    EXPECT_EQ(plan.entry, 0x100200u);
 }
 
 TEST(PvhLoader, SurvivesRandomCorruption) {

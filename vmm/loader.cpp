@@ -1,9 +1,11 @@
-// The PVH ELF loader (see loader.hpp).
+// The kernel loaders (see loader.hpp): PVH ELF, then the Linux bzImage.
 #include "loader.hpp"
 #include "error.hpp"
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
+#include <string_view>
 #include <elf.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -45,8 +47,10 @@ bool within(std::uint64_t off, std::uint64_t len, std::uint64_t size) {
 
 std::uint64_t align4(std::uint64_t v) { return (v + 3) & ~std::uint64_t(3); }
 
-// Searches one note area for the PVH entry; 0 when absent.
-std::uint64_t find_pvh_note(std::span<const std::uint8_t> notes) {
+// Calls fn(type, owner, desc) for each note in one note area; stops early
+// when fn returns true.
+template <typename F>
+void for_each_note(std::span<const std::uint8_t> notes, F fn) {
     std::uint64_t pos = 0;
     while (pos + sizeof(Elf64_Nhdr) <= notes.size()) {
         Elf64_Nhdr nh;
@@ -56,24 +60,39 @@ std::uint64_t find_pvh_note(std::span<const std::uint8_t> notes) {
         std::uint64_t next = desc_off + align4(nh.n_descsz);
         if (!within(name_off, nh.n_namesz, notes.size()) || !within(desc_off, nh.n_descsz, notes.size()))
             bad("a PT_NOTE entry runs past its segment");
-        if (nh.n_type == XEN_ELFNOTE_PHYS32_ENTRY && nh.n_namesz == 4 &&
-            std::memcmp(notes.data() + name_off, "Xen", 4) == 0) {
-            // Linux writes the address with _ASM_PTR: 8 bytes in ELF64; accept 4 too.
-            if (nh.n_descsz == 4) {
-                std::uint32_t v;
-                std::memcpy(&v, notes.data() + desc_off, 4);
-                return v;
-            }
-            if (nh.n_descsz == 8) {
-                std::uint64_t v;
-                std::memcpy(&v, notes.data() + desc_off, 8);
-                return v;
-            }
-            bad("the PVH entry note has a " + std::to_string(nh.n_descsz) + "-byte address");
-        }
+        std::string_view owner(reinterpret_cast<const char*>(notes.data() + name_off), nh.n_namesz);
+        if (!owner.empty() && owner.back() == '\0') owner.remove_suffix(1);
+        if (fn(nh.n_type, owner, notes.subspan(desc_off, nh.n_descsz))) return;
         pos = next;
     }
-    return 0;
+}
+
+// Searches one note area for the PVH entry; 0 when absent.
+std::uint64_t find_pvh_note(std::span<const std::uint8_t> notes) {
+    std::uint64_t entry = 0;
+    for_each_note(notes, [&](std::uint32_t type, std::string_view owner, std::span<const std::uint8_t> desc) {
+        if (type != XEN_ELFNOTE_PHYS32_ENTRY || owner != "Xen") return false;
+        // Linux writes the address with _ASM_PTR: 8 bytes in ELF64; accept 4 too.
+        if (desc.size() == 4) {
+            std::uint32_t v;
+            std::memcpy(&v, desc.data(), 4);
+            entry = v;
+        } else if (desc.size() == 8) {
+            std::memcpy(&entry, desc.data(), 8);
+        } else {
+            bad("the PVH entry note has a " + std::to_string(desc.size()) + "-byte address");
+        }
+        return true;
+    });
+    return entry;
+}
+
+bool has_linux_note(std::span<const std::uint8_t> notes) {
+    bool found = false;
+    for_each_note(notes, [&](std::uint32_t, std::string_view owner, std::span<const std::uint8_t>) {
+        return found = owner == "Linux";
+    });
+    return found;
 }
 
 } // namespace
@@ -83,9 +102,7 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     if (image.size() < sizeof eh) bad("too small to be an ELF file");
     std::memcpy(&eh, image.data(), sizeof eh);
     if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) {
-        if (image.size() > 0x206 && std::memcmp(image.data() + 0x202, "HdrS", 4) == 0)
-            bad("this is a bzImage; kguest boots the PVH ELF (vmlinux) for now");
-        bad("not an ELF file (bad magic)");
+        bad("neither a PVH ELF file nor a bzImage (bad magic)");
     }
     if (eh.e_ident[EI_CLASS] != ELFCLASS64) bad("not a 64-bit ELF file");
     if (eh.e_ident[EI_DATA] != ELFDATA2LSB) bad("not a little-endian ELF file");
@@ -96,7 +113,7 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     if (!within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
         bad("program headers run past the end of the file");
 
-    LoadedKernel k{0, UINT64_MAX, 0};
+    LoadedKernel k{0, UINT64_MAX, 0, false};
     std::uint64_t entry = 0;
     unsigned loads = 0;
     for (unsigned i = 0; i < eh.e_phnum; ++i) {
@@ -104,7 +121,9 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
         std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
         if (ph.p_type == PT_NOTE) {
             if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_NOTE segment runs past the end of the file");
-            if (entry == 0) entry = find_pvh_note(image.subspan(ph.p_offset, ph.p_filesz));
+            auto notes = image.subspan(ph.p_offset, ph.p_filesz);
+            if (entry == 0) entry = find_pvh_note(notes);
+            k.linux = k.linux || has_linux_note(notes);
             continue;
         }
         if (ph.p_type != PT_LOAD || ph.p_memsz == 0) continue;
@@ -127,21 +146,54 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     return k;
 }
 
-std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline) {
-    if (cmdline.size() + 1 > kCmdlineMax)
-        throw UsageError("--cmdline is longer than " + std::to_string(kCmdlineMax - 1) + " bytes");
+namespace {
+// The E820 map both boot paths hand over: low RAM below the EBDA/VGA/BIOS
+// area (which holds the ACPI tables and stays reserved), then everything from
+// 1 MiB in each RAM region.
+struct E820Entry {
+    std::uint64_t addr, size;
+    std::uint32_t type;  // 1 RAM, 2 reserved
+};
+std::vector<E820Entry> e820_map(const GuestMemory& mem) {
+    std::vector<E820Entry> map{{0, kLowRamEnd, 1}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2}};
+    for (const auto& r : mem.regions()) {
+        std::uint64_t start = std::max(r.gpa, kKernelMinGpa);
+        if (r.gpa + r.size > start) map.push_back({start, r.gpa + r.size - start, 1});
+    }
+    return map;
+}
+
+// End of the RAM region that starts at 0 (below the 32-bit MMIO hole).
+std::uint64_t low_ram_end(const GuestMemory& mem) { return mem.regions().front().size; }
+
+void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t max_with_nul) {
+    if (cmdline.size() + 1 > max_with_nul)
+        throw UsageError("--cmdline is longer than " + std::to_string(max_with_nul - 1) + " bytes" +
+                         (max_with_nul < kCmdlineMax ? " (this kernel's cmdline_size)" : ""));
     if (cmdline.find('\0') != std::string::npos) throw UsageError("--cmdline contains a NUL byte");
     mem.write(kCmdlineGpa, cmdline.c_str(), cmdline.size() + 1);
+}
+} // namespace
 
-    // The E820 map: low RAM below the EBDA/VGA/BIOS area, then everything
-    // from 1 MiB in each RAM region.
+std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
+                          std::uint64_t max_addr) {
+    // As high as it goes (boot.rst: "as high as possible"), page-aligned,
+    // so it stays clear of the kernel's decompression area below.
+    const std::uint64_t top = std::min(low_ram_end(mem), max_addr + 1);
+    const std::uint64_t mib = 1 << 20;
+    if (initrd.size() > top || ((top - initrd.size()) & ~std::uint64_t(0xfff)) < floor)
+        throw UsageError("--initrd: " + std::to_string((initrd.size() + mib - 1) / mib) +
+                         " MiB does not fit in guest RAM beside the kernel (raise --memory)");
+    std::uint64_t gpa = (top - initrd.size()) & ~std::uint64_t(0xfff);
+    mem.write(gpa, initrd.data(), initrd.size());
+    return gpa;
+}
+
+std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp,
+                                   std::uint64_t initrd_gpa, std::uint64_t initrd_size) {
+    write_cmdline(mem, cmdline, kCmdlineMax);
     std::vector<HvmMemmapEntry> map;
-    map.push_back({0, 0x9fc00, 1, 0});
-    map.push_back({0x9fc00, 0x100000 - 0x9fc00, 2, 0});
-    for (const auto& r : mem.regions()) {
-        std::uint64_t start = r.gpa < kKernelMinGpa ? kKernelMinGpa : r.gpa;
-        if (r.gpa + r.size > start) map.push_back({start, r.gpa + r.size - start, 1, 0});
-    }
+    for (const auto& e : e820_map(mem)) map.push_back({e.addr, e.size, e.type, 0});
     mem.write(kMemmapGpa, map.data(), map.size() * sizeof(HvmMemmapEntry));
 
     HvmStartInfo si{};
@@ -150,8 +202,169 @@ std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline)
     si.cmdline_paddr = kCmdlineGpa;
     si.memmap_paddr = kMemmapGpa;
     si.memmap_entries = static_cast<std::uint32_t>(map.size());
+    si.rsdp_paddr = rsdp;
+    if (initrd_size != 0) {
+        // struct hvm_modlist_entry {paddr, size, cmdline_paddr, reserved}
+        const std::uint64_t mod[4] = {initrd_gpa, initrd_size, 0, 0};
+        mem.write(kModlistGpa, mod, sizeof mod);
+        si.nr_modules = 1;
+        si.modlist_paddr = kModlistGpa;
+    }
     mem.write_obj(kStartInfoGpa, si);
     return kStartInfoGpa;
+}
+
+// ---- bzImage (Documentation/arch/x86/boot.rst) ------------------------------
+
+namespace {
+template <typename T>
+T get(std::span<const std::uint8_t> b, std::size_t off) {
+    T v;
+    std::memcpy(&v, b.data() + off, sizeof v);
+    return v;
+}
+template <typename T>
+void put(std::span<std::uint8_t> b, std::size_t off, T v) {
+    std::memcpy(b.data() + off, &v, sizeof v);
+}
+
+constexpr std::size_t kHeaderEnd = 0x268;       // through init_size (protocol 2.10+)
+constexpr std::uint8_t kLoadedHigh = 0x01;      // loadflags: protected-mode code at 1 MiB
+constexpr std::uint8_t kCanUseHeap = 0x80;      // loadflags: heap_end_ptr is valid
+constexpr std::uint16_t kXlfKernel64 = 0x01;    // xloadflags: has the 64-bit entry at +0x200
+constexpr std::uint16_t kMinVersion = 0x020c;   // 2.12: xloadflags
+constexpr std::uint64_t kBzLoadGpa = 0x100000;  // code32_start's default; the kernel relocates itself
+constexpr unsigned kMaxE820 = 128;              // boot_params.e820_table[] entries
+
+std::string version_str(std::uint16_t v) { return std::to_string(v >> 8) + "." + std::to_string(v & 0xff); }
+
+// Identity map of the low 4 GiB with 2 MiB pages (boot.rst, 64-bit boot
+// protocol: "the range with setup_header.init_size ... must be identity
+// mapped"; the decompressor builds its own tables once running).
+void write_identity_page_tables(GuestMemory& mem) {
+    constexpr std::uint64_t kP = 1, kRw = 2, kPs = 0x80;
+    const std::uint64_t pdpt = kPml4Gpa + 0x1000, pd = kPml4Gpa + 0x2000;
+    std::uint64_t pml4[512] = {pdpt | kP | kRw};
+    std::uint64_t pdpte[512] = {};
+    for (std::uint64_t i = 0; i < 4; ++i) pdpte[i] = (pd + i * 0x1000) | kP | kRw;
+    mem.write(kPml4Gpa, pml4, sizeof pml4);
+    mem.write(pdpt, pdpte, sizeof pdpte);
+    for (std::uint64_t i = 0; i < 4; ++i) {
+        std::uint64_t pde[512];
+        for (std::uint64_t j = 0; j < 512; ++j) pde[j] = ((i << 30) | (j << 21)) | kP | kRw | kPs;
+        mem.write(pd + i * 0x1000, pde, sizeof pde);
+    }
+}
+} // namespace
+
+bool is_bzimage(std::span<const std::uint8_t> image) {
+    return image.size() >= 0x206 && std::memcmp(image.data() + 0x202, "HdrS", 4) == 0;
+}
+
+bool is_linux_kernel(std::span<const std::uint8_t> image) {
+    if (is_bzimage(image)) return true;
+    Elf64_Ehdr eh;
+    if (image.size() < sizeof eh) return false;
+    std::memcpy(&eh, image.data(), sizeof eh);
+    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_ident[EI_CLASS] != ELFCLASS64 ||
+        eh.e_phentsize != sizeof(Elf64_Phdr) ||
+        !within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
+        return false;
+    try {
+        for (unsigned i = 0; i < eh.e_phnum; ++i) {
+            Elf64_Phdr ph;
+            std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
+            if (ph.p_type == PT_NOTE && within(ph.p_offset, ph.p_filesz, image.size()) &&
+                has_linux_note(image.subspan(ph.p_offset, ph.p_filesz)))
+                return true;
+        }
+    } catch (const UsageError&) {
+    }
+    return false;
+}
+
+SetupHeader parse_setup_header(std::span<const std::uint8_t> image) {
+    if (!is_bzimage(image)) bad("not a bzImage (no \"HdrS\" magic at 0x202)");
+    if (image.size() < kHeaderEnd) bad("bzImage truncated inside its setup header");
+    if (get<std::uint16_t>(image, 0x1fe) != 0xaa55) bad("bzImage has a bad boot_flag (want 0xAA55)");
+    SetupHeader h;
+    h.version = get<std::uint16_t>(image, 0x206);
+    if (h.version < kMinVersion)
+        bad("bzImage boot protocol " + version_str(h.version) + " is too old (kguest needs 2.12 or later)");
+    h.setup_sects = image[0x1f1] == 0 ? 4 : image[0x1f1];
+    h.syssize = get<std::uint32_t>(image, 0x1f4);
+    h.loadflags = image[0x211];
+    h.initrd_addr_max = get<std::uint32_t>(image, 0x22c);
+    h.xloadflags = get<std::uint16_t>(image, 0x236);
+    h.cmdline_size = get<std::uint32_t>(image, 0x238);
+    h.pref_address = get<std::uint64_t>(image, 0x258);
+    h.init_size = get<std::uint32_t>(image, 0x260);
+    if (!(h.loadflags & kLoadedHigh)) bad("a zImage (loaded low), not a bzImage");
+    if (!(h.xloadflags & kXlfKernel64)) bad("bzImage has no 64-bit entry point (XLF_KERNEL_64)");
+    const std::uint64_t setup_bytes = (std::uint64_t(h.setup_sects) + 1) * 512;
+    if (setup_bytes >= image.size()) bad("bzImage truncated: no protected-mode kernel after the setup code");
+    const std::uint64_t kernel_bytes = image.size() - setup_bytes;
+    if (std::uint64_t(h.syssize) * 16 > kernel_bytes)
+        bad("bzImage truncated: the header says " + std::to_string(std::uint64_t(h.syssize) * 16) +
+            " bytes of kernel, the file has " + std::to_string(kernel_bytes));
+    if (h.init_size == 0 || h.init_size < kernel_bytes) bad("bzImage has a bad init_size");
+    return h;
+}
+
+BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std::span<const std::uint8_t> initrd,
+                     const std::string& cmdline, std::uint64_t rsdp) {
+    if (!is_bzimage(image)) {
+        LoadedKernel k = load_pvh_elf(mem, image);
+        BootPlan plan{BootPlan::Mode::pvh32, k.entry, 0, k.linux};
+        if (!initrd.empty()) {
+            plan.initrd_gpa = load_initrd(mem, initrd, k.image_end, UINT32_MAX);
+            plan.initrd_size = initrd.size();
+        }
+        plan.arg = write_pvh_start_info(mem, cmdline, rsdp, plan.initrd_gpa, plan.initrd_size);
+        return plan;
+    }
+
+    const SetupHeader h = parse_setup_header(image);
+    const std::uint64_t setup_bytes = (std::uint64_t(h.setup_sects) + 1) * 512;
+    auto kernel = image.subspan(setup_bytes);
+    // The kernel decompresses itself to max(load address, pref_address)
+    // rounded up to kernel_alignment, and needs init_size bytes there.
+    const std::uint64_t need = std::max(kBzLoadGpa, h.pref_address) + h.init_size;
+    if (need > low_ram_end(mem))
+        bad("bzImage needs " + std::to_string((need + (1 << 20) - 1) >> 20) + " MiB of RAM below 3 GiB (raise --memory)");
+    mem.write(kBzLoadGpa, kernel.data(), kernel.size());
+
+    BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa, true};
+    if (!initrd.empty()) {
+        plan.initrd_gpa = load_initrd(mem, initrd, need, h.initrd_addr_max);
+        plan.initrd_size = initrd.size();
+    }
+    write_cmdline(mem, cmdline, std::min<std::uint64_t>(kCmdlineMax, std::uint64_t(h.cmdline_size) + 1));
+
+    // The zero page (zero-page.rst): the setup header as the file has it
+    // (0x1f1 up to 0x202 + the jump offset at 0x201), then our fields.
+    std::vector<std::uint8_t> zp(4096, 0);
+    std::span<std::uint8_t> z(zp);
+    const std::size_t hdr_end = std::min<std::size_t>(0x202 + image[0x201], z.size());
+    std::memcpy(zp.data() + 0x1f1, image.data() + 0x1f1, hdr_end - 0x1f1);
+    z[0x210] = 0xff;  // type_of_loader: "undefined" (boot.rst: no assigned ID)
+    z[0x211] = static_cast<std::uint8_t>(h.loadflags | kCanUseHeap);
+    put<std::uint16_t>(z, 0x224, 0xfe00);  // heap_end_ptr (unused by the 64-bit entry)
+    put<std::uint32_t>(z, 0x218, static_cast<std::uint32_t>(plan.initrd_gpa));   // ramdisk_image
+    put<std::uint32_t>(z, 0x21c, static_cast<std::uint32_t>(plan.initrd_size));  // ramdisk_size
+    put<std::uint32_t>(z, 0x228, static_cast<std::uint32_t>(kCmdlineGpa));       // cmd_line_ptr
+    put<std::uint64_t>(z, 0x070, rsdp);                                           // acpi_rsdp_addr
+    const auto map = e820_map(mem);
+    if (map.size() > kMaxE820) bad("too many E820 entries");
+    z[0x1e8] = static_cast<std::uint8_t>(map.size());  // e820_entries
+    for (std::size_t i = 0; i < map.size(); ++i) {     // e820_table: packed {u64 addr, u64 size, u32 type}
+        put<std::uint64_t>(z, 0x2d0 + i * 20, map[i].addr);
+        put<std::uint64_t>(z, 0x2d0 + i * 20 + 8, map[i].size);
+        put<std::uint32_t>(z, 0x2d0 + i * 20 + 16, map[i].type);
+    }
+    mem.write(kZeroPageGpa, zp.data(), zp.size());
+    write_identity_page_tables(mem);
+    return plan;
 }
 
 } // namespace kguest

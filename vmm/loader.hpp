@@ -1,12 +1,21 @@
-// Loading a PVH kernel. The image is an ELF whose PT_NOTE segments carry
+// Loading a kernel: a PVH ELF (our guest, or Linux's vmlinux) or a Linux
+// bzImage. PVH first. The image is an ELF whose PT_NOTE segments carry
 // XEN_ELFNOTE_PHYS32_ENTRY (type 18, owner "Xen"): the physical address of a
 // 32-bit entry point. Per the PVH boot ABI (xen/include/public/arch-x86/hvm/
 // start_info.h, Linux's Documentation/x86/boot.rst "PVH") the loader copies
 // the PT_LOAD segments to their physical addresses, writes struct
 // hvm_start_info (with the command line and an E820-style memory map), and
 // starts the BSP in 32-bit protected mode, paging off, with %ebx = the
-// start_info address. Everything in the file is untrusted: every offset and
-// size is checked, and a malformed image is refused with one clear message.
+// start_info address; an initrd goes in as the one module.
+//
+// A bzImage follows the Linux x86 boot protocol (Documentation/arch/x86/
+// boot.rst): the real-mode setup code is skipped, the protected-mode kernel is
+// loaded at 1 MiB and entered at its 64-bit entry point (load address +
+// 0x200) in long mode, with %rsi = boot_params (the "zero page") carrying
+// the setup header, E820 map, command line and initrd (zero-page.rst).
+//
+// Everything in the files is untrusted: every offset and size is checked,
+// and a malformed image is refused with one clear message.
 #pragma once
 
 #include "guest_memory.hpp"
@@ -23,9 +32,17 @@ namespace kguest {
 inline constexpr std::uint64_t kBootGdtGpa = 0x500;
 inline constexpr std::uint64_t kStartInfoGpa = 0x6000;
 inline constexpr std::uint64_t kMemmapGpa = 0x6100;
+inline constexpr std::uint64_t kModlistGpa = 0x6800;  // PVH module list (the initrd)
 inline constexpr std::uint64_t kCmdlineGpa = 0x7000;
 inline constexpr std::uint64_t kCmdlineMax = 0x1000;  // including the NUL
 inline constexpr std::uint64_t kKernelMinGpa = 0x100000;
+// Long-mode boot (bzImage): identity page tables for the low 4 GiB with
+// 2 MiB pages (PML4, PDPT, four PDs), then the zero page.
+inline constexpr std::uint64_t kPml4Gpa = 0x9000;
+inline constexpr std::uint64_t kZeroPageGpa = 0x10000;
+// The BIOS area [0x9fc00, 1 MiB) is reserved in the E820 map; the ACPI
+// tables (vmm/acpi.hpp) live in it.
+inline constexpr std::uint64_t kLowRamEnd = 0x9fc00;
 
 inline constexpr std::uint32_t XEN_ELFNOTE_PHYS32_ENTRY = 18;
 inline constexpr std::uint32_t XEN_HVM_START_MAGIC_VALUE = 0x336ec578;
@@ -55,7 +72,37 @@ struct LoadedKernel {
     std::uint32_t entry;        // PVH 32-bit entry point
     std::uint64_t image_start;  // lowest loaded address
     std::uint64_t image_end;    // one past the highest
+    bool linux = false;         // the ELF carries Linux's own notes (a vmlinux)
 };
+
+// How the boot CPU starts: PVH (32-bit, %ebx = start_info) or the Linux
+// 64-bit boot protocol (long mode, %rsi = boot_params, page tables at kPml4Gpa).
+struct BootPlan {
+    enum class Mode { pvh32, linux64 } mode;
+    std::uint64_t entry;
+    std::uint64_t arg;      // start_info or boot_params address
+    bool linux;             // a Linux kernel (gets the default command line)
+    std::uint64_t initrd_gpa = 0, initrd_size = 0;
+};
+
+// The fields of the bzImage setup header kguest reads (boot.rst offsets).
+struct SetupHeader {
+    unsigned setup_sects;         // 0x1f1 (0 means 4)
+    std::uint32_t syssize;        // 0x1f4, in 16-byte units
+    std::uint16_t version;        // 0x206
+    std::uint8_t loadflags;       // 0x211
+    std::uint32_t initrd_addr_max;  // 0x22c
+    std::uint16_t xloadflags;     // 0x236
+    std::uint32_t cmdline_size;   // 0x238
+    std::uint64_t pref_address;   // 0x258
+    std::uint32_t init_size;      // 0x260
+};
+bool is_bzimage(std::span<const std::uint8_t> image);
+// A bzImage, or an ELF with a note owned by "Linux" (a vmlinux); false for
+// anything else, malformed files included (loading them says what is wrong).
+bool is_linux_kernel(std::span<const std::uint8_t> image);
+// Validates the header; throws UsageError naming what is wrong.
+SetupHeader parse_setup_header(std::span<const std::uint8_t> image);
 
 // Reads the whole file; UsageError if unreadable, empty or over `max_size`.
 std::vector<std::uint8_t> read_file(const std::string& path, std::uint64_t max_size);
@@ -65,6 +112,20 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
 
 // Writes hvm_start_info, the memory map and the command line; returns the
 // start_info address (for %ebx). Throws UsageError if the cmdline is too long.
-std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline);
+// `rsdp` (0 for none) and an initrd already in guest RAM go in too.
+std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp = 0,
+                                   std::uint64_t initrd_gpa = 0, std::uint64_t initrd_size = 0);
+
+// Copies an initrd to the top of low RAM, below `max_addr` and above
+// `floor` (the end of what the kernel needs); returns its address. Throws
+// UsageError when it does not fit.
+std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
+                          std::uint64_t max_addr);
+
+// The whole boot of either kind of image: loads the kernel and initrd (empty
+// span: none), writes the boot information and, for a bzImage, the page
+// tables. Throws UsageError for a malformed or unfitting image.
+BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std::span<const std::uint8_t> initrd,
+                     const std::string& cmdline, std::uint64_t rsdp);
 
 } // namespace kguest

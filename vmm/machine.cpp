@@ -9,7 +9,11 @@
 #include "exit.hpp"
 #include "log.hpp"
 #include "size.hpp"
+#include "acpi.hpp"
+#include "devices/acpi_pm.hpp"
 #include "devices/exit_port.hpp"
+#include "devices/i8042.hpp"
+#include "devices/rtc.hpp"
 #include "devices/pci.hpp"
 #include "devices/virtio_net.hpp"
 #include "balloon/balloon.hpp"
@@ -77,10 +81,22 @@ private:
 } // namespace
 
 namespace {
-LoadedKernel load_kernel(GuestMemory& mem, const VmConfig& cfg) {
+// Reads the kernel (and initrd), writes the ACPI tables, picks the command
+// line and loads it all into guest RAM. Errors name the file.
+BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
     auto image = read_file(cfg.kernel, mem.size());
+    std::vector<std::uint8_t> initrd;
+    if (!cfg.initrd.empty()) initrd = read_file(cfg.initrd, mem.size());
+    AcpiConfig acpi;
+    acpi.cpus = cfg.cpus;
+    acpi.pm_port = AcpiPm::kBase;
+    const std::uint64_t rsdp = write_acpi_tables(mem, acpi);
+    const std::string linux_cmdline = cfg.default_cmdline
+        ? KGUEST_LINUX_CMDLINE + (cfg.cmdline.empty() ? "" : " " + cfg.cmdline) : cfg.cmdline;
     try {
-        return load_pvh_elf(mem, image);
+        // A Linux kernel (bzImage, or a vmlinux with Linux's ELF notes) gets
+        // the default command line; our own guest gets --cmdline as it is.
+        return load_kernel(mem, image, initrd, is_linux_kernel(image) ? linux_cmdline : cfg.cmdline, rsdp);
     } catch (const UsageError& e) {
         throw UsageError(cfg.kernel + ": " + e.what());
     }
@@ -90,8 +106,7 @@ LoadedKernel load_kernel(GuestMemory& mem, const VmConfig& cfg) {
 Machine::Machine(const VmConfig& cfg)
     : cfg_(cfg),
       mem_(cfg.memory, cfg.backing),
-      kernel_(load_kernel(mem_, cfg)),
-      start_info_(write_pvh_start_info(mem_, cfg.cmdline)),
+      boot_(boot_guest(mem_, cfg)),
       kvm_(),
       vm_(kvm_.create_vm()) {
     kvm_.require_extension(KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP");
@@ -139,6 +154,17 @@ Machine::Machine(const VmConfig& cfg)
     pio_.insert(Serial::kCom1Base, 8, serial_);
     pio_.insert(Port80::kPort, Port80::kLen, port80_);
     pio_.insert(ExitPort::kPort, ExitPort::kLen, exit_port_);
+    // What Linux needs without a BIOS: the CMOS clock, the i8042's reset line
+    // (reboot=k) and the ACPI sleep/reset registers the FADT points at.
+    std::uint64_t below_4g = 0, above_4g = 0;
+    for (const auto& r : mem_.regions()) (r.gpa < kHighRamStart ? below_4g : above_4g) += r.size;
+    rtc_ = std::make_shared<Rtc>(below_4g, above_4g);
+    pio_.insert(Rtc::kBase, Rtc::kLen, rtc_);
+    i8042_ = std::make_shared<I8042>([this] { guest_reset(); });
+    pio_.insert(I8042::kDataPort, 1, i8042_->data_port());
+    pio_.insert(I8042::kCommandPort, 1, i8042_->command_port());
+    acpi_pm_ = std::make_shared<AcpiPm>([this] { guest_power_off(); }, [this] { guest_reset(); });
+    pio_.insert(AcpiPm::kBase, AcpiPm::kLen, acpi_pm_);
     // PCI bus 0 (configuration mechanism #1) with its host bridge at 00:00.0;
     // virtio-pci devices will sit in the slots after it.
     pci_ = std::make_shared<PciHostBridge>();
@@ -186,7 +212,7 @@ Machine::Machine(const VmConfig& cfg)
         vcpus_.push_back(vm_.create_vcpu(i));
         setup_vcpu(vcpus_.back(), supported);
     }
-    setup_boot_cpu(vcpus_[0], kernel_.entry, start_info_);
+    setup_boot_cpu(vcpus_[0]);
 
     // Port 0x80's in-kernel path. The coalesced ring is a page of every
     // vCPU's mapping, at the offset KVM_CAP_COALESCED_MMIO returns.
@@ -253,16 +279,18 @@ void Machine::setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& suppor
     vcpu.set_lapic(lapic);
 }
 
-void Machine::setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t start_info) {
-    // PVH boot ABI: 32-bit protected mode, flat 4 GiB CS (execute/read) and
-    // DS/ES/SS (read/write), a 32-bit TSS in TR, CR0.PE=1 with paging off,
-    // CR4=0, %ebx = start_info. We also write a matching GDT to guest memory,
-    // so selectors stay meaningful until the kernel loads its own.
-    const std::uint64_t gdt[4] = {
+void Machine::setup_boot_cpu(Vcpu& vcpu) {
+    // One GDT serves both boot protocols: PVH uses 0x08/0x10 (flat 32-bit
+    // code and data), Linux's 64-bit entry __BOOT_CS 0x10 / __BOOT_DS 0x18
+    // (boot.rst) -- hence two code descriptors. Written to guest memory too,
+    // so selectors stay meaningful until the kernel loads its own GDT.
+    const bool lm = boot_.mode == BootPlan::Mode::linux64;
+    const std::uint64_t gdt[5] = {
         0,
-        0x00cf9b000000ffff,  // 0x08: code, 32-bit, 4 GiB
-        0x00cf93000000ffff,  // 0x10: data, 4 GiB
-        0x00008b0000000067,  // 0x18: 32-bit TSS (busy)
+        0x00cf9b000000ffff,                                // 0x08: code, 32-bit, 4 GiB
+        lm ? 0x00af9b000000ffffull : 0x00cf93000000ffffull,  // 0x10: code, 64-bit (linux64) / data (PVH)
+        0x00cf93000000ffff,                                // 0x18: data, 4 GiB
+        0x00008b0000000067,                                // 0x20: 32-bit TSS (busy)
     };
     mem_.write(kBootGdtGpa, gdt, sizeof gdt);
 
@@ -280,9 +308,7 @@ void Machine::setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t star
         g.g = 1;
         return g;
     };
-    s.cs = seg(0x08, 0xb, true);
-    s.ds = s.es = s.fs = s.gs = s.ss = seg(0x10, 0x3, true);
-    s.tr = seg(0x18, 0xb, false);
+    s.tr = seg(0x20, 0xb, false);
     s.tr.limit = 0x67;
     s.tr.g = 0;
     s.tr.db = 0;
@@ -290,17 +316,48 @@ void Machine::setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t star
     s.gdt.limit = sizeof gdt - 1;
     s.idt.base = 0;
     s.idt.limit = 0;
-    s.cr0 = 0x11;  // PE | ET
-    s.cr3 = 0;
-    s.cr4 = 0;
-    s.efer = 0;
-    vcpu.set_sregs(s);
-
     kvm_regs r{};
-    r.rip = entry;
-    r.rbx = start_info;
-    r.rflags = 0x2;
+    r.rip = boot_.entry;
+    r.rflags = 0x2;  // interrupts off
+    if (lm) {
+        // Linux 64-bit boot protocol: long mode, paging on with the identity
+        // tables at kPml4Gpa, CS = __BOOT_CS (L=1), DS/ES/SS = __BOOT_DS, %rsi =
+        // boot_params.
+        s.cs = seg(0x10, 0xb, true);
+        s.cs.l = 1;
+        s.cs.db = 0;
+        s.ds = s.es = s.fs = s.gs = s.ss = seg(0x18, 0x3, true);
+        s.cr0 = 0x80000031;  // PG | NE | ET | PE
+        s.cr3 = kPml4Gpa;
+        s.cr4 = 0x20;        // PAE
+        s.efer = 0x500;      // LMA | LME
+        r.rsi = boot_.arg;
+    } else {
+        // PVH boot ABI: 32-bit protected mode, flat 4 GiB CS (execute/read)
+        // and DS/ES/SS (read/write), a 32-bit TSS in TR, CR0.PE=1 with paging
+        // off, CR4=0, %ebx = start_info.
+        s.cs = seg(0x08, 0xb, true);
+        s.ds = s.es = s.fs = s.gs = s.ss = seg(0x10, 0x3, true);
+        s.cr0 = 0x11;  // PE | ET
+        s.cr3 = 0;
+        s.cr4 = 0;
+        s.efer = 0;
+        r.rbx = boot_.arg;
+    }
+    vcpu.set_sregs(s);
     vcpu.set_regs(r);
+}
+
+void Machine::guest_power_off() {
+    log_msg("guest powered off (ACPI S5)");
+    request_stop(0);
+}
+
+void Machine::guest_reset() {
+    // kguest does not restart guests (nor do Firecracker and kvmtool): a
+    // reset ends the VM. Status 0, since `reboot` is a clean request too.
+    log_msg("guest reset the machine (reboot); ending the VM");
+    request_stop(0);
 }
 
 void Machine::request_stop(int status) {

@@ -24,6 +24,9 @@ namespace kguest {
 class Serial;
 class Port80;
 class ExitPort;
+class Rtc;
+class I8042;
+class AcpiPm;
 class PciHostBridge;
 class VirtioDevice;
 class VirtioPciSlot;
@@ -32,9 +35,17 @@ class VirtioBalloon;
 class MachineControl;
 class GsiRouter;
 
+// The command line a Linux kernel gets before --cmdline: the console on COM1,
+// reboot through the i8042 reset line (devices/i8042.hpp), and a panic that
+// ends the VM (reboot after 1 s) instead of hanging it, as kvmtool and
+// Firecracker do.
+#define KGUEST_LINUX_CMDLINE "console=ttyS0 reboot=k panic=1"
+
 struct VmConfig {
     std::string kernel;
+    std::string initrd;
     std::string cmdline;
+    bool default_cmdline = true;   // Linux kernels: KGUEST_LINUX_CMDLINE first
     std::string name = "kguest";
     unsigned cpus = 1;
     std::uint64_t memory = 256ull << 20;
@@ -83,7 +94,11 @@ public:
 
 private:
     void setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported);
-    void setup_boot_cpu(Vcpu& vcpu, std::uint32_t entry, std::uint64_t start_info);
+    void setup_boot_cpu(Vcpu& vcpu);
+    // Guest-initiated ends that are not an exit-port write: ACPI S5
+    // (poweroff) and a reset (i8042 0xFE, the ACPI reset register).
+    void guest_power_off();
+    void guest_reset();
     void vcpu_thread(Vcpu& vcpu);
     void park(Vcpu& vcpu);   // a vCPU thread waiting out a pause
     void input_thread();
@@ -95,8 +110,7 @@ private:
     // bad input is a usage error even on a host without KVM.
     VmConfig cfg_;
     GuestMemory mem_;
-    LoadedKernel kernel_;
-    std::uint64_t start_info_;
+    BootPlan boot_;
     Kvm kvm_;
     Vm vm_;
     // Before the buses and the bridge, so those drop their references first
@@ -113,6 +127,9 @@ private:
     std::shared_ptr<Serial> serial_;
     std::shared_ptr<Port80> port80_;
     std::shared_ptr<ExitPort> exit_port_;
+    std::shared_ptr<Rtc> rtc_;          // CMOS at 0x70-0x71
+    std::shared_ptr<I8042> i8042_;      // reset line at 0x64
+    std::shared_ptr<AcpiPm> acpi_pm_;   // ACPI sleep control / reset registers
     std::shared_ptr<PciHostBridge> pci_;  // bus 0 through ports 0xcf8-0xcff
     std::vector<Vcpu> vcpus_;
     std::uint32_t pv_features_ = 0;  // KVM PV features offered (0x40000001 EAX), before the host's mask

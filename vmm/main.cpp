@@ -19,12 +19,15 @@ namespace kguest {
 namespace {
 
 constexpr const char* kUsage =
-    "usage: kguest run --kernel PATH [options]     boot a PVH kernel (e.g. build/guest/guest.elf)\n"
+    "usage: kguest run --kernel PATH [options]     boot a kernel (build/guest/guest.elf, a bzImage, a vmlinux)\n"
     "       kguest --version\n"
     "\n"
     "run options:\n"
-    "  --kernel PATH             PVH ELF image to boot (required)\n"
-    "  --cmdline STR             kernel command line\n"
+    "  --kernel PATH             PVH ELF image or Linux bzImage to boot (required)\n"
+    "  --initrd PATH             initial ramdisk (Linux: an initramfs)\n"
+    "  --cmdline STR             kernel command line; for Linux appended to the default\n"
+    "                            \"" KGUEST_LINUX_CMDLINE "\"\n"
+    "  --no-default-cmdline      Linux: use --cmdline alone\n"
     "  --cpus N                  vCPUs, 1..254 (default 1)\n"
     "  --memory SIZE             guest RAM, K/M/G suffixes (default 256M, at least 8M)\n"
     "  --hugepages thp|hugetlbfs|off   RAM backing (default thp)\n"
@@ -81,6 +84,12 @@ int cmd_run(int argc, char** argv) {
             cfg.kernel = a.value(f);
         } else if (f == "--cmdline") {
             cfg.cmdline = a.value(f);
+        } else if (f == "--initrd") {
+            cfg.initrd = a.value(f);
+            if (cfg.initrd.empty()) throw UsageError("--initrd needs a file name");
+        } else if (f == "--no-default-cmdline") {
+            a.no_value(f);
+            cfg.default_cmdline = false;
         } else if (f == "--cpus") {
             std::string v = a.value(f);
             auto n = parse_size(v);

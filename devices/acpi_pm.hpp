@@ -1,0 +1,55 @@
+// The ACPI power-management registers of a hardware-reduced ACPI platform
+// (ACPI 6.5 §4.1): instead of the PM1 blocks, the FADT points OSPM at a sleep
+// control register, a sleep status register (§4.8.3.7, §4.8.3.8) and a reset
+// register (§4.8.3.6), all byte-wide in system I/O space. vmm/acpi.cpp writes
+// their ports into the FADT. This is how Linux powers the VM off: `poweroff`
+// ends in acpi_hw_extended_sleep(), which writes SLP_TYP (from \_S5_) and
+// SLP_EN to the sleep control register. A bare HLT with interrupts off, what
+// poweroff does without ACPI, is invisible to a VMM.
+//
+// Ports kBase + 0..3 (byte lanes: a wider access touches the following
+// registers, as it would on an ISA device):
+//   +0 sleep control (write-only): SLP_TYP bits 4:2, SLP_EN bit 5
+//   +1 sleep status: WAK_STS bit 7, write 1 to clear
+//   +2 reset (write-only): kResetValue resets the VM
+//   +3 reserved, reads 0
+#pragma once
+
+#include "vmm/bus.hpp"
+#include "vmm/log.hpp"
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+namespace kguest {
+
+class AcpiPm : public BusDevice {
+public:
+    static constexpr std::uint16_t kBase = 0x600;
+    static constexpr std::uint64_t kLen = 4;
+    static constexpr std::uint64_t kSleepControl = 0, kSleepStatus = 1, kReset = 2;
+    // The FADT's RESET_VALUE.
+    static constexpr std::uint8_t kResetValue = 0x01;
+    // The SLP_TYP our DSDT gives for S5 (its \_S5_ package).
+    static constexpr std::uint8_t kSlpTypS5 = 5;
+    // Register bits (§4.8.3.7, §4.8.3.8; Linux's ACPI_X_* in actbl.h).
+    static constexpr std::uint8_t SLP_TYP_MASK = 0x1c, SLP_TYP_SHIFT = 2, SLP_EN = 0x20;
+    static constexpr std::uint8_t WAK_STS = 0x80;
+
+    // Both callbacks run on the vCPU thread that did the write.
+    AcpiPm(std::function<void()> power_off, std::function<void()> reset)
+        : power_off_(std::move(power_off)), reset_(std::move(reset)) {}
+
+    void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
+
+private:
+    void write_reg(std::uint64_t reg, std::uint8_t v);
+
+    std::function<void()> power_off_, reset_;
+    std::atomic<std::uint8_t> status_{0};
+    RateLimit log_limit_;
+};
+
+} // namespace kguest

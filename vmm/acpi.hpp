@@ -1,0 +1,45 @@
+// The ACPI tables kguest hands a stock Linux kernel: RSDP, XSDT, FADT, MADT and
+// a DSDT, built in memory and written into the BIOS area of guest RAM where
+// Linux also scans for the RSDP. The platform is hardware-reduced ACPI (FADT
+// flag HW_REDUCED_ACPI, ACPI 6.5 §4.1), as Cloud Hypervisor and Firecracker
+// do: no PM1 blocks, PM timer, SCI or GPEs, only the sleep control/status and
+// reset registers of devices/acpi_pm.hpp. The tables give Linux what it cannot
+// learn otherwise: the vCPUs and the IOAPIC (MADT), poweroff through S5
+// (\_S5_ plus the sleep registers), reset, and a PCI root bridge so that it
+// scans bus 0 (DSDT).
+//
+// Layout at kAcpiBase: RSDP, XSDT, FADT, MADT, DSDT, each 16-byte aligned.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace kguest {
+
+class GuestMemory;
+
+// [0xe0000, 1 MiB): the RSDP must lie on a 16-byte boundary in the BIOS
+// read-only area for a guest that scans for it (ACPI 6.5 §5.2.5.1); the caller
+// reserves the range in E820 and passes the RSDP in boot_params.acpi_rsdp_addr.
+inline constexpr std::uint64_t kAcpiBase = 0xe0000;
+inline constexpr std::uint64_t kAcpiSize = 0x20000;
+
+struct AcpiConfig {
+    unsigned cpus = 1;  // 1..254: APIC IDs 0..cpus-1, xAPIC only
+    // The 32-bit window for PCI BARs, the root bridge's memory aperture
+    // (must end at or below the IOAPIC at 0xfec00000).
+    std::uint64_t pci_mmio_base = 0xc0000000;
+    std::uint64_t pci_mmio_size = 0xfec00000 - 0xc0000000;
+    std::uint16_t pm_port = 0x600;  // AcpiPm::kBase
+};
+
+// The tables as they lie from kAcpiBase on (the RSDP first). Pure; throws
+// std::invalid_argument for a config outside the limits above.
+std::vector<std::uint8_t> build_acpi_tables(const AcpiConfig& cfg);
+
+// Writes build_acpi_tables(cfg) at kAcpiBase and returns the RSDP's
+// guest-physical address. Throws std::runtime_error when the region is not
+// guest RAM.
+std::uint64_t write_acpi_tables(GuestMemory& mem, const AcpiConfig& cfg);
+
+} // namespace kguest
