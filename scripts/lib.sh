@@ -32,7 +32,7 @@ BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-d
 SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc6-dev)
 # Packages the network tests use: ip (TAP setup), ping, and passt (the
 # unprivileged backend's far end).
-NET_PACKAGES=(iproute2 iputils-ping passt curl)
+NET_PACKAGES=(iproute2 iputils-ping passt curl procps)
 
 # For the benchmarks: field LINE KEY prints the value of KEY=... in a guest
 # `RESULT name k=v ...` line; median prints the median of the numbers on stdin.
@@ -50,3 +50,7 @@ configure_and_build() {
 }
 # Packages scripts/tlb-overhead uses: gnuplot for its PNG plot.
 TLB_PACKAGES=(gnuplot-nox)
+# Packages the stock-Linux guest scripts (linux-initramfs, linux-boot-bench)
+# use: Debian's kernel with its modules, a static busybox, cpio and kmod
+# (modinfo) to pack the initramfs.
+LINUX_PACKAGES=(linux-image-amd64 busybox-static cpio kmod)

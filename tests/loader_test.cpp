@@ -408,7 +408,8 @@ TEST(BzImageLoader, ParsesTheInstalledDebianKernel) {
     for (const char* p : {"/boot/vmlinuz", "/vmlinuz"})
         if (::access(p, R_OK) == 0) path = p;
     if (path.empty()) GTEST_SKIP() << "no /boot/vmlinuz on this host";
-    auto image = read_file(path, 256 << 20);
+    FileImage file = read_file(path, 256 << 20);
+    auto image = file.bytes();
     SetupHeader h = parse_setup_header(image);
     EXPECT_GE(h.version, 0x020cu);
     GuestMemory mem(256 << 20, Backing::off);
@@ -498,7 +499,9 @@ TEST(ReadFile, ReadsAndRefuses) {
     EXPECT_THROW(read_file(path, 100), UsageError);  // empty
     ASSERT_EQ(::write(fd, "hello", 5), 5);
     ::close(fd);
-    EXPECT_EQ(read_file(path, 5), (std::vector<std::uint8_t>{'h', 'e', 'l', 'l', 'o'}));
+    FileImage f = read_file(path, 5);
+    EXPECT_EQ(std::vector<std::uint8_t>(f.bytes().begin(), f.bytes().end()),
+              (std::vector<std::uint8_t>{'h', 'e', 'l', 'l', 'o'}));
     EXPECT_THROW(read_file(path, 4), UsageError);  // larger than the limit
     EXPECT_THROW(read_file("/tmp", 100), UsageError);  // not a regular file
     ::unlink(path);

@@ -197,6 +197,17 @@ void Vcpu::set_msrs(const std::vector<kvm_msr_entry>& msrs) {
                                  std::to_string(msrs[static_cast<std::size_t>(n)].index));
 }
 
+std::vector<kvm_msr_entry> Vcpu::get_msrs(const std::vector<std::uint32_t>& indices) const {
+    std::size_t bytes = sizeof(kvm_msrs) + indices.size() * sizeof(kvm_msr_entry);
+    auto buf = std::make_unique<std::uint64_t[]>((bytes + 7) / 8);
+    auto* m = reinterpret_cast<kvm_msrs*>(buf.get());
+    m->nmsrs = static_cast<std::uint32_t>(indices.size());
+    for (std::size_t i = 0; i < indices.size(); ++i) m->entries[i] = kvm_msr_entry{indices[i], 0, 0};
+    int n = ::ioctl(fd_.get(), KVM_GET_MSRS, m);
+    if (n < 0) return {};
+    return {m->entries, m->entries + n};
+}
+
 kvm_lapic_state Vcpu::get_lapic() const {
     kvm_lapic_state l{};
     xioctl(fd_.get(), KVM_GET_LAPIC, "KVM_GET_LAPIC", &l);

@@ -94,6 +94,9 @@ public:
     void set_fpu(const kvm_fpu& f);
     void set_cpuid(const std::vector<kvm_cpuid_entry2>& entries);
     void set_msrs(const std::vector<kvm_msr_entry>& msrs);
+    // KVM_GET_MSRS: the values of `indices`, in order, up to the first one
+    // KVM cannot read (so the result may be shorter). Never throws.
+    std::vector<kvm_msr_entry> get_msrs(const std::vector<std::uint32_t>& indices) const;
     kvm_lapic_state get_lapic() const;
     void set_lapic(const kvm_lapic_state& l);
 

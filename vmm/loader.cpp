@@ -8,12 +8,13 @@
 #include <string_view>
 #include <elf.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace kguest {
 
-std::vector<std::uint8_t> read_file(const std::string& path, std::uint64_t max_size) {
+FileImage read_file(const std::string& path, std::uint64_t max_size) {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) throw UsageError("cannot open " + path + ": " + std::strerror(errno));
     Fd owner(fd);
@@ -23,17 +24,20 @@ std::vector<std::uint8_t> read_file(const std::string& path, std::uint64_t max_s
     if (st.st_size == 0) throw UsageError(path + " is empty");
     if (static_cast<std::uint64_t>(st.st_size) > max_size)
         throw UsageError(path + " is larger than guest RAM");
-    std::vector<std::uint8_t> buf(static_cast<std::size_t>(st.st_size));
+    const std::size_t size = static_cast<std::size_t>(st.st_size);
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw_errno("mmap (a buffer for " + path + ")");
+    Mapping buf(p, size);
+    auto* dst = static_cast<std::uint8_t*>(p);
     std::size_t done = 0;
-    while (done < buf.size()) {
-        ssize_t r = ::read(fd, buf.data() + done, buf.size() - done);
+    while (done < size) {
+        ssize_t r = ::read(fd, dst + done, size - done);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) throw UsageError("cannot read " + path + ": " + std::strerror(errno));
-        if (r == 0) break;
+        if (r == 0) break;  // shrank meanwhile: what we got is the file
         done += static_cast<std::size_t>(r);
     }
-    buf.resize(done);
-    return buf;
+    return FileImage(std::move(buf), done);
 }
 
 namespace {

@@ -18,6 +18,7 @@
 // and a malformed image is refused with one clear message.
 #pragma once
 
+#include "fd.hpp"
 #include "guest_memory.hpp"
 
 #include <cstdint>
@@ -104,8 +105,21 @@ bool is_linux_kernel(std::span<const std::uint8_t> image);
 // Validates the header; throws UsageError naming what is wrong.
 SetupHeader parse_setup_header(std::span<const std::uint8_t> image);
 
+// A whole file's bytes (kernel, initrd) in an anonymous mapping of their
+// own: freed with munmap, so a multi-MiB image leaves the VMM's RSS once
+// loaded (a heap buffer would stay in the heap, past malloc's trim threshold).
+class FileImage {
+public:
+    FileImage(Mapping m, std::size_t size) : m_(std::move(m)), size_(size) {}
+    std::span<const std::uint8_t> bytes() const { return {static_cast<const std::uint8_t*>(m_.get()), size_}; }
+
+private:
+    Mapping m_;
+    std::size_t size_;
+};
+
 // Reads the whole file; UsageError if unreadable, empty or over `max_size`.
-std::vector<std::uint8_t> read_file(const std::string& path, std::uint64_t max_size);
+FileImage read_file(const std::string& path, std::uint64_t max_size);
 
 // Validates and loads; throws UsageError("...") naming what is wrong.
 LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image);

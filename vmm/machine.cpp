@@ -31,6 +31,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sys/mman.h>
+#include <optional>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -84,9 +85,9 @@ namespace {
 // Reads the kernel (and initrd), writes the ACPI tables, picks the command
 // line and loads it all into guest RAM. Errors name the file.
 BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
-    auto image = read_file(cfg.kernel, mem.size());
-    std::vector<std::uint8_t> initrd;
-    if (!cfg.initrd.empty()) initrd = read_file(cfg.initrd, mem.size());
+    const FileImage image = read_file(cfg.kernel, mem.size());
+    std::optional<FileImage> initrd;
+    if (!cfg.initrd.empty()) initrd.emplace(read_file(cfg.initrd, mem.size()));
     AcpiConfig acpi;
     acpi.cpus = cfg.cpus;
     acpi.pm_port = AcpiPm::kBase;
@@ -96,7 +97,8 @@ BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
     try {
         // A Linux kernel (bzImage, or a vmlinux with Linux's ELF notes) gets
         // the default command line; our own guest gets --cmdline as it is.
-        return load_kernel(mem, image, initrd, is_linux_kernel(image) ? linux_cmdline : cfg.cmdline, rsdp);
+        return load_kernel(mem, image.bytes(), initrd ? initrd->bytes() : std::span<const std::uint8_t>(),
+                           is_linux_kernel(image.bytes()) ? linux_cmdline : cfg.cmdline, rsdp);
     } catch (const UsageError& e) {
         throw UsageError(cfg.kernel + ": " + e.what());
     }
@@ -613,6 +615,20 @@ int Machine::run() {
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
 
     int status = status_.load();
+    // Which KVM paravirt MSRs the guest turned on (kvm_para.h; bit 0 of each
+    // is its enable bit): evidence, from outside, that a Linux guest uses
+    // kvmclock, steal time, PV EOI and async page faults.
+    {
+        static constexpr std::pair<std::uint32_t, const char*> kPvMsrs[] = {
+            {0x4b564d01, "kvmclock"}, {0x4b564d03, "steal-time"}, {0x4b564d04, "pv-eoi"}, {0x4b564d02, "async-pf"}};
+        std::vector<std::uint32_t> idx;
+        for (const auto& m : kPvMsrs) idx.push_back(m.first);
+        std::string used;
+        for (const auto& e : vcpus_[0].get_msrs(idx))
+            for (const auto& m : kPvMsrs)
+                if (m.first == e.index && (e.data & 1)) used += std::string(used.empty() ? "" : " ") + m.second;
+        log_msg("vCPU 0 PV MSRs enabled by the guest: %s", used.empty() ? "none" : used.c_str());
+    }
     log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
             cfg_.name.c_str(), status, static_cast<unsigned long long>(port80_->writes()),
             port80_->absorbed() ? "in-kernel" : "userspace", static_cast<unsigned long long>(port80_->reads()),
