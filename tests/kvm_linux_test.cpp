@@ -108,6 +108,29 @@ TEST(KvmLinux, BootsSmpWithPvFeaturesAndPowersOff) {
     EXPECT_NE(r.err.find("port 0x80: 0 writes"), std::string::npos) << r.err;
 }
 
+TEST(KvmLinux, VmlinuxBootsThroughPvh) {
+    KGUEST_NEED_LINUX();
+    // The ELF inside Debian's bzImage (an xz stream), as scripts/sandbox
+    // unpacks it: a vmlinux with Linux's PVH entry note.
+    const std::string vmlinux = "/tmp/kguest-test-vmlinux";
+    auto x = run_process({"sh", "-c",
+                          "off=$(LC_ALL=C grep -obUaP '\\xfd7zXZ\\x00' " + linux_kernel() +
+                              " | head -n 1 | cut -d: -f1) && tail -c +$((off + 1)) " + linux_kernel() +
+                              " | xz -dcq --single-stream > " + vmlinux},
+                         120);
+    ASSERT_EQ(slurp(vmlinux).substr(0, 4), "\x7f" "ELF") << "unpacking the bzImage failed: " << x.err;
+    auto argv = linux_run("kguest.test=boot");
+    argv[3] = vmlinux;  // --kernel
+    auto r = run_process(argv, 300);
+    unlink(vmlinux.c_str());
+    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    EXPECT_EQ(result(r.out, "nproc"), "2") << r.out;
+    EXPECT_EQ(result(r.out, "clocksource"), "kvm-clock") << r.out;
+    // A vmlinux is recognised as Linux (its "Linux" ELF notes): the default
+    // command line came first.
+    EXPECT_NE(r.out.find("CMDLINE console=ttyS0 reboot=k panic=1 kguest.test=boot"), std::string::npos) << r.out;
+}
+
 TEST(KvmLinux, TapThousandPings) {
     KGUEST_NEED_LINUX();
     const std::string tap = "kglx0";
