@@ -108,6 +108,16 @@ TEST(KvmLinux, BootsSmpWithPvFeaturesAndPowersOff) {
     EXPECT_NE(r.err.find("port 0x80: 0 writes"), std::string::npos) << r.err;
 }
 
+TEST(KvmLinux, RebootEndsTheVm) {
+    KGUEST_NEED_LINUX();
+    // `reboot` with the default reboot=k: the i8042's reset line. kguest does
+    // not restart guests; it ends the VM with status 0.
+    auto r = run_process(linux_run("kguest.test=reboot", {"--cpus", "1"}), 300);
+    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    EXPECT_NE(r.out.find("kguest-init: reboot"), std::string::npos) << r.out;
+    EXPECT_NE(r.err.find("guest reset the machine"), std::string::npos) << r.err;
+}
+
 TEST(KvmLinux, VmlinuxBootsThroughPvh) {
     KGUEST_NEED_LINUX();
     // The ELF inside Debian's bzImage (an xz stream), as scripts/sandbox
