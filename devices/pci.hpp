@@ -40,6 +40,10 @@ inline constexpr std::uint16_t kCommandIo = 1u << 0, kCommandMemory = 1u << 1,
                                kCommandMaster = 1u << 2, kCommandIntxDisable = 1u << 10;
 inline constexpr std::uint16_t kStatusCapList = 1u << 4;
 inline constexpr unsigned kConfigSize = 256, kNumBars = 6, kCapStart = 0x40;
+// Where INTA# of a bus-0 slot goes: IOAPIC pin 16 + (slot - 1) % 8. PCI
+// interrupts are level-triggered and shareable, and pins 16-23 carry no ISA
+// device. The wiring (vmm/virtio_kvm.cpp) and the ACPI _PRT both use this.
+constexpr std::uint32_t intx_gsi(unsigned slot) { return 16 + (slot - 1) % 8; }
 } // namespace pci
 
 class PciFunction {

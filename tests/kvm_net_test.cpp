@@ -29,25 +29,6 @@ namespace kguest {
 namespace {
 using namespace kguest::test;
 
-bool run_ok(const std::vector<std::string>& argv) { return run_process(argv, 30).status == 0; }
-
-// A persistent TAP interface with a host address, removed at the end.
-class Tap {
-public:
-    Tap(std::string name, const std::string& cidr) : name_(std::move(name)) {
-        run_ok({"ip", "link", "del", name_});   // a leftover from a killed run
-        ok_ = run_ok({"ip", "tuntap", "add", name_, "mode", "tap"}) && run_ok({"ip", "addr", "add", cidr, "dev", name_}) &&
-              run_ok({"ip", "link", "set", name_, "up"});
-    }
-    ~Tap() { run_ok({"ip", "link", "del", name_}); }
-    bool ok() const { return ok_; }
-    const std::string& name() const { return name_; }
-
-private:
-    std::string name_;
-    bool ok_ = false;
-};
-
 // Sends `n` datagrams of sizes 64..1472 to addr:port one at a time and counts
 // those that came back intact within a second each.
 unsigned udp_echo(const std::string& addr, std::uint16_t port, unsigned n, std::string& why) {

@@ -197,6 +197,28 @@ inline std::vector<std::string> kguest_run(const std::string& cmdline, unsigned 
 
 // PVM, the software-only KVM some CI hosts run: no kvm_amd/kvm_intel quirks,
 // and kguest hides the hypercall-based PV features there (see Machine).
+inline bool run_ok(const std::vector<std::string>& argv) { return run_process(argv, 30).status == 0; }
+
+// A persistent TAP interface with a host address, removed at the end (for
+// the network tests; needs root and /dev/net/tun).
+class Tap {
+public:
+    Tap(std::string name, const std::string& cidr) : name_(std::move(name)) {
+        run_ok({"ip", "link", "del", name_});   // a leftover from a killed run
+        ok_ = run_ok({"ip", "tuntap", "add", name_, "mode", "tap"}) && run_ok({"ip", "addr", "add", cidr, "dev", name_}) &&
+              run_ok({"ip", "link", "set", name_, "up"});
+    }
+    ~Tap() { run_ok({"ip", "link", "del", name_}); }
+    Tap(const Tap&) = delete;
+    Tap& operator=(const Tap&) = delete;
+    bool ok() const { return ok_; }
+    const std::string& name() const { return name_; }
+
+private:
+    std::string name_;
+    bool ok_ = false;
+};
+
 inline bool host_is_pvm() { return access("/sys/module/kvm_pvm", F_OK) == 0; }
 
 } // namespace kguest::test

@@ -5,6 +5,7 @@
 #include "guest_memory.hpp"
 
 #include "devices/acpi_pm.hpp"
+#include "devices/pci.hpp"
 
 #include <cstring>
 #include <stdexcept>
@@ -209,8 +210,7 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     // Linux with ACPI scans PCI only under a PNP0A03/PNP0A08 device (its
     // pci_legacy_init is skipped once pci_acpi_init succeeds), and then only
     // inside the _CRS windows, so they must cover the BARs kguest assigns
-    // from pci_mmio_base. No _PRT: virtio-pci uses MSI-X, so no device needs
-    // INTx routed (a device with INTx would get "no GSI" from Linux).
+    // from pci_mmio_base.
     Bytes crs;
     word_window(crs, 2, 0, 0, 0);                    // WordBusNumber: bus 0 only
     io_port(crs, 0xcf8, 8);                          // config mechanism #1, the bridge's own
@@ -228,6 +228,15 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     append(pci0, aml_name("_BBN", aml_int(0)));
     append(pci0, aml_name("_UID", aml_int(0)));
     append(pci0, aml_name("_CRS", aml_buffer(crs)));
+    // _PRT (§6.2.13): INTA# of every slot straight to its GSI (Source Zero,
+    // so the last field is a global interrupt), as pci::intx_gsi wires it.
+    // Drivers that do not enable MSI-X (Linux with pci=nomsi) fall back to
+    // it; without it Linux says "PCI INT A: no GSI".
+    std::vector<Bytes> prt;
+    for (unsigned slot = 1; slot < PciHostBridge::kSlots; ++slot)
+        prt.push_back(aml_package({aml_int((std::uint64_t{slot} << 16) | 0xffff), aml_int(0), aml_int(0),
+                                   aml_int(pci::intx_gsi(slot))}));
+    append(pci0, aml_name("_PRT", aml_package(prt)));
     Bytes sb = aml_device("PCI0", pci0);
 
     // The ISA devices with interrupts. In hardware-reduced mode Linux has no

@@ -116,9 +116,7 @@ VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& 
                              std::shared_ptr<VirtioDevice> device, std::uint32_t class_code, unsigned slot,
                              std::uint64_t bar_gpa)
     : vm_(vm), mmio_(mmio), mem_(mem) {
-    // INTA# of slot n on IOAPIC pin 16 + (n - 1) % 8: PCI interrupts are
-    // level-triggered and shared, and pins 16-23 are free of ISA devices.
-    const std::uint32_t intx = 16 + (slot - 1) % 8;
+    const std::uint32_t intx = pci::intx_gsi(slot);
     const auto queues = device->num_queues();
     irqs_ = std::make_shared<Irqs>(vm, router, static_cast<std::uint16_t>(queues + 1), intx);
     auto dev = device;
