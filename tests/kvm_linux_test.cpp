@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <memory>
 #include <cstdlib>
 #include <string>
 #include <thread>
@@ -62,6 +64,37 @@ std::vector<std::string> linux_run(const std::string& cmdline, std::vector<std::
     return argv;
 }
 
+// Hack: in the QEMU sandbox, now and then Debian's kernel triple-faults
+// early in its boot, before the init runs (seen in about 1 boot of 25, just
+// after the "XSAVE consistency problem" warning that every boot there
+// prints; QEMU's own L2 prints the warning too, and its -no-reboot runs
+// ended the same way in scripts/linux-boot-bench). Such a boot, and only
+// such a boot, is tried once more; any other failure stands.
+bool sandbox_boot_crash(const ProcResult& r) {
+    return r.status == 1 && r.err.find("guest triple fault") != std::string::npos &&
+           r.out.find("kguest-init: start") == std::string::npos;
+}
+void note_retry() {
+    std::fprintf(stderr, "note: the guest triple-faulted before its init ran (the emulated sandbox's XSAVE "
+                         "trouble, see README); booting it once more\n");
+}
+
+ProcResult run_linux(const std::vector<std::string>& argv, int timeout_s = 300) {
+    ProcResult r = run_process(argv, timeout_s);
+    if (!sandbox_boot_crash(r)) return r;
+    note_retry();
+    return run_process(argv, timeout_s);
+}
+
+// A VM left running for the test to talk to, once its init has started.
+std::unique_ptr<Background> start_linux(const std::vector<std::string>& argv) {
+    auto vm = std::make_unique<Background>(argv);
+    if (vm->wait_for_output("kguest-init: start", 180) || vm->running()) return vm;
+    if (!sandbox_boot_crash(vm->wait(5))) return vm;
+    note_retry();
+    return std::make_unique<Background>(argv);
+}
+
 // The value of key in the first `RESULT ... key=value ...` line that has it.
 std::string result(const std::string& out, const std::string& key) {
     for (std::size_t p = out.find("RESULT "); p != std::string::npos; p = out.find("RESULT ", p + 1)) {
@@ -82,7 +115,7 @@ std::string result(const std::string& out, const std::string& key) {
 
 TEST(KvmLinux, BootsSmpWithPvFeaturesAndPowersOff) {
     KGUEST_NEED_LINUX();
-    auto r = run_process(linux_run("kguest.test=boot", {"--balloon", "--console", "stdio"}), 300);
+    auto r = run_linux(linux_run("kguest.test=boot", {"--balloon", "--console", "stdio"}), 300);
     ASSERT_FALSE(r.timed_out) << r.out << r.err;
     EXPECT_EQ(r.status, 0) << r.out << r.err;          // poweroff → 0
     EXPECT_NE(r.out.find("kguest-init: start"), std::string::npos) << r.out;
@@ -110,7 +143,7 @@ TEST(KvmLinux, RebootEndsTheVm) {
     KGUEST_NEED_LINUX();
     // `reboot` with the default reboot=k: the i8042's reset line. kguest does
     // not restart guests; it ends the VM with status 0.
-    auto r = run_process(linux_run("kguest.test=reboot", {"--cpus", "1"}), 300);
+    auto r = run_linux(linux_run("kguest.test=reboot", {"--cpus", "1"}), 300);
     EXPECT_EQ(r.status, 0) << r.out << r.err;
     EXPECT_NE(r.out.find("kguest-init: reboot"), std::string::npos) << r.out;
     EXPECT_NE(r.err.find("guest reset the machine"), std::string::npos) << r.err;
@@ -129,7 +162,7 @@ TEST(KvmLinux, VmlinuxBootsThroughPvh) {
     ASSERT_EQ(slurp(vmlinux).substr(0, 4), "\x7f" "ELF") << "unpacking the bzImage failed: " << x.err;
     auto argv = linux_run("kguest.test=boot");
     argv[3] = vmlinux;  // --kernel
-    auto r = run_process(argv, 300);
+    auto r = run_linux(argv);
     unlink(vmlinux.c_str());
     EXPECT_EQ(r.status, 0) << r.out << r.err;
     EXPECT_EQ(result(r.out, "nproc"), "2") << r.out;
@@ -144,8 +177,9 @@ TEST(KvmLinux, TapThousandPings) {
     Tap tap("kglx0", "10.78.6.1/24");
     ASSERT_TRUE(tap.ok()) << "cannot create a TAP (needs root and /dev/net/tun)";
     const std::string sock = "/tmp/kguest-test-linux-net.sock";
-    Background vm(linux_run("kguest.test=net-tap kguest.ip=10.78.6.2/24 kguest.ping=10.78.6.1 kguest.count=5 kguest.wait=600",
-                            {"--net", "tap=" + tap.name(), "--api-socket", sock}));
+    auto vmp = start_linux(linux_run("kguest.test=net-tap kguest.ip=10.78.6.2/24 kguest.ping=10.78.6.1 kguest.count=5 kguest.wait=600",
+                                     {"--net", "tap=" + tap.name(), "--api-socket", sock}));
+    Background& vm = *vmp;
     ASSERT_TRUE(vm.wait_for_output("RESULT ping_tx=", 180)) << vm.out() << vm.err();
     EXPECT_EQ(result(vm.out(), "ping_rx"), "5") << vm.out();   // the guest pings us
     // 1,000 pings from the host, 10 ms apart, each given 2 s.
@@ -163,7 +197,7 @@ TEST(KvmLinux, VirtioNetOverIntxWithoutMsi) {
     // _PRT to pci::intx_gsi(slot) and raised with KVM_IRQ_LINE.
     Tap tap("kglx1", "10.78.8.1/24");
     ASSERT_TRUE(tap.ok()) << "cannot create a TAP (needs root and /dev/net/tun)";
-    auto r = run_process(linux_run("pci=nomsi kguest.test=net-tap kguest.ip=10.78.8.2/24 kguest.ping=10.78.8.1 "
+    auto r = run_linux(linux_run("pci=nomsi kguest.test=net-tap kguest.ip=10.78.8.2/24 kguest.ping=10.78.8.1 "
                                    "kguest.count=20 kguest.wait=0",
                                    {"--net", "tap=" + tap.name()}),
                          300);
@@ -209,7 +243,7 @@ TEST(KvmLinux, PasstDhcpOverStream) {
     Background passt(in_ns({"passt", "-f", "-e", "-1", "-4", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "-s", sock}));
     for (int i = 0; i < 200 && access(sock.c_str(), F_OK) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
     ASSERT_EQ(access(sock.c_str(), F_OK), 0) << "passt did not create its socket\n" << passt.err();
-    auto r = run_process(linux_run("kguest.test=net-dhcp", {"--net", "stream=" + sock}), 300);
+    auto r = run_linux(linux_run("kguest.test=net-dhcp", {"--net", "stream=" + sock}), 300);
     EXPECT_EQ(r.status, 0) << r.out << r.err << passt.err();
     EXPECT_EQ(result(r.out, "dhcp_ip"), "10.0.2.15/24") << r.out;
     EXPECT_EQ(result(r.out, "router"), "10.0.2.2") << r.out;
@@ -238,8 +272,9 @@ TEST(KvmLinux, BalloonResizesTheGuest) {
     const std::string sock = "/tmp/kguest-test-linux-balloon.sock";
     // The guest first fills and frees 300 MiB of tmpfs, so that much of its
     // RAM is resident on the host before the balloon takes it back.
-    Background vm(linux_run("kguest.test=balloon kguest.touch=300 kguest.wait=600",
-                            {"--balloon", "--api-socket", sock}));
+    auto vmp = start_linux(linux_run("kguest.test=balloon kguest.touch=300 kguest.wait=600",
+                                     {"--balloon", "--api-socket", sock}));
+    Background& vm = *vmp;
     ASSERT_TRUE(vm.wait_for_output("BALLOON t=1 ", 240)) << vm.out() << vm.err();
     EXPECT_NE(vm.out().find("driver=virtio_balloon"), std::string::npos) << vm.out();
     const std::uint64_t rss0 = info(sock)["rss_bytes"].get<std::uint64_t>();
