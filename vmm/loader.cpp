@@ -71,11 +71,12 @@ void for_each_note(std::span<const std::uint8_t> notes, F fn) {
     }
 }
 
-// Searches one note area for the PVH entry; 0 when absent.
+// Searches one note area for the (first) PVH entry; 0 when absent. Every
+// note is walked, so one that runs past its segment is refused anywhere.
 std::uint64_t find_pvh_note(std::span<const std::uint8_t> notes) {
     std::uint64_t entry = 0;
     for_each_note(notes, [&](std::uint32_t type, std::string_view owner, std::span<const std::uint8_t> desc) {
-        if (type != XEN_ELFNOTE_PHYS32_ENTRY || owner != "Xen") return false;
+        if (entry != 0 || type != XEN_ELFNOTE_PHYS32_ENTRY || owner != "Xen") return false;
         // Linux writes the address with _ASM_PTR: 8 bytes in ELF64; accept 4 too.
         if (desc.size() == 4) {
             std::uint32_t v;
@@ -86,7 +87,7 @@ std::uint64_t find_pvh_note(std::span<const std::uint8_t> notes) {
         } else {
             bad("the PVH entry note has a " + std::to_string(desc.size()) + "-byte address");
         }
-        return true;
+        return false;
     });
     return entry;
 }
@@ -117,7 +118,7 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     if (!within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
         bad("program headers run past the end of the file");
 
-    LoadedKernel k{0, UINT64_MAX, 0, false};
+    LoadedKernel k{0, UINT64_MAX, 0};
     std::uint64_t entry = 0;
     unsigned loads = 0;
     for (unsigned i = 0; i < eh.e_phnum; ++i) {
@@ -125,9 +126,8 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
         std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
         if (ph.p_type == PT_NOTE) {
             if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_NOTE segment runs past the end of the file");
-            auto notes = image.subspan(ph.p_offset, ph.p_filesz);
-            if (entry == 0) entry = find_pvh_note(notes);
-            k.linux = k.linux || has_linux_note(notes);
+            std::uint64_t e = find_pvh_note(image.subspan(ph.p_offset, ph.p_filesz));
+            if (entry == 0) entry = e;
             continue;
         }
         if (ph.p_type != PT_LOAD || ph.p_memsz == 0) continue;
@@ -305,7 +305,8 @@ SetupHeader parse_setup_header(std::span<const std::uint8_t> image) {
     h.init_size = get<std::uint32_t>(image, 0x260);
     if (!(h.loadflags & kLoadedHigh)) bad("a zImage (loaded low), not a bzImage");
     if (!(h.xloadflags & kXlfKernel64)) bad("bzImage has no 64-bit entry point (XLF_KERNEL_64)");
-    const std::uint64_t setup_bytes = (std::uint64_t(h.setup_sects) + 1) * 512;
+    h.setup_bytes = (std::uint64_t(h.setup_sects) + 1) * 512;
+    const std::uint64_t setup_bytes = h.setup_bytes;
     if (setup_bytes >= image.size()) bad("bzImage truncated: no protected-mode kernel after the setup code");
     const std::uint64_t kernel_bytes = image.size() - setup_bytes;
     if (std::uint64_t(h.syssize) * 16 > kernel_bytes)
@@ -319,7 +320,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
                      const std::string& cmdline, std::uint64_t rsdp) {
     if (!is_bzimage(image)) {
         LoadedKernel k = load_pvh_elf(mem, image);
-        BootPlan plan{BootPlan::Mode::pvh32, k.entry, 0, k.linux};
+        BootPlan plan{BootPlan::Mode::pvh32, k.entry, 0};
         if (!initrd.empty()) {
             plan.initrd_gpa = load_initrd(mem, initrd, k.image_end, UINT32_MAX);
             plan.initrd_size = initrd.size();
@@ -329,8 +330,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
     }
 
     const SetupHeader h = parse_setup_header(image);
-    const std::uint64_t setup_bytes = (std::uint64_t(h.setup_sects) + 1) * 512;
-    auto kernel = image.subspan(setup_bytes);
+    auto kernel = image.subspan(h.setup_bytes);
     // The kernel decompresses itself to max(load address, pref_address)
     // rounded up to kernel_alignment, and needs init_size bytes there.
     const std::uint64_t need = std::max(kBzLoadGpa, h.pref_address) + h.init_size;
@@ -338,7 +338,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
         bad("bzImage needs " + std::to_string((need + (1 << 20) - 1) >> 20) + " MiB of RAM below 3 GiB (raise --memory)");
     mem.write(kBzLoadGpa, kernel.data(), kernel.size());
 
-    BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa, true};
+    BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa};
     if (!initrd.empty()) {
         plan.initrd_gpa = load_initrd(mem, initrd, need, h.initrd_addr_max);
         plan.initrd_size = initrd.size();

@@ -73,7 +73,6 @@ struct LoadedKernel {
     std::uint32_t entry;        // PVH 32-bit entry point
     std::uint64_t image_start;  // lowest loaded address
     std::uint64_t image_end;    // one past the highest
-    bool linux = false;         // the ELF carries Linux's own notes (a vmlinux)
 };
 
 // How the boot CPU starts: PVH (32-bit, %ebx = start_info) or the Linux
@@ -82,13 +81,13 @@ struct BootPlan {
     enum class Mode { pvh32, linux64 } mode;
     std::uint64_t entry;
     std::uint64_t arg;      // start_info or boot_params address
-    bool linux;             // a Linux kernel (gets the default command line)
     std::uint64_t initrd_gpa = 0, initrd_size = 0;
 };
 
 // The fields of the bzImage setup header kguest reads (boot.rst offsets).
 struct SetupHeader {
     unsigned setup_sects;         // 0x1f1 (0 means 4)
+    std::uint64_t setup_bytes;    // (setup_sects + 1) * 512: where the protected-mode kernel starts
     std::uint32_t syssize;        // 0x1f4, in 16-byte units
     std::uint16_t version;        // 0x206
     std::uint8_t loadflags;       // 0x211
