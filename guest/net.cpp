@@ -135,14 +135,13 @@ constexpr u32 kEthLen = 14, kIpLen = 20, kUdpLen = 8, kIcmpLen = 8;
 void irq_rx(Frame*) { dev.irq_rx = dev.irq_rx + 1; lapic_eoi(); }
 void irq_tx(Frame*) { dev.irq_tx = dev.irq_tx + 1; lapic_eoi(); }
 void irq_config(Frame*) { dev.irq_config = dev.irq_config + 1; lapic_eoi(); }
-// Hack: in the nested TCG sandbox an interrupt can land between `sti` and
-// `hlt` (the STI shadow is not honoured there), so the interrupt meant to end
-// the halt is taken just before it and the halt then waits for the next one.
-// With EVENT_IDX the device sends no next one (2.7.10: one interrupt per
-// crossing of used_event) and the halt's own timer was the interrupt taken:
-// seen as a guest halted for good, with QEMU's device as with kguest's. So
-// while a wait is on, the timer re-arms itself: a halt always ends within one
-// period, whatever was taken early.
+// A safety net, no longer known to be needed: while a wait is on, the timer
+// re-arms itself, so a halt always ends within one period whatever interrupt
+// went missing. It was added for guests seen halted for good in the nested
+// TCG sandbox (with QEMU's device as with kguest's), then put down to an
+// interrupt taken between `sti` and `hlt`; the cause found later was a lost
+// EOI (see lapic_eoi in cpu.hpp): the vector stayed in service and masked
+// every interrupt, this timer's included, so this could not help there.
 volatile u64 g_wait_rearm_tsc;  // 0 outside net_wait
 void irq_timer(Frame*) {
     if (g_wait_rearm_tsc) wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + g_wait_rearm_tsc);
@@ -165,8 +164,7 @@ void net_wait(u64 deadline_ns) {
     // With MSI-X a halt still ends within 5 ms: a lost or late wake-up then
     // costs 5 ms, not the rest of the test. (2.7.10: with EVENT_IDX a device
     // interrupts once when the used index passes used_event, so one lost
-    // interrupt would otherwise stall the queue for good. Seen in the nested
-    // TCG sandbox, with QEMU's device as with ours.)
+    // interrupt would otherwise stall the queue for good.)
     u64 cap = dev.msix ? 5000000ull : 100000ull;
     u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
     if (!dev.tsc_deadline) {

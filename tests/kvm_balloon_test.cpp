@@ -69,7 +69,7 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
     for (int cycle = 1; cycle <= 5; ++cycle) {
         auto in = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "256M", "--wait", "--timeout", "30"}, 60);
         // The bound: the guest reports `actual` at the target within 30 s.
-        ASSERT_EQ(in.status, 0) << "cycle " << cycle << ": " << in.out << in.err;
+        ASSERT_EQ(in.status, 0) << "cycle " << cycle << ": " << in.out << in.err << "\nVM:\n" << vm.out() << vm.err();
         json small = info(sock);
         const std::uint64_t rss = small["vmm_rss_bytes"];
         inflated_rss.push_back(rss);
@@ -77,7 +77,7 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
         EXPECT_GE(small["hugepage_backed_bytes"].get<std::uint64_t>(), 256 * kMiB * 8 / 10) << small.dump();
         const std::size_t done = count(vm.out(), "balloon: target=0 ");
         auto out = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "1G", "--wait", "--timeout", "120"}, 150);
-        ASSERT_EQ(out.status, 0) << "cycle " << cycle << ": " << out.out << out.err;
+        ASSERT_EQ(out.status, 0) << "cycle " << cycle << ": " << out.out << out.err << "\nVM:\n" << vm.out() << vm.err();
         if (cycle == 5) break;   // cycles=5: the guest re-touches, verifies and ends its test
         // The guest re-touches and verifies what came back before its next line.
         for (int i = 0; i < 1200 && count(vm.out(), "balloon: target=0 ") == done; ++i)
