@@ -38,7 +38,6 @@ constexpr u32 CFG_NUM_PAGES = 0, CFG_ACTUAL = 4;
 constexpr u16 kInflateQ = 0, kDeflateQ = 1, kStatsQ = 2;
 // IDT vectors (net.cpp uses 0x50-0x53) and MSI-X table entries.
 constexpr u8 kVecConfig = 0x58, kVecInflate = 0x59, kVecDeflate = 0x5a, kVecStats = 0x5b, kVecTimer = 0x5c;
-constexpr u32 MSR_IA32_TSC_DEADLINE = 0x6e0;
 
 constexpr u32 kPfnsPerBuf = 256;  // VIRTIO_BALLOON_ARRAY_PFNS_MAX in Linux
 constexpr u32 kBufs = 64;         // buffers per batch: 16384 pages, 64 MiB

@@ -206,6 +206,7 @@ extern "C" void ap_main() {
         cli();
         while (__atomic_load_n(&ap_work_gen, __ATOMIC_ACQUIRE) == seen) { sti_hlt(); cli(); }
         seen = ap_work_gen;
+        __atomic_store_n(&me.work_seen, seen, __ATOMIC_RELEASE);
         ApWork w = ap_work;
         w(me.apic_id);
         if (__atomic_sub_fetch(&ap_busy, 1, __ATOMIC_ACQ_REL) == 0) send_ipi(0, kWakeVector);  // the last one wakes the BSP
@@ -247,8 +248,49 @@ void smp_run_on_aps(ApWork work) {
 void smp_wait_aps_idle() {
     // Halt rather than spin: with vCPUs overcommitted the APs need the host
     // CPU we would burn. The last AP to finish sends kWakeVector.
+    //
+    // Each halt is bounded (the LAPIC timer, 10 ms, on kWakeVector), so a
+    // lost wake-up costs a check, not the VM: every second, an AP that has
+    // not taken up the current work gets its wake IPI again, and the console
+    // says so; after 30 s the APs still busy are named, once. (Seen once in
+    // CI: a 64-vCPU boot in the nested sandbox that never ended; which wait
+    // hung is unknown. With this a lost IPI shows on the console.)
     bool irqs_on = irq_save();
-    while (__atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE) != 0) { sti_hlt(); cli(); }
+    const bool deadline = (cpuid(1).c & (1u << 24)) != 0;
+    const u32 saved_lvtt = lapic_read(LAPIC_LVTT), saved_tdcr = lapic_read(LAPIC_TDCR);
+    if (deadline) {
+        lapic_write(LAPIC_LVTT, (2u << 17) | kWakeVector);
+    } else {
+        lapic_write(LAPIC_TDCR, 0xb);  // divide by 1: 10^7 counts is ~10 ms at KVM's 1 GHz APIC bus
+        lapic_write(LAPIC_LVTT, kWakeVector);
+    }
+    const u32 gen = __atomic_load_n(&ap_work_gen, __ATOMIC_ACQUIRE);
+    const u64 start = kvmclock_ns();
+    u64 next_check = start + 1000000000ull;
+    bool named = false;
+    while (__atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE) != 0) {
+        if (deadline) wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + tsc_hz() / 100);
+        else lapic_write(LAPIC_TMICT, 10000000);
+        sti_hlt();
+        cli();
+        const u64 now = kvmclock_ns();
+        if (now < next_check) continue;
+        next_check = now + 1000000000ull;
+        for (unsigned i = 1; i < kMaxCpus; ++i) {
+            if (!percpu[i].online || __atomic_load_n(&percpu[i].work_seen, __ATOMIC_ACQUIRE) == gen) continue;
+            print("smp: APIC %u has not woken for its work after %lu ms: sending the wake IPI again\n", i,
+                  (now - start) / 1000000);
+            send_ipi(i, kWakeVector);
+        }
+        if (!named && now - start > 30000000000ull) {
+            named = true;
+            print("smp: still waiting after 30 s; %u AP(s) busy\n", __atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE));
+        }
+    }
+    if (deadline) wrmsr(MSR_IA32_TSC_DEADLINE, 0);
+    else lapic_write(LAPIC_TMICT, 0);
+    lapic_write(LAPIC_LVTT, saved_lvtt);
+    lapic_write(LAPIC_TDCR, saved_tdcr);
     irq_restore(irqs_on);
 }
 

@@ -30,6 +30,7 @@ inline u32 lapic_read(u32 reg) { return mmio_read<u32>(kLapicBase + reg); }
 inline void lapic_write(u32 reg, u32 v) { mmio_write<u32>(kLapicBase + reg, v); }
 inline unsigned apic_id() { return lapic_read(LAPIC_ID) >> 24; }
 void lapic_enable();
+constexpr u32 MSR_IA32_TSC_DEADLINE = 0x6e0;  // the LAPIC timer's TSC-deadline mode (SDM 10.5.4.1)
 void pic_disable();  // remap the legacy 8259s out of the exception range and mask them
 
 // The KVM PV feature bits (CPUID 0x40000001 EAX), 0 without a KVM signature
@@ -48,6 +49,7 @@ struct PerCpu {
     PerCpu* self;              // GS:0 points here (see this_cpu())
     unsigned apic_id;
     volatile u32 online;
+    volatile u32 work_seen;    // the last ap_work_gen this AP took up (APs only)
     alignas(4) volatile u32 pv_eoi;  // KVM PV EOI flag word (MSR_KVM_PV_EOI_EN)
     u64 eoi_writes, pv_eois;         // EOIs done by an APIC write (an exit) and by PV EOI
     // Timer test state and results.

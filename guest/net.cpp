@@ -33,7 +33,6 @@ constexpr u16 kRxQueue = 0, kTxQueue = 1;  // 5.1.2: receiveq1, transmitq1
 constexpr u32 kBufSize = 2048, kHdrLen = 12;
 constexpr u32 kMaxFrame = kBufSize - kHdrLen;  // what one transmit buffer holds
 constexpr u32 kAsmSize = 16384;                // largest merged receive packet we accept
-constexpr u32 MSR_IA32_TSC_DEADLINE = 0x6e0;
 
 alignas(4096) u8 rxq_mem[kQueueMemSize];
 alignas(4096) u8 txq_mem[kQueueMemSize];

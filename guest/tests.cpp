@@ -7,7 +7,6 @@
 
 // ---- timer: kvmclock + LAPIC timer (TSC-deadline or one-shot) -------------------
 
-constexpr u32 MSR_IA32_TSC_DEADLINE = 0x6e0;
 // TSC-deadline (default when offered), one-shot (re-armed each tick) or
 // periodic (armed once: no exit per tick to re-arm it) LAPIC timer.
 enum class TimerMode { deadline, oneshot, periodic };

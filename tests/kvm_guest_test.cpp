@@ -33,7 +33,7 @@ HostPort80 host_port80(const std::string& err) {
 
 TEST(KvmGuest, AllTestsOnFourCpus) {
     KGUEST_OPEN_KVM(kvm);
-    auto r = run_process(kguest_run("test=all", 4), 600);
+    auto r = run_process(kguest_run("test=all", 4), 300);
     ASSERT_EQ(r.status, 0) << r.out << r.err;
     auto smp = results(r.out, "smp");
     ASSERT_EQ(smp.size(), 1u) << r.out;
@@ -59,7 +59,7 @@ TEST(KvmGuest, AllTestsOnFourCpus) {
 
 TEST(KvmGuest, Port80UserspacePathCountsAndKeepsTheCode) {
     KGUEST_OPEN_KVM(kvm);
-    auto r = run_process(kguest_run("test=port80 port80_n=2000", 1, {"--port80", "exit"}), 600);
+    auto r = run_process(kguest_run("test=port80 port80_n=2000", 1, {"--port80", "exit"}), 300);
     ASSERT_EQ(r.status, 0) << r.out << r.err;
     auto p80 = results(r.out, "port80");
     ASSERT_EQ(p80.size(), 1u);
@@ -71,7 +71,7 @@ TEST(KvmGuest, Port80UserspacePathCountsAndKeepsTheCode) {
 
 TEST(KvmGuest, TimerOneShotModeAndSmallPages) {
     KGUEST_OPEN_KVM(kvm);
-    auto r = run_process(kguest_run("test=timer timer=oneshot pages=4k hz=200 timer_ms=500", 2), 600);
+    auto r = run_process(kguest_run("test=timer timer=oneshot pages=4k hz=200 timer_ms=500", 2), 300);
     ASSERT_EQ(r.status, 0) << r.out << r.err;
     EXPECT_NE(r.out.find("4 KiB pages"), std::string::npos);
     auto timers = results(r.out, "timer");
@@ -84,7 +84,7 @@ TEST(KvmGuest, TimerOneShotModeAndSmallPages) {
 
 TEST(KvmGuest, HostileGuestCannotHurtTheVmm) {
     KGUEST_OPEN_KVM(kvm);
-    auto r = run_process(kguest_run("test=hostile hostile_n=5000", 1), 600);
+    auto r = run_process(kguest_run("test=hostile hostile_n=5000", 1), 300);
     // The VMM survives random ports and sizes, huge rep counts and unmapped
     // MMIO, logs (rate-limited), and the guest still ends the VM normally.
     ASSERT_EQ(r.status, 0) << r.out << r.err;
@@ -143,7 +143,7 @@ TEST(KvmGuest, SixtyFourVcpus) {
     // 64 vCPUs must come up and every one must get all its ticks. Drift is
     // judged on 4 vCPUs (AllTestsOnFourCpus), not here: at 32x overcommit in
     // the nested sandbox a migrated vCPU's kvmclock was seen to jump ~18 ms.
-    auto r = run_process(kguest_run("test=smp,timer hz=50 timer_ms=200 drift_limit_ppm=0", 64, {"--memory", "128M"}), 900);
+    auto r = run_process(kguest_run("test=smp,timer hz=50 timer_ms=200 drift_limit_ppm=0", 64, {"--memory", "128M"}), 300);
     ASSERT_EQ(r.status, 0) << r.out << r.err;
     auto smp = results(r.out, "smp");
     ASSERT_EQ(smp.size(), 1u);

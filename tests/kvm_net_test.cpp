@@ -74,17 +74,6 @@ void send_stop(const std::string& addr, std::uint16_t port) {
     close(s);
 }
 
-// Each thread of process `pid`: name, state, user/system ticks, last CPU
-// and where it sleeps (for a stalled VM's failure message).
-std::string threads_of(pid_t pid) {
-    std::string out;
-    for (const auto& t : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
-        std::string stat = slurp(t.path().string() + "/stat"), wchan = slurp(t.path().string() + "/wchan");
-        out += "  " + stat.substr(0, 160) + " wchan=" + wchan + "\n";
-    }
-    return out;
-}
-
 // The echo test against a guest that is booting in `vm` with address
 // 10.78.N.2 behind `tap`; returns the VM's result.
 ProcResult echo_test(Background& vm, const std::string& guest_ip) {

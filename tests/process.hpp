@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fcntl.h>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -52,6 +53,22 @@ inline pid_t spawn(const std::vector<std::string>& argv, int out_fd, int err_fd)
     return pid;
 }
 
+// Each thread of process `pid`: name, state, user/system ticks, last CPU
+// and where it sleeps (for a stalled VM's failure message).
+inline std::string threads_of(pid_t pid) {
+    std::string out;
+    std::error_code ec;   // the process may be gone: then no lines
+    for (const auto& t : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", ec)) {
+        std::string stat = slurp(t.path().string() + "/stat"), wchan = slurp(t.path().string() + "/wchan");
+        out += "  " + stat.substr(0, 160) + " wchan=" + wchan + "\n";
+    }
+    return out;
+}
+
+// Runs argv to its end or for at most timeout_s. On timeout the child's
+// threads are described in err (where each one sleeps: a hung VM's only
+// evidence), then it gets SIGTERM, which makes kguest stop and print its
+// summary, and SIGKILL 5 s later if it is still there.
 inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_s, int signal = 0,
                               int signal_after_ms = 0) {
     char out_path[] = "/tmp/kguest-test-out.XXXXXX";
@@ -62,6 +79,7 @@ inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_
     auto t0 = std::chrono::steady_clock::now();
     pid_t pid = spawn(argv, out_fd, err_fd);
     bool signalled = false;
+    std::string hung;
     int wstatus = 0;
     rusage ru{};
     for (;;) {
@@ -74,8 +92,10 @@ inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_
         }
         if (ms > timeout_s * 1000LL && !r.timed_out) {
             r.timed_out = true;
-            kill(pid, SIGKILL);
+            hung = "timed out after " + std::to_string(timeout_s) + " s; its threads:\n" + threads_of(pid);
+            kill(pid, SIGTERM);
         }
+        if (r.timed_out && ms > (timeout_s + 5) * 1000LL) kill(pid, SIGKILL);
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     r.wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -84,7 +104,7 @@ inline ProcResult run_process(const std::vector<std::string>& argv, int timeout_
     close(out_fd);
     close(err_fd);
     r.out = slurp(out_path);
-    r.err = slurp(err_path);
+    r.err = slurp(err_path) + hung;
     unlink(out_path);
     unlink(err_path);
     return r;

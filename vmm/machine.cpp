@@ -30,6 +30,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <optional>
 #include <poll.h>
@@ -52,6 +53,37 @@ constexpr std::uint64_t kIdentityMapAddr = 0xfffbc000;
 // The kick signal: its handler does nothing; its arrival makes KVM_RUN return EINTR.
 constexpr int kKickSignal = SIGUSR1;
 void on_kick(int) {}
+
+// Where a vCPU stands, for the log when the VM is stopped from outside (a
+// hung guest's post-mortem, like QEMU's `info registers` and `info lapic`):
+// RIP, the multiprocessing state, and the highest vectors in service (ISR)
+// and pending (IRR) in its LAPIC. A vector left in service masks every
+// interrupt at or below its priority class: that is how a lost EOI looks.
+std::string describe_vcpu(const Vcpu& v) {
+    static constexpr const char* kMpStates[] = {"runnable", "uninitialized", "init-received", "halted", "sipi-received"};
+    kvm_mp_state mp{};
+    const char* state = ::ioctl(v.fd(), KVM_GET_MP_STATE, &mp) != 0 ? "unknown"
+                        : mp.mp_state < std::size(kMpStates)         ? kMpStates[mp.mp_state]
+                                                                      : "other";
+    auto highest = [](const kvm_lapic_state& l, unsigned base) {   // 8 registers of 32 bits, 16 bytes apart
+        for (int i = 7; i >= 0; --i) {
+            std::uint32_t w;
+            std::memcpy(&w, l.regs + base + 16 * i, 4);
+            if (w != 0) return std::to_string(32 * i + 31 - __builtin_clz(w));
+        }
+        return std::string("none");
+    };
+    try {
+        const kvm_regs r = v.get_regs();
+        const kvm_lapic_state l = v.get_lapic();
+        char line[160];
+        std::snprintf(line, sizeof line, "rip 0x%llx, %s, LAPIC in service %s, pending %s",
+                      static_cast<unsigned long long>(r.rip), state, highest(l, 0x100).c_str(), highest(l, 0x200).c_str());
+        return line;
+    } catch (const std::exception& e) {
+        return std::string(state) + " (" + e.what() + ")";
+    }
+}
 
 // Puts a terminal in raw-ish mode for the serial console and restores it on
 // destruction (run() returning, normally or by exception). ISIG stays on, so
@@ -593,6 +625,7 @@ int Machine::run() {
     for (auto& v : vcpus_) threads_.emplace_back([this, &v] { vcpu_thread(v); });
 
     pollfd fds[2] = {{sfd, POLLIN, 0}, {stop_event_.get(), POLLIN, 0}};
+    bool signalled = false;
     while (!stopping_.load()) {
         int n = ::poll(fds, 2, -1);
         if (n < 0 && errno != EINTR) {
@@ -604,6 +637,7 @@ int Machine::run() {
             if (::read(sfd, &si, sizeof si) == sizeof si) {
                 log_msg("caught %s; stopping the VM", strsignal(static_cast<int>(si.ssi_signo)));
                 request_stop(128 + static_cast<int>(si.ssi_signo));
+                signalled = true;
             }
         }
     }
@@ -615,6 +649,8 @@ int Machine::run() {
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
 
     int status = status_.load();
+    if (signalled)   // stopped from outside: where each vCPU was
+        for (const auto& v : vcpus_) log_msg("vCPU %u: %s", v.id(), describe_vcpu(v).c_str());
     // Which KVM paravirt MSRs the guest turned on (kvm_para.h; bit 0 of each
     // is its enable bit): evidence, from outside, that a Linux guest uses
     // kvmclock, steal time, PV EOI and async page faults.
