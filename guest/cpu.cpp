@@ -252,7 +252,9 @@ void smp_wait_aps_idle() {
     // Each halt is bounded (the LAPIC timer, 10 ms, on kWakeVector), so a
     // lost wake-up costs a check, not the VM: every second, an AP that has
     // not taken up the current work gets its wake IPI again, and the console
-    // says so; after 30 s the APs still busy are named, once. (Seen once in
+    // says so; after 30 s every AP gets one each second, which ends a halt
+    // whose own interrupt went missing (a timer test's wait then gives up and
+    // reports the ticks it lacks instead of hanging the VM). (Seen once in
     // CI: a 64-vCPU boot in the nested sandbox that never ended; which wait
     // hung is unknown. With this a lost IPI shows on the console.)
     bool irqs_on = irq_save();
@@ -276,15 +278,21 @@ void smp_wait_aps_idle() {
         const u64 now = kvmclock_ns();
         if (now < next_check) continue;
         next_check = now + 1000000000ull;
-        for (unsigned i = 1; i < kMaxCpus; ++i) {
-            if (!percpu[i].online || __atomic_load_n(&percpu[i].work_seen, __ATOMIC_ACQUIRE) == gen) continue;
-            print("smp: APIC %u has not woken for its work after %lu ms: sending the wake IPI again\n", i,
-                  (now - start) / 1000000);
-            send_ipi(i, kWakeVector);
-        }
-        if (!named && now - start > 30000000000ull) {
+        const bool late = now - start > 30000000000ull;
+        if (late && !named) {
             named = true;
-            print("smp: still waiting after 30 s; %u AP(s) busy\n", __atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE));
+            print("smp: still waiting after 30 s; %u AP(s) busy: waking them each second\n",
+                  __atomic_load_n(&ap_busy, __ATOMIC_ACQUIRE));
+        }
+        for (unsigned i = 1; i < kMaxCpus; ++i) {
+            if (!percpu[i].online) continue;
+            if (__atomic_load_n(&percpu[i].work_seen, __ATOMIC_ACQUIRE) != gen) {
+                print("smp: APIC %u has not woken for its work after %lu ms: sending the wake IPI again\n", i,
+                      (now - start) / 1000000);
+                send_ipi(i, kWakeVector);
+            } else if (late) {
+                send_ipi(i, kWakeVector);  // ends a halt whose own interrupt went missing; its loop re-checks
+            }
         }
     }
     if (deadline) wrmsr(MSR_IA32_TSC_DEADLINE, 0);
