@@ -2,13 +2,21 @@
 // the length-prefixed UNIX stream of QEMU's `-netdev stream` / passt, the
 // `--net` parser and the factory.
 //
-// Partial I/O on the stream: reads are reassembled in a receive buffer (a
-// length prefix or a frame may arrive in any number of pieces); a write that
-// the socket takes only in part is finished later from a send queue (the
-// device polls POLLOUT and calls flush()), and while more than
-// kStreamMaxQueued bytes wait there write_frame refuses new frames (`again`),
-// which is the device's cue to stop taking TX chains: backpressure, never a
-// blocking call on the device's loop.
+// All packet I/O is io_uring requests the device's loop submits: a READ (TAP)
+// or RECV (stream) waits in the kernel until data comes, and a WRITE or SEND
+// completes once the kernel has taken it, so the loop never polls and never
+// blocks. Seen on Linux 6.1 and 6.18: both kinds of fd are waited on by
+// io_uring's internal poll, with no io-wq worker thread.
+//
+// Frames are copied into the backend on the way out (write_frame), so the
+// guest's buffer is returned at once and no request points into guest RAM.
+// A TAP queue has kTapTxSlots such frames; the stream a byte queue of up to
+// kStreamMaxQueued. When they are full write_frame refuses new frames
+// (`again`), the device's cue to stop taking TX chains: backpressure.
+//
+// Partial I/O on the stream: received bytes are reassembled in a buffer (a
+// length prefix or a frame may arrive in any number of pieces); a SEND the
+// socket takes only in part is followed by one for the rest.
 #include "devices/net_backend.hpp"
 
 #include "vmm/error.hpp"
@@ -18,6 +26,7 @@
 #include <charconv>
 #include <cstring>
 #include <fcntl.h>
+#include <liburing.h>
 #include <linux/if_tun.h>
 #include <net/if.h>
 #include <sys/ioctl.h>
@@ -146,22 +155,41 @@ TapBackend::TapBackend(const std::string& ifname, unsigned queues) {
         if (::ioctl(fd.get(), TUNSETOFFLOAD, 0ul) != 0) throw_errno("TUNSETOFFLOAD " + name_);
         fds_.push_back(std::move(fd));
     }
+    queues_.resize(fds_.size());
+    for (Queue& s : queues_)
+        for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
 }
 
 NetIoResult TapBackend::read_frame(unsigned q, std::span<std::uint8_t> buf) {
-    for (;;) {
-        const ssize_t n = ::read(fds_[q].get(), buf.data(), buf.size());
-        if (n > 0) {
-            // tun truncates what does not fit: a frame filling the buffer may be cut.
-            if (static_cast<std::size_t>(n) >= buf.size() || static_cast<std::size_t>(n) < kVnetHdrLen)
-                return {NetIo::drop, 0, EMSGSIZE};
-            return {NetIo::ok, static_cast<std::size_t>(n), 0};
-        }
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && errno == EAGAIN) return {NetIo::again, 0, 0};
-        // EBADFD: queue detached; others: the interface went away.
-        const int err = n == 0 ? EPIPE : errno;
-        return {err == EBADFD ? NetIo::again : NetIo::closed, 0, err};
+    Queue& s = queues_[q];
+    if (!s.has) return {NetIo::again, 0, 0};
+    s.has = false;
+    if (s.got.status != NetIo::ok) return s.got;
+    if (s.got.len > buf.size()) return {NetIo::drop, 0, EMSGSIZE};
+    std::memcpy(buf.data(), s.in.data(), s.got.len);
+    return s.got;
+}
+
+void TapBackend::prep_read(unsigned q, io_uring_sqe* sqe) {
+    Queue& s = queues_[q];
+    s.reading = true;
+    // Offset -1: the file position, which a character device ignores.
+    io_uring_prep_read(sqe, fds_[q].get(), s.in.data(), static_cast<unsigned>(s.in.size()), -1);
+}
+
+void TapBackend::read_done(unsigned q, int res) {
+    Queue& s = queues_[q];
+    s.reading = false;
+    if (res == -EINTR || res == -EAGAIN || res == -ECANCELED) return;   // nothing came: read again
+    s.has = true;
+    if (res > 0) {
+        // tun truncates what does not fit: a frame filling the buffer was cut.
+        const auto n = static_cast<std::size_t>(res);
+        s.got = n >= s.in.size() || n < kVnetHdrLen ? NetIoResult{NetIo::drop, 0, EMSGSIZE} : NetIoResult{NetIo::ok, n, 0};
+    } else if (res == -EBADFD) {
+        s.has = false;   // the queue was detached (TUNSETQUEUE): nothing to report
+    } else {
+        s.got = {NetIo::closed, 0, res == 0 ? EPIPE : -res};   // the interface went away
     }
 }
 
@@ -169,16 +197,39 @@ NetIoResult TapBackend::write_frame(unsigned q, std::span<const iovec> frame) {
     std::size_t total = 0;
     for (const iovec& v : frame) total += v.iov_len;
     if (total < kVnetHdrLen || total > kMaxPacketLen) return {NetIo::drop, 0, EMSGSIZE};
-    for (;;) {
-        const ssize_t n = ::writev(fds_[q].get(), frame.data(), static_cast<int>(frame.size()));
-        if (n >= 0) return {NetIo::ok, total, 0};   // tun takes a frame whole
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN) return {NetIo::again, 0, 0};
-        // EIO (interface down), EINVAL (bad vnet header from the guest),
-        // ENOMEM...: this frame is lost, the next may pass.
-        if (errno == EBADF || errno == EBADFD) return {NetIo::closed, 0, errno};
-        return {NetIo::drop, 0, errno};
+    Queue& s = queues_[q];
+    if (s.free.empty()) return {NetIo::again, 0, 0};
+    const unsigned slot = s.free.back();
+    s.free.pop_back();
+    std::vector<std::uint8_t>& out = s.out[slot];
+    out.resize(total);
+    std::size_t at = 0;
+    for (const iovec& v : frame) {
+        if (v.iov_len != 0) std::memcpy(out.data() + at, v.iov_base, v.iov_len);
+        at += v.iov_len;
     }
+    s.ready.push_back(slot);
+    return {NetIo::ok, total, 0};
+}
+
+unsigned TapBackend::prep_write(unsigned q, io_uring_sqe* sqe) {
+    Queue& s = queues_[q];
+    const unsigned slot = s.ready.front();
+    s.ready.erase(s.ready.begin());
+    // Not linked: io_uring issues a batch's writes in submission order and
+    // tun takes each one whole, on the spot, so frames leave in order.
+    io_uring_prep_write(sqe, fds_[q].get(), s.out[slot].data(), static_cast<unsigned>(s.out[slot].size()), -1);
+    return slot;
+}
+
+NetIo TapBackend::write_done(unsigned q, unsigned slot, int res) {
+    Queue& s = queues_[q];
+    if (slot >= kTapTxSlots) return NetIo::drop;
+    s.free.push_back(slot);
+    if (res >= 0) return NetIo::ok;   // tun takes a frame whole
+    // EIO (interface down), EINVAL (bad vnet header from the guest),
+    // ENOMEM...: this frame is lost, the next may pass.
+    return res == -EBADF || res == -EBADFD ? NetIo::closed : NetIo::drop;
 }
 
 int TapBackend::set_offloads(unsigned tun_flags) {
@@ -262,27 +313,34 @@ NetIoResult StreamBackend::read_frame(unsigned, std::span<std::uint8_t> buf) {
                 in_head_ = in_tail_ = skip_ = 0;
                 return {NetIo::drop, 0, EPIPE};
             }
-            return {NetIo::closed, 0, EPIPE};
+            return {NetIo::closed, 0, err_ ? err_ : EPIPE};
         }
-        // Need more bytes: compact, then read as much as fits.
-        if (in_head_ > 0) {
-            std::memmove(in_.data(), in_.data() + in_head_, in_tail_ - in_head_);
-            in_tail_ -= in_head_;
-            in_head_ = 0;
-        }
-        const ssize_t n = ::recv(fd_.get(), in_.data() + in_tail_, in_.size() - in_tail_, MSG_DONTWAIT);
-        if (n > 0) {
-            in_tail_ += static_cast<std::size_t>(n);
-            continue;
-        }
-        if (n == 0) {
-            eof_ = true;
-            continue;
-        }
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN) return {NetIo::again, 0, 0};
+        return {NetIo::again, 0, 0};   // need more bytes: the caller posts a RECV
+    }
+}
+
+void StreamBackend::prep_read(unsigned, io_uring_sqe* sqe) {
+    // Compact, then receive as much as fits (a whole frame always does:
+    // kStreamInBuf holds several of the largest).
+    if (in_head_ > 0) {
+        std::memmove(in_.data(), in_.data() + in_head_, in_tail_ - in_head_);
+        in_tail_ -= in_head_;
+        in_head_ = 0;
+    }
+    reading_ = true;
+    asked_ = in_.size() - in_tail_;
+    io_uring_prep_recv(sqe, fd_.get(), in_.data() + in_tail_, asked_, 0);
+}
+
+void StreamBackend::read_done(unsigned, int res) {
+    reading_ = false;
+    if (res > 0) {
+        in_tail_ += static_cast<std::size_t>(res);
+    } else if (res == 0) {
+        eof_ = asked_ > 0;   // (no room asked for nothing: cannot happen, see prep_read)
+    } else if (res != -EINTR && res != -EAGAIN && res != -ECANCELED) {
         eof_ = true;
-        return {NetIo::closed, 0, errno};
+        err_ = -res;
     }
 }
 
@@ -290,64 +348,40 @@ NetIoResult StreamBackend::write_frame(unsigned, std::span<const iovec> frame) {
     std::size_t total = 0;
     for (const iovec& v : frame) total += v.iov_len;
     if (total == 0 || total > kMaxFrameLen) return {NetIo::drop, 0, EMSGSIZE};
+    if (eof_ || err_) return {NetIo::closed, 0, err_ ? err_ : EPIPE};
+    if (out_.size() - out_head_ + next_.size() + 4 + total > kStreamMaxQueued) return {NetIo::again, 0, 0};
     const std::uint8_t prefix[4] = {static_cast<std::uint8_t>(total >> 24), static_cast<std::uint8_t>(total >> 16),
                                     static_cast<std::uint8_t>(total >> 8), static_cast<std::uint8_t>(total)};
-    std::size_t sent = 0;
-    if (!wants_write(0)) {
-        // Nothing queued: try to send it all now, straight from guest memory.
-        std::vector<iovec> iov;
-        iov.reserve(frame.size() + 1);
-        iov.push_back({const_cast<std::uint8_t*>(prefix), sizeof prefix});
-        iov.insert(iov.end(), frame.begin(), frame.end());
-        msghdr msg{};
-        msg.msg_iov = iov.data();
-        msg.msg_iovlen = iov.size();
-        ssize_t n;
-        do n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-        while (n < 0 && errno == EINTR);
-        if (n < 0 && errno != EAGAIN) return {NetIo::closed, 0, errno};
-        sent = n < 0 ? 0 : static_cast<std::size_t>(n);
-        if (sent == total + 4) return {NetIo::ok, total, 0};
-        out_.clear();
-        out_head_ = 0;
-    } else if (out_.size() - out_head_ + 4 + total > kStreamMaxQueued) {
-        return {NetIo::again, 0, 0};
-    }
-    // Queue what did not go out (the whole frame or its tail).
-    auto append = [&](const std::uint8_t* p, std::size_t n) {
-        if (sent >= n) {
-            sent -= n;
-            return;
-        }
-        out_.insert(out_.end(), p + sent, p + n);
-        sent = 0;
-    };
-    append(prefix, sizeof prefix);
-    for (const iovec& v : frame) append(static_cast<const std::uint8_t*>(v.iov_base), v.iov_len);
+    next_.insert(next_.end(), prefix, prefix + 4);
+    for (const iovec& v : frame)
+        next_.insert(next_.end(), static_cast<const std::uint8_t*>(v.iov_base),
+                     static_cast<const std::uint8_t*>(v.iov_base) + v.iov_len);
     return {NetIo::ok, total, 0};
 }
 
-NetIo StreamBackend::flush(unsigned) {
-    while (out_head_ < out_.size()) {
-        const ssize_t n = ::send(fd_.get(), out_.data() + out_head_, out_.size() - out_head_, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n > 0) {
-            out_head_ += static_cast<std::size_t>(n);
-            continue;
-        }
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && errno == EAGAIN) break;
-        return NetIo::closed;
-    }
-    if (out_head_ == out_.size()) {
-        out_.clear();
+unsigned StreamBackend::prep_write(unsigned, io_uring_sqe* sqe) {
+    if (out_head_ == out_.size()) {   // all sent: the queued frames go next
+        out_.swap(next_);
+        next_.clear();
         out_head_ = 0;
+    }
+    sending_ = true;
+    io_uring_prep_send(sqe, fd_.get(), out_.data() + out_head_, out_.size() - out_head_, MSG_NOSIGNAL);
+    return 0;
+}
+
+NetIo StreamBackend::write_done(unsigned, unsigned, int res) {
+    sending_ = false;
+    if (res > 0) {
+        out_head_ += static_cast<std::size_t>(res);   // a short send: the rest goes next
         return NetIo::ok;
     }
-    if (out_head_ > kStreamMaxQueued / 2) {   // keep the queue from creeping
-        out_.erase(out_.begin(), out_.begin() + static_cast<std::ptrdiff_t>(out_head_));
-        out_head_ = 0;
-    }
-    return NetIo::again;
+    if (res == -EINTR || res == -EAGAIN || res == -ECANCELED) return NetIo::ok;   // send it again
+    err_ = res == 0 ? EPIPE : -res;
+    out_.clear();
+    next_.clear();
+    out_head_ = 0;
+    return NetIo::closed;
 }
 
 std::unique_ptr<NetBackend> open_backend(const NetConfig& config) {

@@ -1,21 +1,27 @@
 // Packet backends for virtio-net (devices/virtio_net.hpp): where the guest's
 // Ethernet frames go on the host. A NetBackend is one or more packet channels
-// ("queues", one per virtqueue pair), each a non-blocking fd the device's event
-// loop polls, plus frame-sized read and write calls that never block and never
-// throw. Two kinds:
+// ("queues", one per virtqueue pair), each an fd whose reads and writes run on
+// the device's io_uring: the backend fills in the submission entries (SQEs)
+// and takes back their results; the device's event loop submits them, in
+// batches, and waits. Nothing in the data path makes a system call or blocks.
+// Two kinds:
 //
 //   TapBackend     a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI|
 //                  IFF_VNET_HDR, IFF_MULTI_QUEUE for several queues): every
 //                  frame carries a 12-byte struct virtio_net_hdr_v1 (VIRTIO 1.2
 //                  5.1.6), so checksum and segmentation offloads pass through.
+//                  One READ is one frame, one WRITE is one frame.
 //   StreamBackend  a connected UNIX stream socket speaking QEMU's
 //                  `-netdev stream` / passt framing: a 4-byte big-endian length,
-//                  then the frame. No vnet header.
+//                  then the frame. No vnet header. RECVs fill a reassembly
+//                  buffer, SENDs drain a byte queue.
 //
 // Setup (constructors, open_backend, parse_net_spec) throws SysError or
-// UsageError; the data path (read_frame/write_frame/flush/set_offloads/
-// set_queue_enabled) reports through return values. A backend is used by one
-// thread at a time (the device's loop), so it has no locks of its own.
+// UsageError; the data path reports through return values. A backend is used
+// by one thread at a time (the device's loop), so it has no locks of its own.
+// The buffers an SQE points at belong to the backend and stay put until its
+// completion has been handed back: the ring must be drained (or gone) before
+// the backend is destroyed.
 #pragma once
 
 #include "vmm/fd.hpp"
@@ -29,6 +35,8 @@
 #include <string_view>
 #include <sys/uio.h>
 #include <vector>
+
+struct io_uring_sqe;
 
 namespace kguest {
 
@@ -63,8 +71,9 @@ std::string format_mac(const MacAddress& mac);
 // The outcome of one frame transfer.
 enum class NetIo {
     ok,       // a whole frame moved; `len` bytes (vnet header included if any)
-    again,    // nothing moved: would block (read: nothing complete yet; write:
-              // the channel is full, retry once fd() is writable and flush()ed)
+    again,    // nothing moved: read: no complete frame received yet (post a
+              // read); write: the output queue is full (wait for a write's
+              // completion)
     drop,     // this frame was lost (too big, transient error); carry on
     closed,   // the channel is gone for good (peer hung up, fatal error)
 };
@@ -80,22 +89,33 @@ public:
 
     // Packet channels (1 unless a multi-queue TAP); q below is < num_queues().
     virtual unsigned num_queues() const = 0;
-    // Non-blocking fd to poll for POLLIN (read_frame) and POLLOUT (flush).
     virtual int fd(unsigned q = 0) const = 0;
     // Whether frames carry a 12-byte virtio_net_hdr_v1 in front, both ways.
     virtual bool has_vnet_hdr() const = 0;
 
-    // Reads one frame (with its vnet header if has_vnet_hdr()) into `buf`,
-    // which should hold kMaxPacketLen bytes; larger frames are dropped.
+    // Receive. read_frame() hands out, one per call, the frames that
+    // completed reads brought in (with the vnet header if has_vnet_hdr())
+    // into `buf`, which should hold kMaxPacketLen bytes; larger frames are
+    // dropped. On `again` the caller posts a read: prep_read() fills `sqe`
+    // (at most one read per queue in flight) and read_done() takes the
+    // completion's result (cqe->res).
     virtual NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) = 0;
-    // Writes one frame given as pieces (with its vnet header if
-    // has_vnet_hdr()): all of it is accepted, or none (again), or it is lost.
+    virtual void prep_read(unsigned q, io_uring_sqe* sqe) = 0;
+    virtual void read_done(unsigned q, int res) = 0;
+
+    // Transmit. write_frame() takes a frame given as pieces (with its vnet
+    // header if has_vnet_hdr()) into the backend's output queue: all of it
+    // (ok, the caller may reuse the pieces at once), or none (again: the
+    // queue is full until a write completes), or it is lost (drop, closed).
+    // While wants_write(), prep_write() fills an SQE for queued output and
+    // names it with a slot number; write_done(q, slot, cqe->res) answers ok,
+    // drop (that frame lost) or closed.
     virtual NetIoResult write_frame(unsigned q, std::span<const iovec> frame) = 0;
-    // Whether accepted output is still queued in the backend; if so, poll
-    // fd(q) for POLLOUT and call flush(q), which returns ok when the queue
-    // drained, again when some is left, closed on a fatal error.
-    virtual bool wants_write(unsigned /*q*/) const { return false; }
-    virtual NetIo flush(unsigned /*q*/) { return NetIo::ok; }
+    virtual bool wants_write(unsigned q) const = 0;
+    virtual unsigned prep_write(unsigned q, io_uring_sqe* sqe) = 0;
+    virtual NetIo write_done(unsigned q, unsigned slot, int res) = 0;
+    // Whether queued output or a read is still in the kernel's hands.
+    virtual bool busy(unsigned q) const = 0;
 
     // TUN_F_* offloads the guest can take on received frames (TUNSETOFFLOAD);
     // 0 or an errno. Backends without a vnet header ignore it.
@@ -108,6 +128,10 @@ public:
     virtual std::string describe() const = 0;
 };
 
+// Frames a TAP queue holds for writing (copied in by write_frame, out by
+// one WRITE each): the device's TX backpressure point.
+inline constexpr unsigned kTapTxSlots = 64;
+
 class TapBackend final : public NetBackend {
 public:
     // Opens (creating it when missing, which needs CAP_NET_ADMIN) the TAP
@@ -119,15 +143,29 @@ public:
     int fd(unsigned q = 0) const override { return fds_[q].get(); }
     bool has_vnet_hdr() const override { return true; }
     NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
+    void prep_read(unsigned q, io_uring_sqe* sqe) override;
+    void read_done(unsigned q, int res) override;
     NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
+    bool wants_write(unsigned q) const override { return !queues_[q].ready.empty(); }
+    unsigned prep_write(unsigned q, io_uring_sqe* sqe) override;
+    NetIo write_done(unsigned q, unsigned slot, int res) override;
+    bool busy(unsigned q) const override { return queues_[q].reading || queues_[q].free.size() < kTapTxSlots; }
     int set_offloads(unsigned tun_flags) override;
     int set_queue_enabled(unsigned q, bool enabled) override;
     std::string describe() const override { return "tap " + name_; }
     const std::string& ifname() const { return name_; }
 
 private:
+    struct Queue {
+        std::vector<std::uint8_t> in = std::vector<std::uint8_t>(kMaxPacketLen + 1);   // +1: a cut frame shows
+        NetIoResult got;             // what the last completed read brought
+        bool has = false, reading = false;
+        std::vector<std::vector<std::uint8_t>> out = std::vector<std::vector<std::uint8_t>>(kTapTxSlots);
+        std::vector<unsigned> free, ready;   // slots: unused; filled, not yet submitted (in order)
+    };
     std::string name_;   // as the kernel named it
     std::vector<Fd> fds_;
+    std::vector<Queue> queues_;
 };
 
 // Output queued past this many bytes makes write_frame answer `again`.
@@ -138,17 +176,20 @@ public:
     // Connects to the UNIX stream socket at `path`; throws SysError
     // ("socket", "connect PATH") or UsageError (path too long).
     explicit StreamBackend(const std::string& path);
-    // Takes a connected stream socket (made non-blocking here), e.g. one end
-    // of a socketpair.
+    // Takes a connected stream socket, e.g. one end of a socketpair.
     explicit StreamBackend(Fd connected, std::string name = "socket");
 
     unsigned num_queues() const override { return 1; }
     int fd(unsigned = 0) const override { return fd_.get(); }
     bool has_vnet_hdr() const override { return false; }
     NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
+    void prep_read(unsigned q, io_uring_sqe* sqe) override;
+    void read_done(unsigned q, int res) override;
     NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
-    bool wants_write(unsigned) const override { return out_head_ < out_.size(); }
-    NetIo flush(unsigned q) override;
+    bool wants_write(unsigned) const override { return !sending_ && (out_head_ < out_.size() || !next_.empty()); }
+    unsigned prep_write(unsigned q, io_uring_sqe* sqe) override;
+    NetIo write_done(unsigned q, unsigned slot, int res) override;
+    bool busy(unsigned) const override { return reading_ || sending_; }
     std::string describe() const override { return "stream " + name_; }
 
 private:
@@ -156,15 +197,19 @@ private:
 
     Fd fd_;
     std::string name_;
-    // Receive side: bytes read but not yet returned live in in_[in_head_,
+    // Receive side: bytes received but not yet returned live in in_[in_head_,
     // in_tail_); skip_ counts the rest of an oversized frame being discarded.
     std::vector<std::uint8_t> in_;
     std::size_t in_head_ = 0, in_tail_ = 0;
-    std::size_t skip_ = 0;
-    bool eof_ = false;
-    // Send side: accepted but unsent bytes, out_[out_head_, size()).
-    std::vector<std::uint8_t> out_;
+    std::size_t skip_ = 0, asked_ = 0;
+    bool eof_ = false, reading_ = false;
+    int err_ = 0;
+    // Send side: out_[out_head_, size()) is being sent (the kernel may be
+    // reading it, so it never grows meanwhile); frames accepted since wait
+    // in next_.
+    std::vector<std::uint8_t> out_, next_;
     std::size_t out_head_ = 0;
+    bool sending_ = false;
 };
 
 // Opens the backend `config` describes. Throws SysError / UsageError.

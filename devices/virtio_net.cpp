@@ -1,15 +1,18 @@
 // virtio-net (see virtio_net.hpp): configuration space, feature negotiation,
 // the control queue, and the event loop that moves frames.
 //
-// The loop (one thread) keeps every wait in one io_uring: a READ on the wake
-// eventfd and on each notify eventfd (which both waits and drains it), and a
-// one-shot POLL_ADD on each backend fd, armed only while the device wants to
-// read (POLLIN) or has output queued in the backend (POLLOUT). Re-arms
-// collected during an iteration go to the kernel in one io_uring_submit.
-// Not arming POLLIN while the guest has no receive buffers is the RX
-// backpressure: frames wait in the backend (the kernel's TAP queue, the
-// socket) and nothing wakes the loop until the guest adds buffers and kicks.
-// Each pump handles a bounded batch and then yields to the other queues.
+// The loop (one thread) does all its waiting and all packet I/O in one
+// io_uring: a READ on the wake eventfd and on each notify eventfd (which both
+// waits and drains it); per queue pair one read from the backend (a TAP
+// READ, a stream RECV) while the device wants frames, and the backend's
+// writes for whatever frames the guest sent. Requests collected during an
+// iteration (every frame of a TX batch among them) go to the kernel in one
+// io_uring_submit. Not posting a read while the guest has no receive buffers
+// is the RX backpressure: frames wait in the backend (the kernel's TAP
+// queue, the socket) and nothing wakes the loop until the guest adds buffers
+// and kicks. Each pump handles a bounded batch and then yields to the other
+// queues. Before the loop ends it cancels what is in flight and waits for
+// it, since those requests point into buffers of ours and the backend's.
 #include "devices/virtio_net.hpp"
 
 #include "vmm/error.hpp"
@@ -31,7 +34,7 @@ namespace kguest {
 namespace {
 
 constexpr std::uint64_t kTagShift = 56;
-enum : std::uint64_t { kTagWake = 1, kTagNotify = 2, kTagIn = 3, kTagOut = 4 };
+enum : std::uint64_t { kTagWake = 1, kTagNotify = 2, kTagIn = 3, kTagOut = 4, kTagCancel = 5 };
 constexpr std::uint64_t tag(std::uint64_t kind, std::uint64_t index) { return kind << kTagShift | index; }
 
 constexpr int kBatch = 64;        // frames per pump before yielding
@@ -55,9 +58,8 @@ struct VirtioNet::Pair {
     std::size_t rx_len = 0;      // a frame (with its 12-byte header) waiting in rx_buf
     bool rx_pending = false;
     bool rx_wait = false;        // waiting for the guest to add receive buffers
-    bool rx_armed = false;       // POLLIN armed on the backend fd
-    bool out_armed = false;      // POLLOUT armed
-    bool tx_blocked = false;     // the backend said `again`: wait for POLLOUT
+    bool rx_reading = false;     // a backend read in flight
+    bool tx_blocked = false;     // the backend said `again`: wait for a write to complete
     std::deque<DescChain> rx_held;       // popped, not yet used, in ring order
     std::optional<DescChain> tx_held;    // popped, the backend refused it for now
     std::vector<DescChain> scratch;
@@ -218,13 +220,51 @@ void VirtioNet::arm_read(int fd, std::uint64_t t, std::uint64_t* buf) {
     if (sqe == nullptr) return;   // cannot happen: entries exceed the armed requests
     io_uring_prep_read(sqe, fd, buf, sizeof *buf, 0);
     io_uring_sqe_set_data64(sqe, t);
+    ++in_flight_;
 }
 
-void VirtioNet::arm_poll(int fd, unsigned events, std::uint64_t t) {
+void VirtioNet::post_read(unsigned p) {
     io_uring_sqe* sqe = get_sqe();
     if (sqe == nullptr) return;
-    io_uring_prep_poll_add(sqe, fd, events);
-    io_uring_sqe_set_data64(sqe, t);
+    pair_[p]->rx_reading = true;
+    backend_->prep_read(p, sqe);
+    io_uring_sqe_set_data64(sqe, tag(kTagIn, p));
+    ++in_flight_;
+}
+
+void VirtioNet::post_writes(unsigned p) {
+    while (backend_->wants_write(p)) {
+        io_uring_sqe* sqe = get_sqe();
+        if (sqe == nullptr) return;
+        const unsigned slot = backend_->prep_write(p, sqe);
+        io_uring_sqe_set_data64(sqe, tag(kTagOut, std::uint64_t{slot} << 8 | p));
+        ++in_flight_;
+    }
+}
+
+void VirtioNet::drain() {
+    // Cancel everything still in flight, and wait until the kernel is done
+    // with our buffers: reads into the eventfd counters and the backend's
+    // receive buffers, writes from its output queue.
+    io_uring& ring = ring_->ring;
+    if (io_uring_sqe* sqe = get_sqe()) {
+        io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+        io_uring_sqe_set_data64(sqe, tag(kTagCancel, 0));
+    }
+    io_uring_submit(&ring);
+    while (in_flight_ > 0) {
+        io_uring_cqe* cqe;
+        __kernel_timespec ts{2, 0};
+        const int rc = io_uring_wait_cqe_timeout(&ring, &cqe, &ts);
+        if (rc == -EINTR) continue;
+        if (rc < 0) {
+            log_msg("virtio-net: %llu io_uring requests still in flight at exit: %s",
+                    static_cast<unsigned long long>(in_flight_), std::strerror(-rc));
+            return;
+        }
+        if ((io_uring_cqe_get_data64(cqe) >> kTagShift) != kTagCancel) --in_flight_;
+        io_uring_cqe_seen(&ring, cqe);
+    }
 }
 
 void VirtioNet::loop() {
@@ -243,6 +283,7 @@ void VirtioNet::loop() {
             ++seen;
             const std::uint64_t t = io_uring_cqe_get_data64(cqe);
             const std::uint64_t kind = t >> kTagShift, index = t & ((std::uint64_t{1} << kTagShift) - 1);
+            if (kind != kTagCancel) --in_flight_;
             const int res = cqe->res;
             const bool retry = res == -EINTR || res == -EAGAIN;
             switch (kind) {
@@ -260,22 +301,25 @@ void VirtioNet::loop() {
                 }
                 break;
             case kTagIn:
-                pair_[index]->rx_armed = false;
+                pair_[index]->rx_reading = false;
+                backend_->read_done(static_cast<unsigned>(index), res);
                 if (active_) dirty_[2 * index] = true;
                 break;
             case kTagOut: {
-                Pair& s = *pair_[index];
-                s.out_armed = false;
-                const NetIo r = backend_->flush(static_cast<unsigned>(index));
+                const auto p = static_cast<unsigned>(index & 0xff), slot = static_cast<unsigned>(index >> 8);
+                Pair& s = *pair_[p];
+                const NetIo r = backend_->write_done(p, slot, res);
                 if (r == NetIo::closed) {
-                    backend_closed(static_cast<unsigned>(index), EPIPE);
-                } else if (r == NetIo::again) {
-                    s.out_armed = true;
-                    arm_poll(backend_->fd(static_cast<unsigned>(index)), POLLOUT, t);
+                    backend_closed(p, res < 0 ? -res : EPIPE);
+                } else if (r == NetIo::drop) {
+                    tx_dropped_.fetch_add(1, std::memory_order_relaxed);
+                    KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: transmit: %s", backend_->describe().c_str(),
+                                       std::strerror(-res));
                 }
+                post_writes(p);
                 if (s.tx_blocked) {
                     s.tx_blocked = false;
-                    if (active_) dirty_[2 * index + 1] = true;
+                    if (active_) dirty_[2 * p + 1] = true;
                 }
                 break;
             }
@@ -287,8 +331,15 @@ void VirtioNet::loop() {
 
         if (req_pending_.exchange(0) != 0) {
             apply_request();
-            std::lock_guard lock(mu_);
-            if (stop_) return;
+            bool stop;
+            {
+                std::lock_guard lock(mu_);
+                stop = stop_;
+            }
+            if (stop) {
+                drain();
+                return;
+            }
         }
         for (std::uint16_t q = 0; q < num_queues_; ++q)
             if (kicks_[q].exchange(false) && active_) dirty_[q] = true;
@@ -506,10 +557,7 @@ void VirtioNet::rx_pump(unsigned p) {
             }
             const NetIoResult r = backend_->read_frame(p, std::span(s.rx_buf).subspan(room));
             if (r.status == NetIo::again) {
-                if (!s.rx_armed) {
-                    s.rx_armed = true;
-                    arm_poll(backend_->fd(p), POLLIN, tag(kTagIn, p));
-                }
+                if (!s.rx_reading) post_read(p);
                 more = false;
                 break;
             }
@@ -599,13 +647,9 @@ void VirtioNet::tx_pump(unsigned p) {
             skip = 0;
         }
         const NetIoResult r = backend_->write_frame(p, iov);
-        if (r.status == NetIo::again) {
+        if (r.status == NetIo::again) {   // the backend's output queue is full
             s.tx_held = std::move(c);
             s.tx_blocked = true;
-            if (!s.out_armed) {
-                s.out_armed = true;
-                arm_poll(backend_->fd(p), POLLOUT, tag(kTagOut, p));
-            }
             more = false;
             break;
         }
@@ -621,10 +665,7 @@ void VirtioNet::tx_pump(unsigned p) {
         }
         vq.push_used(c.head(), 0);
     }
-    if (backend_->wants_write(p) && !s.out_armed) {
-        s.out_armed = true;
-        arm_poll(backend_->fd(p), POLLOUT, tag(kTagOut, p));
-    }
+    post_writes(p);   // the whole batch in the next io_uring_submit
     if (more) dirty_[q] = true;
     if (vq.used_idx() != used_before) maybe_notify(q);
 }

@@ -126,7 +126,9 @@ private:
     void loop();
     void wake();
     void arm_read(int fd, std::uint64_t tag, std::uint64_t* buf);
-    void arm_poll(int fd, unsigned events, std::uint64_t tag);
+    void post_read(unsigned p);
+    void post_writes(unsigned p);
+    void drain();
     ::io_uring_sqe* get_sqe();
     void apply_request();
     void do_activate();
@@ -183,6 +185,7 @@ private:
     bool notify_fds_armed_ = false;
     std::vector<int> loop_notify_fds_;
     std::vector<std::uint64_t> evbuf_;   // READ targets for the eventfds
+    std::uint64_t in_flight_ = 0;        // io_uring requests submitted or queued, not yet completed
     std::vector<std::unique_ptr<Pair>> pair_;
     std::vector<bool> dirty_;            // queues with work to do
     std::atomic<std::uint64_t> rx_packets_{0}, rx_bytes_{0}, rx_dropped_{0};

@@ -8,6 +8,7 @@
 #include "devices/virtio_net.hpp"
 #include "vmm/error.hpp"
 
+#include "backend_io.hpp"
 #include "fake_virtio.hpp"
 
 #include <arpa/inet.h>
@@ -97,11 +98,13 @@ TEST(NetBackendParse, BadSpecsThrowUsageError) {
 struct StreamPair {
     Fd peer;
     std::unique_ptr<StreamBackend> b;
+    std::unique_ptr<test::BackendIo> io;   // goes before b does
     StreamPair() {
         int sv[2];
         EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
         peer = Fd(sv[1]);
         b = std::make_unique<StreamBackend>(Fd(sv[0]), "pair");
+        io = std::make_unique<test::BackendIo>(*b);
     }
     void put(const std::vector<std::uint8_t>& bytes) const {
         ASSERT_EQ(::send(peer.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL), static_cast<ssize_t>(bytes.size()));
@@ -130,20 +133,20 @@ TEST(NetBackendStream, PartialFramesReassembleAtEveryBoundary) {
     // Split after every possible byte, the length prefix included.
     for (std::size_t cut = 1; cut < w.size(); ++cut) {
         s.put({w.begin(), w.begin() + static_cast<std::ptrdiff_t>(cut)});
-        EXPECT_EQ(s.b->read_frame(0, buf).status, NetIo::again) << cut;
+        EXPECT_EQ(s.io->read_frame(0, buf).status, NetIo::again) << cut;
         s.put({w.begin() + static_cast<std::ptrdiff_t>(cut), w.end()});
-        const NetIoResult r = s.b->read_frame(0, buf);
+        const NetIoResult r = s.io->read_frame(0, buf);
         ASSERT_EQ(r.status, NetIo::ok) << cut;
         ASSERT_EQ(r.len, f.size());
         EXPECT_TRUE(std::equal(f.begin(), f.end(), buf.begin()));
     }
     // The prefix one byte at a time.
     for (std::size_t i = 0; i < w.size(); ++i) {
-        EXPECT_EQ(s.b->read_frame(0, buf).status, NetIo::again);
+        EXPECT_EQ(s.io->read_frame(0, buf).status, NetIo::again);
         s.put({w[i]});
     }
-    EXPECT_EQ(s.b->read_frame(0, buf).status, NetIo::ok);
-    EXPECT_EQ(s.b->read_frame(0, buf).status, NetIo::again);
+    EXPECT_EQ(s.io->read_frame(0, buf).status, NetIo::ok);
+    EXPECT_EQ(s.io->read_frame(0, buf).status, NetIo::again);
 }
 
 TEST(NetBackendStream, SeveralFramesInOneReadAndOversizedSkipped) {
@@ -159,7 +162,7 @@ TEST(NetBackendStream, SeveralFramesInOneReadAndOversizedSkipped) {
     std::thread writer([&] { s.put(all); });
     std::vector<NetIoResult> got;
     ASSERT_TRUE(fake::wait_until([&] {
-        const NetIoResult r = s.b->read_frame(0, buf);
+        const NetIoResult r = s.io->read_frame(0, buf);
         if (r.status != NetIo::again) got.push_back(r);
         return got.size() == 3;
     }));
@@ -179,8 +182,8 @@ TEST(NetBackendStream, HangupMidFrameDropsThenCloses) {
     auto w = wire(frame_of(100, 1));
     s.put({w.begin(), w.begin() + 50});
     s.peer.reset();
-    EXPECT_EQ(s.b->read_frame(0, buf).status, NetIo::drop);
-    EXPECT_EQ(s.b->read_frame(0, buf).status, NetIo::closed);
+    EXPECT_EQ(s.io->read_frame(0, buf).status, NetIo::drop);
+    EXPECT_EQ(s.io->read_frame(0, buf).status, NetIo::closed);
     const std::uint8_t x[14] = {};
     iovec v{const_cast<std::uint8_t*>(x), sizeof x};
     EXPECT_EQ(s.b->write_frame(0, {&v, 1}).status, NetIo::closed);
@@ -207,7 +210,7 @@ TEST(NetBackendStream, PartialWritesQueueAndFlushInOrder) {
     std::vector<std::uint8_t> rx;
     std::size_t frames = 0, off = 0;
     while (frames < sent.size()) {
-        (void)s.b->flush(0);
+        (void)s.io->flush(0, 0);
         std::vector<std::uint8_t> chunk(65536);
         pollfd pfd{s.peer.get(), POLLIN, 0};
         if (::poll(&pfd, 1, 1000) != 1) break;
@@ -224,7 +227,7 @@ TEST(NetBackendStream, PartialWritesQueueAndFlushInOrder) {
         }
     }
     EXPECT_EQ(frames, sent.size());
-    EXPECT_EQ(s.b->flush(0), NetIo::ok);
+    EXPECT_EQ(s.io->flush(0), NetIo::ok);
     EXPECT_FALSE(s.b->wants_write(0));
 }
 
@@ -246,6 +249,10 @@ TEST(NetBackendStream, ConnectsByPathAndFailsWithSysError) {
     const auto f = frame_of(60, 1);
     iovec v{const_cast<std::uint8_t*>(f.data()), f.size()};
     EXPECT_EQ(b->write_frame(0, {&v, 1}).status, NetIo::ok);
+    {
+        test::BackendIo io(*b);
+        EXPECT_EQ(io.flush(0), NetIo::ok);
+    }
     std::vector<std::uint8_t> got(64);
     ASSERT_EQ(::recv(peer.get(), got.data(), 64, MSG_WAITALL), 64);
     EXPECT_EQ(got, wire(f));
@@ -301,7 +308,7 @@ std::vector<std::uint8_t> test_frame(std::size_t len, std::uint8_t seed) {
 
 // Reads frames from the TAP until one of our EtherType shows up (IPv6 may
 // send router solicitations and the like once the link is up).
-std::vector<std::uint8_t> tap_read_test_frame(TapBackend& tap) {
+std::vector<std::uint8_t> tap_read_test_frame(test::BackendIo& tap) {
     std::vector<std::uint8_t> buf(kMaxPacketLen + 64);
     std::vector<std::uint8_t> out;
     fake::wait_until([&] {
@@ -326,11 +333,12 @@ TEST(NetBackendTap, FramesBothWaysThroughARealTap) {
     EXPECT_EQ(tap->set_offloads(TUN_F_CSUM), 0);
     EXPECT_EQ(tap->set_offloads(0), 0);
     Fd pkt = packet_socket("kgbtest0");
+    test::BackendIo io(*tap);
 
     // Host -> TAP fd (the guest's RX): a 12-byte vnet header in front.
     const auto in = test_frame(100, 1);
     ASSERT_EQ(::send(pkt.get(), in.data(), in.size(), 0), static_cast<ssize_t>(in.size())) << std::strerror(errno);
-    const auto got = tap_read_test_frame(*tap);
+    const auto got = tap_read_test_frame(io);
     ASSERT_EQ(got.size(), kVnetHdrLen + in.size());
     EXPECT_EQ(got[1], VIRTIO_NET_HDR_GSO_NONE);
     EXPECT_TRUE(std::equal(in.begin(), in.end(), got.begin() + kVnetHdrLen));
@@ -340,6 +348,7 @@ TEST(NetBackendTap, FramesBothWaysThroughARealTap) {
     std::uint8_t hdr[kVnetHdrLen] = {};
     iovec v[2] = {{hdr, sizeof hdr}, {const_cast<std::uint8_t*>(out.data()), out.size()}};
     ASSERT_EQ(tap->write_frame(0, v).status, NetIo::ok);
+    ASSERT_EQ(io.flush(0), NetIo::ok);
     std::vector<std::uint8_t> rbuf(2048);
     pollfd pfd{pkt.get(), POLLIN, 0};
     ASSERT_EQ(::poll(&pfd, 1, 5000), 1);

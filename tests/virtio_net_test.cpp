@@ -78,9 +78,13 @@ public:
     int fd(unsigned i) const override { return q[i]->fd(); }
     bool has_vnet_hdr() const override { return false; }
     NetIoResult read_frame(unsigned i, std::span<std::uint8_t> b) override { return q[i]->read_frame(0, b); }
+    void prep_read(unsigned i, io_uring_sqe* sqe) override { q[i]->prep_read(0, sqe); }
+    void read_done(unsigned i, int res) override { q[i]->read_done(0, res); }
     NetIoResult write_frame(unsigned i, std::span<const iovec> f) override { return q[i]->write_frame(0, f); }
     bool wants_write(unsigned i) const override { return q[i]->wants_write(0); }
-    NetIo flush(unsigned i) override { return q[i]->flush(0); }
+    unsigned prep_write(unsigned i, io_uring_sqe* sqe) override { return q[i]->prep_write(0, sqe); }
+    NetIo write_done(unsigned i, unsigned slot, int res) override { return q[i]->write_done(0, slot, res); }
+    bool busy(unsigned i) const override { return q[i]->busy(0); }
     std::string describe() const override { return "multistream"; }
 };
 
