@@ -9,7 +9,8 @@
 // Threading: one event-loop thread per device, started by the constructor
 // and idle until activate(). It waits in io_uring (liburing) on an internal
 // wake eventfd, on the per-queue notify eventfds handed over by
-// take_notify_fds() (KVM ioeventfds), and on the backend's fds; only that
+// take_notify_fds() (KVM ioeventfds), and on the backend's reads and writes,
+// which are io_uring requests themselves (net_backend.hpp); only that
 // thread touches the queues, guest memory and the backend after construction.
 // queue_notify() (vCPU threads) only flags the queue and wakes the loop.
 // activate(), reset() and take_notify_fds() post a request under a mutex and
