@@ -176,14 +176,12 @@ NetIoResult TapBackend::read_frame(unsigned q, std::span<std::uint8_t> buf) {
 
 void TapBackend::prep_read(unsigned q, io_uring_sqe* sqe) {
     Queue& s = queues_[q];
-    s.reading = true;
     // Offset -1: the file position, which a character device ignores.
     io_uring_prep_read(sqe, fds_[q].get(), s.in.data(), static_cast<unsigned>(s.in.size()), -1);
 }
 
 void TapBackend::read_done(unsigned q, int res) {
     Queue& s = queues_[q];
-    s.reading = false;
     if (res == -EINTR || res == -EAGAIN || res == -ECANCELED) return;   // nothing came: read again
     s.has = true;
     if (res > 0) {
@@ -226,11 +224,13 @@ unsigned TapBackend::prep_write(unsigned q, io_uring_sqe* sqe) {
     return slot;
 }
 
-NetIo TapBackend::write_done(unsigned q, unsigned slot, int res) {
+NetIo TapBackend::write_done(unsigned q, unsigned slot, int res, unsigned& lost) {
     Queue& s = queues_[q];
-    if (slot >= kTapTxSlots) return NetIo::drop;
+    lost = 0;
+    if (slot >= kTapTxSlots) return NetIo::ok;
     s.free.push_back(slot);
     if (res >= 0) return NetIo::ok;   // tun takes a frame whole
+    lost = 1;
     // EIO (interface down), EINVAL (bad vnet header from the guest),
     // ENOMEM...: this frame is lost, the next may pass.
     return res == -EBADF || res == -EBADFD ? NetIo::closed : NetIo::drop;
@@ -331,13 +331,11 @@ void StreamBackend::prep_read(unsigned, io_uring_sqe* sqe) {
         in_tail_ -= in_head_;
         in_head_ = 0;
     }
-    reading_ = true;
     asked_ = in_.size() - in_tail_;
     io_uring_prep_recv(sqe, fd_.get(), in_.data() + in_tail_, asked_, 0);
 }
 
 void StreamBackend::read_done(unsigned, int res) {
-    reading_ = false;
     if (res > 0) {
         in_tail_ += static_cast<std::size_t>(res);
     } else if (res == 0) {
@@ -360,13 +358,16 @@ NetIoResult StreamBackend::write_frame(unsigned, std::span<const iovec> frame) {
     for (const iovec& v : frame)
         next_.insert(next_.end(), static_cast<const std::uint8_t*>(v.iov_base),
                      static_cast<const std::uint8_t*>(v.iov_base) + v.iov_len);
+    next_ends_.push_back(next_.size());
     return {NetIo::ok, total, 0};
 }
 
 unsigned StreamBackend::prep_write(unsigned, io_uring_sqe* sqe) {
     if (out_head_ == out_.size()) {   // all sent: the queued frames go next
         out_.swap(next_);
+        out_ends_.swap(next_ends_);
         next_.clear();
+        next_ends_.clear();
         out_head_ = 0;
     }
     sending_ = true;
@@ -374,16 +375,23 @@ unsigned StreamBackend::prep_write(unsigned, io_uring_sqe* sqe) {
     return 0;
 }
 
-NetIo StreamBackend::write_done(unsigned, unsigned, int res) {
+NetIo StreamBackend::write_done(unsigned, unsigned, int res, unsigned& lost) {
     sending_ = false;
+    lost = 0;
     if (res > 0) {
         out_head_ += static_cast<std::size_t>(res);   // a short send: the rest goes next
+        std::size_t sent = 0;
+        while (sent < out_ends_.size() && out_ends_[sent] <= out_head_) ++sent;
+        out_ends_.erase(out_ends_.begin(), out_ends_.begin() + static_cast<std::ptrdiff_t>(sent));
         return NetIo::ok;
     }
     if (res == -EINTR || res == -EAGAIN || res == -ECANCELED) return NetIo::ok;   // send it again
     err_ = res == 0 ? EPIPE : -res;
+    lost = static_cast<unsigned>(out_ends_.size() + next_ends_.size());
     out_.clear();
     next_.clear();
+    out_ends_.clear();
+    next_ends_.clear();
     out_head_ = 0;
     return NetIo::closed;
 }

@@ -108,14 +108,14 @@ public:
     // (ok, the caller may reuse the pieces at once), or none (again: the
     // queue is full until a write completes), or it is lost (drop, closed).
     // While wants_write(), prep_write() fills an SQE for queued output and
-    // names it with a slot number; write_done(q, slot, cqe->res) answers ok,
-    // drop (that frame lost) or closed.
+    // names it with a slot number; write_done(q, slot, cqe->res, lost)
+    // answers ok, drop or closed, and counts in `lost` the accepted frames
+    // that will never leave (a TAP write: its frame; a failed stream SEND:
+    // every frame not yet wholly sent).
     virtual NetIoResult write_frame(unsigned q, std::span<const iovec> frame) = 0;
     virtual bool wants_write(unsigned q) const = 0;
     virtual unsigned prep_write(unsigned q, io_uring_sqe* sqe) = 0;
-    virtual NetIo write_done(unsigned q, unsigned slot, int res) = 0;
-    // Whether queued output or a read is still in the kernel's hands.
-    virtual bool busy(unsigned q) const = 0;
+    virtual NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) = 0;
 
     // TUN_F_* offloads the guest can take on received frames (TUNSETOFFLOAD);
     // 0 or an errno. Backends without a vnet header ignore it.
@@ -148,8 +148,7 @@ public:
     NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
     bool wants_write(unsigned q) const override { return !queues_[q].ready.empty(); }
     unsigned prep_write(unsigned q, io_uring_sqe* sqe) override;
-    NetIo write_done(unsigned q, unsigned slot, int res) override;
-    bool busy(unsigned q) const override { return queues_[q].reading || queues_[q].free.size() < kTapTxSlots; }
+    NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) override;
     int set_offloads(unsigned tun_flags) override;
     int set_queue_enabled(unsigned q, bool enabled) override;
     std::string describe() const override { return "tap " + name_; }
@@ -159,7 +158,7 @@ private:
     struct Queue {
         std::vector<std::uint8_t> in = std::vector<std::uint8_t>(kMaxPacketLen + 1);   // +1: a cut frame shows
         NetIoResult got;             // what the last completed read brought
-        bool has = false, reading = false;
+        bool has = false;
         std::vector<std::vector<std::uint8_t>> out = std::vector<std::vector<std::uint8_t>>(kTapTxSlots);
         std::vector<unsigned> free, ready;   // slots: unused; filled, not yet submitted (in order)
     };
@@ -188,8 +187,7 @@ public:
     NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
     bool wants_write(unsigned) const override { return !sending_ && (out_head_ < out_.size() || !next_.empty()); }
     unsigned prep_write(unsigned q, io_uring_sqe* sqe) override;
-    NetIo write_done(unsigned q, unsigned slot, int res) override;
-    bool busy(unsigned) const override { return reading_ || sending_; }
+    NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) override;
     std::string describe() const override { return "stream " + name_; }
 
 private:
@@ -202,12 +200,13 @@ private:
     std::vector<std::uint8_t> in_;
     std::size_t in_head_ = 0, in_tail_ = 0;
     std::size_t skip_ = 0, asked_ = 0;
-    bool eof_ = false, reading_ = false;
+    bool eof_ = false;
     int err_ = 0;
     // Send side: out_[out_head_, size()) is being sent (the kernel may be
     // reading it, so it never grows meanwhile); frames accepted since wait
     // in next_.
     std::vector<std::uint8_t> out_, next_;
+    std::vector<std::size_t> out_ends_, next_ends_;   // where each frame ends in out_ / next_, in order
     std::size_t out_head_ = 0;
     bool sending_ = false;
 };

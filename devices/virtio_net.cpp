@@ -308,11 +308,12 @@ void VirtioNet::loop() {
             case kTagOut: {
                 const auto p = static_cast<unsigned>(index & 0xff), slot = static_cast<unsigned>(index >> 8);
                 Pair& s = *pair_[p];
-                const NetIo r = backend_->write_done(p, slot, res);
+                unsigned lost = 0;
+                const NetIo r = backend_->write_done(p, slot, res, lost);
+                tx_dropped_.fetch_add(lost, std::memory_order_relaxed);
                 if (r == NetIo::closed) {
                     backend_closed(p, res < 0 ? -res : EPIPE);
                 } else if (r == NetIo::drop) {
-                    tx_dropped_.fetch_add(1, std::memory_order_relaxed);
                     KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: transmit: %s", backend_->describe().c_str(),
                                        std::strerror(-res));
                 }

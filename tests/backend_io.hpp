@@ -95,7 +95,9 @@ private:
                 b_.read_done(static_cast<unsigned>(low), res);
             } else if (kind == kWrite) {
                 --writes_;
-                if (b_.write_done(static_cast<unsigned>(low & 0xff), static_cast<unsigned>(low >> 8), res) == NetIo::closed)
+                unsigned lost = 0;
+                if (b_.write_done(static_cast<unsigned>(low & 0xff), static_cast<unsigned>(low >> 8), res, lost) ==
+                    NetIo::closed)
                     closed_ = true;
             }
         } while (io_uring_peek_cqe(&ring_, &cqe) == 0);
