@@ -164,6 +164,12 @@ TapBackend::TapBackend(const std::string& ifname, unsigned queues) {
         for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
 }
 
+namespace {
+// A completion that moved nothing and says nothing about the channel: the
+// request is simply made again.
+bool retry(int res) { return res == -EINTR || res == -EAGAIN || res == -ECANCELED; }
+} // namespace
+
 NetIoResult TapBackend::read_frame(unsigned q, std::span<std::uint8_t> buf) {
     Queue& s = queues_[q];
     if (!s.has) return {NetIo::again, 0, 0};
@@ -182,7 +188,7 @@ void TapBackend::prep_read(unsigned q, io_uring_sqe* sqe) {
 
 void TapBackend::read_done(unsigned q, int res) {
     Queue& s = queues_[q];
-    if (res == -EINTR || res == -EAGAIN || res == -ECANCELED) return;   // nothing came: read again
+    if (retry(res)) return;   // nothing came: read again
     s.has = true;
     if (res > 0) {
         // tun truncates what does not fit: a frame filling the buffer was cut.
@@ -340,7 +346,7 @@ void StreamBackend::read_done(unsigned, int res) {
         in_tail_ += static_cast<std::size_t>(res);
     } else if (res == 0) {
         eof_ = asked_ > 0;   // (no room asked for nothing: cannot happen, see prep_read)
-    } else if (res != -EINTR && res != -EAGAIN && res != -ECANCELED) {
+    } else if (!retry(res)) {
         eof_ = true;
         err_ = -res;
     }
@@ -385,7 +391,7 @@ NetIo StreamBackend::write_done(unsigned, unsigned, int res, unsigned& lost) {
         out_ends_.erase(out_ends_.begin(), out_ends_.begin() + static_cast<std::ptrdiff_t>(sent));
         return NetIo::ok;
     }
-    if (res == -EINTR || res == -EAGAIN || res == -ECANCELED) return NetIo::ok;   // send it again
+    if (retry(res)) return NetIo::ok;   // send it again
     err_ = res == 0 ? EPIPE : -res;
     lost = static_cast<unsigned>(out_ends_.size() + next_ends_.size());
     out_.clear();
