@@ -49,7 +49,7 @@
 #include "balloon/tracker.hpp"
 #include "devices/virtio.hpp"
 #include "devices/virtqueue.hpp"
-#include "vmm/log.hpp"
+#include "devices/base/log.hpp"
 
 #include <array>
 #include <chrono>

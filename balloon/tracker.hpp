@@ -28,7 +28,7 @@
 // lock around every call.
 #pragma once
 
-#include "vmm/guest_memory.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <array>
 #include <cstdint>

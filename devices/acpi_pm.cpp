@@ -1,5 +1,5 @@
 // The hardware-reduced ACPI sleep and reset registers (see acpi_pm.hpp).
-#include "acpi_pm.hpp"
+#include "devices/acpi_pm.hpp"
 
 namespace kguest {
 

@@ -15,8 +15,8 @@
 //   +3 reserved, reads 0
 #pragma once
 
-#include "vmm/bus.hpp"
-#include "vmm/log.hpp"
+#include "devices/base/bus.hpp"
+#include "devices/base/log.hpp"
 
 #include <atomic>
 #include <cstdint>

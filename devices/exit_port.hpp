@@ -4,7 +4,7 @@
 // (QEMU exits with (V << 1) | 1). Reads return 0.
 #pragma once
 
-#include "vmm/bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <functional>
 

@@ -1,6 +1,6 @@
 // The 8042 controller model (see i8042.hpp). Command numbers are Linux's
 // drivers/input/serio/i8042.h and the PC AT Technical Reference's.
-#include "i8042.hpp"
+#include "devices/i8042.hpp"
 
 #include <algorithm>
 

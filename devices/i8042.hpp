@@ -17,8 +17,8 @@
 //   pio.insert(I8042::kCommandPort, I8042::kPortLen, kbc->command_port());
 #pragma once
 
-#include "vmm/bus.hpp"
-#include "vmm/log.hpp"
+#include "devices/base/bus.hpp"
+#include "devices/base/log.hpp"
 
 #include <cstdint>
 #include <functional>

@@ -23,7 +23,7 @@
 // socket takes only in part is followed by one for the rest.
 #include "devices/net_backend.hpp"
 
-#include "vmm/error.hpp"
+#include "devices/base/error.hpp"
 
 #include <algorithm>
 #include <cerrno>

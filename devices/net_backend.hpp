@@ -24,7 +24,7 @@
 // the backend is destroyed.
 #pragma once
 
-#include "vmm/fd.hpp"
+#include "devices/base/fd.hpp"
 
 #include <array>
 #include <cstddef>

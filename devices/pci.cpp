@@ -1,5 +1,5 @@
 // PCI configuration space and the conf1 host bridge (see pci.hpp).
-#include "pci.hpp"
+#include "devices/pci.hpp"
 
 #include <algorithm>
 #include <bit>

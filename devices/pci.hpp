@@ -19,7 +19,7 @@
 // (bar_address, command, config_read) only before the VM runs.
 #pragma once
 
-#include "vmm/bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <array>
 #include <cstdint>

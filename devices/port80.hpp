@@ -17,19 +17,20 @@
 //     is the last code that came through userspace.
 // `rep outs` is absorbed by both (KVM's kernel_pio walks the batch). The
 // userspace path stays as the fallback and for comparison (`--port80 exit`).
+// This model knows nothing of KVM: the layer that wires devices to KVM
+// (vmm/port80_kvm.hpp) registers the in-kernel path, reads what KVM absorbed
+// and hands it over through add_absorbed(); writes() asks it to catch up first.
+//
+// Threading: read/write on vCPU threads, counters from any thread.
 #pragma once
 
-#include "vmm/bus.hpp"
-#include "vmm/fd.hpp"
-#include "vmm/kvm_uapi.hpp"
+#include "devices/base/bus.hpp"
 
 #include <atomic>
 #include <cstdint>
-#include <mutex>
+#include <functional>
 
 namespace kguest {
-
-class Vm;
 
 class Port80 : public BusDevice {
 public:
@@ -43,19 +44,13 @@ public:
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
 
-    // Registers an in-kernel write path: coalesced PIO when `ring` (the
-    // coalesced MMIO page of a vCPU mapping, or null if the host has none) is
-    // given and KVM accepts the zone, else an ioeventfd. False (and nothing
-    // changes) when the host KVM refuses both; the userspace path then serves
-    // every write.
-    bool absorb_in_kernel(Vm& vm, kvm_coalesced_mmio_ring* ring);
-    bool absorbed() const { return eventfd_.valid() || ring_ != nullptr; }
-    // Reads writes from `ring` from now on (absorb_in_kernel does this after
-    // KVM accepted the zone; unit tests hand it a made-up ring page).
-    void attach_ring(kvm_coalesced_mmio_ring* ring) { ring_ = ring; }
-    // Takes the queued coalesced writes (a no-op without a ring). Any thread;
-    // call it before handling an exit, so that the codes stay in order.
-    void drain();
+    // The in-kernel path: `sync` brings the absorbed writes up to date (by
+    // calling add_absorbed); set once, before the VM runs.
+    void set_absorber(std::function<void()> sync) { sync_ = std::move(sync); }
+    bool absorbed() const { return static_cast<bool>(sync_); }
+    // `n` writes completed inside KVM; `last` is the low byte of the newest
+    // one when KVM kept the values (-1 when it did not).
+    void add_absorbed(std::uint64_t n, int last);
 
     // Writes so far, both paths together.
     std::uint64_t writes();
@@ -65,10 +60,8 @@ public:
 private:
     std::atomic<std::uint64_t> user_writes_{0}, reads_{0};
     std::atomic<std::uint8_t> last_{0};
-    std::mutex mu_;
-    std::uint64_t kernel_writes_ = 0;
-    Fd eventfd_;
-    kvm_coalesced_mmio_ring* ring_ = nullptr;  // shared with KVM: it writes `last`, we write `first`
+    std::atomic<std::uint64_t> kernel_writes_{0};
+    std::function<void()> sync_;
 };
 
 } // namespace kguest

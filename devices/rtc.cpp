@@ -4,7 +4,7 @@
 // set; mc146818_set_time sets SET in status B, writes the time registers, then
 // restores status B). The clock is the host's plus `offset_`, so the guest's
 // time keeps running between reads without any timer of ours.
-#include "rtc.hpp"
+#include "devices/rtc.hpp"
 
 #include <algorithm>
 #include <chrono>

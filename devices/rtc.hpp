@@ -10,7 +10,7 @@
 // stores there (hw/i386/pc.c pc_cmos_init), which some firmware and tools read.
 #pragma once
 
-#include "vmm/bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <array>
 #include <cstdint>

@@ -1,5 +1,5 @@
 // The 16550A register model (see serial.hpp).
-#include "serial.hpp"
+#include "devices/serial.hpp"
 
 #include <cerrno>
 #include <unistd.h>

@@ -7,7 +7,7 @@
 // driver may probe it.
 #pragma once
 
-#include "vmm/bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <cstdint>
 #include <deque>

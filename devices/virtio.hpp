@@ -16,7 +16,7 @@
 #pragma once
 
 #include "devices/virtqueue.hpp"
-#include "vmm/guest_memory.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <cstddef>
 #include <cstdint>

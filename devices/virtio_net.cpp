@@ -15,7 +15,7 @@
 // it, since those requests point into buffers of ours and the backend's.
 #include "devices/virtio_net.hpp"
 
-#include "vmm/error.hpp"
+#include "devices/base/error.hpp"
 
 #include <algorithm>
 #include <cerrno>

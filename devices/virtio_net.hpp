@@ -23,8 +23,8 @@
 
 #include "devices/net_backend.hpp"
 #include "devices/virtio.hpp"
-#include "vmm/fd.hpp"
-#include "vmm/log.hpp"
+#include "devices/base/fd.hpp"
+#include "devices/base/log.hpp"
 
 #include <atomic>
 #include <condition_variable>

@@ -5,7 +5,7 @@
 // entries. Everything else reads all-ones and is dropped on write, so a
 // hostile guest can neither confuse the state machine nor reach past the
 // transport's arrays.
-#include "virtio_pci.hpp"
+#include "devices/virtio_pci.hpp"
 
 #include <algorithm>
 #include <bit>

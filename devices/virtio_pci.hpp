@@ -35,9 +35,9 @@
 #include "devices/pci.hpp"
 #include "devices/virtio.hpp"
 #include "devices/virtqueue.hpp"
-#include "vmm/bus.hpp"
-#include "vmm/guest_memory.hpp"
-#include "vmm/log.hpp"
+#include "devices/base/bus.hpp"
+#include "devices/base/guest_memory.hpp"
+#include "devices/base/log.hpp"
 
 #include <array>
 #include <atomic>

@@ -5,7 +5,7 @@
 // read of the driver's index and release on the write of ours (2.7.13.3,
 // 2.7.8); everything else is copied once into host variables before use, so a
 // guest changing the rings under us can give us garbage but never a bad access.
-#include "virtqueue.hpp"
+#include "devices/virtqueue.hpp"
 
 #include <algorithm>
 #include <atomic>

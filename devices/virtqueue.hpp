@@ -12,7 +12,7 @@
 // when the driver enables the queue.
 #pragma once
 
-#include "vmm/guest_memory.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <cstdint>
 #include <span>

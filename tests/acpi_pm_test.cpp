@@ -5,7 +5,7 @@
 // and offset never crash and trigger exactly what a byte-lane model predicts.
 #include "devices/acpi_pm.hpp"
 #include "vmm/acpi.hpp"
-#include "vmm/bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <cstdint>
 #include <gtest/gtest.h>

@@ -5,7 +5,7 @@
 // register addresses, and the AML bytes of \_S5_ and \_SB.PCI0 in the DSDT.
 #include "devices/acpi_pm.hpp"
 #include "vmm/acpi.hpp"
-#include "vmm/guest_memory.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <algorithm>
 #include <cstdint>

@@ -1,9 +1,9 @@
 // The VM control API without KVM: a fake VmControl behind a real ApiServer on
 // a temporary UNIX socket, driven by raw request bytes (for the malformed and
 // hostile cases), by ApiClient, and by the CLI's cli_main().
-#include "vmm/api.hpp"
-#include "vmm/api_client.hpp"
-#include "vmm/error.hpp"
+#include "vmm/app/api.hpp"
+#include "vmm/app/api_client.hpp"
+#include "devices/base/error.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,6 +1,6 @@
 // Bus: range insertion (overlap and bad-range refusal), dispatch with offsets
 // relative to the base, unclaimed and straddling accesses, remove().
-#include "vmm/bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <algorithm>
 #include <cstdint>

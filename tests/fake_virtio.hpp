@@ -7,7 +7,7 @@
 
 #include "devices/virtio.hpp"
 #include "devices/virtqueue.hpp"
-#include "vmm/guest_memory.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <atomic>
 #include <chrono>

@@ -1,7 +1,7 @@
 // GuestMemory: layout around the MMIO hole, bounds checks on hostile
 // addresses and lengths, and giving memory back to the host (discard,
 // resident and huge-page-backed byte counts).
-#include "vmm/guest_memory.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <cstdint>
 #include <cstdio>

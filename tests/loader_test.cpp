@@ -3,7 +3,7 @@
 // problem, random corruption never crashes; hvm_start_info / memory map /
 // command line written by write_pvh_start_info, and the bzImage zero page,
 // initrd placement and page tables written by load_kernel.
-#include "vmm/error.hpp"
+#include "devices/base/error.hpp"
 #include "vmm/loader.hpp"
 
 #include <algorithm>

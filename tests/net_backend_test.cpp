@@ -6,7 +6,7 @@
 // when /dev/net/tun cannot be opened for lack of permission or of the node.
 #include "devices/net_backend.hpp"
 #include "devices/virtio_net.hpp"
-#include "vmm/error.hpp"
+#include "devices/base/error.hpp"
 
 #include "backend_io.hpp"
 #include "fake_virtio.hpp"

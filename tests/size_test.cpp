@@ -1,5 +1,5 @@
 // Command-line size parsing.
-#include "vmm/size.hpp"
+#include "devices/base/size.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,8 +1,8 @@
 // ACPI table builder (see acpi.hpp). Section numbers are ACPI 6.5. Tables are
 // assembled byte by byte in little-endian order, so no packed structs; the
 // DSDT's AML is hand-encoded with the few opcodes it needs (§20).
-#include "acpi.hpp"
-#include "guest_memory.hpp"
+#include "vmm/acpi.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include "devices/acpi_pm.hpp"
 #include "devices/pci.hpp"

@@ -1,5 +1,5 @@
 // The guest CPUID table (see cpuid.hpp).
-#include "cpuid.hpp"
+#include "vmm/cpuid.hpp"
 
 namespace kguest {
 

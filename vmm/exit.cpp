@@ -1,6 +1,6 @@
 // Exit decoding and dispatch (see exit.hpp).
-#include "exit.hpp"
-#include "log.hpp"
+#include "vmm/exit.hpp"
+#include "devices/base/log.hpp"
 
 namespace kguest {
 

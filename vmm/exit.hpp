@@ -4,7 +4,7 @@
 // the buses to an outcome, so unit tests can drive it without KVM.
 #pragma once
 
-#include "bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <cstdint>
 #include "vmm/kvm_uapi.hpp"

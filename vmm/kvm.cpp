@@ -1,6 +1,6 @@
 // Thin, checked wrappers over the KVM ioctls (Documentation/virt/kvm/api.rst).
-#include "kvm.hpp"
-#include "error.hpp"
+#include "vmm/kvm.hpp"
+#include "devices/base/error.hpp"
 
 #include <cerrno>
 #include <fcntl.h>

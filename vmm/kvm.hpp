@@ -8,7 +8,7 @@
 // throw: it is on the guest-driven path and returns the errno instead.
 #pragma once
 
-#include "fd.hpp"
+#include "devices/base/fd.hpp"
 
 #include <cstdint>
 #include "vmm/kvm_uapi.hpp"

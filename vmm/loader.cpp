@@ -1,6 +1,6 @@
 // The kernel loaders (see loader.hpp): PVH ELF, then the Linux bzImage.
-#include "loader.hpp"
-#include "error.hpp"
+#include "vmm/loader.hpp"
+#include "devices/base/error.hpp"
 
 #include <cerrno>
 #include <algorithm>

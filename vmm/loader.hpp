@@ -18,8 +18,8 @@
 // and a malformed image is refused with one clear message.
 #pragma once
 
-#include "fd.hpp"
-#include "guest_memory.hpp"
+#include "devices/base/fd.hpp"
+#include "devices/base/guest_memory.hpp"
 
 #include <cstdint>
 #include <span>

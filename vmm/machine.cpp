@@ -3,13 +3,13 @@
 // controllers and PIT, map guest RAM, plug devices into the buses, load the
 // kernel, create and set up the vCPUs; run() then starts a thread per vCPU and
 // waits, in the main thread, for the VM to end or a signal to arrive.
-#include "machine.hpp"
-#include "cpuid.hpp"
-#include "error.hpp"
-#include "exit.hpp"
-#include "log.hpp"
-#include "size.hpp"
-#include "acpi.hpp"
+#include "vmm/machine.hpp"
+#include "vmm/cpuid.hpp"
+#include "devices/base/error.hpp"
+#include "vmm/exit.hpp"
+#include "devices/base/log.hpp"
+#include "devices/base/size.hpp"
+#include "vmm/acpi.hpp"
 #include "devices/acpi_pm.hpp"
 #include "devices/exit_port.hpp"
 #include "devices/i8042.hpp"
@@ -17,10 +17,11 @@
 #include "devices/pci.hpp"
 #include "devices/virtio_net.hpp"
 #include "balloon/balloon.hpp"
-#include "vmm/api.hpp"
-#include "vmm/api_client.hpp"
+#include "vmm/app/api.hpp"
+#include "vmm/app/api_client.hpp"
 #include "vmm/virtio_kvm.hpp"
 #include "devices/port80.hpp"
+#include "vmm/port80_kvm.hpp"
 #include "devices/serial.hpp"
 
 #include <cerrno>
@@ -257,7 +258,8 @@ Machine::Machine(const VmConfig& cfg)
             (static_cast<std::size_t>(page) + 1) * 4096 <= kvm_.vcpu_mmap_size())
             ring = reinterpret_cast<kvm_coalesced_mmio_ring*>(reinterpret_cast<std::uint8_t*>(&vcpus_[0].run_state()) +
                                                               static_cast<std::size_t>(page) * 4096);
-        port80_->absorb_in_kernel(vm_, ring);
+        port80_absorber_ = std::make_unique<Port80Absorber>(*port80_);
+        if (!port80_absorber_->absorb(vm_, ring)) port80_absorber_.reset();
     }
 
     int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -463,7 +465,7 @@ void Machine::vcpu_thread(Vcpu& vcpu) {
             request_stop(1);
             break;
         }
-        port80_->drain();  // queued POST codes first, so they stay in order with this exit
+        if (port80_absorber_) port80_absorber_->drain();  // queued POST codes first, so they stay in order with this exit
         DecodedExit exit = decode_exit(vcpu.run_state(), run_size);
         ExitOutcome out = handle_exit(exit, pio_, mmio_, vcpu.id());
         if (out.what == ExitOutcome::stop) {

@@ -5,11 +5,11 @@
 // has halted without an in-kernel LAPIC, or when SIGINT/SIGTERM arrives.
 #pragma once
 
-#include "bus.hpp"
+#include "devices/base/bus.hpp"
 #include "devices/net_backend.hpp"
-#include "guest_memory.hpp"
-#include "kvm.hpp"
-#include "loader.hpp"
+#include "devices/base/guest_memory.hpp"
+#include "vmm/kvm.hpp"
+#include "vmm/loader.hpp"
 
 #include <atomic>
 #include <condition_variable>
@@ -23,6 +23,7 @@ namespace kguest {
 
 class Serial;
 class Port80;
+class Port80Absorber;
 class ExitPort;
 class Rtc;
 class I8042;
@@ -126,6 +127,7 @@ private:
     int console_fd_ = -1;
     std::shared_ptr<Serial> serial_;
     std::shared_ptr<Port80> port80_;
+    std::unique_ptr<Port80Absorber> port80_absorber_;
     std::shared_ptr<ExitPort> exit_port_;
     std::shared_ptr<Rtc> rtc_;          // CMOS at 0x70-0x71
     std::shared_ptr<I8042> i8042_;      // reset line at 0x64

@@ -2,7 +2,7 @@
 // the BAR on the MMIO bus. See virtio_kvm.hpp for the design.
 #include "vmm/virtio_kvm.hpp"
 
-#include "vmm/error.hpp"
+#include "devices/base/error.hpp"
 
 #include <sys/eventfd.h>
 #include <unistd.h>

@@ -16,11 +16,11 @@
 #pragma once
 
 #include "devices/virtio_pci.hpp"
-#include "vmm/bus.hpp"
-#include "vmm/fd.hpp"
-#include "vmm/guest_memory.hpp"
+#include "devices/base/bus.hpp"
+#include "devices/base/fd.hpp"
+#include "devices/base/guest_memory.hpp"
 #include "vmm/kvm.hpp"
-#include "vmm/log.hpp"
+#include "devices/base/log.hpp"
 
 #include <cstdint>
 #include <memory>

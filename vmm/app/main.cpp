@@ -2,10 +2,10 @@
 // are exceptions caught here, once, and printed as one line: exit status 2 for
 // the user's mistakes (flags, images), 1 for host failures. `kguest run`
 // otherwise returns the guest's own exit status.
-#include "vmm/error.hpp"
-#include "vmm/api_client.hpp"
+#include "devices/base/error.hpp"
+#include "vmm/app/api_client.hpp"
 #include "vmm/machine.hpp"
-#include "vmm/size.hpp"
+#include "devices/base/size.hpp"
 
 #include <cstdio>
 #include <cstring>

@@ -1,5 +1,5 @@
 // Size parsing and printing (see size.hpp).
-#include "size.hpp"
+#include "devices/base/size.hpp"
 
 #include <cstdio>
 

@@ -7,7 +7,7 @@
 // never a host pointer outside the mapping.
 #pragma once
 
-#include "fd.hpp"
+#include "devices/base/fd.hpp"
 
 #include <cstdint>
 #include <cstring>

@@ -1,6 +1,6 @@
 // RAII for fds and mappings (see fd.hpp), and the errno-carrying exception.
-#include "fd.hpp"
-#include "error.hpp"
+#include "devices/base/fd.hpp"
+#include "devices/base/error.hpp"
 
 #include <cstring>
 #include <sys/mman.h>

@@ -1,5 +1,5 @@
 // Range lookup and dispatch for the PIO and MMIO buses (see bus.hpp).
-#include "bus.hpp"
+#include "devices/base/bus.hpp"
 
 #include <cstring>
 #include <cstdio>

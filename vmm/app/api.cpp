@@ -6,9 +6,9 @@
 // (keep-alive) or closes. Deadlines are one steady_timer per session that
 // cancels the socket; a generation counter makes a late timer harmless. This is
 // the only translation unit of the server that includes Beast.
-#include "api.hpp"
-#include "error.hpp"
-#include "log.hpp"
+#include "vmm/app/api.hpp"
+#include "devices/base/error.hpp"
+#include "devices/base/log.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>

@@ -4,10 +4,10 @@
 // parses its flags, calls the API and prints either the JSON or aligned
 // "key: value" lines with sizes in MiB. This is the only translation unit of
 // the client that includes Beast.
-#include "api_client.hpp"
-#include "api.hpp"
-#include "error.hpp"
-#include "size.hpp"
+#include "vmm/app/api_client.hpp"
+#include "vmm/app/api.hpp"
+#include "devices/base/error.hpp"
+#include "devices/base/size.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>

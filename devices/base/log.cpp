@@ -1,5 +1,5 @@
 // stderr logging and the rate limiter (see log.hpp).
-#include "log.hpp"
+#include "devices/base/log.hpp"
 
 #include <cstdarg>
 #include <cstdio>

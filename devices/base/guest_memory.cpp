@@ -1,7 +1,7 @@
 // Guest RAM allocation and bounds-checked access (see guest_memory.hpp).
-#include "guest_memory.hpp"
-#include "error.hpp"
-#include "size.hpp"
+#include "devices/base/guest_memory.hpp"
+#include "devices/base/error.hpp"
+#include "devices/base/size.hpp"
 
 #include <algorithm>
 #include <cerrno>
