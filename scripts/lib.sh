@@ -38,6 +38,33 @@ NET_PACKAGES=(iproute2 iputils-ping passt curl procps)
 # `RESULT name k=v ...` line; median prints the median of the numbers on stdin.
 field() { sed -nE "s/.* $2=([^ ]+).*/\1/p" <<<"$1"; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+# bench_row FIGURE KGUEST PEER RATIO GOAL VERDICT: one summary row for
+# scripts/bench (tab-separated; "-" where a column does not apply).
+bench_row() { printf 'BENCH\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@"; }
+# vmm_cpu_ticks PID: user + system clock ticks of a running VMM, all threads,
+# from /proc/PID/stat. Fails, printing nothing, once the process has ended
+# (its entry gone when bash reaped it, or a zombie): a measurement window it
+# did not run through would give a bogus figure.
+vmm_cpu_ticks() {
+    local s f
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r -a f <<<"${s##*) }"   # fields from 3 (state) on; comm may hold spaces
+    case ${f[0]:-X} in Z|X|x) return 1 ;; esac
+    echo $(( f[11] + f[12] ))   # fields 14 (utime) and 15 (stime)
+}
+# vmm_ended NAME PID WHEN STDERR CONSOLE: die saying that the VMM NAME (PID, a
+# child of this shell) ended WHEN, with its exit status and the last lines of
+# its stderr and console files. For a VMM gone before a measurement finished.
+vmm_ended() {
+    local rc=0
+    wait "$2" 2>/dev/null || rc=$?
+    {
+        echo "${0##*/}: $1 (pid $2) ended $3, exit status $rc; no figure from this run"
+        echo "  its stderr, last lines:"; tail -n 5 "$4" 2>/dev/null | tr -d '\r' | sed 's/^/    /' || true
+        echo "  its console, last lines:"; tail -n 5 "$5" 2>/dev/null | tr -d '\r' | sed 's/^/    /' || true
+    } >&2
+    exit 1
+}
 
 # configure_and_build [BUILD_DIR] [extra cmake args...]
 configure_and_build() {
