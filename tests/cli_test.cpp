@@ -44,6 +44,8 @@ TEST(Cli, BadFlags) {
     expect_usage_error({"run", "--kernel", kGuestElf, "--no-pv-spinlocks=yes"}, "--no-pv-spinlocks takes no value");
     expect_usage_error({"run", "--kernel", kGuestElf, "--port80", "maybe"}, "--port80 'maybe'");
     expect_usage_error({"run", "--kernel", kGuestElf, "--name", "a/b"}, "--name 'a/b'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--balloon=free_page_reporting"}, "--balloon 'free_page_reporting'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--balloon=stats=on,bogus=off"}, "--balloon 'bogus': unknown option");
     expect_usage_error({"run", "--kernel", kGuestElf, "--cmdline", std::string(5000, 'x')}, "--cmdline is longer");
 }
 

@@ -218,7 +218,7 @@ Machine::Machine(const VmConfig& cfg)
 
     // virtio-balloon (VIRTIO 1.2 5.5), class 0xff0000 as QEMU's.
     if (cfg.balloon) {
-        balloon_ = std::make_shared<VirtioBalloon>(mem_);
+        balloon_ = std::make_shared<VirtioBalloon>(mem_, cfg.balloon_options);
         add_virtio(balloon_, 0xff0000);
         log_msg("virtio-balloon at PCI 00:%02x.0 (stats, deflate-on-OOM, free page reporting)",
                 static_cast<unsigned>(virtio_.size()));

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "devices/base/bus.hpp"
+#include "balloon/balloon.hpp"
 #include "devices/net_backend.hpp"
 #include "devices/base/guest_memory.hpp"
 #include "vmm/kvm.hpp"
@@ -61,6 +62,7 @@ struct VmConfig {
     std::vector<NetConfig> nets;
     // A virtio-balloon device (--balloon), after the network devices.
     bool balloon = false;
+    BalloonOptions balloon_options;   // the features it offers (--balloon=...)
     // The control API's socket: "" picks socket_for(name), "none" has none.
     std::string api_socket;
     // Fault all guest RAM in before boot (MADV_POPULATE_WRITE, --prefault).

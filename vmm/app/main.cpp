@@ -7,6 +7,7 @@
 #include "vmm/machine.hpp"
 #include "devices/base/size.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -39,7 +40,8 @@ constexpr const char* kUsage =
     "  --net tap=IFNAME[,mac=MAC][,queues=N]   virtio-net on a TAP interface (created if missing)\n"
     "  --net stream=PATH[,mac=MAC]             virtio-net on a passt / QEMU -netdev stream socket\n"
     "                            (repeat --net for more devices)\n"
-    "  --balloon                 a virtio-balloon device (resize with `kguest balloon NAME --target SIZE`)\n"
+    "  --balloon[=KEY=on|off,...] a virtio-balloon device (resize with `kguest balloon NAME --target SIZE`);\n"
+    "                            KEY: stats, deflate_on_oom, free_page_reporting (all on by default)\n"
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
     "                            /run/kguest/NAME.sock for root)\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n";
@@ -66,6 +68,12 @@ public:
         if (done()) throw UsageError(flag + " needs a value");
         return v_[i_++];
     }
+    // The `=VALUE` of `--flag=VALUE`, for flags whose value is optional.
+    std::optional<std::string> optional_value() {
+        std::optional<std::string> v;
+        v.swap(pending_);
+        return v;
+    }
     void no_value(const std::string& flag) {
         if (pending_) throw UsageError(flag + " takes no value");
     }
@@ -75,6 +83,27 @@ private:
     std::size_t i_ = 0;
     std::optional<std::string> pending_;
 };
+
+// --balloon=KEY=on|off,...: the features the balloon offers (all by default),
+// named as Cloud Hypervisor's --balloon names them.
+BalloonOptions parse_balloon_options(const std::string& spec) {
+    BalloonOptions o;
+    std::size_t pos = 0;
+    while (pos <= spec.size()) {
+        const std::size_t end = std::min(spec.find(',', pos), spec.size());
+        const std::string item = spec.substr(pos, end - pos);
+        const std::size_t eq = item.find('=');
+        const std::string key = item.substr(0, eq), val = eq == std::string::npos ? "" : item.substr(eq + 1);
+        if (val != "on" && val != "off") throw UsageError("--balloon '" + item + "': need KEY=on or KEY=off");
+        bool* field = key == "stats" ? &o.stats : key == "deflate_on_oom" ? &o.deflate_on_oom
+                    : key == "free_page_reporting" ? &o.reporting : nullptr;
+        if (field == nullptr)
+            throw UsageError("--balloon '" + key + "': unknown option (stats, deflate_on_oom, free_page_reporting)");
+        *field = val == "on";
+        pos = end + 1;
+    }
+    return o;
+}
 
 int cmd_run(int argc, char** argv) {
     VmConfig cfg;
@@ -126,8 +155,8 @@ int cmd_run(int argc, char** argv) {
         } else if (f == "--net") {
             cfg.nets.push_back(parse_net_spec(a.value(f), static_cast<unsigned>(cfg.nets.size())));
         } else if (f == "--balloon") {
-            a.no_value(f);
             cfg.balloon = true;
+            if (auto v = a.optional_value()) cfg.balloon_options = parse_balloon_options(*v);
         } else if (f == "--prefault") {
             a.no_value(f);
             cfg.prefault = true;
