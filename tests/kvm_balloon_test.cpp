@@ -1,4 +1,4 @@
-// Live memory resizing end to end (issue 5), and the control API against a
+// Live memory resizing end to end, and the control API against a
 // running VM:
 // - a 1 GiB THP-backed guest touches all its RAM (>= 90% huge-page backed),
 //   then `kguest balloon NAME --target 256M --wait` five times over: the VMM's
@@ -68,7 +68,7 @@ TEST(KvmBalloon, ThpAwareInflateDeflateCycles) {
     std::vector<std::uint64_t> inflated_rss;
     for (int cycle = 1; cycle <= 5; ++cycle) {
         auto in = run_process({kKguest, "balloon", "--api-socket", sock, "--target", "256M", "--wait", "--timeout", "30"}, 60);
-        // The issue's bound: the guest reports `actual` at the target within 30 s.
+        // The required bound: the guest reports `actual` at the target within 30 s.
         ASSERT_EQ(in.status, 0) << "cycle " << cycle << ": " << in.out << in.err << "\nVM:\n" << vm.out() << vm.err();
         json small = info(sock);
         const std::uint64_t rss = small["vmm_rss_bytes"];

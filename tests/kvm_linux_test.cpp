@@ -1,4 +1,4 @@
-// Stock Linux under kguest (issue 6): Debian's own bzImage with the test
+// Stock Linux under kguest: Debian's own bzImage with the test
 // initramfs of scripts/linux-initramfs (busybox, the virtio modules, and
 // scripts/linux-init as /init, which prints `RESULT k=v` lines). We check:
 // - the boot: 2 vCPUs seen, kvm-clock as clocksource, PV spinlocks in dmesg,
@@ -69,7 +69,7 @@ std::vector<std::string> linux_run(const std::string& cmdline, std::vector<std::
 // the kernel triple-faults early, right after the "XSAVE consistency
 // problem" warning every boot there prints (about 1 boot in 25), or a
 // halted vCPU is never woken again and the guest stalls for good (the
-// lost wakeups of README's sandbox notes). Such a boot -- a triple fault
+// lost wakeups of docs/testing.md). Such a boot -- a triple fault
 // before the init ran, or no end within `timeout_s` -- is tried once more;
 // any other failure, or a second spoilt boot, stands.
 bool spoilt_boot(const ProcResult& r) {
@@ -77,7 +77,7 @@ bool spoilt_boot(const ProcResult& r) {
                            r.out.find("kguest-init: start") == std::string::npos);
 }
 void note_retry(const ProcResult& r) {
-    std::fprintf(stderr, "note: the emulated sandbox spoilt this boot (%s; see README); booting it once more\n",
+    std::fprintf(stderr, "note: the emulated sandbox spoilt this boot (%s; see docs/testing.md); booting it once more\n",
                  r.timed_out ? "it stalled" : "a triple fault before the init ran");
 }
 

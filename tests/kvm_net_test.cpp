@@ -1,4 +1,4 @@
-// The network path end to end (issue 4): the small guest's virtio-net driver
+// The network path end to end: the small guest's virtio-net driver
 // in `test=net-echo` mode behind kguest's virtio-pci virtio-net, with
 // - a TAP backend: the host (or sandbox) pings the guest and sends it 10,000
 //   UDP datagrams of mixed sizes, each of which must come back intact;
