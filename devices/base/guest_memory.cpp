@@ -103,22 +103,6 @@ std::uint8_t* GuestMemory::find(Gpa gpa, std::uint64_t len) const {
     return nullptr;
 }
 
-bool GuestMemory::read(Gpa gpa, void* dst, std::uint64_t len) const {
-    if (len == 0) return true;
-    const std::uint8_t* p = find(gpa, len);
-    if (p == nullptr) return false;
-    std::memcpy(dst, p, len);
-    return true;
-}
-
-bool GuestMemory::write(Gpa gpa, const void* src, std::uint64_t len) {
-    if (len == 0) return true;
-    std::uint8_t* p = find(gpa, len);
-    if (p == nullptr) return false;
-    std::memcpy(p, src, len);
-    return true;
-}
-
 bool GuestMemory::append_iovec(Gpa gpa, std::uint64_t len, std::vector<iovec>& out) {
     std::uint8_t* p = find(gpa, len);
     if (p == nullptr) return false;

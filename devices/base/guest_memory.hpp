@@ -81,6 +81,7 @@ private:
 // publish used->idx with release).
 class GuestRange {
 public:
+    using Order = std::memory_order;
     GuestRange() = default;   // empty
     std::uint64_t size() const { return size_; }
 
@@ -99,47 +100,27 @@ public:
         if (len != 0) std::memset(p_ + off, byte, len);
         return true;
     }
-    // The part [off, off+len) of this view; nullopt when it is not inside.
-    std::optional<GuestRange> sub(std::uint64_t off, std::uint64_t len) const {
-        if (!fits(off, len)) return std::nullopt;
-        return GuestRange(p_ + off, len);
-    }
 
-    std::uint16_t load_le16(std::uint64_t off, std::memory_order o = std::memory_order_relaxed) const {
-        return load<std::uint16_t>(off, o);
-    }
-    std::uint32_t load_le32(std::uint64_t off, std::memory_order o = std::memory_order_relaxed) const {
-        return load<std::uint32_t>(off, o);
-    }
-    std::uint64_t load_le64(std::uint64_t off, std::memory_order o = std::memory_order_relaxed) const {
-        return load<std::uint64_t>(off, o);
-    }
-    void store_le16(std::uint64_t off, std::uint16_t v, std::memory_order o = std::memory_order_relaxed) const {
-        store(off, v, o);
-    }
-    void store_le32(std::uint64_t off, std::uint32_t v, std::memory_order o = std::memory_order_relaxed) const {
-        store(off, v, o);
-    }
-    void store_le64(std::uint64_t off, std::uint64_t v, std::memory_order o = std::memory_order_relaxed) const {
-        store(off, v, o);
-    }
+    std::uint16_t load_le16(std::uint64_t off, Order o = kRelaxed) const { return at<std::uint16_t>(off).load(o); }
+    std::uint32_t load_le32(std::uint64_t off, Order o = kRelaxed) const { return at<std::uint32_t>(off).load(o); }
+    std::uint64_t load_le64(std::uint64_t off, Order o = kRelaxed) const { return at<std::uint64_t>(off).load(o); }
+    void store_le16(std::uint64_t off, std::uint16_t v, Order o = kRelaxed) const { at<std::uint16_t>(off).store(v, o); }
+    void store_le32(std::uint64_t off, std::uint32_t v, Order o = kRelaxed) const { at<std::uint32_t>(off).store(v, o); }
+    void store_le64(std::uint64_t off, std::uint64_t v, Order o = kRelaxed) const { at<std::uint64_t>(off).store(v, o); }
 
 private:
     friend class GuestMemory;
+    static constexpr std::memory_order kRelaxed = std::memory_order_relaxed;
     GuestRange(std::uint8_t* p, std::uint64_t size) : p_(p), size_(size) {}
 
     bool fits(std::uint64_t off, std::uint64_t len) const { return off <= size_ && len <= size_ - off; }
     [[noreturn]] static void misuse(std::uint64_t off, std::uint64_t width, std::uint64_t size);
     template <typename T>
-    std::atomic_ref<T> field(std::uint64_t off) const {
+    std::atomic_ref<T> at(std::uint64_t off) const {
         if (!fits(off, sizeof(T)) || reinterpret_cast<std::uintptr_t>(p_ + off) % sizeof(T) != 0)
             misuse(off, sizeof(T), size_);
         return std::atomic_ref<T>(*reinterpret_cast<T*>(p_ + off));
     }
-    template <typename T>
-    T load(std::uint64_t off, std::memory_order o) const { return field<T>(off).load(o); }
-    template <typename T>
-    void store(std::uint64_t off, T v, std::memory_order o) const { field<T>(off).store(v, o); }
 
     std::uint8_t* p_ = nullptr;
     std::uint64_t size_ = 0;
@@ -170,8 +151,10 @@ public:
     }
     bool contains(Gpa gpa, std::uint64_t len) const { return find(gpa, len) != nullptr; }
 
-    bool read(Gpa gpa, void* dst, std::uint64_t len) const;
-    bool write(Gpa gpa, const void* src, std::uint64_t len);
+    // Copies, false with nothing copied unless all of [gpa, gpa+len) is RAM
+    // in one region (len 0 always succeeds).
+    bool read(Gpa gpa, void* dst, std::uint64_t len) const { return len == 0 || view(gpa, len).read(0, dst, len); }
+    bool write(Gpa gpa, const void* src, std::uint64_t len) { return len == 0 || view(gpa, len).write(0, src, len); }
 
     // Audited escape 1 of 2, for I/O requests (a frame handed to writev or
     // io_uring): appends the host iovec of [gpa, gpa+len) to `out` when all
@@ -225,6 +208,11 @@ private:
     // Host address of [gpa, gpa+len) when all of it is RAM in one region;
     // nullptr otherwise. len 0 is checked as 1 byte.
     std::uint8_t* find(Gpa gpa, std::uint64_t len) const;
+    // The view of [gpa, gpa+len), empty when find() fails.
+    GuestRange view(Gpa gpa, std::uint64_t len) const {
+        std::uint8_t* p = find(gpa, len);
+        return GuestRange(p, p != nullptr ? len : 0);
+    }
 
     Mapping mapping_;
     Backing backing_;
