@@ -9,19 +9,19 @@ namespace kguest {
 BalloonTracker::BalloonTracker(GuestMemory& mem)
     : mem_(mem), per_page_(mem.backing() == Backing::off), regions_(mem.size() / kHugePageSize) {}
 
-bool BalloonTracker::locate(std::uint64_t pfn, std::uint64_t& gpa, std::uint64_t& offset) const {
+bool BalloonTracker::locate(std::uint64_t pfn, Gpa& gpa, std::uint64_t& offset) const {
     if (pfn > (UINT64_MAX >> kBalloonPfnShift)) return false;
-    gpa = pfn << kBalloonPfnShift;
+    gpa = Gpa(pfn << kBalloonPfnShift);
     for (const MemoryRegion& r : mem_.regions()) {
-        if (gpa >= r.gpa && gpa - r.gpa < r.size) {
-            offset = r.offset + (gpa - r.gpa);
+        if (gpa >= r.gpa && gpa.value() - r.gpa.value() < r.size) {
+            offset = r.offset + (gpa.value() - r.gpa.value());
             return true;
         }
     }
     return false;   // beyond RAM or in the MMIO hole [kMmioHoleStart, 4 GiB)
 }
 
-void BalloonTracker::discard(std::uint64_t gpa, std::uint64_t len) {
+void BalloonTracker::discard(Gpa gpa, std::uint64_t len) {
     if (mem_.discard(gpa, len))
         counters_.bytes_discarded += len;
     else
@@ -35,7 +35,8 @@ void BalloonTracker::flush_run() {
 
 void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
     for (std::uint64_t pfn : pfns) {
-        std::uint64_t gpa = 0, off = 0;
+        Gpa gpa;
+        std::uint64_t off = 0;
         if (!locate(pfn, gpa, off)) {
             ++counters_.bad_pfns;
             continue;
@@ -69,7 +70,7 @@ void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
             ++counters_.regions_released;
             if (!per_page_) {
                 // THP / hugetlbfs: the whole huge page goes at once.
-                discard(gpa & ~(kHugePageSize - 1), kHugePageSize);
+                discard(Gpa(gpa.value() & ~(kHugePageSize - 1)), kHugePageSize);
                 counters_.bytes_released += kHugePageSize;
             }
         }
@@ -82,7 +83,8 @@ void BalloonTracker::deflate(std::span<const std::uint64_t> pfns) {
     // guest may already be using the pages; nothing to do host-side but
     // bookkeeping: a discarded page refaults as zeroes when touched.
     for (std::uint64_t pfn : pfns) {
-        std::uint64_t gpa = 0, off = 0;
+        Gpa gpa;
+        std::uint64_t off = 0;
         if (!locate(pfn, gpa, off)) {
             ++counters_.bad_pfns;
             continue;
@@ -108,23 +110,23 @@ void BalloonTracker::deflate(std::span<const std::uint64_t> pfns) {
     }
 }
 
-std::uint64_t BalloonTracker::report_free(std::uint64_t gpa, std::uint64_t len) {
+std::uint64_t BalloonTracker::report_free(Gpa gpa, std::uint64_t len) {
     if (len == 0) return 0;
-    if (gpa > UINT64_MAX - len || !mem_.contains(gpa, len)) {
+    if (gpa.value() > UINT64_MAX - len || !mem_.contains(gpa, len)) {
         // The virtqueue already checked each buffer against RAM; this is
         // the last line of defence.
         counters_.bad_pfns += (len + kBalloonPageSize - 1) / kBalloonPageSize;
         return 0;
     }
     const std::uint64_t grain = release_granule();
-    const std::uint64_t start = (gpa + grain - 1) & ~(grain - 1);
-    const std::uint64_t end = (gpa + len) & ~(grain - 1);
+    const std::uint64_t start = (gpa.value() + grain - 1) & ~(grain - 1);
+    const std::uint64_t end = (gpa.value() + len) & ~(grain - 1);
     if (start >= end) {
         counters_.reported_kept_bytes += len;
         return 0;
     }
     const std::uint64_t before = counters_.bytes_discarded;
-    discard(start, end - start);
+    discard(Gpa(start), end - start);
     const std::uint64_t done = counters_.bytes_discarded - before;
     counters_.reported_bytes += done;
     counters_.reported_kept_bytes += len - done;
@@ -139,16 +141,18 @@ void BalloonTracker::clear() {
 }
 
 bool BalloonTracker::inflated(std::uint64_t pfn) const {
-    std::uint64_t gpa = 0, off = 0;
+    Gpa gpa;
+    std::uint64_t off = 0;
     if (!locate(pfn, gpa, off)) return false;
     const auto& slot = regions_[off / kHugePageSize];
     const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
     return slot && (slot->bits[page / 64] >> (page % 64) & 1) != 0;
 }
 
-bool BalloonTracker::region_released(std::uint64_t gpa) const {
-    std::uint64_t g = 0, off = 0;
-    if (!locate(gpa >> kBalloonPfnShift, g, off)) return false;
+bool BalloonTracker::region_released(Gpa gpa) const {
+    Gpa g;
+    std::uint64_t off = 0;
+    if (!locate(gpa.value() >> kBalloonPfnShift, g, off)) return false;
     const auto& slot = regions_[off / kHugePageSize];
     return slot && slot->released;
 }

@@ -71,7 +71,7 @@ public:
     // discarded without splitting a huge page (the 4 KiB pages inside it
     // with 4 KiB backing, the aligned 2 MiB chunks inside it otherwise).
     // Parts outside RAM count as bad. Returns the bytes discarded.
-    std::uint64_t report_free(std::uint64_t gpa, std::uint64_t len);
+    std::uint64_t report_free(Gpa gpa, std::uint64_t len);
 
     // Forgets every inflated page without touching host memory: for a guest
     // reboot, where the new kernel owns all of RAM again (discarded pages
@@ -81,7 +81,7 @@ public:
     bool inflated(std::uint64_t pfn) const;
     // Whether the 2 MiB region holding guest-physical `gpa` has all its
     // pages in the balloon (and, with THP/hugetlbfs, was discarded).
-    bool region_released(std::uint64_t gpa) const;
+    bool region_released(Gpa gpa) const;
     // The smallest unit given back to the host: 4 KiB or 2 MiB.
     std::uint64_t release_granule() const { return per_page_ ? kBalloonPageSize : kHugePageSize; }
     const BalloonTrackerCounters& counters() const { return counters_; }
@@ -93,15 +93,16 @@ private:
         bool released = false;
     };
     // Host-mapping offset of `pfn`'s page, or false for a PFN outside RAM.
-    bool locate(std::uint64_t pfn, std::uint64_t& gpa, std::uint64_t& offset) const;
-    void discard(std::uint64_t gpa, std::uint64_t len);
+    bool locate(std::uint64_t pfn, Gpa& gpa, std::uint64_t& offset) const;
+    void discard(Gpa gpa, std::uint64_t len);
     void flush_run();
 
     GuestMemory& mem_;
     bool per_page_;   // Backing::off: release each page at once
     std::vector<std::unique_ptr<Region>> regions_;   // by host offset / 2 MiB, allocated on demand
     BalloonTrackerCounters counters_;
-    std::uint64_t run_gpa_ = 0, run_len_ = 0;   // pending 4 KiB discards (per_page_), coalesced
+    Gpa run_gpa_;
+    std::uint64_t run_len_ = 0;   // pending 4 KiB discards (per_page_), coalesced
 };
 
 } // namespace kguest

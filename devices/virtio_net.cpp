@@ -643,8 +643,7 @@ void VirtioNet::tx_pump(unsigned p) {
                 skip -= e.len;
                 continue;
             }
-            std::uint8_t* host = mem_->ptr(e.addr + skip, e.len - skip);   // checked by pop()
-            if (host != nullptr) iov.push_back({host, e.len - skip});
+            mem_->append_iovec(e.addr + skip, e.len - skip, iov);   // checked by pop()
             skip = 0;
         }
         const NetIoResult r = backend_->write_frame(p, iov);

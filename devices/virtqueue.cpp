@@ -10,23 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
-#include <cstring>
-
-static_assert(std::endian::native == std::endian::little, "virtio 1.x rings are little-endian");
 
 namespace kguest {
 
 namespace {
-
-// Only ever called on 2-byte-aligned fields of rings whose alignment and
-// extent configure() checked.
-std::uint16_t load16(std::uint8_t* p, std::memory_order order) {
-    return std::atomic_ref<std::uint16_t>(*reinterpret_cast<std::uint16_t*>(p)).load(order);
-}
-
-void store16(std::uint8_t* p, std::uint16_t v, std::memory_order order) {
-    std::atomic_ref<std::uint16_t>(*reinterpret_cast<std::uint16_t*>(p)).store(v, order);
-}
 
 // Walks [offset, offset+len) of the readable (or writable) part of a chain,
 // calling fn(gpa, pos, n) for each piece; false, without calling fn, when the
@@ -63,14 +50,14 @@ void DescChain::clear() {
 
 bool DescChain::read(const GuestMemory& mem, std::uint64_t offset, void* dst, std::uint64_t len) const {
     auto* out = static_cast<std::uint8_t*>(dst);
-    return for_each_piece(*this, false, offset, len, [&](std::uint64_t gpa, std::uint64_t pos, std::uint64_t n) {
+    return for_each_piece(*this, false, offset, len, [&](Gpa gpa, std::uint64_t pos, std::uint64_t n) {
         return mem.read(gpa, out + pos, n);
     });
 }
 
 bool DescChain::write(GuestMemory& mem, std::uint64_t offset, const void* src, std::uint64_t len) const {
     auto* in = static_cast<const std::uint8_t*>(src);
-    return for_each_piece(*this, true, offset, len, [&](std::uint64_t gpa, std::uint64_t pos, std::uint64_t n) {
+    return for_each_piece(*this, true, offset, len, [&](Gpa gpa, std::uint64_t pos, std::uint64_t n) {
         return mem.write(gpa, in + pos, n);
     });
 }
@@ -88,17 +75,17 @@ bool Virtqueue::configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint6
         reason_ = "misaligned ring address";
         return false;
     }
-    std::uint8_t* desc = mem_.ptr(desc_gpa, 16ull * size);
-    std::uint8_t* avail = mem_.ptr(avail_gpa, 6 + 2ull * size);
-    std::uint8_t* used = mem_.ptr(used_gpa, 6 + 8ull * size);
-    if (desc == nullptr || avail == nullptr || used == nullptr) {
+    auto desc = mem_.range(Gpa(desc_gpa), 16ull * size);
+    auto avail = mem_.range(Gpa(avail_gpa), 6 + 2ull * size);
+    auto used = mem_.range(Gpa(used_gpa), 6 + 8ull * size);
+    if (!desc || !avail || !used) {
         reason_ = "ring not entirely in guest RAM";
         return false;
     }
     size_ = size;
-    desc_ = desc;
-    avail_ = avail;
-    used_ = used;
+    desc_ = *desc;
+    avail_ = *avail;
+    used_ = *used;
     last_avail_ = used_idx_ = signalled_used_ = 0;
     signalled_valid_ = false;
     ready_ = true;
@@ -109,7 +96,7 @@ void Virtqueue::reset() {
     event_idx_ = indirect_ = ready_ = failed_ = signalled_valid_ = false;
     reason_ = "";
     size_ = 0;
-    desc_ = avail_ = used_ = nullptr;
+    desc_ = avail_ = used_ = GuestRange();
     last_avail_ = used_idx_ = signalled_used_ = 0;
 }
 
@@ -120,7 +107,7 @@ PopStatus Virtqueue::fail(const char* reason) {
 }
 
 std::uint16_t Virtqueue::avail_idx() const {
-    return load16(avail_ + 2, std::memory_order_acquire);
+    return avail_.load_le16(2, std::memory_order_acquire);
 }
 
 bool Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total) {
@@ -130,7 +117,7 @@ bool Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& t
         fail("device-readable descriptor after a device-writable one");
         return false;
     }
-    if (!mem_.contains(d.addr, d.len)) {   // a zero-length buffer must still point at RAM
+    if (!mem_.contains(Gpa(d.addr), d.len)) {   // a zero-length buffer must still point at RAM
         fail("buffer not entirely in guest RAM");
         return false;
     }
@@ -139,7 +126,7 @@ bool Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& t
         fail("chain longer than 4 GiB");
         return false;
     }
-    out.elems_.push_back({d.addr, d.len, writable});
+    out.elems_.push_back({Gpa(d.addr), d.len, writable});
     (writable ? out.writable_len_ : out.readable_len_) += d.len;
     return true;
 }
@@ -152,12 +139,12 @@ PopStatus Virtqueue::pop(DescChain& out) {
     auto pending = static_cast<std::uint16_t>(avail_idx() - last_avail_);
     if (pending == 0) return PopStatus::empty;
     if (pending > size_) return fail("avail idx more than queue size ahead");
-    std::uint16_t head = load16(avail_ + 4 + 2 * (last_avail_ & (size_ - 1)), std::memory_order_relaxed);
+    std::uint16_t head = avail_.load_le16(4 + 2 * (last_avail_ & (size_ - 1)));
     if (head >= size_) return fail("head index out of range");
 
     out.clear();
     out.head_ = head;
-    const std::uint8_t* table = desc_;
+    GuestRange table = desc_;
     std::uint64_t table_len = size_;   // entries
     bool in_indirect = false;
     std::uint32_t idx = head;
@@ -165,7 +152,7 @@ PopStatus Virtqueue::pop(DescChain& out) {
     std::uint64_t total = 0;
     for (;;) {
         Descriptor d;
-        std::memcpy(&d, table + 16ull * idx, sizeof d);   // idx < table_len
+        table.read(16ull * idx, &d, sizeof d);   // idx < table_len: cannot fail
         if (d.flags & kVirtqDescFIndirect) {
             // 2.7.5.3.1: only with the feature, only one level, never with NEXT;
             // 2.7.5.3.2: it may follow direct descriptors, and its WRITE flag
@@ -174,8 +161,9 @@ PopStatus Virtqueue::pop(DescChain& out) {
             if (in_indirect) return fail("nested INDIRECT descriptor");
             if (d.flags & kVirtqDescFNext) return fail("INDIRECT descriptor with NEXT");
             if (d.len == 0 || d.len % 16 != 0) return fail("indirect table length not a nonzero multiple of 16");
-            table = mem_.ptr(d.addr, d.len);
-            if (table == nullptr) return fail("indirect table not entirely in guest RAM");
+            auto indirect = mem_.range(Gpa(d.addr), d.len);
+            if (!indirect) return fail("indirect table not entirely in guest RAM");
+            table = *indirect;
             table_len = d.len / 16;
             in_indirect = true;
             idx = 0;
@@ -197,10 +185,11 @@ bool Virtqueue::push_used(std::uint16_t head, std::uint32_t written) {
     if (!ready_ || failed_ || head >= size_) return false;
     // 2.7.8: fill the element, then publish the index with release so the
     // driver never sees the index before the element.
-    const std::uint32_t elem[2] = {head, written};
-    std::memcpy(used_ + 4 + 8 * (used_idx_ & (size_ - 1)), elem, sizeof elem);
+    const std::uint64_t elem = 4 + 8 * (used_idx_ & (size_ - 1));
+    used_.store_le32(elem, head);
+    used_.store_le32(elem + 4, written);
     ++used_idx_;
-    store16(used_ + 2, used_idx_, std::memory_order_release);
+    used_.store_le16(2, used_idx_, std::memory_order_release);
     return true;
 }
 
@@ -210,25 +199,25 @@ bool Virtqueue::needs_notification() {
     // suppression state, or both sides may decide not to act.
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (!event_idx_)   // 2.7.7.2
-        return (load16(avail_, std::memory_order_relaxed) & kVirtqAvailFNoInterrupt) == 0;
+        return (avail_.load_le16(0) & kVirtqAvailFNoInterrupt) == 0;
     // 2.7.10: interrupt iff used_event lies in [old, new), i.e. vring_need_event().
     std::uint16_t old = signalled_used_;
     bool valid = signalled_valid_;
     signalled_used_ = used_idx_;
     signalled_valid_ = true;
     if (!valid) return true;
-    std::uint16_t event = load16(avail_ + 4 + 2 * size_, std::memory_order_relaxed);
+    std::uint16_t event = avail_.load_le16(4 + 2 * size_);
     return static_cast<std::uint16_t>(used_idx_ - event - 1) < static_cast<std::uint16_t>(used_idx_ - old);
 }
 
 void Virtqueue::set_avail_event() {
-    if (ready_ && event_idx_) store16(used_ + 4 + 8 * size_, last_avail_, std::memory_order_relaxed);
+    if (ready_ && event_idx_) used_.store_le16(4 + 8 * size_, last_avail_);
 }
 
 void Virtqueue::disable_notifications() {
     // With EVENT_IDX the driver ignores used->flags (2.7.10); leaving
     // avail_event where it is suppresses notifications once it is passed.
-    if (ready_ && !event_idx_) store16(used_, kVirtqUsedFNoNotify, std::memory_order_relaxed);
+    if (ready_ && !event_idx_) used_.store_le16(0, kVirtqUsedFNoNotify);
 }
 
 bool Virtqueue::enable_notifications() {
@@ -236,7 +225,7 @@ bool Virtqueue::enable_notifications() {
     if (event_idx_)
         set_avail_event();
     else
-        store16(used_, 0, std::memory_order_relaxed);
+        used_.store_le16(0, 0);
     // The store above must be visible before we re-read avail->idx: a driver
     // that added a buffer just before reading it would not notify us.
     std::atomic_thread_fence(std::memory_order_seq_cst);

@@ -8,7 +8,7 @@
 // never crashes or hangs the host; it puts the queue into an error state that
 // lasts until reset(), and the device logs the reason once and sets
 // DEVICE_NEEDS_RESET. Guest RAM is reached only through GuestMemory; the three
-// rings are resolved to host pointers once, with their full length checked,
+// rings are resolved to GuestRange views once, with their full length checked,
 // when the driver enables the queue.
 #pragma once
 
@@ -41,7 +41,7 @@ static_assert(sizeof(Descriptor) == 16);
 
 // One guest buffer of a chain, already checked to lie inside guest RAM.
 struct DescChainElem {
-    std::uint64_t addr;
+    Gpa addr;
     std::uint32_t len;
     bool write;   // device-writable
 };
@@ -136,9 +136,9 @@ private:
     bool failed_ = false;
     const char* reason_ = "";
     std::uint16_t size_ = 0;
-    std::uint8_t* desc_ = nullptr;    // host pointers, full ring lengths checked
-    std::uint8_t* avail_ = nullptr;
-    std::uint8_t* used_ = nullptr;
+    GuestRange desc_;    // full ring lengths checked by configure()
+    GuestRange avail_;
+    GuestRange used_;
     std::uint16_t last_avail_ = 0;
     std::uint16_t used_idx_ = 0;
     std::uint16_t signalled_used_ = 0;   // used_idx_ at the last needs_notification()

@@ -42,11 +42,11 @@ struct Tables {
 
 // Reads a whole table at `gpa`: the header's length, then that many bytes.
 Bytes read_table(const GuestMemory& mem, std::uint64_t gpa) {
-    auto len = mem.read_obj<std::uint32_t>(gpa + 4);
+    auto len = mem.read_obj<std::uint32_t>(Gpa(gpa + 4));
     EXPECT_TRUE(len.has_value());
     if (!len || *len < 36 || *len > 0x10000) return {};
     Bytes t(*len);
-    EXPECT_TRUE(mem.read(gpa, t.data(), t.size()));
+    EXPECT_TRUE(mem.read(Gpa(gpa), t.data(), t.size()));
     return t;
 }
 
@@ -55,7 +55,7 @@ Tables load(const AcpiConfig& cfg) {
     Tables t;
     t.rsdp_gpa = write_acpi_tables(mem, cfg);
     t.rsdp.resize(36);
-    EXPECT_TRUE(mem.read(t.rsdp_gpa, t.rsdp.data(), 36));
+    EXPECT_TRUE(mem.read(Gpa(t.rsdp_gpa), t.rsdp.data(), 36));
     std::uint64_t xsdt = le(&t.rsdp[24], 8);
     t.by_sig["XSDT"] = read_table(mem, xsdt);
     t.gpa["XSDT"] = xsdt;
@@ -297,7 +297,7 @@ TEST(AcpiTables, WritesExactlyTheBuiltBytes) {
     cfg.cpus = 4;
     ASSERT_EQ(write_acpi_tables(mem, cfg), kAcpiBase);
     Bytes built = build_acpi_tables(cfg), in_guest(built.size());
-    ASSERT_TRUE(mem.read(kAcpiBase, in_guest.data(), in_guest.size()));
+    ASSERT_TRUE(mem.read(Gpa(kAcpiBase), in_guest.data(), in_guest.size()));
     EXPECT_EQ(built, in_guest);
 }
 

@@ -7,6 +7,7 @@
 // a fixed-seed fuzz run over the rings.
 #include "balloon/balloon.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -55,11 +56,11 @@ public:
         : mem_(mem), desc_(base), avail_(base + 16ull * kRingSize),
           used_((avail_ + 6 + 2ull * kRingSize + 3) & ~3ull) {
         std::vector<std::uint8_t> zero(used_ + 6 + 8ull * kRingSize - base);
-        EXPECT_TRUE(mem_.write(base, zero.data(), zero.size()));
+        EXPECT_TRUE(mem_.write(Gpa(base), zero.data(), zero.size()));
     }
     bool configure(Virtqueue& q) const { return q.configure(kRingSize, desc_, avail_, used_); }
 
-    void set_desc(std::uint16_t i, Descriptor d) { EXPECT_TRUE(mem_.write_obj(desc_ + 16ull * i, d)); }
+    void set_desc(std::uint16_t i, Descriptor d) { EXPECT_TRUE(mem_.write_obj(Gpa(desc_ + 16ull * i), d)); }
     std::uint16_t add(const std::vector<Buf>& bufs) {
         const std::uint16_t head = next_;
         for (std::size_t i = 0; i < bufs.size(); ++i) {
@@ -75,17 +76,17 @@ public:
         return head;
     }
     void publish(std::uint16_t head) {
-        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(avail_ + 4 + 2ull * (avail_idx_ % kRingSize), head));
+        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(Gpa(avail_ + 4 + 2ull * (avail_idx_ % kRingSize)), head));
         ++avail_idx_;
-        EXPECT_TRUE(mem_.write_obj(avail_ + 2, avail_idx_));
+        EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 2), avail_idx_));
     }
-    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(used_ + 2); }
+    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 2)); }
     // The next used element {id, len}, if the device has produced one.
     bool take_used(std::uint32_t& id, std::uint32_t& len) {
         if (used_idx() == seen_) return false;
         const std::uint64_t a = used_ + 4 + 8ull * (seen_ % kRingSize);
-        id = *mem_.read_obj<std::uint32_t>(a);
-        len = *mem_.read_obj<std::uint32_t>(a + 4);
+        id = *mem_.read_obj<std::uint32_t>(Gpa(a));
+        len = *mem_.read_obj<std::uint32_t>(Gpa(a + 4));
         ++seen_;
         return true;
     }
@@ -137,7 +138,7 @@ public:
     // An array of le32 PFNs in one device-readable buffer.
     Buf pfn_buf(const std::vector<std::uint32_t>& pfns) {
         const std::uint64_t a = alloc(4 * pfns.size());
-        EXPECT_TRUE(mem.write(a, pfns.data(), 4 * pfns.size()));
+        EXPECT_TRUE(mem.write(Gpa(a), pfns.data(), 4 * pfns.size()));
         return {a, static_cast<std::uint32_t>(4 * pfns.size())};
     }
     // Sends `pfns` on queue q in buffers of at most 256 (Linux's
@@ -154,13 +155,13 @@ public:
         }
     }
     void touch(std::uint64_t gpa, std::uint64_t len, std::uint8_t v) {
-        std::memset(mem.ptr(gpa, len), v, len);
+        auto r = mem.range(Gpa(gpa), len);
+        ASSERT_TRUE(r && r->fill(0, v, len));
     }
     bool all_bytes(std::uint64_t gpa, std::uint64_t len, std::uint8_t v) const {
-        const std::uint8_t* p = mem.ptr(gpa, len);
-        for (std::uint64_t i = 0; i < len; ++i)
-            if (p[i] != v) return false;
-        return true;
+        std::vector<std::uint8_t> got(len);
+        return mem.read(Gpa(gpa), got.data(), len) &&
+               std::all_of(got.begin(), got.end(), [v](std::uint8_t b) { return b == v; });
     }
 
 private:
@@ -242,19 +243,19 @@ TEST(BalloonDevice, InflateFullRegionWithThpReleasesItAndKeepsTheRest) {
     rig.touch(r1, kRegion, 0x11);
     rig.touch(r2, kRegion, 0x22);
     rig.touch(r3, kRegion, 0x33);
-    const std::uint64_t resident = rig.mem.resident_bytes(kRegion, 7 * kRegion);
-    ASSERT_EQ(rig.mem.resident_bytes(r2, kRegion), kRegion);
+    const std::uint64_t resident = rig.mem.resident_bytes(Gpa(kRegion), 7 * kRegion);
+    ASSERT_EQ(rig.mem.resident_bytes(Gpa(r2), kRegion), kRegion);
     const std::uint64_t huge = rig.mem.huge_backed_bytes();   // 0 where THP gave no huge pages
 
     auto pfns = pfns_of(r2, kBalloonPagesPerRegion);
     std::vector<std::uint32_t> first(pfns.begin(), pfns.end() - 1);
     rig.send_pfns(0, first);
-    EXPECT_EQ(rig.mem.resident_bytes(r2, kRegion), kRegion);   // partial: kept whole
+    EXPECT_EQ(rig.mem.resident_bytes(Gpa(r2), kRegion), kRegion);   // partial: kept whole
     EXPECT_EQ(rig.mem.huge_backed_bytes(), huge);               // and not split
     EXPECT_EQ(rig.dev.counters().tracker.bytes_discarded, 0u);
     rig.send_pfns(0, {pfns.back()});
-    EXPECT_EQ(rig.mem.resident_bytes(r2, kRegion), 0u);
-    EXPECT_EQ(rig.mem.resident_bytes(kRegion, 7 * kRegion), resident - kRegion);
+    EXPECT_EQ(rig.mem.resident_bytes(Gpa(r2), kRegion), 0u);
+    EXPECT_EQ(rig.mem.resident_bytes(Gpa(kRegion), 7 * kRegion), resident - kRegion);
     EXPECT_TRUE(rig.all_bytes(r1, kRegion, 0x11));
     EXPECT_TRUE(rig.all_bytes(r3, kRegion, 0x33));
     BalloonCounters c = rig.dev.counters();
@@ -283,14 +284,14 @@ TEST(BalloonDevice, InflateWithFourKiBBackingReleasesEachPage) {
     const std::uint64_t r2 = 2 * kRegion;
     rig.touch(r2, kRegion, 0x22);
     rig.send_pfns(0, pfns_of(r2 + 8 * kPage, 3));
-    EXPECT_EQ(rig.mem.resident_bytes(r2, kRegion), kRegion - 3 * kPage);
-    EXPECT_EQ(rig.mem.resident_bytes(r2 + 8 * kPage, 3 * kPage), 0u);
+    EXPECT_EQ(rig.mem.resident_bytes(Gpa(r2), kRegion), kRegion - 3 * kPage);
+    EXPECT_EQ(rig.mem.resident_bytes(Gpa(r2 + 8 * kPage), 3 * kPage), 0u);
     EXPECT_TRUE(rig.all_bytes(r2, 8 * kPage, 0x22));
     EXPECT_TRUE(rig.all_bytes(r2 + 11 * kPage, kRegion - 11 * kPage, 0x22));
     EXPECT_EQ(rig.dev.counters().tracker.bytes_released, 3 * kPage);
     rig.send_pfns(1, pfns_of(r2 + 9 * kPage, 1));
-    ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(r2 + 9 * kPage, 0xfeedf00d));
-    EXPECT_EQ(rig.mem.read_obj<std::uint32_t>(r2 + 9 * kPage), 0xfeedf00du);
+    ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(Gpa(r2 + 9 * kPage), 0xfeedf00d));
+    EXPECT_EQ(rig.mem.read_obj<std::uint32_t>(Gpa(r2 + 9 * kPage)), 0xfeedf00du);
     EXPECT_EQ(rig.dev.counters().tracker.inflated_pages, 2u);
 }
 
@@ -305,7 +306,7 @@ TEST(BalloonDevice, HostileInflateBuffers) {
     // Odd length: 6 bytes = one PFN and a stray half.
     const std::uint32_t two[2] = {0x402, 0x403};
     const std::uint64_t a = rig.alloc(8);
-    ASSERT_TRUE(rig.mem.write(a, two, 8));
+    ASSERT_TRUE(rig.mem.write(Gpa(a), two, 8));
     std::uint16_t head = rig.rings[0].add({{a, 6}});
     rig.dev.queue_notify(0);
     std::uint32_t id = 0, len = 1;
@@ -317,8 +318,8 @@ TEST(BalloonDevice, HostileInflateBuffers) {
     EXPECT_EQ(rig.dev.counters().odd_buffers, 1u);
     // A PFN split across two descriptors, plus a device-writable tail that is ignored.
     const std::uint64_t b = rig.alloc(16);
-    ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(b, 0x404));
-    ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(b + 4, 0x405));
+    ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(Gpa(b), 0x404));
+    ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(Gpa(b + 4), 0x405));
     head = rig.rings[0].add({{b, 2}, {b + 2, 6}, {rig.alloc(64), 64, true}});
     rig.dev.queue_notify(0);
     ASSERT_TRUE(rig.rings[0].take_used(id, len));
@@ -378,7 +379,7 @@ TEST(BalloonDevice, StatsRoundTrip) {
                               {VIRTIO_BALLOON_S_HTLB_PGFAIL, 2},
                               {42, 1}});
     const std::uint64_t buf = rig.alloc(bytes.size());
-    ASSERT_TRUE(rig.mem.write(buf, bytes.data(), bytes.size()));
+    ASSERT_TRUE(rig.mem.write(Gpa(buf), bytes.data(), bytes.size()));
     const std::uint16_t head = rig.rings[2].add({{buf, static_cast<std::uint32_t>(bytes.size())}});
     rig.dev.queue_notify(2);
     EXPECT_EQ(rig.rings[2].used_idx(), 0);   // the device keeps it
@@ -423,7 +424,7 @@ TEST(BalloonDevice, StatsRoundTrip) {
 
     // The driver refills the same buffer and re-adds it.
     bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 500 * kPage}, {VIRTIO_BALLOON_S_SWAP_OUT, 4096}});
-    ASSERT_TRUE(rig.mem.write(buf, bytes.data(), bytes.size()));
+    ASSERT_TRUE(rig.mem.write(Gpa(buf), bytes.data(), bytes.size()));
     rig.rings[2].add({{buf, static_cast<std::uint32_t>(bytes.size())}});
     rig.dev.queue_notify(2);
     s = rig.dev.stats();
@@ -451,7 +452,7 @@ TEST(BalloonDevice, StatsBufferPrimedBeforeDriverOk) {
             virtio_bit(VIRTIO_BALLOON_F_STATS_VQ) | virtio_bit(VIRTIO_BALLOON_F_REPORTING), false);
     auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMTOT, 16 << 20}});
     const std::uint64_t buf = rig.alloc(bytes.size());
-    ASSERT_TRUE(rig.mem.write(buf, bytes.data(), bytes.size()));
+    ASSERT_TRUE(rig.mem.write(Gpa(buf), bytes.data(), bytes.size()));
     const std::uint16_t head = rig.rings[2].add({{buf, static_cast<std::uint32_t>(bytes.size())}});
     EXPECT_FALSE(rig.dev.stats().valid);
     rig.activate();
@@ -469,8 +470,8 @@ TEST(BalloonDevice, SecondStatsBufferReturnsTheFirst) {
     Rig rig(Backing::off);
     auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 1}, {VIRTIO_BALLOON_S_MEMTOT, 2}});
     const std::uint64_t a = rig.alloc(bytes.size()), b = rig.alloc(bytes.size() + 3);
-    ASSERT_TRUE(rig.mem.write(a, bytes.data(), bytes.size()));
-    ASSERT_TRUE(rig.mem.write(b, bytes.data(), bytes.size()));
+    ASSERT_TRUE(rig.mem.write(Gpa(a), bytes.data(), bytes.size()));
+    ASSERT_TRUE(rig.mem.write(Gpa(b), bytes.data(), bytes.size()));
     const std::uint16_t h1 = rig.rings[2].add({{a, static_cast<std::uint32_t>(bytes.size())}});
     rig.dev.queue_notify(2);
     const std::uint16_t h2 = rig.rings[2].add({{b, static_cast<std::uint32_t>(bytes.size() + 3)}});
@@ -503,12 +504,12 @@ TEST(BalloonDevice, FreePageReporting) {
         ASSERT_TRUE(rig.rings[3].take_used(id, len));
         EXPECT_EQ(id, head);
         EXPECT_EQ(len, 0u);
-        EXPECT_EQ(rig.mem.resident_bytes(r4, kRegion), 0u);
+        EXPECT_EQ(rig.mem.resident_bytes(Gpa(r4), kRegion), 0u);
         // A 4 KiB block with THP backing: kept (no huge page is split).
         rig.rings[3].add({{r5 + kPage, static_cast<std::uint32_t>(kPage), true}});
         rig.dev.queue_notify(3);
         ASSERT_TRUE(rig.rings[3].take_used(id, len));
-        EXPECT_EQ(rig.mem.resident_bytes(r5, kRegion), kRegion);
+        EXPECT_EQ(rig.mem.resident_bytes(Gpa(r5), kRegion), kRegion);
         EXPECT_TRUE(rig.all_bytes(r5, kRegion, 0x44));
         BalloonCounters c = rig.dev.counters();
         EXPECT_EQ(c.report_buffers, 2u);
@@ -517,8 +518,8 @@ TEST(BalloonDevice, FreePageReporting) {
         EXPECT_EQ(c.tracker.inflated_pages, 0u);   // reported pages are not ballooned
         EXPECT_FALSE(rig.dev.page_inflated(r4 / kPage));
         // The guest may use reported pages right away.
-        ASSERT_TRUE(rig.mem.write_obj<std::uint64_t>(r4, 99));
-        EXPECT_EQ(rig.mem.read_obj<std::uint64_t>(r4), 99u);
+        ASSERT_TRUE(rig.mem.write_obj<std::uint64_t>(Gpa(r4), 99));
+        EXPECT_EQ(rig.mem.read_obj<std::uint64_t>(Gpa(r4)), 99u);
     }
     {
         Rig rig(Backing::off);
@@ -528,7 +529,7 @@ TEST(BalloonDevice, FreePageReporting) {
         rig.rings[3].add({{0x100000, 16}, {r4 + kPage, static_cast<std::uint32_t>(kPage), true},
                           {r4 + 3 * kPage, static_cast<std::uint32_t>(kPage), true}});
         rig.dev.queue_notify(3);
-        EXPECT_EQ(rig.mem.resident_bytes(r4, 4 * kPage), 2 * kPage);
+        EXPECT_EQ(rig.mem.resident_bytes(Gpa(r4), 4 * kPage), 2 * kPage);
         EXPECT_TRUE(rig.all_bytes(r4, kPage, 0x44));
         EXPECT_TRUE(rig.all_bytes(r4 + kPage, kPage, 0));
         EXPECT_EQ(rig.dev.counters().tracker.reported_bytes, 2 * kPage);
@@ -596,7 +597,7 @@ TEST(BalloonDevice, ApiThreadRacesVcpuKicks) {
     rig.tr.record = false;
     auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 1}});
     const std::uint64_t sbuf = rig.alloc(bytes.size());
-    ASSERT_TRUE(rig.mem.write(sbuf, bytes.data(), bytes.size()));
+    ASSERT_TRUE(rig.mem.write(Gpa(sbuf), bytes.data(), bytes.size()));
     rig.rings[2].add({{sbuf, static_cast<std::uint32_t>(bytes.size())}});
     rig.dev.queue_notify(2);
     std::atomic<bool> stop{false};
@@ -646,12 +647,12 @@ TEST(BalloonDevice, FuzzHostileRingsNeverCrash) {
                 for (int i = 0; i < 64; ++i) {
                     const std::uint32_t v = rng() % 3 == 0 ? static_cast<std::uint32_t>(rng())
                                                            : static_cast<std::uint32_t>(0x200 + rng() % 0xe00);
-                    rig.mem.write_obj(a + 4 * i, v);
+                    rig.mem.write_obj(Gpa(a + 4 * i), v);
                 }
                 const std::uint64_t b = rng() % 2 == 0 ? a : 0x200000 + (rng() % 0xe00) * kPage;
                 ring.add({{b, static_cast<std::uint32_t>(rng() % 257), rng() % 2 == 0}});
             } else if (what == 15) {   // a random avail index (hostile driver)
-                rig.mem.write_obj<std::uint16_t>(ring.avail() + 2, static_cast<std::uint16_t>(rng()));
+                rig.mem.write_obj<std::uint16_t>(Gpa(ring.avail() + 2), static_cast<std::uint16_t>(rng()));
             } else {
                 if (rng() % 2 == 0) (void)rig.dev.request_stats();
                 if (rng() % 3 == 0) rig.dev.set_target_pages(static_cast<std::uint32_t>(rng()));

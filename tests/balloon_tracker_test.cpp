@@ -18,16 +18,16 @@ constexpr std::uint64_t kPage = kBalloonPageSize;
 constexpr std::uint64_t kRegion = kHugePageSize;
 
 void touch(GuestMemory& mem, std::uint64_t gpa, std::uint64_t len, std::uint8_t fill) {
-    std::uint8_t* p = mem.ptr(gpa, len);
-    ASSERT_NE(p, nullptr);
-    std::memset(p, fill, len);
+    auto r = mem.range(Gpa(gpa), len);
+    ASSERT_TRUE(r.has_value());
+    ASSERT_TRUE(r->fill(0, fill, len));
 }
 
 bool all_bytes(const GuestMemory& mem, std::uint64_t gpa, std::uint64_t len, std::uint8_t v) {
-    const std::uint8_t* p = mem.ptr(gpa, len);
-    if (p == nullptr) return false;
-    for (std::uint64_t i = 0; i < len; ++i)
-        if (p[i] != v) return false;
+    std::vector<std::uint8_t> got(len);
+    if (!mem.read(Gpa(gpa), got.data(), len)) return false;
+    for (std::uint8_t b : got)
+        if (b != v) return false;
     return true;
 }
 
@@ -43,24 +43,24 @@ TEST(BalloonTracker, FourKiBBackingReleasesEachPageAtOnce) {
     EXPECT_EQ(t.release_granule(), kPage);
     const std::uint64_t r2 = 2 * kRegion;
     touch(mem, r2, kRegion, 0x5a);
-    ASSERT_EQ(mem.resident_bytes(r2, kRegion), kRegion);
+    ASSERT_EQ(mem.resident_bytes(Gpa(r2), kRegion), kRegion);
 
     t.inflate(r2 / kPage);
     EXPECT_TRUE(t.inflated(r2 / kPage));
-    EXPECT_EQ(mem.resident_bytes(r2, kPage), 0u);
-    EXPECT_EQ(mem.resident_bytes(r2 + kPage, kRegion - kPage), kRegion - kPage);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2), kPage), 0u);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2 + kPage), kRegion - kPage), kRegion - kPage);
     EXPECT_EQ(t.counters().inflated_pages, 1u);
     EXPECT_EQ(t.counters().bytes_released, kPage);
     EXPECT_EQ(t.counters().bytes_discarded, kPage);
-    EXPECT_FALSE(t.region_released(r2));
+    EXPECT_FALSE(t.region_released(Gpa(r2)));
 
     // A run of 15 more pages, and a scattered one.
     auto run = pfn_range(r2 + kPage, 15);
     run.push_back((r2 + 100 * kPage) / kPage);
     t.inflate(run);
-    EXPECT_EQ(mem.resident_bytes(r2, 16 * kPage), 0u);
-    EXPECT_EQ(mem.resident_bytes(r2 + 100 * kPage, kPage), 0u);
-    EXPECT_EQ(mem.resident_bytes(r2, kRegion), kRegion - 17 * kPage);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2), 16 * kPage), 0u);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2 + 100 * kPage), kPage), 0u);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2), kRegion), kRegion - 17 * kPage);
     EXPECT_TRUE(all_bytes(mem, r2 + 16 * kPage, 84 * kPage, 0x5a));
     EXPECT_EQ(t.counters().inflated_pages, 17u);
     EXPECT_EQ(t.counters().bytes_released, 17 * kPage);
@@ -70,10 +70,10 @@ TEST(BalloonTracker, FourKiBBackingReleasesEachPageAtOnce) {
     for (std::uint64_t i = 0; i < kBalloonPagesPerRegion; ++i)
         if (i >= 16 && i != 100) rest.push_back(r2 / kPage + i);
     t.inflate(rest);
-    EXPECT_TRUE(t.region_released(r2));
+    EXPECT_TRUE(t.region_released(Gpa(r2)));
     EXPECT_EQ(t.counters().regions_released, 1u);
     EXPECT_EQ(t.counters().bytes_released, kRegion);
-    EXPECT_EQ(mem.resident_bytes(r2, kRegion), 0u);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2), kRegion), 0u);
     EXPECT_EQ(t.counters().discard_errors, 0u);
 }
 
@@ -90,28 +90,28 @@ TEST(BalloonTracker, ThpBackingReleasesOnlyFullRegions) {
     t.inflate(pfn_range(r2, kBalloonPagesPerRegion - 1));
     EXPECT_EQ(t.counters().inflated_pages, 511u);
     EXPECT_EQ(t.counters().bytes_discarded, 0u);
-    EXPECT_FALSE(t.region_released(r2));
-    EXPECT_EQ(mem.resident_bytes(r2, kRegion), kRegion);
+    EXPECT_FALSE(t.region_released(Gpa(r2)));
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2), kRegion), kRegion);
     EXPECT_EQ(mem.huge_backed_bytes(), huge_before);
 
     // The 512th: the whole region goes at once.
     t.inflate((r2 + kRegion - kPage) / kPage);
-    EXPECT_TRUE(t.region_released(r2));
+    EXPECT_TRUE(t.region_released(Gpa(r2)));
     EXPECT_EQ(t.counters().regions_released, 1u);
     EXPECT_EQ(t.counters().bytes_released, kRegion);
     EXPECT_EQ(t.counters().bytes_discarded, kRegion);
-    EXPECT_EQ(mem.resident_bytes(r2, kRegion), 0u);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r2), kRegion), 0u);
     if (huge_before >= 2 * kRegion) {
         EXPECT_LE(mem.huge_backed_bytes(), huge_before - kRegion);
     }
     // The neighbour is untouched.
     EXPECT_TRUE(all_bytes(mem, r3, kRegion, 0x33));
-    EXPECT_EQ(mem.resident_bytes(r3, kRegion), kRegion);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r3), kRegion), kRegion);
 
     // A partly inflated region keeps its memory.
     t.inflate(pfn_range(r3, 100));
-    EXPECT_EQ(mem.resident_bytes(r3, kRegion), kRegion);
-    EXPECT_FALSE(t.region_released(r3));
+    EXPECT_EQ(mem.resident_bytes(Gpa(r3), kRegion), kRegion);
+    EXPECT_FALSE(t.region_released(Gpa(r3)));
     EXPECT_EQ(t.counters().inflated_pages, 612u);
     EXPECT_EQ(t.counters().bytes_released, kRegion);
 }
@@ -158,8 +158,8 @@ TEST(BalloonTracker, PfnsBeyondRamAndInTheHoleAreRejected) {
     EXPECT_FALSE(t.inflated(hole));
     // A whole region above 4 GiB releases (high RAM region 1 = host offset 3 GiB + 2 MiB).
     t.inflate(pfn_range(kHighRamStart + kRegion, kBalloonPagesPerRegion));
-    EXPECT_TRUE(t.region_released(kHighRamStart + kRegion));
-    EXPECT_FALSE(t.region_released(kHighRamStart));
+    EXPECT_TRUE(t.region_released(Gpa(kHighRamStart + kRegion)));
+    EXPECT_FALSE(t.region_released(Gpa(kHighRamStart)));
     EXPECT_EQ(t.counters().bytes_discarded, kRegion);
     EXPECT_EQ(t.counters().discard_errors, 0u);
 }
@@ -170,24 +170,24 @@ TEST(BalloonTracker, DeflateAfterReleaseMakesPagesUsable) {
     const std::uint64_t r4 = 4 * kRegion;
     touch(mem, r4, kRegion, 0x77);
     t.inflate(pfn_range(r4, kBalloonPagesPerRegion));
-    ASSERT_TRUE(t.region_released(r4));
-    ASSERT_EQ(mem.resident_bytes(r4, kRegion), 0u);
+    ASSERT_TRUE(t.region_released(Gpa(r4)));
+    ASSERT_EQ(mem.resident_bytes(Gpa(r4), kRegion), 0u);
 
     t.deflate(pfn_range(r4 + 10 * kPage, 2));
-    EXPECT_FALSE(t.region_released(r4));
+    EXPECT_FALSE(t.region_released(Gpa(r4)));
     EXPECT_EQ(t.counters().regions_released, 0u);
     EXPECT_EQ(t.counters().bytes_released, 0u);
     EXPECT_EQ(t.counters().inflated_pages, 510u);
     // The guest uses the pages again: they come back as zeroes, then hold data.
     EXPECT_TRUE(all_bytes(mem, r4 + 10 * kPage, 2 * kPage, 0));
-    ASSERT_TRUE(mem.write_obj<std::uint64_t>(r4 + 10 * kPage + 8, 0x1122334455667788));
-    EXPECT_EQ(mem.read_obj<std::uint64_t>(r4 + 10 * kPage + 8), 0x1122334455667788u);
+    ASSERT_TRUE(mem.write_obj<std::uint64_t>(Gpa(r4 + 10 * kPage + 8), 0x1122334455667788));
+    EXPECT_EQ(mem.read_obj<std::uint64_t>(Gpa(r4 + 10 * kPage + 8)), 0x1122334455667788u);
 
     // Inflating them again releases the region once more.
     t.inflate(pfn_range(r4 + 10 * kPage, 2));
-    EXPECT_TRUE(t.region_released(r4));
+    EXPECT_TRUE(t.region_released(Gpa(r4)));
     EXPECT_EQ(t.counters().bytes_discarded, 2 * kRegion);
-    EXPECT_EQ(mem.resident_bytes(r4, kRegion), 0u);
+    EXPECT_EQ(mem.resident_bytes(Gpa(r4), kRegion), 0u);
 
     // Deflating everything frees the bitmap; clear() forgets without touching memory.
     t.deflate(pfn_range(r4, kBalloonPagesPerRegion));
@@ -207,32 +207,32 @@ TEST(BalloonTracker, FreePageReportingFollowsTheBacking) {
         const std::uint64_t r4 = 4 * kRegion;
         touch(mem, r4, 3 * kRegion, 0x44);
         // 4 KiB inside a huge page: kept.
-        EXPECT_EQ(t.report_free(r4 + kPage, kPage), 0u);
-        EXPECT_EQ(mem.resident_bytes(r4, kRegion), kRegion);
+        EXPECT_EQ(t.report_free(Gpa(r4 + kPage), kPage), 0u);
+        EXPECT_EQ(mem.resident_bytes(Gpa(r4), kRegion), kRegion);
         // 4 MiB starting 4 KiB into region 4: only region 5 is whole.
-        EXPECT_EQ(t.report_free(r4 + kPage, 2 * kRegion), kRegion);
-        EXPECT_EQ(mem.resident_bytes(r4, kRegion), kRegion);
-        EXPECT_EQ(mem.resident_bytes(r4 + kRegion, kRegion), 0u);
-        EXPECT_EQ(mem.resident_bytes(r4 + 2 * kRegion, kRegion), kRegion);
+        EXPECT_EQ(t.report_free(Gpa(r4 + kPage), 2 * kRegion), kRegion);
+        EXPECT_EQ(mem.resident_bytes(Gpa(r4), kRegion), kRegion);
+        EXPECT_EQ(mem.resident_bytes(Gpa(r4 + kRegion), kRegion), 0u);
+        EXPECT_EQ(mem.resident_bytes(Gpa(r4 + 2 * kRegion), kRegion), kRegion);
         EXPECT_EQ(t.counters().reported_bytes, kRegion);
         EXPECT_EQ(t.counters().reported_kept_bytes, kPage + kRegion);
         EXPECT_EQ(t.counters().inflated_pages, 0u);   // not ballooned
         EXPECT_FALSE(t.inflated((r4 + kRegion) / kPage));
         // Outside RAM: counted, nothing done.
-        EXPECT_EQ(t.report_free(mem.size() - kPage, 2 * kPage), 0u);
-        EXPECT_EQ(t.report_free(UINT64_MAX - kPage, 2 * kPage), 0u);
+        EXPECT_EQ(t.report_free(Gpa(mem.size() - kPage), 2 * kPage), 0u);
+        EXPECT_EQ(t.report_free(Gpa(UINT64_MAX - kPage), 2 * kPage), 0u);
         EXPECT_EQ(t.counters().bad_pfns, 4u);
     }
     {
         GuestMemory mem(16 << 20, Backing::off);
         BalloonTracker t(mem);
         touch(mem, 0x800000, 4 * kPage, 0x44);
-        EXPECT_EQ(t.report_free(0x800000 + kPage, kPage), kPage);
-        EXPECT_EQ(mem.resident_bytes(0x800000, 4 * kPage), 3 * kPage);
+        EXPECT_EQ(t.report_free(Gpa(0x800000 + kPage), kPage), kPage);
+        EXPECT_EQ(mem.resident_bytes(Gpa(0x800000), 4 * kPage), 3 * kPage);
         // Unaligned edges are rounded inwards.
-        EXPECT_EQ(t.report_free(0x800000 + 2 * kPage + 1, kPage), 0u);
-        EXPECT_EQ(t.report_free(0x800000 + 2 * kPage - 8, kPage + 16), kPage);
-        EXPECT_EQ(mem.resident_bytes(0x800000, 4 * kPage), 2 * kPage);
+        EXPECT_EQ(t.report_free(Gpa(0x800000 + 2 * kPage + 1), kPage), 0u);
+        EXPECT_EQ(t.report_free(Gpa(0x800000 + 2 * kPage - 8), kPage + 16), kPage);
+        EXPECT_EQ(mem.resident_bytes(Gpa(0x800000), 4 * kPage), 2 * kPage);
     }
 }
 
@@ -251,7 +251,7 @@ TEST(BalloonTracker, HugetlbfsBackingWhenAvailable) {
     // MADV_DONTNEED on hugetlb needs Linux 5.18; older kernels count an error.
     EXPECT_EQ(t.counters().bytes_discarded + t.counters().discard_errors * kRegion, kRegion);
     if (t.counters().discard_errors == 0) {
-        EXPECT_EQ(mem->resident_bytes(kRegion, kRegion), 0u);
+        EXPECT_EQ(mem->resident_bytes(Gpa(kRegion), kRegion), 0u);
     }
 }
 

@@ -35,7 +35,7 @@ public:
         : mem_(mem), size_(size), desc_(base), avail_(base + 16ull * size),
           used_((avail_ + 6 + 2ull * size + 3) & ~3ull), data_(data) {
         std::vector<std::uint8_t> zero(used_ + 6 + 8ull * size - base);
-        EXPECT_TRUE(mem_.write(base, zero.data(), zero.size()));
+        EXPECT_TRUE(mem_.write(Gpa(base), zero.data(), zero.size()));
     }
 
     bool configure(Virtqueue& q) const { return q.configure(size_, desc_, avail_, used_); }
@@ -45,12 +45,12 @@ public:
         std::uint64_t a = data_;
         data_ += (len + 15) & ~15u;
         std::vector<std::uint8_t> v(len, fill);
-        EXPECT_TRUE(mem_.write(a, v.data(), len));
+        EXPECT_TRUE(mem_.write(Gpa(a), v.data(), len));
         return a;
     }
     std::uint64_t alloc_bytes(const std::vector<std::uint8_t>& bytes) {
         std::uint64_t a = alloc(static_cast<std::uint32_t>(bytes.size()));
-        EXPECT_TRUE(mem_.write(a, bytes.data(), bytes.size()));
+        EXPECT_TRUE(mem_.write(Gpa(a), bytes.data(), bytes.size()));
         return a;
     }
 
@@ -65,26 +65,26 @@ public:
             Descriptor d{bufs[i].addr, bufs[i].len,
                          static_cast<std::uint16_t>((bufs[i].write ? kVirtqDescFWrite : 0) | (last ? 0 : kVirtqDescFNext)),
                          static_cast<std::uint16_t>(last ? 0 : next_desc_)};
-            EXPECT_TRUE(mem_.write_obj(desc_ + 16ull * cur, d));
+            EXPECT_TRUE(mem_.write_obj(Gpa(desc_ + 16ull * cur), d));
         }
         publish(head);
         return head;
     }
     void publish(std::uint16_t head) {
-        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(avail_ + 4 + 2ull * (avail_idx_ % size_), head));
+        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(Gpa(avail_ + 4 + 2ull * (avail_idx_ % size_)), head));
         ++avail_idx_;
         std::atomic_thread_fence(std::memory_order_release);
-        EXPECT_TRUE(mem_.write_obj(avail_ + 2, avail_idx_));
+        EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 2), avail_idx_));
     }
 
     std::uint16_t used_idx() const {
         std::atomic_thread_fence(std::memory_order_acquire);
-        return *mem_.read_obj<std::uint16_t>(used_ + 2);
+        return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 2));
     }
     // used->ring[i % size] as {id, len}
     std::pair<std::uint32_t, std::uint32_t> used_elem(std::uint16_t i) const {
         std::uint64_t a = used_ + 4 + 8ull * (i % size_);
-        return {*mem_.read_obj<std::uint32_t>(a), *mem_.read_obj<std::uint32_t>(a + 4)};
+        return {*mem_.read_obj<std::uint32_t>(Gpa(a)), *mem_.read_obj<std::uint32_t>(Gpa(a + 4))};
     }
 
 private:

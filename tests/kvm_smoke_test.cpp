@@ -21,8 +21,8 @@ struct RealModeVm {
         : kvm(k), vm(k->create_vm()), vcpu(make_vcpu(code)) {}
 
     Vcpu make_vcpu(const std::vector<std::uint8_t>& code) {
-        EXPECT_TRUE(mem.write(kCodeGpa, code.data(), code.size()));
-        vm.set_user_memory_region(0, 0, mem.size(), mem.host_base());
+        EXPECT_TRUE(mem.write(Gpa(kCodeGpa), code.data(), code.size()));
+        vm.set_user_memory_region(0, 0, mem.size(), mem.host_address_for_kvm(mem.regions()[0]));
         Vcpu v = vm.create_vcpu(0);
         kvm_sregs s = v.get_sregs();
         s.cs.base = 0;
@@ -63,7 +63,7 @@ TEST(KvmSmoke, RepOutsbDeliversEveryByte) {
     RealModeVm t(kvm, {0xba, 0x80, 0x00, 0xbe, 0x00, 0x20, 0xb9, 0x2c, 0x01, 0xf3, 0x6e, 0xf4});
     std::vector<std::uint8_t> pattern(300);
     for (std::size_t i = 0; i < pattern.size(); ++i) pattern[i] = static_cast<std::uint8_t>(i * 7);
-    ASSERT_TRUE(t.mem.write(0x2000, pattern.data(), pattern.size()));
+    ASSERT_TRUE(t.mem.write(Gpa(0x2000), pattern.data(), pattern.size()));
     std::vector<std::uint8_t> got;
     for (int guard = 0; guard < 400; ++guard) {
         ASSERT_EQ(t.vcpu.run(), 0);
@@ -84,7 +84,7 @@ TEST(KvmSmoke, FailedIoctlNamesItselfAndErrno) {
     // A size that is not a multiple of the page size is refused with EINVAL.
     GuestMemory mem{2 << 20, Backing::off};
     try {
-        vm.set_user_memory_region(0, 0, 1000, mem.host_base());
+        vm.set_user_memory_region(0, 0, 1000, mem.host_address_for_kvm(mem.regions()[0]));
         FAIL() << "KVM accepted an unaligned memory slot";
     } catch (const SysError& e) {
         EXPECT_EQ(e.err(), EINVAL);

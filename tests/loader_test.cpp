@@ -32,6 +32,19 @@ constexpr std::uint64_t kRam = 4 << 20;
 
 using Image = std::vector<std::uint8_t>;
 
+// Copies of guest RAM, for comparing with what the loader should have put there.
+std::vector<std::uint8_t> guest_bytes(const GuestMemory& mem, std::uint64_t gpa, std::uint64_t len) {
+    std::vector<std::uint8_t> v(len);
+    EXPECT_TRUE(mem.read(Gpa(gpa), v.data(), len));
+    return v;
+}
+template <typename T>
+T peek(const GuestMemory& mem, std::uint64_t gpa) { return *mem.read_obj<T>(Gpa(gpa)); }
+std::string guest_cstr(const GuestMemory& mem, std::uint64_t gpa, std::uint64_t max) {
+    const auto v = guest_bytes(mem, gpa, max);
+    return std::string(v.begin(), std::find(v.begin(), v.end(), 0));
+}
+
 template <typename T, typename F>
 void edit(Image& img, std::size_t off, F f) {
     T v;
@@ -97,16 +110,16 @@ void expect_refused(const Image& img, const std::string& what) {
 TEST(PvhLoader, LoadsGoodImage) {
     for (std::uint32_t desc : {8u, 4u}) {
         GuestMemory mem(kRam, Backing::off);
-        std::memset(mem.ptr(kPaddr, kMemsz), 0xcc, kMemsz);  // bss must be zeroed
+        ASSERT_TRUE(mem.range(Gpa(kPaddr), kMemsz)->fill(0, 0xcc, kMemsz));  // bss must be zeroed
         Image img = make_image(desc);
         LoadedKernel k = load_pvh_elf(mem, img);
         EXPECT_EQ(k.entry, kEntry) << desc;
         EXPECT_EQ(k.image_start, kPaddr);
         EXPECT_EQ(k.image_end, kPaddr + kMemsz);
-        EXPECT_EQ(std::memcmp(mem.ptr(kPaddr, kFilesz), img.data() + kLoadOff, kFilesz), 0);
-        const std::uint8_t* bss = mem.ptr(kPaddr + kFilesz, kMemsz - kFilesz);
-        EXPECT_TRUE(std::all_of(bss, bss + (kMemsz - kFilesz), [](std::uint8_t b) { return b == 0; }));
-        EXPECT_EQ(*mem.ptr(kPaddr + kMemsz, 1), 0u);  // fresh RAM beyond: untouched zero pages
+        EXPECT_EQ(std::memcmp(guest_bytes(mem, kPaddr, kFilesz).data(), img.data() + kLoadOff, kFilesz), 0);
+        const auto bss = guest_bytes(mem, kPaddr + kFilesz, kMemsz - kFilesz);
+        EXPECT_TRUE(std::all_of(bss.begin(), bss.end(), [](std::uint8_t b) { return b == 0; }));
+        EXPECT_EQ(peek<std::uint8_t>(mem, kPaddr + kMemsz), 0u);  // fresh RAM beyond: untouched zero pages
     }
     // The entry may be the last byte of the image, and the segment may end at the end of RAM.
     GuestMemory mem(kRam, Backing::off);
@@ -283,9 +296,6 @@ void expect_bz_refused(const Image& img, const std::string& what, const Image& i
     }
 }
 
-template <typename T>
-T peek(const GuestMemory& mem, std::uint64_t gpa) { return *mem.read_obj<T>(gpa); }
-
 TEST(BzImageLoader, LoadsKernelZeroPageInitrdAndPageTables) {
     GuestMemory mem(kBzRam, Backing::off);
     Image initrd(10000, 0x5a);
@@ -297,7 +307,7 @@ TEST(BzImageLoader, LoadsKernelZeroPageInitrdAndPageTables) {
     EXPECT_EQ(plan.entry, 0x100200u);  // 64-bit entry: load address + 0x200
     EXPECT_EQ(plan.arg, kZeroPageGpa);
     // The protected-mode kernel at 1 MiB.
-    EXPECT_EQ(std::memcmp(mem.ptr(0x100000, kPayload), img.data() + kSetupBytes, kPayload), 0);
+    EXPECT_EQ(std::memcmp(guest_bytes(mem, 0x100000, kPayload).data(), img.data() + kSetupBytes, kPayload), 0);
     // Zero page: the header copied, our fields filled.
     const std::uint64_t zp = kZeroPageGpa;
     EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x202), 0x53726448u);  // "HdrS"
@@ -305,7 +315,7 @@ TEST(BzImageLoader, LoadsKernelZeroPageInitrdAndPageTables) {
     EXPECT_EQ(peek<std::uint8_t>(mem, zp + 0x210), 0xffu);         // type_of_loader
     EXPECT_EQ(peek<std::uint8_t>(mem, zp + 0x211), 0x81u);         // LOADED_HIGH | CAN_USE_HEAP
     EXPECT_EQ(peek<std::uint32_t>(mem, zp + 0x228), kCmdlineGpa);
-    EXPECT_STREQ(reinterpret_cast<const char*>(mem.ptr(kCmdlineGpa, 1)), "console=ttyS0 quiet");
+    EXPECT_EQ(guest_cstr(mem, kCmdlineGpa, kCmdlineMax), "console=ttyS0 quiet");
     EXPECT_EQ(peek<std::uint64_t>(mem, zp + 0x070), 0xe0000u);     // acpi_rsdp_addr
     // The initrd: page-aligned at the top of RAM, intact.
     const std::uint32_t rd = peek<std::uint32_t>(mem, zp + 0x218);
@@ -314,7 +324,7 @@ TEST(BzImageLoader, LoadsKernelZeroPageInitrdAndPageTables) {
     EXPECT_LE(rd + initrd.size(), kBzRam);
     EXPECT_GT(rd + initrd.size() + 4096, kBzRam);
     EXPECT_GE(rd, 0x1000000u + kInitSize);  // clear of the decompressed kernel
-    EXPECT_EQ(*mem.ptr(rd, 1), 0x5a);
+    EXPECT_EQ(peek<std::uint8_t>(mem, rd), 0x5a);
     EXPECT_EQ(plan.initrd_gpa, rd);
     // E820: low RAM, the reserved BIOS area (with the ACPI tables), RAM from 1 MiB.
     ASSERT_EQ(peek<std::uint8_t>(mem, zp + 0x1e8), 3u);
@@ -445,17 +455,17 @@ TEST(PvhLoader, SurvivesRandomCorruption) {
 TEST(PvhStartInfo, WritesStartInfoMemmapAndCmdline) {
     GuestMemory mem(64 << 20, Backing::off);
     EXPECT_EQ(write_pvh_start_info(mem, "console=ttyS0 quiet"), kStartInfoGpa);
-    auto si = mem.read_obj<HvmStartInfo>(kStartInfoGpa);
+    auto si = mem.read_obj<HvmStartInfo>(Gpa(kStartInfoGpa));
     ASSERT_TRUE(si.has_value());
     EXPECT_EQ(si->magic, 0x336ec578u);
     EXPECT_EQ(si->version, 1u);
     EXPECT_EQ(si->nr_modules, 0u);
     EXPECT_EQ(si->cmdline_paddr, kCmdlineGpa);
-    EXPECT_STREQ(reinterpret_cast<const char*>(mem.ptr(kCmdlineGpa, 1)), "console=ttyS0 quiet");
+    EXPECT_EQ(guest_cstr(mem, kCmdlineGpa, kCmdlineMax), "console=ttyS0 quiet");
     EXPECT_EQ(si->memmap_paddr, kMemmapGpa);
     ASSERT_EQ(si->memmap_entries, 3u);
     std::vector<HvmMemmapEntry> map(3);
-    ASSERT_TRUE(mem.read(kMemmapGpa, map.data(), 3 * sizeof(HvmMemmapEntry)));
+    ASSERT_TRUE(mem.read(Gpa(kMemmapGpa), map.data(), 3 * sizeof(HvmMemmapEntry)));
     // Contiguous from 0 to the end of RAM, with the legacy hole reserved.
     EXPECT_EQ(map[0].addr, 0u);
     EXPECT_EQ(map[0].type, 1u);
@@ -470,23 +480,23 @@ TEST(PvhStartInfo, WritesStartInfoMemmapAndCmdline) {
 TEST(PvhStartInfo, MemmapCoversHighRam) {
     GuestMemory mem(4ull << 30, Backing::off);  // MAP_NORESERVE: only the low pages are touched
     write_pvh_start_info(mem, "");
-    auto si = mem.read_obj<HvmStartInfo>(kStartInfoGpa);
+    auto si = mem.read_obj<HvmStartInfo>(Gpa(kStartInfoGpa));
     ASSERT_TRUE(si.has_value());
     ASSERT_EQ(si->memmap_entries, 4u);
-    auto low = mem.read_obj<HvmMemmapEntry>(kMemmapGpa + 2 * sizeof(HvmMemmapEntry));
-    auto high = mem.read_obj<HvmMemmapEntry>(kMemmapGpa + 3 * sizeof(HvmMemmapEntry));
+    auto low = mem.read_obj<HvmMemmapEntry>(Gpa(kMemmapGpa + 2 * sizeof(HvmMemmapEntry)));
+    auto high = mem.read_obj<HvmMemmapEntry>(Gpa(kMemmapGpa + 3 * sizeof(HvmMemmapEntry)));
     EXPECT_EQ(low->addr + low->size, kMmioHoleStart);
     EXPECT_EQ(high->addr, kHighRamStart);
     EXPECT_EQ(high->size, (4ull << 30) - kMmioHoleStart);
     EXPECT_EQ(high->type, 1u);
-    EXPECT_EQ(*mem.ptr(kCmdlineGpa, 1), 0u);  // empty cmdline: just the NUL
+    EXPECT_EQ(peek<std::uint8_t>(mem, kCmdlineGpa), 0u);  // empty cmdline: just the NUL
 }
 
 TEST(PvhStartInfo, CmdlineLimits) {
     GuestMemory mem(4 << 20, Backing::off);
     std::string longest(kCmdlineMax - 1, 'a');
     EXPECT_NO_THROW(write_pvh_start_info(mem, longest));
-    EXPECT_EQ(std::string(reinterpret_cast<const char*>(mem.ptr(kCmdlineGpa, kCmdlineMax))), longest);
+    EXPECT_EQ(guest_cstr(mem, kCmdlineGpa, kCmdlineMax), longest);
     EXPECT_THROW(write_pvh_start_info(mem, longest + "a"), UsageError);
     EXPECT_THROW(write_pvh_start_info(mem, std::string("a\0b", 3)), UsageError);
 }

@@ -402,7 +402,7 @@ TEST(NetBackendTap, VirtioNetTransmitsAndReceivesThroughTap) {
     // Guest TX -> the TAP -> our packet socket.
     const auto out = test_frame(300, 3);
     const std::uint64_t hdr = tx.alloc(12), body = tx.alloc(300);
-    ASSERT_TRUE(mem.write(body, out.data(), out.size()));
+    ASSERT_TRUE(mem.write(Gpa(body), out.data(), out.size()));
     tx.add_chain({{hdr, 12}, {body, 300}});
     dev.queue_notify(1);
     std::vector<std::uint8_t> rbuf(2048);
@@ -426,7 +426,7 @@ TEST(NetBackendTap, VirtioNetTransmitsAndReceivesThroughTap) {
         for (; seen < rx.used_idx(); ++seen) {
             auto [id, len] = rx.used_elem(seen);
             std::vector<std::uint8_t> got(len);
-            EXPECT_TRUE(mem.read(bufs[id], got.data(), len));
+            EXPECT_TRUE(mem.read(Gpa(bufs[id]), got.data(), len));
             if (len == 12 + in.size() && std::equal(in.begin(), in.end(), got.begin() + 12)) {
                 found = true;
                 EXPECT_EQ(got[10] | got[11] << 8, 1);   // num_buffers

@@ -161,7 +161,7 @@ protected:
 
     std::vector<std::uint8_t> read_mem(std::uint64_t gpa, std::size_t len) {
         std::vector<std::uint8_t> v(len);
-        EXPECT_TRUE(mem.read(gpa, v.data(), len));
+        EXPECT_TRUE(mem.read(Gpa(gpa), v.data(), len));
         return v;
     }
 };
@@ -450,7 +450,7 @@ TEST_F(VirtioNetTest, MultiqueueControlSetsPairs) {
         ctrl.add_chain({{ctrl.alloc_bytes(cmd), static_cast<std::uint32_t>(cmd.size())}, {ack, 1, true}});
         dev->queue_notify(4);
         EXPECT_TRUE(wait_until([&] { return ctrl.used_idx() == want; }));
-        return *mem.read_obj<std::uint8_t>(ack);
+        return *mem.read_obj<std::uint8_t>(Gpa(ack));
     };
     EXPECT_EQ(command({VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 3, 0}), VIRTIO_NET_ERR);   // > max
     EXPECT_EQ(command({VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, 0, 0}), VIRTIO_NET_ERR);   // 0

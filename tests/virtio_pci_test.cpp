@@ -255,9 +255,9 @@ protected:
     // Makes one device-writable buffer available on queue q (ring slot n).
     void offer(unsigned q, std::uint16_t n) {
         const Descriptor d{kDataGpa, 64, kVirtqDescFWrite, 0};
-        ASSERT_TRUE(mem.write_obj(desc_gpa(q) + 16ull * n, d));
-        ASSERT_TRUE(mem.write_obj<std::uint16_t>(avail_gpa(q) + 4 + 2ull * n, n));
-        ASSERT_TRUE(mem.write_obj<std::uint16_t>(avail_gpa(q) + 2, static_cast<std::uint16_t>(n + 1)));
+        ASSERT_TRUE(mem.write_obj(Gpa(desc_gpa(q) + 16ull * n), d));
+        ASSERT_TRUE(mem.write_obj<std::uint16_t>(Gpa(avail_gpa(q) + 4 + 2ull * n), n));
+        ASSERT_TRUE(mem.write_obj<std::uint16_t>(Gpa(avail_gpa(q) + 2), static_cast<std::uint16_t>(n + 1)));
     }
     void kick(std::uint16_t q) {
         const Cap& n = caps[VIRTIO_PCI_CAP_NOTIFY_CFG];
@@ -265,7 +265,7 @@ protected:
         const auto off = common(VIRTIO_PCI_COMMON_Q_NOFF, 2);
         wr(n.offset + off * n.extra, 2, q);
     }
-    std::uint16_t used_idx(unsigned q) { return mem.read_obj<std::uint16_t>(used_gpa(q) + 2).value_or(0xffff); }
+    std::uint16_t used_idx(unsigned q) { return mem.read_obj<std::uint16_t>(Gpa(used_gpa(q) + 2)).value_or(0xffff); }
 };
 
 TEST_F(VirtioPciTest, IdentityAndCapabilities) {
@@ -481,8 +481,8 @@ TEST_F(VirtioPciTest, DeviceNeedsResetAfterDriverOk) {
     common_w(VIRTIO_PCI_COMMON_STATUS, 1, 0);
     sink->vectors.clear();
     bring_up(true);
-    ASSERT_TRUE(mem.write_obj<std::uint16_t>(avail_gpa(0) + 4, 999));   // head out of range
-    ASSERT_TRUE(mem.write_obj<std::uint16_t>(avail_gpa(0) + 2, 1));
+    ASSERT_TRUE(mem.write_obj<std::uint16_t>(Gpa(avail_gpa(0) + 4), 999));   // head out of range
+    ASSERT_TRUE(mem.write_obj<std::uint16_t>(Gpa(avail_gpa(0) + 2), 1));
     kick(0);
     EXPECT_NE(status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
     EXPECT_EQ(sink->vectors, std::vector<std::uint16_t>{0});

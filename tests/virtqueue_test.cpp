@@ -27,7 +27,7 @@ public:
         : mem_(mem), size_(size), desc_(base), avail_(base + 16ull * size),
           used_((avail_ + 6 + 2ull * size + 3) & ~3ull) {
         std::vector<std::uint8_t> zero(used_ + 6 + 8ull * size - base);
-        EXPECT_TRUE(mem_.write(base, zero.data(), zero.size()));
+        EXPECT_TRUE(mem_.write(Gpa(base), zero.data(), zero.size()));
     }
 
     std::uint64_t desc() const { return desc_; }
@@ -39,14 +39,14 @@ public:
                   std::uint16_t next = 0) {
         put_desc(desc_ + 16ull * i, {addr, len, flags, next});
     }
-    void put_desc(std::uint64_t gpa, Descriptor d) { EXPECT_TRUE(mem_.write_obj(gpa, d)); }
+    void put_desc(std::uint64_t gpa, Descriptor d) { EXPECT_TRUE(mem_.write_obj(Gpa(gpa), d)); }
 
     // A bump allocator for data buffers, filled with `fill`.
     std::uint64_t alloc(std::uint32_t len, std::uint8_t fill = 0) {
         std::uint64_t a = data_;
         data_ += (len + 15) & ~15u;
         std::vector<std::uint8_t> v(len, fill);
-        EXPECT_TRUE(mem_.write(a, v.data(), len));
+        EXPECT_TRUE(mem_.write(Gpa(a), v.data(), len));
         return a;
     }
 
@@ -84,23 +84,23 @@ public:
 
     // Puts `head` in the next avail slot and bumps avail->idx (the kick).
     void publish(std::uint16_t head) {
-        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(avail_ + 4 + 2ull * (avail_idx_ % size_), head));
+        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(Gpa(avail_ + 4 + 2ull * (avail_idx_ % size_)), head));
         set_avail_idx(static_cast<std::uint16_t>(avail_idx_ + 1));
     }
     void set_avail_idx(std::uint16_t idx) {
         avail_idx_ = idx;
-        EXPECT_TRUE(mem_.write_obj(avail_ + 2, idx));
+        EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 2), idx));
     }
-    void set_avail_flags(std::uint16_t f) { EXPECT_TRUE(mem_.write_obj(avail_, f)); }
-    void set_used_event(std::uint16_t v) { EXPECT_TRUE(mem_.write_obj(avail_ + 4 + 2ull * size_, v)); }
+    void set_avail_flags(std::uint16_t f) { EXPECT_TRUE(mem_.write_obj(Gpa(avail_), f)); }
+    void set_used_event(std::uint16_t v) { EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 4 + 2ull * size_), v)); }
 
-    std::uint16_t used_flags() const { return *mem_.read_obj<std::uint16_t>(used_); }
-    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(used_ + 2); }
-    std::uint16_t avail_event() const { return *mem_.read_obj<std::uint16_t>(used_ + 4 + 8ull * size_); }
+    std::uint16_t used_flags() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_)); }
+    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 2)); }
+    std::uint16_t avail_event() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 4 + 8ull * size_)); }
     // used->ring[i % size] as {id, len}
     std::pair<std::uint32_t, std::uint32_t> used_elem(std::uint16_t i) const {
         std::uint64_t a = used_ + 4 + 8ull * (i % size_);
-        return {*mem_.read_obj<std::uint32_t>(a), *mem_.read_obj<std::uint32_t>(a + 4)};
+        return {*mem_.read_obj<std::uint32_t>(Gpa(a)), *mem_.read_obj<std::uint32_t>(Gpa(a + 4))};
     }
 
 private:
@@ -168,7 +168,7 @@ TEST_F(VirtqueueTest, ReadableThenWritableChain) {
     ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
     EXPECT_EQ(chain.head(), head);
     ASSERT_EQ(chain.elems().size(), 3u);
-    EXPECT_EQ(chain.elems()[0].addr, hdr);
+    EXPECT_EQ(chain.elems()[0].addr.value(), hdr);
     EXPECT_FALSE(chain.elems()[1].write);
     EXPECT_TRUE(chain.elems()[2].write);
     EXPECT_EQ(chain.readable_len(), 10u);
@@ -179,7 +179,7 @@ TEST_F(VirtqueueTest, ReadableThenWritableChain) {
     EXPECT_EQ(in[4], 0xbb);
     const std::uint8_t out[8] = {1, 2, 3, 4, 5, 6, 7, 8};
     ASSERT_TRUE(chain.write(mem, 0, out, sizeof out));
-    EXPECT_EQ(mem.read_obj<std::uint64_t>(resp), 0x0807060504030201u);
+    EXPECT_EQ(mem.read_obj<std::uint64_t>(Gpa(resp)), 0x0807060504030201u);
     EXPECT_EQ(q.pop(chain), PopStatus::empty);
     ASSERT_TRUE(q.push_used(head, 8));
     EXPECT_EQ(drv.used_idx(), 1);
@@ -191,9 +191,9 @@ TEST_F(VirtqueueTest, ScatterGatherAcrossDescriptors) {
     std::uint64_t r[3] = {drv.alloc(3), drv.alloc(5), drv.alloc(7)};
     std::uint8_t src[15];
     for (int i = 0; i < 15; ++i) src[i] = static_cast<std::uint8_t>(i);
-    ASSERT_TRUE(mem.write(r[0], src, 3));
-    ASSERT_TRUE(mem.write(r[1], src + 3, 5));
-    ASSERT_TRUE(mem.write(r[2], src + 8, 7));
+    ASSERT_TRUE(mem.write(Gpa(r[0]), src, 3));
+    ASSERT_TRUE(mem.write(Gpa(r[1]), src + 3, 5));
+    ASSERT_TRUE(mem.write(Gpa(r[2]), src + 8, 7));
     std::uint64_t w0 = drv.alloc(4 + 2, 0xee), w1 = drv.alloc(5 + 2, 0xee);   // 2 guard bytes each
     drv.add_chain({{r[0], 3}, {r[1], 5}, {r[2], 7}, {w0, 4, true}, {w1, 5, true}});
     ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
@@ -209,13 +209,13 @@ TEST_F(VirtqueueTest, ScatterGatherAcrossDescriptors) {
     const std::uint8_t pat[9] = {9, 8, 7, 6, 5, 4, 3, 2, 1};
     ASSERT_TRUE(chain.write(mem, 1, pat, 7));   // 3 bytes into w0, 4 into w1
     std::uint8_t b0[6], b1[7];
-    ASSERT_TRUE(mem.read(w0, b0, 6));
-    ASSERT_TRUE(mem.read(w1, b1, 7));
+    ASSERT_TRUE(mem.read(Gpa(w0), b0, 6));
+    ASSERT_TRUE(mem.read(Gpa(w1), b1, 7));
     const std::uint8_t e0[6] = {0xee, 9, 8, 7, 0xee, 0xee}, e1[7] = {6, 5, 4, 3, 0xee, 0xee, 0xee};
     EXPECT_EQ(0, std::memcmp(b0, e0, 6));
     EXPECT_EQ(0, std::memcmp(b1, e1, 7));
     EXPECT_FALSE(chain.write(mem, 1, pat, 9));   // one past the end: nothing written
-    ASSERT_TRUE(mem.read(w1, b1, 7));
+    ASSERT_TRUE(mem.read(Gpa(w1), b1, 7));
     EXPECT_EQ(0, std::memcmp(b1, e1, 7));
     EXPECT_FALSE(chain.write(mem, UINT64_MAX - 1, pat, 4));
 }
@@ -516,7 +516,7 @@ TEST(VirtqueueBigRam, LengthsNear4GiBAndTheMmioHole) {
     expect_pop({{kMmioHoleStart - 16, 16}, {high_end - 16, 16, true}}, PopStatus::ok);
     std::uint64_t v = 0x1122334455667788;
     ASSERT_TRUE(c.write(mem, 8, &v, 8));
-    EXPECT_EQ(mem.read_obj<std::uint64_t>(high_end - 8), v);
+    EXPECT_EQ(mem.read_obj<std::uint64_t>(Gpa(high_end - 8)), v);
 }
 
 // Random and adversarial rings: pop must always terminate, every chain it
@@ -589,7 +589,7 @@ TEST(VirtqueueFuzz, RandomRingsNeverCrashOrHang) {
         for (std::uint16_t i = 0; i < size; ++i) drv.put_desc(drv.desc() + 16ull * i, desc(size));
         for (int i = 0; i < 64; ++i) drv.put_desc(0x80000 + 16 * i, desc(size));
         for (std::uint16_t i = 0; i < size; ++i)
-            mem.write_obj<std::uint16_t>(drv.avail() + 4 + 2ull * i,
+            mem.write_obj<std::uint16_t>(Gpa(drv.avail() + 4 + 2ull * i),
                                          static_cast<std::uint16_t>(pick(100) < sane_pct ? pick(size) : rng()));
         // A plausible avail->idx: up to a full ring ahead of what was consumed.
         auto kick = [&] {

@@ -376,7 +376,7 @@ std::vector<std::uint8_t> build_acpi_tables(const AcpiConfig& cfg) {
 
 std::uint64_t write_acpi_tables(GuestMemory& mem, const AcpiConfig& cfg) {
     Bytes t = build_acpi_tables(cfg);
-    if (!mem.write(kAcpiBase, t.data(), t.size()))
+    if (!mem.write(Gpa(kAcpiBase), t.data(), t.size()))
         throw std::runtime_error("ACPI tables do not fit in guest RAM at 0xe0000");
     return kAcpiBase;
 }

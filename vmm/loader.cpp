@@ -134,10 +134,10 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
         if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_LOAD segment runs past the end of the file");
         if (ph.p_filesz > ph.p_memsz) bad("a PT_LOAD segment has filesz > memsz");
         if (ph.p_paddr < kKernelMinGpa) bad("a PT_LOAD segment lies below 1 MiB");
-        std::uint8_t* dst = mem.ptr(ph.p_paddr, ph.p_memsz);
-        if (dst == nullptr) bad("a PT_LOAD segment does not fit in guest RAM (raise --memory)");
-        std::memcpy(dst, image.data() + ph.p_offset, ph.p_filesz);
-        std::memset(dst + ph.p_filesz, 0, ph.p_memsz - ph.p_filesz);
+        auto dst = mem.range(Gpa(ph.p_paddr), ph.p_memsz);
+        if (!dst) bad("a PT_LOAD segment does not fit in guest RAM (raise --memory)");
+        dst->write(0, image.data() + ph.p_offset, ph.p_filesz);   // filesz <= memsz: cannot fail
+        dst->fill(ph.p_filesz, 0, ph.p_memsz - ph.p_filesz);
         k.image_start = std::min(k.image_start, ph.p_paddr);
         k.image_end = std::max(k.image_end, ph.p_paddr + ph.p_memsz);
         ++loads;
@@ -161,8 +161,8 @@ struct E820Entry {
 std::vector<E820Entry> e820_map(const GuestMemory& mem) {
     std::vector<E820Entry> map{{0, kLowRamEnd, 1}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2}};
     for (const auto& r : mem.regions()) {
-        std::uint64_t start = std::max(r.gpa, kKernelMinGpa);
-        if (r.gpa + r.size > start) map.push_back({start, r.gpa + r.size - start, 1});
+        std::uint64_t start = std::max(r.gpa.value(), kKernelMinGpa);
+        if (r.gpa.value() + r.size > start) map.push_back({start, r.gpa.value() + r.size - start, 1});
     }
     return map;
 }
@@ -175,7 +175,7 @@ void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t m
         throw UsageError("--cmdline is longer than " + std::to_string(max_with_nul - 1) + " bytes" +
                          (max_with_nul < kCmdlineMax ? " (this kernel's cmdline_size)" : ""));
     if (cmdline.find('\0') != std::string::npos) throw UsageError("--cmdline contains a NUL byte");
-    mem.write(kCmdlineGpa, cmdline.c_str(), cmdline.size() + 1);
+    mem.write(Gpa(kCmdlineGpa), cmdline.c_str(), cmdline.size() + 1);
 }
 } // namespace
 
@@ -189,7 +189,7 @@ std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd
         throw UsageError("--initrd: " + std::to_string((initrd.size() + mib - 1) / mib) +
                          " MiB does not fit in guest RAM beside the kernel (raise --memory)");
     std::uint64_t gpa = (top - initrd.size()) & ~std::uint64_t(0xfff);
-    mem.write(gpa, initrd.data(), initrd.size());
+    mem.write(Gpa(gpa), initrd.data(), initrd.size());
     return gpa;
 }
 
@@ -198,7 +198,7 @@ std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline,
     write_cmdline(mem, cmdline, kCmdlineMax);
     std::vector<HvmMemmapEntry> map;
     for (const auto& e : e820_map(mem)) map.push_back({e.addr, e.size, e.type, 0});
-    mem.write(kMemmapGpa, map.data(), map.size() * sizeof(HvmMemmapEntry));
+    mem.write(Gpa(kMemmapGpa), map.data(), map.size() * sizeof(HvmMemmapEntry));
 
     HvmStartInfo si{};
     si.magic = XEN_HVM_START_MAGIC_VALUE;
@@ -210,11 +210,11 @@ std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline,
     if (initrd_size != 0) {
         // struct hvm_modlist_entry {paddr, size, cmdline_paddr, reserved}
         const std::uint64_t mod[4] = {initrd_gpa, initrd_size, 0, 0};
-        mem.write(kModlistGpa, mod, sizeof mod);
+        mem.write(Gpa(kModlistGpa), mod, sizeof mod);
         si.nr_modules = 1;
         si.modlist_paddr = kModlistGpa;
     }
-    mem.write_obj(kStartInfoGpa, si);
+    mem.write_obj(Gpa(kStartInfoGpa), si);
     return kStartInfoGpa;
 }
 
@@ -251,12 +251,12 @@ void write_identity_page_tables(GuestMemory& mem) {
     std::uint64_t pml4[512] = {pdpt | kP | kRw};
     std::uint64_t pdpte[512] = {};
     for (std::uint64_t i = 0; i < 4; ++i) pdpte[i] = (pd + i * 0x1000) | kP | kRw;
-    mem.write(kPml4Gpa, pml4, sizeof pml4);
-    mem.write(pdpt, pdpte, sizeof pdpte);
+    mem.write(Gpa(kPml4Gpa), pml4, sizeof pml4);
+    mem.write(Gpa(pdpt), pdpte, sizeof pdpte);
     for (std::uint64_t i = 0; i < 4; ++i) {
         std::uint64_t pde[512];
         for (std::uint64_t j = 0; j < 512; ++j) pde[j] = ((i << 30) | (j << 21)) | kP | kRw | kPs;
-        mem.write(pd + i * 0x1000, pde, sizeof pde);
+        mem.write(Gpa(pd + i * 0x1000), pde, sizeof pde);
     }
 }
 } // namespace
@@ -336,7 +336,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
     const std::uint64_t need = std::max(kBzLoadGpa, h.pref_address) + h.init_size;
     if (need > low_ram_end(mem))
         bad("bzImage needs " + std::to_string((need + (1 << 20) - 1) >> 20) + " MiB of RAM below 3 GiB (raise --memory)");
-    mem.write(kBzLoadGpa, kernel.data(), kernel.size());
+    mem.write(Gpa(kBzLoadGpa), kernel.data(), kernel.size());
 
     BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa};
     if (!initrd.empty()) {
@@ -366,7 +366,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
         put<std::uint64_t>(z, 0x2d0 + i * 20 + 8, map[i].size);
         put<std::uint32_t>(z, 0x2d0 + i * 20 + 16, map[i].type);
     }
-    mem.write(kZeroPageGpa, zp.data(), zp.size());
+    mem.write(Gpa(kZeroPageGpa), zp.data(), zp.size());
     write_identity_page_tables(mem);
     return plan;
 }

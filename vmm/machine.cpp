@@ -32,7 +32,6 @@
 #include <filesystem>
 #include <fstream>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <optional>
 #include <poll.h>
 #include <pthread.h>
@@ -162,7 +161,7 @@ Machine::Machine(const VmConfig& cfg)
 
     std::uint32_t slot = 0;
     for (const auto& r : mem_.regions())
-        vm_.set_user_memory_region(slot++, r.gpa, r.size, mem_.host_base() + r.offset);
+        vm_.set_user_memory_region(slot++, r.gpa.value(), r.size, mem_.host_address_for_kvm(r));
 
     // Console sink.
     switch (cfg.console) {
@@ -192,7 +191,7 @@ Machine::Machine(const VmConfig& cfg)
     // What Linux needs without a BIOS: the CMOS clock, the i8042's reset line
     // (reboot=k) and the ACPI sleep/reset registers the FADT points at.
     std::uint64_t below_4g = 0, above_4g = 0;
-    for (const auto& r : mem_.regions()) (r.gpa < kHighRamStart ? below_4g : above_4g) += r.size;
+    for (const auto& r : mem_.regions()) (r.gpa.value() < kHighRamStart ? below_4g : above_4g) += r.size;
     rtc_ = std::make_shared<Rtc>(below_4g, above_4g);
     pio_.insert(Rtc::kBase, Rtc::kLen, rtc_);
     i8042_ = std::make_shared<I8042>([this] { guest_reset(); });
@@ -223,12 +222,7 @@ Machine::Machine(const VmConfig& cfg)
         log_msg("virtio-balloon at PCI 00:%02x.0 (stats, deflate-on-OOM, free page reporting)",
                 static_cast<unsigned>(virtio_.size()));
     }
-    if (cfg.prefault) {
-        // MADV_POPULATE_WRITE (Linux 5.14): fault every page in now, so a
-        // benchmark does not measure first touches; with thp they are huge.
-        constexpr int kMadvPopulateWrite = 23;
-        if (::madvise(mem_.host_base(), mem_.size(), kMadvPopulateWrite) != 0) throw_errno("madvise(MADV_POPULATE_WRITE)");
-    }
+    if (cfg.prefault) mem_.prefault();
 
     // vCPUs: all get CPUID, FPU and LAPIC setup; only the BSP gets registers.
     // The APs sit in wait-for-SIPI inside KVM until the guest starts them.
@@ -328,7 +322,7 @@ void Machine::setup_boot_cpu(Vcpu& vcpu) {
         0x00cf93000000ffff,                                // 0x18: data, 4 GiB
         0x00008b0000000067,                                // 0x20: 32-bit TSS (busy)
     };
-    mem_.write(kBootGdtGpa, gdt, sizeof gdt);
+    mem_.write(Gpa(kBootGdtGpa), gdt, sizeof gdt);
 
     kvm_sregs s = vcpu.get_sregs();
     auto seg = [](std::uint16_t sel, std::uint8_t type, bool code_or_data) {

@@ -179,7 +179,7 @@ void VirtioPciSlot::map_bar(std::uint64_t gpa, bool decode) noexcept {
     // to 4 GiB), or wrap; sizing writes (all-ones) land here while decode is
     // usually off, so only log with decode on.
     bool bad = gpa + size < gpa || (gpa < 0x100000000ull && gpa + size > 0xfec00000ull);
-    for (const auto& r : mem_.regions()) bad |= gpa < r.gpa + r.size && r.gpa < gpa + size;
+    for (const auto& r : mem_.regions()) bad |= gpa < r.gpa.value() + r.size && r.gpa.value() < gpa + size;
     if (!bad) {
         try {
             mmio_.insert(gpa, size, pci_->bar_device());

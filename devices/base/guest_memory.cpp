@@ -1,6 +1,7 @@
 // Guest RAM allocation and bounds-checked access (see guest_memory.hpp).
 #include "devices/base/guest_memory.hpp"
 #include "devices/base/error.hpp"
+#include "devices/base/log.hpp"
 #include "devices/base/size.hpp"
 
 #include <algorithm>
@@ -79,40 +80,45 @@ GuestMemory::GuestMemory(std::uint64_t size, Backing backing) : backing_(backing
     size = (size + kHugePageSize - 1) & ~(kHugePageSize - 1);
     mapping_ = map_ram(size, backing);
     std::uint64_t low = size < kMmioHoleStart ? size : kMmioHoleStart;
-    regions_.push_back({0, low, 0});
-    if (size > low) regions_.push_back({kHighRamStart, size - low, low});
+    regions_.push_back({Gpa(0), low, 0});
+    if (size > low) regions_.push_back({Gpa(kHighRamStart), size - low, low});
 }
 
-std::uint8_t* GuestMemory::ptr(std::uint64_t gpa, std::uint64_t len) const {
+void GuestRange::misuse(std::uint64_t off, std::uint64_t width, std::uint64_t size) {
+    log_msg("internal error: %llu-byte guest RAM access at offset %llu of a %llu-byte view (outside or misaligned)",
+            static_cast<unsigned long long>(width), static_cast<unsigned long long>(off),
+            static_cast<unsigned long long>(size));
+    std::abort();
+}
+
+std::uint8_t* GuestMemory::find(Gpa gpa, std::uint64_t len) const {
     if (len == 0) len = 1;
+    const std::uint64_t a = gpa.value();
     for (const auto& r : regions_) {
-        // Written so that nothing overflows: gpa - r.gpa only when gpa >= r.gpa.
-        if (gpa >= r.gpa && gpa - r.gpa < r.size && len <= r.size - (gpa - r.gpa))
-            return host_base() + r.offset + (gpa - r.gpa);
+        // Written so that nothing overflows: a - start only when a >= start.
+        const std::uint64_t start = r.gpa.value();
+        if (a >= start && a - start < r.size && len <= r.size - (a - start))
+            return host_base() + r.offset + (a - start);
     }
     return nullptr;
 }
 
-bool GuestMemory::read(std::uint64_t gpa, void* dst, std::uint64_t len) const {
-    if (len == 0) return true;
-    const std::uint8_t* p = ptr(gpa, len);
+bool GuestMemory::append_iovec(Gpa gpa, std::uint64_t len, std::vector<iovec>& out) {
+    std::uint8_t* p = find(gpa, len);
     if (p == nullptr) return false;
-    std::memcpy(dst, p, len);
+    if (len != 0) out.push_back({p, len});
     return true;
 }
 
-bool GuestMemory::write(std::uint64_t gpa, const void* src, std::uint64_t len) {
-    if (len == 0) return true;
-    std::uint8_t* p = ptr(gpa, len);
-    if (p == nullptr) return false;
-    std::memcpy(p, src, len);
-    return true;
+void GuestMemory::prefault() {
+    constexpr int kMadvPopulateWrite = 23;   // not in every libc's headers yet
+    if (::madvise(host_base(), size(), kMadvPopulateWrite) != 0) throw_errno("madvise(MADV_POPULATE_WRITE)");
 }
 
-bool GuestMemory::discard(std::uint64_t gpa, std::uint64_t len) {
+bool GuestMemory::discard(Gpa gpa, std::uint64_t len) {
     const std::uint64_t grain = backing_ == Backing::hugetlbfs ? kHugePageSize : 4096;
-    if (len == 0 || gpa % grain != 0 || len % grain != 0) return false;
-    std::uint8_t* p = ptr(gpa, len);
+    if (len == 0 || gpa.value() % grain != 0 || len % grain != 0) return false;
+    std::uint8_t* p = find(gpa, len);
     if (p == nullptr) return false;
     // Private anonymous memory (THP, 4 KiB or hugetlb): MADV_DONTNEED drops
     // the pages now. MADV_REMOVE would be the call for a shared mapping;
@@ -143,11 +149,11 @@ std::uint64_t GuestMemory::resident_bytes() const {
     return count_resident(host_base(), size());
 }
 
-std::uint64_t GuestMemory::resident_bytes(std::uint64_t gpa, std::uint64_t len) const {
-    const std::uint64_t start = gpa & ~std::uint64_t{4095};
-    if (len == 0 || gpa - start > UINT64_MAX - len) return 0;
-    const std::uint64_t span = (gpa - start + len + 4095) & ~std::uint64_t{4095};
-    std::uint8_t* p = ptr(start, span);
+std::uint64_t GuestMemory::resident_bytes(Gpa gpa, std::uint64_t len) const {
+    const std::uint64_t start = gpa.value() & ~std::uint64_t{4095};
+    if (len == 0 || gpa.value() - start > UINT64_MAX - len) return 0;
+    const std::uint64_t span = (gpa.value() - start + len + 4095) & ~std::uint64_t{4095};
+    std::uint8_t* p = find(Gpa(start), span);
     return p == nullptr ? 0 : count_resident(p, span);
 }
 
