@@ -37,46 +37,52 @@ class FakeVm : public VmControl {
 public:
     explicit FakeVm(bool converge = true) : converge_(converge) {}
 
-    json info() override {
+    VmInfo info() override {
         std::lock_guard lock(mu_);
         ++info_calls_;
         if (converge_) {
             if (actual_ < target_) actual_ = std::min(target_, actual_ + 64 * MiB);
             else if (actual_ > target_) actual_ = target_ + (actual_ - target_ > 64 * MiB ? actual_ - target_ - 64 * MiB : 0);
         }
-        return json{{"name", "fake"},
-                    {"state", paused_ ? "paused" : "running"},
-                    {"cpus", 2},
-                    {"memory", memory_},
-                    {"backing", "thp"},
-                    {"hugepage_backed_bytes", 128 * MiB},
-                    {"rss_bytes", 100 * MiB + 512 * 1024},
-                    {"balloon", {{"target_bytes", target_}, {"actual_bytes", actual_}}}};
+        VmInfo i;
+        i.name = "fake";
+        i.paused = paused_;
+        i.cpus = 2;
+        i.memory = memory_;
+        i.backing = Backing::thp;
+        i.hugepage_backed_bytes = 128 * MiB;
+        i.rss_bytes = 100 * MiB + 512 * 1024;
+        i.balloon = VmInfo::Balloon{target_, actual_};
+        return i;
     }
-    json counters() override {
-        return json{{"port80", {{"writes", 42}}}, {"balloon", {{"inflations", 3}}}, {"serial", {{"tx_bytes", 1000}}}};
+    VmCounters counters() override {
+        VmCounters c;
+        c.port80.writes = 42;
+        c.nets.resize(1);
+        c.nets[0].tx_bytes = 1000;
+        return c;
     }
-    std::string resize(std::uint64_t bytes) override {
+    ControlError resize(std::uint64_t bytes) override {
         std::lock_guard lock(mu_);
         target_ = bytes;
         ++resizes_;
-        return "";
+        return ControlError::none;
     }
-    std::string pause() override {
+    ControlError pause() override {
         std::lock_guard lock(mu_);
-        if (paused_) return "already paused";
+        if (paused_) return ControlError::already_paused;
         paused_ = true;
-        return "";
+        return ControlError::none;
     }
-    std::string resume() override {
+    ControlError resume() override {
         std::lock_guard lock(mu_);
-        if (!paused_) return "not paused";
+        if (!paused_) return ControlError::not_paused;
         paused_ = false;
-        return "";
+        return ControlError::none;
     }
-    std::string shutdown() override {
+    ControlError shutdown() override {
         stopped_ = true;
-        return "";
+        return ControlError::none;
     }
 
     std::uint64_t target() {
@@ -695,7 +701,7 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     r = cli({"stats", "vm1"});
     EXPECT_EQ(r.status, 0);
     EXPECT_TRUE(has_line(r.out, "port80.writes", "42")) << r.out;
-    EXPECT_TRUE(has_line(r.out, "serial.tx", "1000 B")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "net0.tx", "1000 B")) << r.out;
     EXPECT_EQ(cli({"pause", "vm1"}).status, 0);
     EXPECT_TRUE(vm.paused());
     r = cli({"pause", "vm1"});
