@@ -1,17 +1,18 @@
-// Running a VM (see run.hpp), and MachineControl: the control API's typed
-// view of the Machine. The API thread calls it; pause() waits for the vCPUs
-// to park (they never wait for the API thread), everything else is atomics
-// or the devices' own locks.
+// Running a VM (see run.hpp): the console input, the stop signals, the exit
+// report, and MachineControl, the control API's typed view of the Machine.
+// The API thread calls MachineControl; its pause() waits for the vCPUs to
+// park (they never wait for the API thread), everything else is atomics or
+// the devices' own locks. The rest runs on the thread that called run_vm.
 #include "vmm/app/run.hpp"
 #include "balloon/balloon.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/fd.hpp"
 #include "devices/base/log.hpp"
 #include "devices/port80.hpp"
+#include "devices/serial.hpp"
 #include "devices/virtio_net.hpp"
 #include "vmm/app/api.hpp"
 #include "vmm/app/api_client.hpp"
-#include "vmm/app/console.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
@@ -23,6 +24,8 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/signalfd.h>
+#include <termios.h>
+#include <thread>
 #include <unistd.h>
 
 namespace kguest {
@@ -99,6 +102,55 @@ public:
 
 private:
     Machine& m_;
+};
+
+// The serial console's input for `--console stdio`: the terminal in raw-ish
+// mode (ISIG stays on, so Ctrl-C is SIGINT and stops the VM cleanly; output
+// processing stays on) and a thread that feeds stdin to COM1. The thread ends
+// at EOF or once `stop_fd` is readable (the VM stopped); the destructor joins
+// it, so the VM must be stopping by then, and restores the terminal.
+class ConsoleInput {
+public:
+    ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
+        if (::isatty(STDIN_FILENO) && ::tcgetattr(STDIN_FILENO, &saved_) == 0) {
+            termios raw = saved_;
+            raw.c_iflag &= ~static_cast<tcflag_t>(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON);
+            raw.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL | ICANON | IEXTEN);
+            raw.c_cc[VMIN] = 1;
+            raw.c_cc[VTIME] = 0;
+            raw_ = ::tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
+        }
+        thread_ = std::thread([this] { thread_main(); });
+    }
+    ~ConsoleInput() {
+        if (thread_.joinable()) thread_.join();
+        if (raw_) ::tcsetattr(STDIN_FILENO, TCSANOW, &saved_);
+    }
+    ConsoleInput(const ConsoleInput&) = delete;
+    ConsoleInput& operator=(const ConsoleInput&) = delete;
+
+private:
+    void thread_main() {
+        pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+        std::uint8_t buf[256];
+        for (;;) {
+            int n = ::poll(fds, 2, -1);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 || (fds[1].revents & POLLIN)) return;
+            if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+                ssize_t r = ::read(STDIN_FILENO, buf, sizeof buf);
+                if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+                if (r <= 0) return;  // EOF (e.g. </dev/null) or error: no more input
+                serial_.receive({buf, static_cast<std::size_t>(r)});
+            }
+        }
+    }
+
+    Serial& serial_;
+    int stop_fd_;
+    termios saved_{};
+    bool raw_ = false;
+    std::thread thread_;
 };
 
 // Blocks the stop signals in this thread (and so in every thread started
