@@ -42,10 +42,17 @@ void VcpuLoop::start() {
     sa.sa_handler = on_kick;
     sigemptyset(&sa.sa_mask);
     if (::sigaction(kKickSignal, &sa, nullptr) != 0) throw_errno("sigaction");
+    std::lock_guard lock(pause_mu_);   // pause() and request_stop() read threads_ under it
     for (auto& v : vcpus_) threads_.emplace_back([this, &v] { thread_main(v); });
 }
 
 int VcpuLoop::wait() {
+    {
+        // The threads end only once the VM stops; joining them while
+        // request_stop still kicks them would race with it.
+        std::unique_lock lock(pause_mu_);
+        pause_cv_.wait(lock, [&] { return stop_kicked_; });
+    }
     for (auto& t : threads_)
         if (t.joinable()) t.join();
     threads_.clear();
@@ -64,10 +71,11 @@ void VcpuLoop::request_stop(int status) {
     bool expected = false;
     if (!stopping_.compare_exchange_strong(expected, true)) return;
     status_.store(status);
-    kick_all();
     {
-        std::lock_guard lock(pause_mu_);   // parked vCPUs wake up and leave
-        pause_cv_.notify_all();
+        std::lock_guard lock(pause_mu_);
+        kick_all();
+        stop_kicked_ = true;
+        pause_cv_.notify_all();   // parked vCPUs wake up and leave, wait() goes on
     }
     std::uint64_t one = 1;
     if (::write(stop_event_.get(), &one, sizeof one) < 0) {

@@ -52,7 +52,7 @@ public:
     int wait();
 
 private:
-    void kick_all();
+    void kick_all();   // with pause_mu_ held
     void park(Vcpu& vcpu);
     void thread_main(Vcpu& vcpu);
 
@@ -70,6 +70,7 @@ private:
     std::condition_variable pause_cv_;
     std::atomic<bool> paused_{false};
     unsigned parked_ = 0;   // vCPU threads waiting in park() (pause_mu_)
+    bool stop_kicked_ = false;   // request_stop is done with threads_ (pause_mu_)
 };
 
 // Where a vCPU stands, for the log when the VM is stopped from outside: RIP,
