@@ -45,7 +45,6 @@ public:
     bool pause();
     void resume();
     bool paused() const { return paused_.load(); }
-    bool stopping() const { return stopping_.load(); }
     // An eventfd that becomes readable when the VM stops (for poll).
     int stop_fd() const { return stop_event_.get(); }
     // Joins the vCPU threads (they end when the VM stops); returns the status.
