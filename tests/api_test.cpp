@@ -37,46 +37,52 @@ class FakeVm : public VmControl {
 public:
     explicit FakeVm(bool converge = true) : converge_(converge) {}
 
-    json info() override {
+    VmInfo info() override {
         std::lock_guard lock(mu_);
         ++info_calls_;
         if (converge_) {
             if (actual_ < target_) actual_ = std::min(target_, actual_ + 64 * MiB);
             else if (actual_ > target_) actual_ = target_ + (actual_ - target_ > 64 * MiB ? actual_ - target_ - 64 * MiB : 0);
         }
-        return json{{"name", "fake"},
-                    {"state", paused_ ? "paused" : "running"},
-                    {"cpus", 2},
-                    {"memory", memory_},
-                    {"backing", "thp"},
-                    {"hugepage_backed_bytes", 128 * MiB},
-                    {"rss_bytes", 100 * MiB + 512 * 1024},
-                    {"balloon", {{"target_bytes", target_}, {"actual_bytes", actual_}}}};
+        VmInfo i;
+        i.name = "fake";
+        i.paused = paused_;
+        i.cpus = 2;
+        i.memory = memory_;
+        i.backing = Backing::thp;
+        i.hugepage_backed_bytes = 128 * MiB;
+        i.rss_bytes = 100 * MiB + 512 * 1024;
+        i.balloon = VmInfo::Balloon{target_, actual_};
+        return i;
     }
-    json counters() override {
-        return json{{"port80", {{"writes", 42}}}, {"balloon", {{"inflations", 3}}}, {"serial", {{"tx_bytes", 1000}}}};
+    VmCounters counters() override {
+        VmCounters c;
+        c.port80.writes = 42;
+        c.nets.resize(1);
+        c.nets[0].tx_bytes = 1000;
+        return c;
     }
-    std::string resize(std::uint64_t bytes) override {
+    ControlError resize(std::uint64_t bytes) override {
         std::lock_guard lock(mu_);
         target_ = bytes;
         ++resizes_;
-        return "";
+        return ControlError::none;
     }
-    std::string pause() override {
+    ControlError pause() override {
         std::lock_guard lock(mu_);
-        if (paused_) return "already paused";
+        if (paused_) return ControlError::already_paused;
         paused_ = true;
-        return "";
+        return ControlError::none;
     }
-    std::string resume() override {
+    ControlError resume() override {
         std::lock_guard lock(mu_);
-        if (!paused_) return "not paused";
+        if (!paused_) return ControlError::not_paused;
         paused_ = false;
-        return "";
+        return ControlError::none;
     }
-    std::string shutdown() override {
+    ControlError shutdown() override {
         stopped_ = true;
-        return "";
+        return ControlError::none;
     }
 
     std::uint64_t target() {
@@ -521,6 +527,66 @@ TEST(ApiDispatch, WithoutSockets) {
     EXPECT_EQ(r.allow, "PUT");
 }
 
+// The JSON of vm.info and vm.counters: the keys the README documents and the
+// CLI and scripts read, made from the typed structs.
+TEST(ApiDispatch, InfoAndCountersJson) {
+    struct Vm : FakeVm {
+        VmCounters counters() override {
+            VmCounters c;
+            c.port80 = {7, 2, 0x42};
+            c.nets.resize(2);
+            c.nets[1].rx_packets = 5;
+            c.nets[1].tx_dropped = 1;
+            VmCounters::Balloon b;
+            b.counters.tracker.inflated_pages = 256;
+            b.counters.tracker.bytes_released = 2 * MiB;
+            b.counters.bad_chains = 3;
+            b.stats.valid = true;
+            b.stats.last_update_unix_s = 1700000000;
+            b.stats.values.push_back(BalloonStat{5, 6, "unused", 4096, 4});
+            c.balloon = b;
+            return c;
+        }
+    } vm;
+    ApiReply r = api_dispatch(vm, "GET", "/api/v1/vm.info", "");
+    ASSERT_EQ(r.status, 200u);
+    for (const char* k : {"name", "state", "cpus", "memory", "backing", "hugepage_backed_bytes", "rss_bytes",
+                          "vmm_rss_bytes", "balloon"})
+        EXPECT_TRUE(r.body.contains(k)) << k;
+    EXPECT_EQ(r.body["backing"], "thp");
+    EXPECT_EQ(r.body["balloon"]["target_bytes"], 0u);
+    EXPECT_TRUE(r.body["balloon"].contains("actual_bytes"));
+
+    r = api_dispatch(vm, "GET", "/api/v1/vm.counters", "");
+    ASSERT_EQ(r.status, 200u);
+    EXPECT_EQ(r.body["port80"], (json{{"writes", 7}, {"reads", 2}, {"last_code", 0x42}}));
+    EXPECT_EQ(r.body["net0"]["rx_packets"], 0u);
+    EXPECT_EQ(r.body["net1"], (json{{"rx_packets", 5}, {"rx_bytes", 0}, {"rx_dropped", 0},
+                                    {"tx_packets", 0}, {"tx_bytes", 0}, {"tx_dropped", 1}}));
+    EXPECT_FALSE(r.body.contains("net2"));
+    const json& b = r.body["balloon"];
+    EXPECT_EQ(b["inflated_pages"], 256u);
+    EXPECT_EQ(b["released_bytes"], 2 * MiB);
+    EXPECT_EQ(b["bad_chains"], 3u);
+    for (const char* k : {"regions_released", "discarded_bytes", "reported_bytes", "bad_pfns"})
+        EXPECT_TRUE(b.contains(k)) << k;
+    EXPECT_EQ(b["stats"], (json{{"unused", 4}, {"last_update", 1700000000}}));
+}
+
+// Every refusal is a 409 with the message the CLI prints.
+TEST(ApiDispatch, RefusalsAre409WithTheirMessage) {
+    struct Vm : FakeVm {
+        ControlError resize(std::uint64_t) override { return ControlError::no_balloon; }
+    } vm;
+    ApiReply r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", R"({"desired_balloon": 0})");
+    EXPECT_EQ(r.status, 409u);
+    EXPECT_EQ(r.body["error"], "this VM has no balloon (start it with --balloon)");
+    r = api_dispatch(vm, "PUT", "/api/v1/vm.resume", "");
+    EXPECT_EQ(r.status, 409u);
+    EXPECT_EQ(r.body["error"], "not paused");
+    EXPECT_STREQ(control_message(ControlError::pause_failed), "the vCPUs did not stop (is the VM stopping?)");
+}
+
 TEST(ApiClientTest, UnreachableSocketNamesPathAndErrno) {
     TempDir dir;
     std::string missing = dir.path() + "/none.sock";
@@ -695,7 +761,7 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     r = cli({"stats", "vm1"});
     EXPECT_EQ(r.status, 0);
     EXPECT_TRUE(has_line(r.out, "port80.writes", "42")) << r.out;
-    EXPECT_TRUE(has_line(r.out, "serial.tx", "1000 B")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "net0.tx", "1000 B")) << r.out;
     EXPECT_EQ(cli({"pause", "vm1"}).status, 0);
     EXPECT_TRUE(vm.paused());
     r = cli({"pause", "vm1"});

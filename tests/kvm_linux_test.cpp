@@ -127,7 +127,7 @@ TEST(KvmLinux, BootsSmpWithPvFeaturesAndPowersOff) {
     EXPECT_EQ(result(r.out, "nproc"), "2") << r.out;
     EXPECT_EQ(result(r.out, "clocksource"), "kvm-clock") << r.out;
     EXPECT_NE(r.out.find("DMESG"), std::string::npos);
-    // PV_UNHALT is hidden on PVM hosts (see machine.cpp), so only elsewhere.
+    // PV_UNHALT is hidden on PVM hosts (see vmm/boot_cpu.cpp), so only elsewhere.
     if (!host_is_pvm()) {
         EXPECT_NE(r.out.find("kvm-guest: PV spinlocks enabled"), std::string::npos) << r.out;
     }

@@ -4,9 +4,6 @@
 #include "vmm/acpi.hpp"
 #include "devices/base/guest_memory.hpp"
 
-#include "devices/acpi_pm.hpp"
-#include "devices/pci.hpp"
-
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -19,9 +16,6 @@ namespace {
 using Bytes = std::vector<std::uint8_t>;
 
 constexpr char kOemId[] = "KGUEST";        // 6 bytes, every header and the RSDP
-constexpr std::uint32_t kLocalApicAddress = 0xfee00000;
-constexpr std::uint32_t kIoApicAddress = 0xfec00000;
-constexpr unsigned kMaxCpus = 254;          // xAPIC IDs; 0xff is broadcast
 
 void put_le(Bytes& b, std::uint64_t v, unsigned n) {
     for (unsigned i = 0; i < n; ++i) b.push_back(static_cast<std::uint8_t>(v >> (8 * i)));
@@ -213,7 +207,8 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     // from pci_mmio_base.
     Bytes crs;
     word_window(crs, 2, 0, 0, 0);                    // WordBusNumber: bus 0 only
-    io_port(crs, 0xcf8, 8);                          // config mechanism #1, the bridge's own
+    const PioDevice& config = pio_device(PioId::pci_config);   // mechanism #1, the bridge's own
+    io_port(crs, config.port, static_cast<std::uint8_t>(config.len));
     word_window(crs, 1, 0x03, 0x0000, 0x0cf7);       // WordIO, _RNG = entire range
     word_window(crs, 1, 0x03, 0x0d00, 0xffff);
     dword_memory_window(crs, static_cast<std::uint32_t>(cfg.pci_mmio_base),
@@ -239,25 +234,21 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     append(pci0, aml_name("_PRT", aml_package(prt)));
     Bytes sb = aml_device("PCI0", pci0);
 
-    // The ISA devices with interrupts. In hardware-reduced mode Linux has no
-    // legacy PIC and maps no ISA IRQ by itself (nr_legacy_irqs() is 0), so
-    // COM1's IRQ 4 and the RTC's IRQ 8 work only when a device here names
-    // them (ACPI PnP then registers the GSI). Without COM1 here, the 8250's
+    // The ISA devices with interrupts, from the board table (vmm/board.hpp
+    // says why Linux needs them here). Without COM1 here, the 8250's
     // request_irq(4) fails and user space writes to the console go nowhere.
-    auto isa_device = [&](std::string_view name, std::string_view hid, std::uint16_t port, std::uint8_t len,
-                          unsigned irq, std::uint64_t uid) {
+    for (const PioDevice& dev : kPioDevices) {
+        if (dev.acpi_name == nullptr) continue;
         Bytes res;
-        io_port(res, port, len);
-        irq_no_flags(res, irq);
+        io_port(res, dev.port, static_cast<std::uint8_t>(dev.len));
+        if (dev.irq >= 0) irq_no_flags(res, static_cast<unsigned>(dev.irq));
         res.insert(res.end(), {0x79, 0x00});
         Bytes d;
-        append(d, aml_name("_HID", eisa_id(hid)));
-        append(d, aml_name("_UID", aml_int(uid)));
+        append(d, aml_name("_HID", eisa_id(dev.acpi_hid)));
+        append(d, aml_name("_UID", aml_int(dev.acpi_uid)));
         append(d, aml_name("_CRS", aml_buffer(res)));
-        append(sb, aml_device(name, d));
-    };
-    isa_device("COM1", "PNP0501", 0x3f8, 8, 4, 1);  // 16550A UART (devices/serial.hpp)
-    isa_device("RTC_", "PNP0B00", 0x70, 2, 8, 0);   // CMOS clock (devices/rtc.hpp); IRQ 8 is never raised
+        append(sb, aml_device(dev.acpi_name, d));
+    }
     append(t, aml_scope("\\_SB_", sb));
     finish(t);
     return t;

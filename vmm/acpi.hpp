@@ -8,8 +8,11 @@
 // (\_S5_ plus the sleep registers), reset, and a PCI root bridge so that it
 // scans bus 0 (DSDT).
 //
-// Layout at kAcpiBase: RSDP, XSDT, FADT, MADT, DSDT, each 16-byte aligned.
+// Layout at kAcpiBase (vmm/board.hpp): RSDP, XSDT, FADT, MADT, DSDT, each
+// 16-byte aligned. The addresses, ports and IRQs come from the board table.
 #pragma once
+
+#include "vmm/board.hpp"
 
 #include <cstdint>
 #include <vector>
@@ -18,19 +21,13 @@ namespace kguest {
 
 class GuestMemory;
 
-// [0xe0000, 1 MiB): the RSDP must lie on a 16-byte boundary in the BIOS
-// read-only area for a guest that scans for it (ACPI 6.5 §5.2.5.1); the caller
-// reserves the range in E820 and passes the RSDP in boot_params.acpi_rsdp_addr.
-inline constexpr std::uint64_t kAcpiBase = 0xe0000;
-inline constexpr std::uint64_t kAcpiSize = 0x20000;
-
 struct AcpiConfig {
-    unsigned cpus = 1;  // 1..254: APIC IDs 0..cpus-1, xAPIC only
+    unsigned cpus = 1;  // 1..kMaxCpus: APIC IDs 0..cpus-1, xAPIC only
     // The 32-bit window for PCI BARs, the root bridge's memory aperture
-    // (must end at or below the IOAPIC at 0xfec00000).
-    std::uint64_t pci_mmio_base = 0xc0000000;
-    std::uint64_t pci_mmio_size = 0xfec00000 - 0xc0000000;
-    std::uint16_t pm_port = 0x600;  // AcpiPm::kBase
+    // (must end at or below the IOAPIC).
+    std::uint64_t pci_mmio_base = kMmioWindows[0].base;
+    std::uint64_t pci_mmio_size = kMmioWindows[0].size;
+    std::uint16_t pm_port = pio_device(PioId::acpi_pm).port;
 };
 
 // The tables as they lie from kAcpiBase on (the RSDP first). Pure; throws

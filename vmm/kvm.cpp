@@ -185,18 +185,6 @@ void Vcpu::set_cpuid(const std::vector<kvm_cpuid_entry2>& entries) {
     xioctl(fd_.get(), KVM_SET_CPUID2, "KVM_SET_CPUID2", cpuid);
 }
 
-void Vcpu::set_msrs(const std::vector<kvm_msr_entry>& msrs) {
-    std::size_t bytes = sizeof(kvm_msrs) + msrs.size() * sizeof(kvm_msr_entry);
-    auto buf = std::make_unique<std::uint64_t[]>((bytes + 7) / 8);
-    auto* m = reinterpret_cast<kvm_msrs*>(buf.get());
-    m->nmsrs = static_cast<std::uint32_t>(msrs.size());
-    std::copy(msrs.begin(), msrs.end(), m->entries);
-    int n = xioctl(fd_.get(), KVM_SET_MSRS, "KVM_SET_MSRS", m);
-    if (static_cast<std::size_t>(n) != msrs.size())
-        throw std::runtime_error("KVM_SET_MSRS: KVM refused MSR index " +
-                                 std::to_string(msrs[static_cast<std::size_t>(n)].index));
-}
-
 std::vector<kvm_msr_entry> Vcpu::get_msrs(const std::vector<std::uint32_t>& indices) const {
     std::size_t bytes = sizeof(kvm_msrs) + indices.size() * sizeof(kvm_msr_entry);
     auto buf = std::make_unique<std::uint64_t[]>((bytes + 7) / 8);

@@ -2,7 +2,7 @@
 // /dev/kvm (system ioctls), `Vm` is one virtual machine (VM ioctls), `Vcpu` is
 // one virtual CPU with its shared `kvm_run` page (vCPU ioctls). Each owns its
 // fd; a Vm outlives the Vcpus made from it only by convention of the caller
-// (the Machine in later code owns both, vCPUs declared last).
+// (the Machine owns both, the Vm declared before the vCPUs).
 //
 // Every setup ioctl throws SysError naming the ioctl. `Vcpu::run` does not
 // throw: it is on the guest-driven path and returns the errno instead.
@@ -93,7 +93,6 @@ public:
     void set_sregs(const kvm_sregs& s);
     void set_fpu(const kvm_fpu& f);
     void set_cpuid(const std::vector<kvm_cpuid_entry2>& entries);
-    void set_msrs(const std::vector<kvm_msr_entry>& msrs);
     // KVM_GET_MSRS: the values of `indices`, in order, up to the first one
     // KVM cannot read (so the result may be shorter). Never throws.
     std::vector<kvm_msr_entry> get_msrs(const std::vector<std::uint32_t>& indices) const;

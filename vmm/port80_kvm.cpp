@@ -10,7 +10,15 @@
 
 namespace kguest {
 
-bool Port80Absorber::absorb(Vm& vm, kvm_coalesced_mmio_ring* ring) {
+bool Port80Absorber::absorb(const Kvm& kvm, Vm& vm, const Vcpu& vcpu) {
+    // The coalesced ring is a page of every vCPU's mapping, at the page
+    // offset KVM_CAP_COALESCED_MMIO returns.
+    kvm_coalesced_mmio_ring* ring = nullptr;
+    const int page = kvm.check_extension(KVM_CAP_COALESCED_MMIO);
+    if (kvm.check_extension(KVM_CAP_COALESCED_PIO) > 0 && page > 0 &&
+        (static_cast<std::size_t>(page) + 1) * 4096 <= kvm.vcpu_mmap_size())
+        ring = reinterpret_cast<kvm_coalesced_mmio_ring*>(reinterpret_cast<std::uint8_t*>(&vcpu.run_state()) +
+                                                          static_cast<std::size_t>(page) * 4096);
     if (ring != nullptr) {
         try {
             // The zone covers 0x80-0x83, so that 16- and 32-bit writes at 0x80

@@ -16,7 +16,9 @@
 
 namespace kguest {
 
+class Kvm;
 class Vm;
+class Vcpu;
 
 class Port80Absorber {
 public:
@@ -24,12 +26,12 @@ public:
     Port80Absorber(const Port80Absorber&) = delete;
     Port80Absorber& operator=(const Port80Absorber&) = delete;
 
-    // Registers an in-kernel write path: coalesced PIO when `ring` (the
-    // coalesced MMIO page of a vCPU mapping, or null if the host has none) is
-    // given and KVM accepts the zone, else an ioeventfd. False (and nothing
-    // changes) when the host KVM refuses both; the userspace path then serves
-    // every write. On success the port's writes() syncs through us.
-    bool absorb(Vm& vm, kvm_coalesced_mmio_ring* ring);
+    // Registers an in-kernel write path: coalesced PIO, read from the ring
+    // page of `vcpu`'s mapping, when the host has it and KVM accepts the
+    // zone, else an ioeventfd. False (and nothing changes) when the host KVM
+    // refuses both; the userspace path then serves every write. On success
+    // the port's writes() syncs through us.
+    bool absorb(const Kvm& kvm, Vm& vm, const Vcpu& vcpu);
     // Reads writes from `ring` from now on (absorb does this after KVM
     // accepted the zone; unit tests hand it a made-up ring page).
     void attach_ring(kvm_coalesced_mmio_ring* ring);

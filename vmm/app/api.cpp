@@ -45,9 +45,55 @@ ApiReply error_reply(unsigned status, const std::string& message) {
     return ApiReply{status, json{{"error", message}}, {}};
 }
 
-ApiReply control_reply(const std::string& err) {
-    if (err.empty()) return ApiReply{204, nullptr, {}};
-    return error_reply(409, err);
+ApiReply control_reply(ControlError err) {
+    if (err == ControlError::none) return ApiReply{204, nullptr, {}};
+    return error_reply(409, control_message(err));
+}
+
+json info_json(const VmInfo& i) {
+    json j = {
+        {"name", i.name},
+        {"state", i.paused ? "paused" : "running"},
+        {"cpus", i.cpus},
+        {"memory", i.memory},
+        {"backing", backing_name(i.backing)},
+        {"hugepage_backed_bytes", i.hugepage_backed_bytes},
+        {"rss_bytes", i.rss_bytes},
+        {"vmm_rss_bytes", i.vmm_rss_bytes},
+    };
+    if (i.balloon) j["balloon"] = {{"target_bytes", i.balloon->target_bytes}, {"actual_bytes", i.balloon->actual_bytes}};
+    return j;
+}
+
+json counters_json(const VmCounters& c) {
+    json j;
+    j["port80"] = {{"writes", c.port80.writes}, {"reads", c.port80.reads}, {"last_code", c.port80.last_code}};
+    for (std::size_t i = 0; i < c.nets.size(); ++i) {
+        const NetCounters& n = c.nets[i];
+        j["net" + std::to_string(i)] = {{"rx_packets", n.rx_packets}, {"rx_bytes", n.rx_bytes}, {"rx_dropped", n.rx_dropped},
+                                        {"tx_packets", n.tx_packets}, {"tx_bytes", n.tx_bytes}, {"tx_dropped", n.tx_dropped}};
+    }
+    if (c.balloon) {
+        const BalloonCounters& bc = c.balloon->counters;
+        json b = {{"inflated_pages", bc.tracker.inflated_pages},
+                  {"regions_released", bc.tracker.regions_released},
+                  {"released_bytes", bc.tracker.bytes_released},
+                  {"discarded_bytes", bc.tracker.bytes_discarded},
+                  {"reported_bytes", bc.tracker.reported_bytes},
+                  {"bad_pfns", bc.tracker.bad_pfns},
+                  {"bad_chains", bc.bad_chains}};
+        const BalloonStats& st = c.balloon->stats;
+        if (st.valid) {
+            // libvirt's virDomainMemoryStatTags names and units (KiB), as
+            // `virsh dommemstat` prints them.
+            json s;
+            for (const auto& v : st.values) s[v.name] = v.libvirt_value;
+            s["last_update"] = st.last_update_unix_s;
+            b["stats"] = s;
+        }
+        j["balloon"] = b;
+    }
+    return j;
 }
 
 ApiReply do_resize(VmControl& vm, std::string_view body) {
@@ -65,10 +111,7 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
     if (!v.is_number_unsigned()) return error_reply(400, std::string(key) + " must be a non-negative integer (bytes)");
     std::uint64_t n = v.get<std::uint64_t>();
 
-    json info = vm.info();
-    if (!info.is_object() || !info.contains("memory") || !info["memory"].is_number_unsigned())
-        return error_reply(500, "the VM does not report its memory size");
-    std::uint64_t memory = info["memory"].get<std::uint64_t>();
+    const std::uint64_t memory = vm.info().memory;
     std::uint64_t floor = std::min(kMinGuestRam, memory);
     std::uint64_t balloon;
     if (has_ram) {
@@ -89,6 +132,18 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
 }
 
 } // namespace
+
+const char* control_message(ControlError e) {
+    switch (e) {
+    case ControlError::none: return "";
+    case ControlError::already_paused: return "already paused";
+    case ControlError::not_paused: return "not paused";
+    case ControlError::pause_failed: return "the vCPUs did not stop (is the VM stopping?)";
+    case ControlError::no_balloon: return "this VM has no balloon (start it with --balloon)";
+    case ControlError::balloon_too_large: return "desired_balloon is larger than guest RAM";
+    }
+    return "refused";
+}
 
 ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view target, std::string_view body) {
     struct Route {
@@ -112,8 +167,8 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
     try {
         const std::string_view name = route->name;
         if (name == "vmm.ping") return ApiReply{200, json{{"version", KGUEST_VERSION}, {"pid", ::getpid()}}, {}};
-        if (name == "vm.info") return ApiReply{200, vm.info(), {}};
-        if (name == "vm.counters") return ApiReply{200, vm.counters(), {}};
+        if (name == "vm.info") return ApiReply{200, info_json(vm.info()), {}};
+        if (name == "vm.counters") return ApiReply{200, counters_json(vm.counters()), {}};
         if (name == "vm.resize") return do_resize(vm, body);
         if (name == "vm.pause") return control_reply(vm.pause());
         if (name == "vm.resume") return control_reply(vm.resume());

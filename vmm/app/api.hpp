@@ -1,6 +1,7 @@
 // The VM control API: HTTP/1.1 + JSON on a UNIX socket, in the style of Cloud
 // Hypervisor's API (`curl --unix-socket SOCK http://localhost/api/v1/vm.info`).
-// The VMM implements the small VmControl interface; ApiServer owns the socket
+// The VMM implements the small typed VmControl interface (structs and an
+// error enum; the JSON is made here, in api.cpp); ApiServer owns the socket
 // and one thread running Boost.Asio/Beast, and calls VmControl on that thread
 // only. The server never blocks the VM: a slow or malicious client holds at
 // most its own connection (bounded in number, time and size), and vCPU threads
@@ -10,49 +11,83 @@
 //
 // Routes (all under /api/v1/):
 //   GET vmm.ping     200 {"version": "0.1.0", "pid": N}
-//   GET vm.info      200 VmControl::info()
-//   GET vm.counters  200 VmControl::counters()
+//   GET vm.info      200 VmControl::info() as JSON (keys: VmInfo's fields)
+//   GET vm.counters  200 VmControl::counters() as JSON: "port80", "net0"...,
+//                    "balloon" (with "stats" once the guest sent a sample)
 //   PUT vm.resize    {"desired_balloon": BYTES} or {"desired_ram": BYTES}  -> 204
 //   PUT vm.pause / vm.resume / vm.shutdown                                -> 204
 // Errors carry {"error": "message"}: 400 bad JSON or fields, 404 unknown path,
 // 405 wrong method, 408 request not complete in time, 409 the VM refused
-// (VmControl returned a message), 413 body over the limit, 500 an exception,
+// (VmControl returned a ControlError), 413 body over the limit, 500 an exception,
 // 503 too many connections.
 #pragma once
+
+#include "balloon/balloon.hpp"
+#include "devices/base/guest_memory.hpp"
+#include "devices/virtio_net.hpp"
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 namespace kguest {
+
+// What vm.info reports. The CLI relies on "name", "state" ("running" or
+// "paused"), "memory" and "balloon"; it shows "*_bytes" and "memory" in MiB.
+struct VmInfo {
+    std::string name;
+    bool paused = false;
+    unsigned cpus = 0;
+    std::uint64_t memory = 0;   // guest RAM in bytes (vm.resize's desired_ram is checked against it)
+    Backing backing = Backing::thp;
+    std::uint64_t hugepage_backed_bytes = 0;
+    std::uint64_t rss_bytes = 0;       // guest RAM resident in host memory
+    std::uint64_t vmm_rss_bytes = 0;   // the whole process
+    struct Balloon {
+        std::uint64_t target_bytes = 0, actual_bytes = 0;
+    };
+    std::optional<Balloon> balloon;    // when the VM has one
+};
+
+// What vm.counters reports.
+struct VmCounters {
+    struct Port80 {
+        std::uint64_t writes = 0, reads = 0;
+        std::uint8_t last_code = 0;
+    } port80;
+    std::vector<NetCounters> nets;     // "net0", "net1", ... in PCI slot order
+    struct Balloon {
+        BalloonCounters counters;
+        BalloonStats stats;            // "stats" when valid, in libvirt's names and units
+    };
+    std::optional<Balloon> balloon;
+};
+
+// Why the VM refused a request (HTTP 409 with control_message()).
+enum class ControlError { none, already_paused, not_paused, pause_failed, no_balloon, balloon_too_large };
+const char* control_message(ControlError e);
 
 // Implemented by the VMM; every call comes from the API thread, one at a time.
 // Calls must be quick: while one runs, no other client is served. They must
 // also never make a vCPU wait for them (post the request, do not join).
 struct VmControl {
     virtual ~VmControl() = default;
-    // Keys the API and the CLI rely on (others are passed through as-is):
-    //   "name": string, "state": "running" | "paused", "cpus": number,
-    //   "memory": guest RAM in bytes (required for desired_ram),
-    //   "backing": "thp" | "hugetlbfs" | "off", "hugepage_backed_bytes", "rss_bytes",
-    //   "balloon": {"target_bytes", "actual_bytes"} when the VM has a balloon.
-    // Keys ending in "_bytes" (and "memory") are shown in MiB by the CLI.
-    virtual nlohmann::json info() = 0;
-    // Per-device counters, balloon statistics, port 0x80 count: any JSON object.
-    virtual nlohmann::json counters() = 0;
-    // How much the balloon should hold, in bytes. Returns "" on success or a
-    // message for the client (HTTP 409). Must not wait for the guest.
-    virtual std::string resize(std::uint64_t desired_balloon_bytes) = 0;
-    // Each returns "" on success or a message (HTTP 409). shutdown() only
-    // requests the stop: it must not destroy the ApiServer from inside the call.
-    virtual std::string pause() = 0;
-    virtual std::string resume() = 0;
-    virtual std::string shutdown() = 0;
+    virtual VmInfo info() = 0;
+    virtual VmCounters counters() = 0;
+    // How much the balloon should hold, in bytes. Must not wait for the guest.
+    virtual ControlError resize(std::uint64_t desired_balloon_bytes) = 0;
+    // shutdown() only requests the stop: it must not destroy the ApiServer
+    // from inside the call.
+    virtual ControlError pause() = 0;
+    virtual ControlError resume() = 0;
+    virtual ControlError shutdown() = 0;
 };
 
 // The smallest guest size vm.resize accepts for desired_ram (and the most the

@@ -4,6 +4,7 @@
 // otherwise returns the guest's own exit status.
 #include "devices/base/error.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/app/run.hpp"
 #include "vmm/machine.hpp"
 #include "devices/base/size.hpp"
 
@@ -171,8 +172,7 @@ int cmd_run(int argc, char** argv) {
         }
     }
     if (cfg.kernel.empty()) throw UsageError("run: --kernel PATH is required");
-    Machine m(cfg);
-    return m.run();
+    return run_vm(cfg);
 }
 
 } // namespace

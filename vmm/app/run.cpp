@@ -1,0 +1,258 @@
+// Running a VM (see run.hpp): the console input, the stop signals, the exit
+// report, and MachineControl, the control API's typed view of the Machine.
+// The API thread calls MachineControl; its pause() waits for the vCPUs to
+// park (they never wait for the API thread), everything else is atomics or
+// the devices' own locks. The rest runs on the thread that called run_vm.
+#include "vmm/app/run.hpp"
+#include "balloon/balloon.hpp"
+#include "devices/base/error.hpp"
+#include "devices/base/fd.hpp"
+#include "devices/base/log.hpp"
+#include "devices/port80.hpp"
+#include "devices/serial.hpp"
+#include "devices/virtio_net.hpp"
+#include "vmm/app/api.hpp"
+#include "vmm/app/api_client.hpp"
+#include "vmm/machine.hpp"
+#include "vmm/virtio_kvm.hpp"
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/signalfd.h>
+#include <termios.h>
+#include <thread>
+#include <unistd.h>
+
+namespace kguest {
+
+namespace {
+
+// VmRSS of the whole process (guest RAM that is resident included).
+std::uint64_t vmm_rss_bytes() {
+    std::ifstream f("/proc/self/status");
+    std::string key;
+    while (f >> key) {
+        if (key == "VmRSS:") {
+            std::uint64_t kib = 0;
+            f >> kib;
+            return kib << 10;
+        }
+        f.ignore(1 << 20, '\n');
+    }
+    return 0;
+}
+
+class MachineControl : public VmControl {
+public:
+    explicit MachineControl(Machine& m) : m_(m) {}
+
+    VmInfo info() override {
+        const GuestMemory& mem = m_.memory();
+        VmInfo i;
+        i.name = m_.config().name;
+        i.paused = m_.paused();
+        i.cpus = m_.config().cpus;
+        i.memory = mem.size();
+        i.backing = mem.backing();
+        i.hugepage_backed_bytes = mem.huge_backed_bytes();
+        i.rss_bytes = mem.resident_bytes();
+        i.vmm_rss_bytes = vmm_rss_bytes();
+        if (VirtioBalloon* b = m_.balloon())
+            i.balloon = VmInfo::Balloon{std::uint64_t{b->target_pages()} << 12, std::uint64_t{b->actual_pages()} << 12};
+        return i;
+    }
+
+    VmCounters counters() override {
+        VmCounters c;
+        c.port80 = {m_.port80().writes(), m_.port80().reads(), m_.port80().last_code()};
+        for (const NetDevice& n : m_.nets()) c.nets.push_back(n.dev->counters());
+        if (VirtioBalloon* b = m_.balloon()) {
+            // Ask for a fresh sample (5.5.6.3); this answer carries the last one.
+            b->request_stats();
+            c.balloon = VmCounters::Balloon{b->counters(), b->stats()};
+        }
+        return c;
+    }
+
+    ControlError resize(std::uint64_t desired_balloon_bytes) override {
+        VirtioBalloon* b = m_.balloon();
+        if (b == nullptr) return ControlError::no_balloon;
+        if (desired_balloon_bytes > m_.memory().size()) return ControlError::balloon_too_large;
+        b->set_target_pages(static_cast<std::uint32_t>(desired_balloon_bytes >> 12));
+        return ControlError::none;
+    }
+    ControlError pause() override {
+        if (m_.paused()) return ControlError::already_paused;
+        return m_.pause() ? ControlError::none : ControlError::pause_failed;
+    }
+    ControlError resume() override {
+        if (!m_.paused()) return ControlError::not_paused;
+        m_.resume();
+        return ControlError::none;
+    }
+    ControlError shutdown() override {
+        m_.request_stop(0);
+        return ControlError::none;
+    }
+
+private:
+    Machine& m_;
+};
+
+// The serial console's input for `--console stdio`: the terminal in raw-ish
+// mode (ISIG stays on, so Ctrl-C is SIGINT and stops the VM cleanly; output
+// processing stays on) and a thread that feeds stdin to COM1. The thread ends
+// at EOF or once `stop_fd` is readable (the VM stopped); the destructor joins
+// it, so the VM must be stopping by then, and restores the terminal.
+class ConsoleInput {
+public:
+    ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
+        if (::isatty(STDIN_FILENO) && ::tcgetattr(STDIN_FILENO, &saved_) == 0) {
+            termios raw = saved_;
+            raw.c_iflag &= ~static_cast<tcflag_t>(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON);
+            raw.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL | ICANON | IEXTEN);
+            raw.c_cc[VMIN] = 1;
+            raw.c_cc[VTIME] = 0;
+            raw_ = ::tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
+        }
+        thread_ = std::thread([this] { thread_main(); });
+    }
+    ~ConsoleInput() {
+        if (thread_.joinable()) thread_.join();
+        if (raw_) ::tcsetattr(STDIN_FILENO, TCSANOW, &saved_);
+    }
+    ConsoleInput(const ConsoleInput&) = delete;
+    ConsoleInput& operator=(const ConsoleInput&) = delete;
+
+private:
+    void thread_main() {
+        pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+        std::uint8_t buf[256];
+        for (;;) {
+            int n = ::poll(fds, 2, -1);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 || (fds[1].revents & POLLIN)) return;
+            if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+                ssize_t r = ::read(STDIN_FILENO, buf, sizeof buf);
+                if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+                if (r <= 0) return;  // EOF (e.g. </dev/null) or error: no more input
+                serial_.receive({buf, static_cast<std::size_t>(r)});
+            }
+        }
+    }
+
+    Serial& serial_;
+    int stop_fd_;
+    termios saved_{};
+    bool raw_ = false;
+    std::thread thread_;
+};
+
+// Blocks the stop signals in this thread (and so in every thread started
+// after it) and reads them from a signalfd; restores the mask on destruction.
+class StopSignals {
+public:
+    StopSignals() {
+        sigset_t sigs;
+        sigemptyset(&sigs);
+        for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&sigs, s);
+        if (int e = pthread_sigmask(SIG_BLOCK, &sigs, &old_)) throw SysError("pthread_sigmask", e);
+        int sfd = ::signalfd(-1, &sigs, SFD_CLOEXEC | SFD_NONBLOCK);
+        if (sfd < 0) {
+            int err = errno;
+            pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+            throw SysError("signalfd", err);
+        }
+        fd_ = Fd(sfd);
+    }
+    ~StopSignals() { pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+    StopSignals(const StopSignals&) = delete;
+    StopSignals& operator=(const StopSignals&) = delete;
+    int fd() const { return fd_.get(); }
+
+private:
+    sigset_t old_;
+    Fd fd_;
+};
+
+// Until the VM has stopped, leaving run_vm (an exception) stops it first, so
+// that the console thread and the vCPU threads end and can be joined.
+struct StopOnExit {
+    Machine& m;
+    ~StopOnExit() { m.request_stop(1); }
+};
+
+// Waits in the calling thread for the VM to stop or a stop signal to arrive;
+// true when a signal stopped it.
+bool wait_for_stop(Machine& m, int signal_fd) {
+    pollfd fds[2] = {{signal_fd, POLLIN, 0}, {m.stop_fd(), POLLIN, 0}};
+    for (;;) {
+        int n = ::poll(fds, 2, -1);
+        if (n < 0 && errno != EINTR) {
+            log_msg("poll: %s (errno %d); stopping the VM", std::strerror(errno), errno);
+            m.request_stop(1);
+            return false;
+        }
+        if (n > 0 && (fds[0].revents & POLLIN)) {
+            signalfd_siginfo si;
+            if (::read(signal_fd, &si, sizeof si) == sizeof si) {
+                log_msg("caught %s; stopping the VM", strsignal(static_cast<int>(si.ssi_signo)));
+                m.request_stop(128 + static_cast<int>(si.ssi_signo));
+                return true;
+            }
+        }
+        if (n > 0 && (fds[1].revents & POLLIN)) return false;
+    }
+}
+
+void exit_report(Machine& m, int status, bool signalled) {
+    if (signalled)   // stopped from outside: where each vCPU was
+        for (const auto& v : m.vcpus()) log_msg("vCPU %u: %s", v.id(), describe_vcpu(v).c_str());
+    log_msg("vCPU 0 PV MSRs enabled by the guest: %s", pv_msrs_enabled(m.vcpus()[0]).c_str());
+    Port80& p = m.port80();
+    log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
+            m.config().name.c_str(), status, static_cast<unsigned long long>(p.writes()),
+            p.absorbed() ? "in-kernel" : "userspace", static_cast<unsigned long long>(p.reads()), p.last_code());
+    std::size_t i = 0;
+    for (const NetDevice& n : m.nets()) {
+        NetCounters c = n.dev->counters();
+        log_msg("virtio-net %zu: rx %llu packets (%llu dropped), tx %llu packets (%llu dropped); %llu MSI-X, %llu INTx interrupts",
+                i++, static_cast<unsigned long long>(c.rx_packets), static_cast<unsigned long long>(c.rx_dropped),
+                static_cast<unsigned long long>(c.tx_packets), static_cast<unsigned long long>(c.tx_dropped),
+                static_cast<unsigned long long>(n.slot->msi_count()),
+                static_cast<unsigned long long>(n.slot->intx_count()));
+    }
+}
+
+} // namespace
+
+int run_vm(const VmConfig& cfg) {
+    Machine m(cfg);
+    int status = 0;
+    bool signalled = false;
+    {
+        StopSignals signals;
+        // The control API on its own thread (a client can never make a vCPU
+        // wait), started before any other thread so a socket error needs no
+        // cleanup.
+        MachineControl control(m);
+        std::unique_ptr<ApiServer> api;
+        if (cfg.api_socket != "none")
+            api = std::make_unique<ApiServer>(cfg.api_socket.empty() ? socket_for(cfg.name) : cfg.api_socket, control);
+        std::unique_ptr<ConsoleInput> console;
+        StopOnExit stop_on_exit{m};
+        if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.stop_fd());
+        m.start();
+        signalled = wait_for_stop(m, signals.fd());
+        status = m.wait();
+    }
+    exit_report(m, status, signalled);
+    return status;
+}
+
+} // namespace kguest
