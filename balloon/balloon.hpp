@@ -27,33 +27,39 @@
 // Activation: the statsq buffer Linux adds (and kicks) before DRIVER_OK is
 // picked up in activate(), since the transport drops kicks before DRIVER_OK.
 //
-// Threading: queue_notify runs on the kicking vCPU thread (there is no
-// device thread; inflate, deflate and reporting are done right there);
-// set_target_pages, request_stats, stats, counters, actual_pages and
-// reset_tracking may be called from any thread (e.g. a control API thread).
-// One mutex guards all state; calls into the transport made under it
-// (interrupts, needs_reset) take only the transport's interrupt lock.
+// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp
+// documents the model). Inflate, deflate, reporting and the stats buffer
+// (the madvise calls among them) run on the loop thread, which alone touches
+// the queues and the tracker; a vCPU's kick (queue_notify, or the ioeventfds
+// the device takes) only flags the queue and wakes the loop, and each pass
+// handles at most kBudget chains. set_target_pages, target_pages,
+// actual_pages, request_stats, stats and counters may be called from any
+// thread (the control API) and never wait for the loop: they read and write
+// state under a short lock (mu_) that the loop takes only to publish
+// counters and samples, never across guest-driven work. request_stats hands
+// the stats buffer back on the loop, after it returns.
 //
 // Reset (2.4): reset() forgets the queues and the stats buffer and sets
 // `actual` to 0, but keeps the tracker: pages inflated before a driver reset
 // stay released until deflated (Linux deflates everything before it resets
-// the device on unload). On a guest reboot the VMM calls reset_tracking() so
-// the stale bitmap does not hide re-inflated pages.
+// the device on unload).
 //
 // The guest is hostile: bad PFNs are counted and skipped, odd buffer lengths
 // are truncated to whole entries, chains are capped in what is read from
 // them, and a malformed chain (PopStatus::error) sets DEVICE_NEEDS_RESET,
-// logged once through a RateLimit. Nothing on these paths throws.
+// logged through a RateLimit. Nothing on these paths throws.
 #pragma once
 
 #include "balloon/tracker.hpp"
 #include "devices/virtio.hpp"
 #include "devices/virtqueue.hpp"
+#include "devices/base/event_loop.hpp"
 #include "devices/base/log.hpp"
 
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -136,10 +142,13 @@ public:
     // to this many and counted as truncated (bounds the work of one kick).
     static constexpr std::uint64_t kMaxPfnsPerChain = 1u << 16;
     static constexpr std::size_t kMaxStatsEntries = 64;
+    static constexpr int kBudget = 32;   // chains per queue service pass
 
     // `mem` is the guest RAM the tracker releases (the same object the
-    // transport hands to activate()). Throws nothing beyond std::bad_alloc.
+    // transport hands to activate()). Starts the loop; throws SysError when
+    // it cannot be set up.
     explicit VirtioBalloon(GuestMemory& mem, BalloonOptions options = {});
+    ~VirtioBalloon() override;
 
     // The host's side of the configuration space (5.5.4).
     // Sets num_pages (4 KiB pages the guest should give up) and sends a
@@ -156,13 +165,16 @@ public:
     BalloonStats stats() const;
 
     BalloonCounters counters() const;
-    // Forgets inflated pages (guest reboot); see the comment at the top.
+    // Forgets inflated pages (a guest reboot: the new kernel owns all of RAM
+    // again); runs on the loop and waits for it.
     void reset_tracking();
     // Which role queue `q` plays under the negotiated features (none before
     // activation).
     BalloonQueue queue_role(std::uint16_t q) const;
-    // Whether page `pfn` is in the balloon (diagnostics, tests).
+    // Whether page `pfn` is in the balloon (diagnostics, tests; asks the loop).
     bool page_inflated(std::uint64_t pfn) const;
+    // Waits until the loop has serviced every kick made so far (tests).
+    bool settle() { return loop_->wait_idle(); }
 
     // VirtioDevice.
     std::uint16_t device_id() const override { return 5; }
@@ -174,28 +186,32 @@ public:
     void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override;
+    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
+    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
 
 private:
-    // All with mu_ held.
-    BalloonQueue role_locked(std::uint16_t q) const;
-    void process_pfns(Virtqueue& vq, bool inflate);
-    void process_stats(Virtqueue& vq, std::uint16_t q);
-    void process_reporting(Virtqueue& vq);
+    static BalloonQueue role_of(std::uint16_t q, std::uint64_t features, bool active);
+    // On the loop.
+    bool service(std::uint16_t q);
+    bool process_pfns(Virtqueue& vq, bool inflate);
+    bool process_stats(Virtqueue& vq, std::uint16_t q);
+    bool process_reporting(Virtqueue& vq);
     void parse_stats(const DescChain& chain);
-    void fail_locked(const char* what, const Virtqueue& vq);
+    void give_back_stats();
+    void fail_queue(const char* what, const Virtqueue& vq);
+    void publish();   // the tracker's counters, for counters()
 
     GuestMemory& mem_;
     BalloonOptions options_;
+
+    // Shared with the API threads (mu_, never held across guest-driven work).
     mutable std::mutex mu_;
-    BalloonTracker tracker_;
-    std::span<Virtqueue> queues_;   // empty while not active
+    bool active_ = false;
     std::uint64_t features_ = 0;    // negotiated, at activate()
     std::uint32_t num_pages_ = 0;
     std::uint32_t actual_ = 0;
     std::array<std::uint8_t, 4> actual_bytes_{};   // byte-wise driver writes
-    std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
-    std::uint16_t stats_queue_ = 0;
+    bool stats_held_ = false;       // the loop holds a stats buffer
     bool stats_requested_ = false;
     // The last sample, indexed by virtio tag; has_[tag] says it was sent.
     std::array<std::uint64_t, VIRTIO_BALLOON_S_NR> stat_val_{};
@@ -204,8 +220,17 @@ private:
     std::chrono::steady_clock::time_point sample_time_{};
     std::int64_t sample_unix_s_ = 0;
     BalloonCounters counters_;
+
+    // Loop thread only.
+    BalloonTracker tracker_;
+    std::span<Virtqueue> queues_;   // empty while not active
+    std::uint64_t loop_features_ = 0;
+    std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
+    std::uint16_t stats_queue_ = 0;
     std::vector<std::uint64_t> pfn_buf_;
     RateLimit log_limit_{5};
+
+    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

@@ -120,6 +120,12 @@ public:
     // meantime (the caller must pop again, closing the race).
     void disable_notifications();
     bool enable_notifications();
+    // The step every queue service uses: pop(); when the queue is empty,
+    // re-enable notifications and re-check once (2.7.10: a buffer made
+    // available before the driver saw the re-enabled notifications would
+    // otherwise wait for a kick that never comes), disabling them again when
+    // something did arrive. `empty` leaves notifications enabled.
+    PopStatus pop_or_enable_notifications(DescChain& out);
     // With EVENT_IDX: avail_event = last_avail_idx, i.e. "notify me when you
     // make the next buffer available".
     void set_avail_event();

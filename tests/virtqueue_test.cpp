@@ -1,7 +1,10 @@
-// Split virtqueue: a fake driver lays out the rings in a real GuestMemory and
-// plays the guest's side, well-behaved and hostile (every malformed-chain case
-// of 2.7.5 / 2.7.4.2), plus a fixed-seed fuzz run over random rings.
+// Split virtqueue: the fake driver (support/fake_virtio.hpp) lays out the
+// rings in a real GuestMemory and plays the guest's side, well-behaved and
+// hostile (every malformed-chain case of 2.7.5 / 2.7.4.2), plus a fixed-seed
+// fuzz run over random rings.
 #include "devices/virtqueue.hpp"
+
+#include "support/fake_virtio.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -14,103 +17,8 @@
 namespace kguest {
 namespace {
 
-struct Buf {
-    std::uint64_t addr;
-    std::uint32_t len;
-    bool write = false;
-};
-
-// The driver side of one queue: rings at `base`, data buffers from `data`.
-class FakeDriver {
-public:
-    FakeDriver(GuestMemory& mem, std::uint16_t size, std::uint64_t base = 0x10000)
-        : mem_(mem), size_(size), desc_(base), avail_(base + 16ull * size),
-          used_((avail_ + 6 + 2ull * size + 3) & ~3ull) {
-        std::vector<std::uint8_t> zero(used_ + 6 + 8ull * size - base);
-        EXPECT_TRUE(mem_.write(base, zero.data(), zero.size()));
-    }
-
-    std::uint64_t desc() const { return desc_; }
-    std::uint64_t avail() const { return avail_; }
-    std::uint64_t used() const { return used_; }
-    bool configure(Virtqueue& q) const { return q.configure(size_, desc_, avail_, used_); }
-
-    void set_desc(std::uint16_t i, std::uint64_t addr, std::uint32_t len, std::uint16_t flags,
-                  std::uint16_t next = 0) {
-        put_desc(desc_ + 16ull * i, {addr, len, flags, next});
-    }
-    void put_desc(std::uint64_t gpa, Descriptor d) { EXPECT_TRUE(mem_.write_obj(gpa, d)); }
-
-    // A bump allocator for data buffers, filled with `fill`.
-    std::uint64_t alloc(std::uint32_t len, std::uint8_t fill = 0) {
-        std::uint64_t a = data_;
-        data_ += (len + 15) & ~15u;
-        std::vector<std::uint8_t> v(len, fill);
-        EXPECT_TRUE(mem_.write(a, v.data(), len));
-        return a;
-    }
-
-    // Links `bufs` through NEXT in free descriptor slots and makes the chain
-    // available; returns its head.
-    std::uint16_t add_chain(const std::vector<Buf>& bufs) {
-        std::uint16_t head = next_desc_;
-        for (std::size_t i = 0; i < bufs.size(); ++i) {
-            std::uint16_t cur = next_desc_;
-            next_desc_ = static_cast<std::uint16_t>((next_desc_ + 1) % size_);
-            bool last = i + 1 == bufs.size();
-            set_desc(cur, bufs[i].addr, bufs[i].len,
-                     static_cast<std::uint16_t>((bufs[i].write ? kVirtqDescFWrite : 0) | (last ? 0 : kVirtqDescFNext)),
-                     last ? 0 : next_desc_);
-        }
-        publish(head);
-        return head;
-    }
-
-    // One INDIRECT descriptor pointing at a table at `table` holding `bufs`.
-    std::uint16_t add_indirect(const std::vector<Buf>& bufs, std::uint64_t table) {
-        for (std::size_t i = 0; i < bufs.size(); ++i) {
-            bool last = i + 1 == bufs.size();
-            put_desc(table + 16 * i, {bufs[i].addr, bufs[i].len,
-                                      static_cast<std::uint16_t>((bufs[i].write ? kVirtqDescFWrite : 0) |
-                                                                 (last ? 0 : kVirtqDescFNext)),
-                                      static_cast<std::uint16_t>(last ? 0 : i + 1)});
-        }
-        std::uint16_t head = next_desc_;
-        next_desc_ = static_cast<std::uint16_t>((next_desc_ + 1) % size_);
-        set_desc(head, table, static_cast<std::uint32_t>(16 * bufs.size()), kVirtqDescFIndirect);
-        publish(head);
-        return head;
-    }
-
-    // Puts `head` in the next avail slot and bumps avail->idx (the kick).
-    void publish(std::uint16_t head) {
-        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(avail_ + 4 + 2ull * (avail_idx_ % size_), head));
-        set_avail_idx(static_cast<std::uint16_t>(avail_idx_ + 1));
-    }
-    void set_avail_idx(std::uint16_t idx) {
-        avail_idx_ = idx;
-        EXPECT_TRUE(mem_.write_obj(avail_ + 2, idx));
-    }
-    void set_avail_flags(std::uint16_t f) { EXPECT_TRUE(mem_.write_obj(avail_, f)); }
-    void set_used_event(std::uint16_t v) { EXPECT_TRUE(mem_.write_obj(avail_ + 4 + 2ull * size_, v)); }
-
-    std::uint16_t used_flags() const { return *mem_.read_obj<std::uint16_t>(used_); }
-    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(used_ + 2); }
-    std::uint16_t avail_event() const { return *mem_.read_obj<std::uint16_t>(used_ + 4 + 8ull * size_); }
-    // used->ring[i % size] as {id, len}
-    std::pair<std::uint32_t, std::uint32_t> used_elem(std::uint16_t i) const {
-        std::uint64_t a = used_ + 4 + 8ull * (i % size_);
-        return {*mem_.read_obj<std::uint32_t>(a), *mem_.read_obj<std::uint32_t>(a + 4)};
-    }
-
-private:
-    GuestMemory& mem_;
-    std::uint16_t size_;
-    std::uint64_t desc_, avail_, used_;
-    std::uint64_t data_ = 0x100000;
-    std::uint16_t next_desc_ = 0;
-    std::uint16_t avail_idx_ = 0;
-};
+using fake::Buf;
+using FakeDriver = fake::Driver;
 
 class VirtqueueTest : public ::testing::Test {
 protected:
@@ -326,6 +234,26 @@ TEST_F(VirtqueueTest, NotificationSuppressionWithoutEventIdx) {
     EXPECT_TRUE(q.enable_notifications());
     EXPECT_EQ(q.pop(chain), PopStatus::ok);
     EXPECT_FALSE(q.enable_notifications());
+}
+
+TEST_F(VirtqueueTest, PopOrEnableNotifications) {
+    // Work pending: taken, notifications stay off while the device works.
+    q.disable_notifications();
+    drv.add_chain({{drv.alloc(1), 1}});
+    ASSERT_EQ(q.pop_or_enable_notifications(chain), PopStatus::ok);
+    EXPECT_EQ(drv.used_flags(), kVirtqUsedFNoNotify);
+    // Dry: empty, and the driver is asked to notify again.
+    EXPECT_EQ(q.pop_or_enable_notifications(chain), PopStatus::empty);
+    EXPECT_EQ(drv.used_flags(), 0);
+    // With EVENT_IDX the re-enable is avail_event = the next index.
+    q.set_event_idx(true);
+    drv.add_chain({{drv.alloc(1), 1}});
+    ASSERT_EQ(q.pop_or_enable_notifications(chain), PopStatus::ok);
+    EXPECT_EQ(q.pop_or_enable_notifications(chain), PopStatus::empty);
+    EXPECT_EQ(drv.avail_event(), 2);
+    // A broken ring reports the error, not empty.
+    drv.set_avail_idx(static_cast<std::uint16_t>(drv.avail_idx() + 100));
+    EXPECT_EQ(q.pop_or_enable_notifications(chain), PopStatus::error);
 }
 
 TEST_F(VirtqueueTest, AvailEventWithEventIdx) {
