@@ -186,13 +186,6 @@ void VirtioBalloon::reset() {
     });
 }
 
-void VirtioBalloon::reset_tracking() {
-    loop_->run_and_wait([this] {
-        tracker_.clear();
-        publish();
-    });
-}
-
 BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features, bool active) {
     if (!active) return BalloonQueue::none;
     const bool stats = (features & virtio_bit(VIRTIO_BALLOON_F_STATS_VQ)) != 0;
@@ -244,12 +237,12 @@ void VirtioBalloon::publish() {
     counters_.tracker = tracker_.counters();
 }
 
-void VirtioBalloon::fail_queue(const char* what, const Virtqueue& vq) {
+void VirtioBalloon::fail_queue(const char* what, GuestError e) {
     {
         std::lock_guard lock(mu_);
         ++counters_.bad_chains;
     }
-    KGUEST_LOG_LIMITED(log_limit_, "virtio-balloon: %s: %s; device needs reset", what, vq.error_reason());
+    KGUEST_LOG_LIMITED(log_limit_, "virtio-balloon: %s: %s; device needs reset", what, e.reason);
     fail();
 }
 
@@ -264,7 +257,7 @@ bool VirtioBalloon::process_pfns(Virtqueue& vq, bool inflate) {
         const PopStatus st = vq.pop_or_enable_notifications(chain);
         if (st == PopStatus::empty) return false;
         if (st == PopStatus::error) {
-            fail_queue(inflate ? "inflateq" : "deflateq", vq);
+            fail_queue(inflate ? "inflateq" : "deflateq", vq.error());
             return false;
         }
         std::uint64_t n_pfns = chain.readable_len() / 4;
@@ -301,7 +294,7 @@ bool VirtioBalloon::process_reporting(Virtqueue& vq) {
         const PopStatus st = vq.pop_or_enable_notifications(chain);
         if (st == PopStatus::empty) return false;
         if (st == PopStatus::error) {
-            fail_queue(role_name(BalloonQueue::reporting), vq);
+            fail_queue(role_name(BalloonQueue::reporting), vq.error());
             return false;
         }
         for (const DescChainElem& e : chain.elems())
@@ -329,7 +322,7 @@ bool VirtioBalloon::process_stats(Virtqueue& vq, std::uint16_t q) {
                 std::lock_guard lock(mu_);
                 stats_held_ = false;
             }
-            fail_queue(role_name(BalloonQueue::stats), vq);
+            fail_queue(role_name(BalloonQueue::stats), vq.error());
             return false;
         }
         if (stats_head_) {

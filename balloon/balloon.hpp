@@ -165,9 +165,6 @@ public:
     BalloonStats stats() const;
 
     BalloonCounters counters() const;
-    // Forgets inflated pages (a guest reboot: the new kernel owns all of RAM
-    // again); runs on the loop and waits for it.
-    void reset_tracking();
     // Which role queue `q` plays under the negotiated features (none before
     // activation).
     BalloonQueue queue_role(std::uint16_t q) const;
@@ -198,7 +195,7 @@ private:
     bool process_reporting(Virtqueue& vq);
     void parse_stats(const DescChain& chain);
     void give_back_stats();
-    void fail_queue(const char* what, const Virtqueue& vq);
+    void fail_queue(const char* what, GuestError e);
     void publish();   // the tracker's counters, for counters()
 
     GuestMemory& mem_;

@@ -131,13 +131,6 @@ std::uint64_t BalloonTracker::report_free(std::uint64_t gpa, std::uint64_t len) 
     return done;
 }
 
-void BalloonTracker::clear() {
-    for (auto& r : regions_) r.reset();
-    counters_.inflated_pages = 0;
-    counters_.regions_released = 0;
-    counters_.bytes_released = 0;
-}
-
 bool BalloonTracker::inflated(std::uint64_t pfn) const {
     std::uint64_t gpa = 0, off = 0;
     if (!locate(pfn, gpa, off)) return false;

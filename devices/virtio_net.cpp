@@ -271,9 +271,9 @@ void VirtioNet::set_active_pairs(unsigned n) {
     for (unsigned p = 0; p < n; ++p) loop_->mark(static_cast<std::uint16_t>(2 * p));
 }
 
-void VirtioNet::queue_error(std::uint16_t q, const char* what) {
+void VirtioNet::queue_error(std::uint16_t q, GuestError e) {
     // 2.1.2: a broken ring: DEVICE_NEEDS_RESET, and hands off until reset.
-    if (!logged_error_) log_msg("virtio-net: queue %u: %s; device needs reset", static_cast<unsigned>(q), what);
+    if (!logged_error_) log_msg("virtio-net: queue %u: %s; device needs reset", static_cast<unsigned>(q), e.reason);
     logged_error_ = true;
     broken_ = true;
     fail();
@@ -312,7 +312,7 @@ bool VirtioNet::next_rx_chain(unsigned p, DescChain& out, Rx& why, int& budget) 
         why = Rx::no_buffers;   // notifications stay enabled: the guest kicks when it refills
         return false;
     }
-    queue_error(static_cast<std::uint16_t>(2 * p), vq.error_reason());
+    queue_error(static_cast<std::uint16_t>(2 * p), vq.error());
     why = Rx::error;
     return false;
 }
@@ -455,18 +455,18 @@ bool VirtioNet::tx_pump(unsigned p) {
                 break;
             }
             if (st == PopStatus::error) {
-                queue_error(q, vq.error_reason());
+                queue_error(q, vq.error());
                 return false;
             }
         }
         // 5.1.6.2: header then frame, in the readable part.
         const std::uint64_t len = c.readable_len();
         if (len < kVnetHdrLen) {
-            queue_error(q, "transmit chain shorter than the virtio-net header");
+            queue_error(q, {"transmit chain shorter than the virtio-net header"});
             return false;
         }
         if (len > kMaxPacketLen) {
-            queue_error(q, "transmit frame larger than 65562 bytes");
+            queue_error(q, {"transmit frame larger than 65562 bytes"});
             return false;
         }
         if (closed_) {
@@ -543,12 +543,12 @@ bool VirtioNet::ctrl_pump() {
             break;
         }
         if (st == PopStatus::error) {
-            queue_error(q, vq.error_reason());
+            queue_error(q, vq.error());
             return false;
         }
         // 5.1.6.5: class, command, data (readable); ack (writable).
         if (c.readable_len() < 2 || c.writable_len() < 1) {
-            queue_error(q, "malformed control command");
+            queue_error(q, {"malformed control command"});
             return false;
         }
         const std::uint8_t ack = ctrl_command(c);

@@ -134,7 +134,7 @@ private:
     bool ctrl_pump();
     std::uint8_t ctrl_command(const DescChain& chain);
     void set_active_pairs(unsigned n);
-    void queue_error(std::uint16_t q, const char* what);
+    void queue_error(std::uint16_t q, GuestError e);
     void backend_closed(unsigned p, int err);
     void maybe_notify(std::uint16_t q);
 

@@ -12,6 +12,7 @@
 // when the driver enables the queue.
 #pragma once
 
+#include "devices/base/error.hpp"
 #include "devices/base/guest_memory.hpp"
 
 #include <cstdint>
@@ -86,7 +87,7 @@ public:
     // of 2, 1..32768), the alignment of each ring (2.7: desc 16, avail 2,
     // used 4) and that each ring lies entirely in guest RAM. On success the
     // queue is ready with both indexes at 0; on failure it stays not ready and
-    // error_reason() says why. A failed queue refuses until reset().
+    // error() says why. A failed queue refuses until reset().
     bool configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint64_t avail_gpa,
                    std::uint64_t used_gpa);
     // Back to the state after construction: not ready, no error, no features.
@@ -94,7 +95,7 @@ public:
 
     bool ready() const { return ready_; }
     bool failed() const { return failed_; }
-    const char* error_reason() const { return reason_; }
+    GuestError error() const { return {reason_}; }
     std::uint16_t size() const { return size_; }
     std::uint16_t last_avail_idx() const { return last_avail_; }
     std::uint16_t used_idx() const { return used_idx_; }

@@ -135,7 +135,7 @@ protected:
                                                          0x200000ull + 0x400000ull * q));
             queues[q].set_event_idx((features & virtio_bit(VIRTIO_F_EVENT_IDX)) != 0);
             queues[q].set_indirect((features & virtio_bit(VIRTIO_F_INDIRECT_DESC)) != 0);
-            ASSERT_TRUE(drv[q]->configure(queues[q])) << queues[q].error_reason();
+            ASSERT_TRUE(drv[q]->configure(queues[q])) << queues[q].error().reason;
         }
         tr.features = features | virtio_bit(VIRTIO_F_VERSION_1);
         ASSERT_TRUE(dev->accept_features(tr.features));
