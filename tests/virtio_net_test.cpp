@@ -1,10 +1,11 @@
 // virtio-net device model (VIRTIO 1.2 section 5.1) without KVM or a
 // transport: the test activates the device with Virtqueues it configured
-// over rings the fake driver (support/fake_virtio.hpp) lays out in a real GuestMemory,
-// and the far end of a StreamBackend is the other half of a socketpair. It
-// checks TX framing, RX with and without mergeable buffers, RX backpressure
-// and kicks through notify eventfds, malformed chains (DEVICE_NEEDS_RESET,
-// loop alive), reset under traffic, and the multiqueue control command.
+// over rings the fake driver (support/fake_virtio.hpp) lays out in a real
+// GuestMemory, and the far end of a StreamBackend is the other half of a
+// socketpair. It checks TX framing, RX with and without mergeable buffers,
+// RX backpressure and kicks through notify eventfds, malformed chains
+// (DEVICE_NEEDS_RESET, loop alive), reset under traffic and under a guest
+// republishing a tiny buffer forever, and the multiqueue control command.
 #include "devices/virtio_net.hpp"
 
 #include "support/fake_virtio.hpp"

@@ -1,9 +1,10 @@
 // virtio-pci modern transport (VIRTIO 1.2 section 4.1). A fake VirtioDevice
-// and the fake interrupt sink (support/fake_virtio.hpp) stand in for virtio-net and the VMM's irqfds; a
-// fake driver plays Linux's virtio_pci_modern: it walks the capability list
-// through config space, sizes and programs BAR 4 (the test's BAR hook maps it
-// on a real MMIO Bus), negotiates features and sets up queues over rings in a
-// real GuestMemory, kicks, and checks the interrupts. Then the refusals of
+// and the fake interrupt sink (support/fake_virtio.hpp) stand in for
+// virtio-net and the VMM's irqfds; a fake driver plays Linux's
+// virtio_pci_modern: it walks the capability list through config space,
+// sizes and programs BAR 4 (the test's BAR hook maps it on a real MMIO Bus),
+// negotiates features and sets up queues over rings in a real GuestMemory,
+// kicks, and checks the interrupts. Then the refusals of
 // the status machine, reset, NEEDS_RESET, MSI-X masking, odd accesses, the
 // PCI_CFG window, and a fixed-seed hostile run over BAR and config space.
 #include "devices/virtio_pci.hpp"

@@ -32,25 +32,19 @@ struct EventLoop::Ring {
 
 // An eventfd the loop keeps a READ on: a signal kicks queue q (the wake fd
 // has none) and the READ is made again.
-class EventLoop::FdWatch final : public Completion {
-public:
-    FdWatch(EventLoop& loop, int fd, std::uint16_t q) : loop_(loop), fd_(fd), q_(q) {}
+struct EventLoop::FdWatch final : Completion {
+    FdWatch(EventLoop& l, int f, std::uint16_t queue) : loop(l), fd(f), q(queue) {}
     void complete(int res) override {
-        if (res == sizeof counter_ && q_ != kNoQueue) loop_.mark(q_);
-        if (res > 0 || res == -EINTR || res == -EAGAIN) {
-            loop_.arm(*this);
-        } else if (!loop_.stopped_) {
-            log_msg("%s: eventfd %d: %s; no longer watched", loop_.name_.c_str(), fd_, std::strerror(-res));
-        }
+        if (res == sizeof counter && q != kNoQueue) loop.mark(q);
+        if (res > 0 || res == -EINTR || res == -EAGAIN)
+            loop.arm(*this);
+        else if (!loop.stopped_)
+            log_msg("%s: eventfd %d: %s; no longer watched", loop.name_.c_str(), fd, std::strerror(-res));
     }
-    int fd() const { return fd_; }
-    std::uint64_t* counter() { return &counter_; }
-
-private:
-    EventLoop& loop_;
-    int fd_;
-    std::uint16_t q_;
-    std::uint64_t counter_ = 0;
+    EventLoop& loop;
+    int fd;
+    std::uint16_t q;
+    std::uint64_t counter = 0;
 };
 
 void prep_sqe(io_uring_sqe* sqe, const IoOp& op) {
@@ -135,17 +129,15 @@ bool EventLoop::wait_idle(std::chrono::milliseconds timeout) {
 bool EventLoop::watch_queues(std::span<const int> fds) {
     if (fds.size() != queues_ || watching_.exchange(true)) return false;
     return run_and_wait([this, v = std::vector<int>(fds.begin(), fds.end())] {
-        for (std::uint16_t q = 0; q < queues_; ++q) watch(v[q], q);
+        for (std::uint16_t q = 0; q < queues_; ++q) {
+            watches_.push_back(std::make_unique<FdWatch>(*this, v[q], q));
+            arm(*watches_.back());
+        }
     });
 }
 
-void EventLoop::watch(int eventfd, std::uint16_t q) {
-    watches_.push_back(std::make_unique<FdWatch>(*this, eventfd, q));
-    arm(*watches_.back());
-}
-
 void EventLoop::arm(FdWatch& w) {
-    submit({IoOp::Kind::read, w.fd(), w.counter(), sizeof(std::uint64_t)}, w);
+    submit({IoOp::Kind::read, w.fd, &w.counter, sizeof w.counter}, w);
 }
 
 void EventLoop::submit(const IoOp& op, Completion& done) {

@@ -104,8 +104,7 @@ public:
     void stop();
 
     // Loop thread only.
-    void watch(int eventfd, std::uint16_t q);   // a signal kicks q
-    void mark(std::uint16_t q) { dirty_[q] = true; }
+    void mark(std::uint16_t q) { dirty_[q] = true; }   // q has work: service it
     void submit(const IoOp& op, Completion& done);
 
 private:
@@ -114,7 +113,7 @@ private:
         bool idle = false;   // a wait_idle() waiter
         bool done = false;
     };
-    class FdWatch;
+    struct FdWatch;
 
     void run();
     void wake();
