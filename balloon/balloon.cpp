@@ -164,8 +164,7 @@ void VirtioBalloon::activate(std::span<Virtqueue> queues, GuestMemory& /*mem*/) 
         // Linux primes statsq with its first buffer and kicks it in probe,
         // before it sets DRIVER_OK, and the transport drops kicks before
         // DRIVER_OK: pick that buffer up now, or the stats would never start.
-        if (!queues_.empty() && role_of(stats_queue_, features, true) == BalloonQueue::stats &&
-            queues_[stats_queue_].ready() && process_stats(queues_[stats_queue_], stats_queue_))
+        if (!queues_.empty() && role_of(stats_queue_, features, true) == BalloonQueue::stats && service(stats_queue_))
             loop_->mark(stats_queue_);
     });
 }
@@ -216,20 +215,32 @@ bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
 bool VirtioBalloon::service(std::uint16_t q) {
     if (q >= queues_.size() || !queues_[q].ready()) return false;
     Virtqueue& vq = queues_[q];
-    bool more = false;
-    switch (role_of(q, loop_features_, true)) {
-    case BalloonQueue::inflate: more = process_pfns(vq, true); break;
-    case BalloonQueue::deflate: more = process_pfns(vq, false); break;
-    case BalloonQueue::stats: return process_stats(vq, q);   // notifies on request only
-    case BalloonQueue::reporting: more = process_reporting(vq); break;
-    case BalloonQueue::none:
-        // A queue of a feature that was not negotiated: nothing to do; its
-        // buffers stay where they are.
-        return false;
+    const BalloonQueue role = role_of(q, loop_features_, true);
+    // A queue of a feature that was not negotiated: nothing to do; its
+    // buffers stay where they are.
+    if (role == BalloonQueue::none) return false;
+    const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
+        if (role == BalloonQueue::stats)
+            take_stats(vq, q, chain);
+        else if (role == BalloonQueue::reporting)
+            take_report(vq, chain);
+        else
+            take_pfns(vq, chain, role == BalloonQueue::inflate);
+        return true;
+    });
+    if (pass == Virtqueue::Pass::error) {
+        if (role == BalloonQueue::stats) {
+            stats_head_.reset();
+            std::lock_guard lock(mu_);
+            stats_held_ = false;
+        }
+        fail_queue(role_name(role), vq.error());
     }
-    publish();
-    if (!vq.failed() && vq.needs_notification()) notify_used(q);
-    return more;
+    if (role != BalloonQueue::stats) {   // the stats buffer is used on request only
+        publish();
+        if (!vq.failed() && vq.needs_notification()) notify_used(q);
+    }
+    return pass == Virtqueue::Pass::more;
 }
 
 void VirtioBalloon::publish() {
@@ -246,95 +257,56 @@ void VirtioBalloon::fail_queue(const char* what, GuestError e) {
     fail();
 }
 
-bool VirtioBalloon::process_pfns(Virtqueue& vq, bool inflate) {
+void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate) {
     // 5.5.6.1: each buffer is an array of le32 PFNs (4 KiB frames),
     // device-readable; any device-writable part is ignored (used length 0).
     constexpr std::uint64_t kChunk = 1024;   // PFNs read at a time
     std::uint32_t raw[kChunk];
-    DescChain chain;
-    vq.disable_notifications();
-    for (int n = 0; n < kBudget; ++n) {
-        const PopStatus st = vq.pop_or_enable_notifications(chain);
-        if (st == PopStatus::empty) return false;
-        if (st == PopStatus::error) {
-            fail_queue(inflate ? "inflateq" : "deflateq", vq.error());
-            return false;
-        }
-        std::uint64_t n_pfns = chain.readable_len() / 4;
-        const bool odd = chain.readable_len() % 4 != 0, truncated = n_pfns > kMaxPfnsPerChain;
-        if (truncated) n_pfns = kMaxPfnsPerChain;
-        for (std::uint64_t done = 0; done < n_pfns;) {
-            const std::uint64_t k = std::min(kChunk, n_pfns - done);
-            if (!chain.read(mem_, done * 4, raw, k * 4)) break;   // cannot happen: n_pfns fits
-            pfn_buf_.resize(k);
-            for (std::uint64_t i = 0; i < k; ++i)
-                pfn_buf_[i] = load_le32(reinterpret_cast<const std::uint8_t*>(&raw[i]));
-            if (inflate)
-                tracker_.inflate(pfn_buf_);
-            else
-                tracker_.deflate(pfn_buf_);
-            done += k;
-        }
-        vq.push_used(chain.head(), 0);
-        std::lock_guard lock(mu_);
-        ++(inflate ? counters_.inflate_buffers : counters_.deflate_buffers);
-        counters_.odd_buffers += odd;
-        counters_.truncated_buffers += truncated;
+    std::uint64_t n_pfns = chain.readable_len() / 4;
+    const bool odd = chain.readable_len() % 4 != 0, truncated = n_pfns > kMaxPfnsPerChain;
+    if (truncated) n_pfns = kMaxPfnsPerChain;
+    for (std::uint64_t done = 0; done < n_pfns;) {
+        const std::uint64_t k = std::min(kChunk, n_pfns - done);
+        if (!chain.read(mem_, done * 4, raw, k * 4)) break;   // cannot happen: n_pfns fits
+        pfn_buf_.resize(k);
+        for (std::uint64_t i = 0; i < k; ++i) pfn_buf_[i] = load_le32(reinterpret_cast<const std::uint8_t*>(&raw[i]));
+        if (inflate)
+            tracker_.inflate(pfn_buf_);
+        else
+            tracker_.deflate(pfn_buf_);
+        done += k;
     }
-    return true;   // budget spent: come back after the other queues
+    vq.push_used(chain.head(), 0);
+    std::lock_guard lock(mu_);
+    ++(inflate ? counters_.inflate_buffers : counters_.deflate_buffers);
+    counters_.odd_buffers += odd;
+    counters_.truncated_buffers += truncated;
 }
 
-bool VirtioBalloon::process_reporting(Virtqueue& vq) {
+void VirtioBalloon::take_report(Virtqueue& vq, const DescChain& chain) {
     // 5.5.6.4: each device-writable buffer is a free range of guest memory;
     // the device may discard it and returns the chain with length 0. The
     // pages stay the guest's (not ballooned): nothing is tracked.
-    DescChain chain;
-    vq.disable_notifications();
-    for (int n = 0; n < kBudget; ++n) {
-        const PopStatus st = vq.pop_or_enable_notifications(chain);
-        if (st == PopStatus::empty) return false;
-        if (st == PopStatus::error) {
-            fail_queue(role_name(BalloonQueue::reporting), vq.error());
-            return false;
-        }
-        for (const DescChainElem& e : chain.elems())
-            if (e.write) tracker_.report_free(e.addr, e.len);
-        vq.push_used(chain.head(), 0);
-        std::lock_guard lock(mu_);
-        ++counters_.report_buffers;
-    }
-    return true;
+    for (const DescChainElem& e : chain.elems())
+        if (e.write) tracker_.report_free(e.addr, e.len);
+    vq.push_used(chain.head(), 0);
+    std::lock_guard lock(mu_);
+    ++counters_.report_buffers;
 }
 
-bool VirtioBalloon::process_stats(Virtqueue& vq, std::uint16_t q) {
+void VirtioBalloon::take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& chain) {
     // 5.5.6.3: the driver makes one device-readable buffer of
     // virtio_balloon_stat entries available; the device keeps it until it
     // wants fresh values, then uses it (length 0) and the driver refills and
     // re-adds it.
-    DescChain chain;
-    vq.disable_notifications();
-    for (int n = 0; n < kBudget; ++n) {
-        const PopStatus st = vq.pop_or_enable_notifications(chain);
-        if (st == PopStatus::empty) return false;
-        if (st == PopStatus::error) {
-            stats_head_.reset();
-            {
-                std::lock_guard lock(mu_);
-                stats_held_ = false;
-            }
-            fail_queue(role_name(BalloonQueue::stats), vq.error());
-            return false;
-        }
-        if (stats_head_) {
-            // A second buffer while we hold one: the driver broke the
-            // protocol. Give the old one back and keep the newest.
-            vq.push_used(*stats_head_, 0);
-            if (vq.needs_notification()) notify_used(q);
-        }
-        stats_head_ = chain.head();
-        parse_stats(chain);
+    if (stats_head_) {
+        // A second buffer while we hold one: the driver broke the
+        // protocol. Give the old one back and keep the newest.
+        vq.push_used(*stats_head_, 0);
+        if (vq.needs_notification()) notify_used(q);
     }
-    return true;
+    stats_head_ = chain.head();
+    parse_stats(chain);
 }
 
 void VirtioBalloon::parse_stats(const DescChain& chain) {

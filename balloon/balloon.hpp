@@ -190,9 +190,9 @@ private:
     static BalloonQueue role_of(std::uint16_t q, std::uint64_t features, bool active);
     // On the loop.
     bool service(std::uint16_t q);
-    bool process_pfns(Virtqueue& vq, bool inflate);
-    bool process_stats(Virtqueue& vq, std::uint16_t q);
-    bool process_reporting(Virtqueue& vq);
+    void take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate);
+    void take_report(Virtqueue& vq, const DescChain& chain);
+    void take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& chain);
     void parse_stats(const DescChain& chain);
     void give_back_stats();
     void fail_queue(const char* what, GuestError e);

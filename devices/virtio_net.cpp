@@ -533,19 +533,7 @@ bool VirtioNet::ctrl_pump() {
     Virtqueue& vq = queues_[q];
     if (!vq.ready()) return false;
     const std::uint16_t used_before = vq.used_idx();
-    vq.disable_notifications();
-    bool more = true;
-    for (int n = 0; n < kBudget; ++n) {
-        DescChain c;
-        const PopStatus st = vq.pop_or_enable_notifications(c);
-        if (st == PopStatus::empty) {
-            more = false;
-            break;
-        }
-        if (st == PopStatus::error) {
-            queue_error(q, vq.error());
-            return false;
-        }
+    const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& c) {
         // 5.1.6.5: class, command, data (readable); ack (writable).
         if (c.readable_len() < 2 || c.writable_len() < 1) {
             queue_error(q, {"malformed control command"});
@@ -554,9 +542,12 @@ bool VirtioNet::ctrl_pump() {
         const std::uint8_t ack = ctrl_command(c);
         c.write(*mem_, 0, &ack, 1);
         vq.push_used(c.head(), 1);
-    }
+        return true;
+    });
+    if (pass == Virtqueue::Pass::error) queue_error(q, vq.error());
+    if (pass == Virtqueue::Pass::error || pass == Virtqueue::Pass::stopped) return false;
     if (vq.used_idx() != used_before) maybe_notify(q);
-    return more;
+    return pass == Virtqueue::Pass::more;
 }
 
 } // namespace kguest

@@ -127,6 +127,26 @@ public:
     // otherwise wait for a kick that never comes), disabling them again when
     // something did arrive. `empty` leaves notifications enabled.
     PopStatus pop_or_enable_notifications(DescChain& out);
+
+    // One service pass, the shape of every queue handler: with driver
+    // notifications off, hands up to `budget` chains to handle(chain) in
+    // ring order. `more`: the budget ran out (come back after the other
+    // queues, so a guest that keeps republishing buffers cannot pin the
+    // thread); `done`: the ring ran dry (notifications re-enabled, race-free);
+    // `stopped`: handle() returned false (it reported why); `error`: a
+    // malformed ring (error() says why).
+    enum class Pass { done, more, stopped, error };
+    template <typename Fn>
+    Pass service(int budget, Fn&& handle) {
+        disable_notifications();
+        DescChain chain;
+        for (int n = 0; n < budget; ++n) {
+            const PopStatus st = pop_or_enable_notifications(chain);
+            if (st != PopStatus::ok) return st == PopStatus::empty ? Pass::done : Pass::error;
+            if (!handle(chain)) return Pass::stopped;
+        }
+        return Pass::more;
+    }
     // With EVENT_IDX: avail_event = last_avail_idx, i.e. "notify me when you
     // make the next buffer available".
     void set_avail_event();
