@@ -64,6 +64,7 @@ struct VirtioNet::Pair {
     std::deque<DescChain> rx_held;       // popped, not yet used, in ring order
     std::optional<DescChain> tx_held;    // popped, the backend refused it for now
     std::vector<DescChain> scratch;
+    std::vector<iovec> iov;              // the frame being sent
     std::unique_ptr<RxDone> rx_done;
     std::vector<TxDone> tx_done;         // one per backend write slot
 };
@@ -439,75 +440,66 @@ bool VirtioNet::tx_pump(unsigned p) {
     Pair& s = *pair_[p];
     if (!vq.ready() || s.tx_blocked) return false;
     const std::uint16_t used_before = vq.used_idx();
-    const std::size_t strip = backend_->has_vnet_hdr() ? 0 : kVnetHdrLen;
-    std::vector<iovec> iov;
-    vq.disable_notifications();
-    bool more = true;
-    for (int n = 0; n < kBudget; ++n) {
-        DescChain c;
-        if (s.tx_held) {
-            c = std::move(*s.tx_held);
-            s.tx_held.reset();
-        } else {
-            const PopStatus st = vq.pop_or_enable_notifications(c);
-            if (st == PopStatus::empty) {
-                more = false;
-                break;
-            }
-            if (st == PopStatus::error) {
-                queue_error(q, vq.error());
-                return false;
-            }
-        }
-        // 5.1.6.2: header then frame, in the readable part.
-        const std::uint64_t len = c.readable_len();
-        if (len < kVnetHdrLen) {
-            queue_error(q, {"transmit chain shorter than the virtio-net header"});
-            return false;
-        }
-        if (len > kMaxPacketLen) {
-            queue_error(q, {"transmit frame larger than 65562 bytes"});
-            return false;
-        }
-        if (closed_) {
-            tx_dropped_.fetch_add(1, std::memory_order_relaxed);
-            vq.push_used(c.head(), 0);
-            continue;
-        }
-        iov.clear();
-        std::uint64_t skip = strip;
-        for (const DescChainElem& e : c.elems()) {
-            if (e.write) break;
-            if (skip >= e.len) {
-                skip -= e.len;
-                continue;
-            }
-            std::uint8_t* host = mem_->ptr(e.addr + skip, e.len - skip);   // checked by pop()
-            if (host != nullptr) iov.push_back({host, e.len - skip});
-            skip = 0;
-        }
-        const NetIoResult r = backend_->write_frame(p, iov);
-        if (r.status == NetIo::again) {   // the backend's output queue is full
-            s.tx_held = std::move(c);
-            s.tx_blocked = true;
-            more = false;
-            break;
-        }
-        if (r.status == NetIo::ok) {
-            tx_packets_.fetch_add(1, std::memory_order_relaxed);
-            tx_bytes_.fetch_add(len - kVnetHdrLen, std::memory_order_relaxed);
-        } else {
-            tx_dropped_.fetch_add(1, std::memory_order_relaxed);
-            if (r.status == NetIo::closed) backend_closed(p, r.err);
-            else
-                KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: transmit: %s", backend_->describe().c_str(),
-                                   std::strerror(r.err));
-        }
-        vq.push_used(c.head(), 0);
+    auto pass = Virtqueue::Pass::stopped;
+    std::optional<DescChain> held = std::move(s.tx_held);   // the backend refused it last time: first
+    s.tx_held.reset();
+    if (!held || tx_frame(p, *held)) {
+        pass = vq.service(kBudget, [&](const DescChain& c) { return tx_frame(p, c); });
+        if (pass == Virtqueue::Pass::error) queue_error(q, vq.error());
     }
     post_writes(p);   // the whole batch in the loop's next io_uring_submit
     if (vq.used_idx() != used_before) maybe_notify(q);
-    return more;
+    return pass == Virtqueue::Pass::more;
+}
+
+bool VirtioNet::tx_frame(unsigned p, const DescChain& c) {
+    const auto q = static_cast<std::uint16_t>(2 * p + 1);
+    Pair& s = *pair_[p];
+    // 5.1.6.2: header then frame, in the readable part.
+    const std::uint64_t len = c.readable_len();
+    if (len < kVnetHdrLen) {
+        queue_error(q, {"transmit chain shorter than the virtio-net header"});
+        return false;
+    }
+    if (len > kMaxPacketLen) {
+        queue_error(q, {"transmit frame larger than 65562 bytes"});
+        return false;
+    }
+    if (closed_) {
+        tx_dropped_.fetch_add(1, std::memory_order_relaxed);
+        queues_[q].push_used(c.head(), 0);
+        return true;
+    }
+    s.iov.clear();
+    std::uint64_t skip = backend_->has_vnet_hdr() ? 0 : kVnetHdrLen;
+    for (const DescChainElem& e : c.elems()) {
+        if (e.write) break;
+        if (skip >= e.len) {
+            skip -= e.len;
+            continue;
+        }
+        std::uint8_t* host = mem_->ptr(e.addr + skip, e.len - skip);   // checked by pop()
+        if (host != nullptr) s.iov.push_back({host, e.len - skip});
+        skip = 0;
+    }
+    const NetIoResult r = backend_->write_frame(p, s.iov);
+    if (r.status == NetIo::again) {   // the backend's output queue is full: wait for a write
+        s.tx_held = c;
+        s.tx_blocked = true;
+        return false;
+    }
+    if (r.status == NetIo::ok) {
+        tx_packets_.fetch_add(1, std::memory_order_relaxed);
+        tx_bytes_.fetch_add(len - kVnetHdrLen, std::memory_order_relaxed);
+    } else {
+        tx_dropped_.fetch_add(1, std::memory_order_relaxed);
+        if (r.status == NetIo::closed) backend_closed(p, r.err);
+        else
+            KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: transmit: %s", backend_->describe().c_str(),
+                               std::strerror(r.err));
+    }
+    queues_[q].push_used(c.head(), 0);
+    return true;
 }
 
 // ---- Control queue (5.1.6.5) ----

@@ -131,6 +131,7 @@ private:
     Rx rx_deliver(unsigned p, int& budget);
     bool next_rx_chain(unsigned p, DescChain& out, Rx& why, int& budget);
     bool tx_pump(unsigned p);
+    bool tx_frame(unsigned p, const DescChain& c);
     bool ctrl_pump();
     std::uint8_t ctrl_command(const DescChain& chain);
     void set_active_pairs(unsigned n);
