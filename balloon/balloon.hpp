@@ -142,7 +142,9 @@ public:
     // to this many and counted as truncated (bounds the work of one kick).
     static constexpr std::uint64_t kMaxPfnsPerChain = 1u << 16;
     static constexpr std::size_t kMaxStatsEntries = 64;
-    static constexpr int kBudget = 32;   // chains per queue service pass
+    // Chains per queue service pass: up to 4 * kMaxPfnsPerChain PFNs (and
+    // as many madvise calls at worst) before the loop turns to other work.
+    static constexpr int kBudget = 4;
 
     // `mem` is the guest RAM the tracker releases (the same object the
     // transport hands to activate()). Starts the loop; throws SysError when

@@ -112,7 +112,6 @@ public:
 
     NetCounters counters() const;
     unsigned queue_pairs() const { return pairs_; }
-    const NetBackend& backend() const { return *backend_; }
 
 private:
     struct Pair;
