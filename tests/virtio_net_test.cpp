@@ -125,14 +125,14 @@ protected:
     }
 
     // Lays out fresh rings for every queue and activates with `features`.
-    void activate(std::uint64_t features) {
+    void activate(std::uint64_t features, std::uint16_t size = kSize) {
         const std::uint16_t n = dev->num_queues();
         queues.clear();
         queues.reserve(n);
         drv.clear();
         for (std::uint16_t q = 0; q < n; ++q) {
             queues.emplace_back(mem);
-            drv.push_back(std::make_unique<fake::Driver>(mem, kSize, 0x10000ull * (q + 1),
+            drv.push_back(std::make_unique<fake::Driver>(mem, size, 0x10000ull * (q + 1),
                                                          0x200000ull + 0x400000ull * q));
             queues[q].set_event_idx((features & virtio_bit(VIRTIO_F_EVENT_IDX)) != 0);
             queues[q].set_indirect((features & virtio_bit(VIRTIO_F_INDIRECT_DESC)) != 0);
@@ -421,13 +421,15 @@ TEST_F(VirtioNetTest, ResetAnswersWhileGuestRepublishesATinyRxBufferForever) {
     // Mergeable RX with a frame waiting and a 4-byte buffer (shorter than
     // the header: given back unused) republished as fast as the device
     // returns it: every chain counts against the pass's budget, so the loop
-    // still answers reset() at once. The buffer is a chain of kSize
-    // descriptors (all but one empty), so that validating it costs the
-    // device far more than republishing it costs the guest, which therefore
-    // stays ahead.
-    start(virtio_bit(VIRTIO_NET_F_MRG_RXBUF));
+    // still answers reset() at once. The buffer is a chain of 256
+    // descriptors (all but one empty) on 256-entry rings, so that
+    // validating it costs the device far more than republishing it costs
+    // the guest, which therefore stays ahead.
+    constexpr std::uint16_t kBig = VirtioNet::kQueueSize;
+    create();
+    activate(virtio_bit(VIRTIO_NET_F_MRG_RXBUF), kBig);
     send_frame(peers[0].get(), make_frame(100, 1));
-    std::vector<Buf> tiny(kSize, Buf{rx().alloc(4), 0, true});
+    std::vector<Buf> tiny(kBig, Buf{rx().alloc(4), 0, true});
     tiny.back().len = 4;
     const std::uint16_t head = rx().add_chain(tiny);
     dev->queue_notify(0);
@@ -435,7 +437,7 @@ TEST_F(VirtioNetTest, ResetAnswersWhileGuestRepublishesATinyRxBufferForever) {
     std::atomic<std::uint64_t> published{0};
     std::thread feeder([&] {
         while (!stop.load()) {
-            if (static_cast<std::uint16_t>(rx().avail_idx() - rx().used_idx()) < kSize) {
+            if (static_cast<std::uint16_t>(rx().avail_idx() - rx().used_idx()) < kBig) {
                 rx().publish(head);
                 ++published;
                 // 2.7.7.1: kick only when the device asks for it, as Linux does.
@@ -443,7 +445,7 @@ TEST_F(VirtioNetTest, ResetAnswersWhileGuestRepublishesATinyRxBufferForever) {
             }
         }
     });
-    ASSERT_TRUE(wait_until([&] { return published.load() > 10 * kSize; }));   // the device keeps consuming
+    ASSERT_TRUE(wait_until([&] { return published.load() > 10 * kBig; }));   // the device keeps consuming
     const auto took = fake::Stopwatch::time([&] { dev->reset(); });
     stop = true;
     feeder.join();
