@@ -32,25 +32,14 @@ bool has(std::uint64_t features, unsigned bit) { return (features & virtio_bit(b
 
 } // namespace
 
-// The completions of a pair's backend read and of each of its write slots.
-class VirtioNet::RxDone final : public EventLoop::Completion {
-public:
-    RxDone(VirtioNet& dev, unsigned p) : dev_(dev), p_(p) {}
-    void complete(int res) override { dev_.read_done(p_, res); }
-
-private:
-    VirtioNet& dev_;
-    unsigned p_;
-};
-
-class VirtioNet::TxDone final : public EventLoop::Completion {
-public:
-    TxDone(VirtioNet& dev, unsigned p, unsigned slot) : dev_(dev), p_(p), slot_(slot) {}
-    void complete(int res) override { dev_.write_done(p_, slot_, res); }
-
-private:
-    VirtioNet& dev_;
-    unsigned p_, slot_;
+// The completion of a pair's backend read (slot kRead) or of one of its
+// backend's write slots.
+struct VirtioNet::IoDone final : EventLoop::Completion {
+    static constexpr unsigned kRead = ~0u;
+    IoDone(VirtioNet& d, unsigned pair, unsigned s) : dev(d), p(pair), slot(s) {}
+    void complete(int res) override { slot == kRead ? dev.read_done(p, res) : dev.write_done(p, slot, res); }
+    VirtioNet& dev;
+    unsigned p, slot;
 };
 
 // Loop-thread state of one queue pair.
@@ -65,8 +54,7 @@ struct VirtioNet::Pair {
     std::optional<DescChain> tx_held;    // popped, the backend refused it for now
     std::vector<DescChain> scratch;
     std::vector<iovec> iov;              // the frame being sent
-    std::unique_ptr<RxDone> rx_done;
-    std::vector<TxDone> tx_done;         // one per backend write slot
+    std::vector<IoDone> io;              // one per backend write slot, then the read's
 };
 
 VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, std::uint16_t mtu)
@@ -96,9 +84,9 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
 
     for (unsigned p = 0; p < pairs_; ++p) {
         auto pair = std::make_unique<Pair>();
-        pair->rx_done = std::make_unique<RxDone>(*this, p);
-        pair->tx_done.reserve(backend_->write_slots());
-        for (unsigned slot = 0; slot < backend_->write_slots(); ++slot) pair->tx_done.emplace_back(*this, p, slot);
+        pair->io.reserve(backend_->write_slots() + 1);
+        for (unsigned slot = 0; slot < backend_->write_slots(); ++slot) pair->io.emplace_back(*this, p, slot);
+        pair->io.emplace_back(*this, p, IoDone::kRead);
         pair_.push_back(std::move(pair));
     }
     loop_ = std::make_unique<EventLoop>("virtio-net", num_queues_, [this](std::uint16_t q) { return service(q); });
@@ -188,14 +176,14 @@ bool VirtioNet::service(std::uint16_t q) {
 
 void VirtioNet::post_read(unsigned p) {
     pair_[p]->rx_reading = true;
-    loop_->submit(backend_->read_op(p), *pair_[p]->rx_done);
+    loop_->submit(backend_->read_op(p), pair_[p]->io.back());
 }
 
 void VirtioNet::post_writes(unsigned p) {
     while (backend_->wants_write(p)) {
         unsigned slot = 0;
         const IoOp op = backend_->write_op(p, slot);
-        loop_->submit(op, pair_[p]->tx_done[slot < pair_[p]->tx_done.size() ? slot : 0]);
+        loop_->submit(op, pair_[p]->io[std::min<std::size_t>(slot, pair_[p]->io.size() - 2)]);
     }
 }
 

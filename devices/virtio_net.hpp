@@ -115,8 +115,7 @@ public:
 
 private:
     struct Pair;
-    class RxDone;
-    class TxDone;
+    struct IoDone;
     enum class Rx { done, no_buffers, yield, error };
 
     bool service(std::uint16_t q);
