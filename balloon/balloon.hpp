@@ -139,7 +139,7 @@ public:
     static constexpr std::uint16_t kQueueSize = 256;   // reporting needs >= 32 (Linux)
     static constexpr std::size_t kConfigSize = 16;
     // Linux sends at most 256 PFNs per buffer; a chain with more is read up
-    // to this many and counted as truncated (bounds the work of one kick).
+    // to this many and counted as truncated (bounds the work of one chain).
     static constexpr std::uint64_t kMaxPfnsPerChain = 1u << 16;
     static constexpr std::size_t kMaxStatsEntries = 64;
     // Chains per queue service pass: up to 4 * kMaxPfnsPerChain PFNs (and
