@@ -597,6 +597,7 @@ TEST(BalloonDevice, ApiAnswersWhileGuestRepublishesAnInflateBufferForever) {
         }
     });
     ASSERT_TRUE(fake::wait_until([&] { return rig.dev.counters().inflate_buffers > 2 * kRingSize; }));
+    const std::uint64_t before = rig.dev.counters().inflate_buffers;
     std::chrono::milliseconds info{0}, counters{0}, resize{0};
     for (int i = 0; i < 100; ++i) {
         info = std::max(info, fake::Stopwatch::time([&] {
@@ -617,7 +618,7 @@ TEST(BalloonDevice, ApiAnswersWhileGuestRepublishesAnInflateBufferForever) {
     EXPECT_LT(info.count(), 50);
     EXPECT_LT(counters.count(), 50);
     EXPECT_LT(resize.count(), 50);
-    EXPECT_GT(during, 4u * kRingSize);   // the loop was busy all along
+    EXPECT_GT(during, before);   // the loop kept working meanwhile
     EXPECT_EQ(rig.tr.needs_reset_calls, 0);
     const auto took = fake::Stopwatch::time([&] { rig.dev.reset(); });
     EXPECT_LT(took.count(), 1000);
