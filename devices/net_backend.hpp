@@ -20,8 +20,8 @@
 //
 // Setup (constructors, open_backend) throws SysError or UsageError; the
 // data path reports through return values (`--net` parsing lives in the
-// application, vmm/app/net_options.hpp). A backend is used
-// by one thread at a time (the device's loop), so it has no locks of its own.
+// application, vmm/app/net_options.hpp). A backend is used by one thread at
+// a time (the device's loop), so it has no locks of its own.
 // The buffers an IoOp points at belong to the backend and stay put until its
 // completion has been handed back: the ring must be drained (or gone) before
 // the backend is destroyed.
