@@ -1,9 +1,10 @@
 // virtio-balloon device model (VIRTIO 1.2 section 5.5): configuration
-// space, the inflate/deflate/stats/reporting queues, and the statistics
-// naming shared with libvirt (see balloon.hpp).
+// space, the inflate/deflate/stats/reporting queue services its EventLoop
+// runs, and the statistics naming shared with libvirt (see balloon.hpp).
 #include "balloon/balloon.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <ctime>
 
@@ -80,7 +81,11 @@ bool balloon_stat_libvirt(std::uint16_t tag, int& libvirt_tag, const char*& name
 }
 
 VirtioBalloon::VirtioBalloon(GuestMemory& mem, BalloonOptions options)
-    : mem_(mem), options_(options), tracker_(mem) {}
+    : mem_(mem), options_(options), tracker_(mem) {
+    loop_ = std::make_unique<EventLoop>("virtio-balloon", kNumQueues, [this](std::uint16_t q) { return service(q); });
+}
+
+VirtioBalloon::~VirtioBalloon() { loop_->stop(); }
 
 std::uint64_t VirtioBalloon::device_features() const {
     std::uint64_t f = virtio_bit(VIRTIO_F_INDIRECT_DESC) | virtio_bit(VIRTIO_F_EVENT_IDX);
@@ -142,42 +147,48 @@ std::uint32_t VirtioBalloon::actual_pages() const {
 // ---- Lifecycle ----
 
 void VirtioBalloon::activate(std::span<Virtqueue> queues, GuestMemory& /*mem*/) {
-    std::lock_guard lock(mu_);
-    queues_ = queues;
-    features_ = transport() != nullptr ? transport()->driver_features() : device_features();
-    stats_head_.reset();
-    stats_requested_ = false;
-    stats_queue_ = 0;
-    for (std::uint16_t q = 0; q < queues_.size(); ++q)
-        if (role_locked(q) == BalloonQueue::stats) stats_queue_ = q;
-    // Linux primes statsq with its first buffer and kicks it in probe,
-    // before it sets DRIVER_OK, and the transport drops kicks before
-    // DRIVER_OK: pick that buffer up now, or the stats would never start.
-    if (role_locked(stats_queue_) == BalloonQueue::stats && queues_[stats_queue_].ready())
-        process_stats(queues_[stats_queue_], stats_queue_);
+    const std::uint64_t features = transport() != nullptr ? transport()->driver_features() : device_features();
+    loop_->run_and_wait([this, queues, features] {
+        {
+            std::lock_guard lock(mu_);
+            active_ = !queues.empty();
+            features_ = features;
+            stats_held_ = stats_requested_ = false;
+        }
+        queues_ = queues;
+        loop_features_ = features;
+        stats_head_.reset();
+        stats_queue_ = 0;
+        for (std::uint16_t q = 0; q < queues_.size(); ++q)
+            if (role_of(q, features, true) == BalloonQueue::stats) stats_queue_ = q;
+        // Linux primes statsq with its first buffer and kicks it in probe,
+        // before it sets DRIVER_OK, and the transport drops kicks before
+        // DRIVER_OK: pick that buffer up now, or the stats would never start.
+        if (!queues_.empty() && role_of(stats_queue_, features, true) == BalloonQueue::stats && service(stats_queue_))
+            loop_->mark(stats_queue_);
+    });
 }
 
 void VirtioBalloon::reset() {
     // 2.4: stop touching the queues; the transport resets them after us.
     // The stats buffer belongs to the old rings: drop it without pushing.
-    std::lock_guard lock(mu_);
-    queues_ = {};
-    features_ = 0;
-    stats_head_.reset();
-    stats_requested_ = false;
-    actual_ = 0;
-    actual_bytes_ = {};
+    loop_->run_and_wait([this] {
+        queues_ = {};
+        loop_features_ = 0;
+        stats_head_.reset();
+        std::lock_guard lock(mu_);
+        active_ = false;
+        features_ = 0;
+        stats_held_ = stats_requested_ = false;
+        actual_ = 0;
+        actual_bytes_ = {};
+    });
 }
 
-void VirtioBalloon::reset_tracking() {
-    std::lock_guard lock(mu_);
-    tracker_.clear();
-}
-
-BalloonQueue VirtioBalloon::role_locked(std::uint16_t q) const {
-    if (queues_.empty()) return BalloonQueue::none;
-    const bool stats = (features_ & virtio_bit(VIRTIO_BALLOON_F_STATS_VQ)) != 0;
-    const bool reporting = (features_ & virtio_bit(VIRTIO_BALLOON_F_REPORTING)) != 0;
+BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features, bool active) {
+    if (!active) return BalloonQueue::none;
+    const bool stats = (features & virtio_bit(VIRTIO_BALLOON_F_STATS_VQ)) != 0;
+    const bool reporting = (features & virtio_bit(VIRTIO_BALLOON_F_REPORTING)) != 0;
     switch (q) {
     case 0: return BalloonQueue::inflate;
     case 1: return BalloonQueue::deflate;
@@ -190,127 +201,112 @@ BalloonQueue VirtioBalloon::role_locked(std::uint16_t q) const {
 
 BalloonQueue VirtioBalloon::queue_role(std::uint16_t q) const {
     std::lock_guard lock(mu_);
-    return role_locked(q);
+    return role_of(q, features_, active_);
 }
 
 bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
-    std::lock_guard lock(mu_);
-    return tracker_.inflated(pfn);
+    auto in = std::make_shared<std::atomic<bool>>(false);
+    loop_->run_and_wait([this, in, pfn] { in->store(tracker_.inflated(pfn)); });
+    return in->load();
 }
 
-// ---- Queues ----
+// ---- Queues, on the loop ----
 
-void VirtioBalloon::queue_notify(std::uint16_t q) {
-    std::lock_guard lock(mu_);
-    if (q >= queues_.size() || !queues_[q].ready()) return;
+bool VirtioBalloon::service(std::uint16_t q) {
+    if (q >= queues_.size() || !queues_[q].ready()) return false;
     Virtqueue& vq = queues_[q];
-    switch (role_locked(q)) {
-    case BalloonQueue::inflate: process_pfns(vq, true); break;
-    case BalloonQueue::deflate: process_pfns(vq, false); break;
-    case BalloonQueue::stats: process_stats(vq, q); return;   // notifies on request only
-    case BalloonQueue::reporting: process_reporting(vq); break;
-    case BalloonQueue::none:
-        // A queue of a feature that was not negotiated: nothing to do; its
-        // buffers stay where they are.
-        return;
+    const BalloonQueue role = role_of(q, loop_features_, true);
+    // A queue of a feature that was not negotiated: nothing to do; its
+    // buffers stay where they are.
+    if (role == BalloonQueue::none) return false;
+    const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
+        if (role == BalloonQueue::stats)
+            take_stats(vq, q, chain);
+        else if (role == BalloonQueue::reporting)
+            take_report(vq, chain);
+        else
+            take_pfns(vq, chain, role == BalloonQueue::inflate);
+        return true;
+    });
+    if (pass == Virtqueue::Pass::error) {
+        if (role == BalloonQueue::stats) {
+            stats_head_.reset();
+            std::lock_guard lock(mu_);
+            stats_held_ = false;
+        }
+        fail_queue(role_name(role), vq.error());
     }
-    if (!vq.failed() && vq.needs_notification()) notify_used(q);
+    if (role != BalloonQueue::stats) {   // the stats buffer is used on request only
+        publish();
+        if (!vq.failed() && vq.needs_notification()) notify_used(q);
+    }
+    return pass == Virtqueue::Pass::more;
 }
 
-void VirtioBalloon::fail_locked(const char* what, const Virtqueue& vq) {
-    ++counters_.bad_chains;
-    KGUEST_LOG_LIMITED(log_limit_, "virtio-balloon: %s: %s; device needs reset", what, vq.error_reason());
+void VirtioBalloon::publish() {
+    std::lock_guard lock(mu_);
+    counters_.tracker = tracker_.counters();
+}
+
+void VirtioBalloon::fail_queue(const char* what, GuestError e) {
+    {
+        std::lock_guard lock(mu_);
+        ++counters_.bad_chains;
+    }
+    KGUEST_LOG_LIMITED(log_limit_, "virtio-balloon: %s: %s; device needs reset", what, e.reason);
     fail();
 }
 
-void VirtioBalloon::process_pfns(Virtqueue& vq, bool inflate) {
+void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate) {
     // 5.5.6.1: each buffer is an array of le32 PFNs (4 KiB frames),
     // device-readable; any device-writable part is ignored (used length 0).
     constexpr std::uint64_t kChunk = 1024;   // PFNs read at a time
     std::uint32_t raw[kChunk];
-    DescChain chain;
-    for (;;) {
-        vq.disable_notifications();
-        PopStatus st;
-        while ((st = vq.pop(chain)) == PopStatus::ok) {
-            ++(inflate ? counters_.inflate_buffers : counters_.deflate_buffers);
-            std::uint64_t n = chain.readable_len() / 4;
-            if (chain.readable_len() % 4 != 0) ++counters_.odd_buffers;
-            if (n > kMaxPfnsPerChain) {
-                ++counters_.truncated_buffers;
-                n = kMaxPfnsPerChain;
-            }
-            for (std::uint64_t done = 0; done < n;) {
-                const std::uint64_t k = std::min(kChunk, n - done);
-                if (!chain.read(mem_, done * 4, raw, k * 4)) break;   // cannot happen: n fits
-                pfn_buf_.resize(k);
-                for (std::uint64_t i = 0; i < k; ++i)
-                    pfn_buf_[i] = load_le32(reinterpret_cast<const std::uint8_t*>(&raw[i]));
-                if (inflate)
-                    tracker_.inflate(pfn_buf_);
-                else
-                    tracker_.deflate(pfn_buf_);
-                done += k;
-            }
-            vq.push_used(chain.head(), 0);
-        }
-        if (st == PopStatus::error) {
-            fail_locked(inflate ? "inflateq" : "deflateq", vq);
-            return;
-        }
-        if (!vq.enable_notifications()) return;
+    std::uint64_t n_pfns = chain.readable_len() / 4;
+    const bool odd = chain.readable_len() % 4 != 0, truncated = n_pfns > kMaxPfnsPerChain;
+    if (truncated) n_pfns = kMaxPfnsPerChain;
+    for (std::uint64_t done = 0; done < n_pfns;) {
+        const std::uint64_t k = std::min(kChunk, n_pfns - done);
+        if (!chain.read(mem_, done * 4, raw, k * 4)) break;   // cannot happen: n_pfns fits
+        pfn_buf_.resize(k);
+        for (std::uint64_t i = 0; i < k; ++i) pfn_buf_[i] = load_le32(reinterpret_cast<const std::uint8_t*>(&raw[i]));
+        if (inflate)
+            tracker_.inflate(pfn_buf_);
+        else
+            tracker_.deflate(pfn_buf_);
+        done += k;
     }
+    vq.push_used(chain.head(), 0);
+    std::lock_guard lock(mu_);
+    ++(inflate ? counters_.inflate_buffers : counters_.deflate_buffers);
+    counters_.odd_buffers += odd;
+    counters_.truncated_buffers += truncated;
 }
 
-void VirtioBalloon::process_reporting(Virtqueue& vq) {
+void VirtioBalloon::take_report(Virtqueue& vq, const DescChain& chain) {
     // 5.5.6.4: each device-writable buffer is a free range of guest memory;
     // the device may discard it and returns the chain with length 0. The
     // pages stay the guest's (not ballooned): nothing is tracked.
-    DescChain chain;
-    for (;;) {
-        vq.disable_notifications();
-        PopStatus st;
-        while ((st = vq.pop(chain)) == PopStatus::ok) {
-            ++counters_.report_buffers;
-            for (const DescChainElem& e : chain.elems())
-                if (e.write) tracker_.report_free(e.addr, e.len);
-            vq.push_used(chain.head(), 0);
-        }
-        if (st == PopStatus::error) {
-            fail_locked(role_name(BalloonQueue::reporting), vq);
-            return;
-        }
-        if (!vq.enable_notifications()) return;
-    }
+    for (const DescChainElem& e : chain.elems())
+        if (e.write) tracker_.report_free(e.addr, e.len);
+    vq.push_used(chain.head(), 0);
+    std::lock_guard lock(mu_);
+    ++counters_.report_buffers;
 }
 
-void VirtioBalloon::process_stats(Virtqueue& vq, std::uint16_t q) {
+void VirtioBalloon::take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& chain) {
     // 5.5.6.3: the driver makes one device-readable buffer of
     // virtio_balloon_stat entries available; the device keeps it until it
     // wants fresh values, then uses it (length 0) and the driver refills and
     // re-adds it.
-    DescChain chain;
-    for (;;) {
-        vq.disable_notifications();
-        PopStatus st;
-        while ((st = vq.pop(chain)) == PopStatus::ok) {
-            if (stats_head_) {
-                // A second buffer while we hold one: the driver broke the
-                // protocol. Give the old one back and keep the newest.
-                vq.push_used(*stats_head_, 0);
-                if (vq.needs_notification()) notify_used(q);
-            }
-            parse_stats(chain);
-            stats_head_ = chain.head();
-            stats_requested_ = false;
-        }
-        if (st == PopStatus::error) {
-            stats_head_.reset();
-            fail_locked(role_name(BalloonQueue::stats), vq);
-            return;
-        }
-        if (!vq.enable_notifications()) return;
+    if (stats_head_) {
+        // A second buffer while we hold one: the driver broke the
+        // protocol. Give the old one back and keep the newest.
+        vq.push_used(*stats_head_, 0);
+        if (vq.needs_notification()) notify_used(q);
     }
+    stats_head_ = chain.head();
+    parse_stats(chain);
 }
 
 void VirtioBalloon::parse_stats(const DescChain& chain) {
@@ -319,13 +315,13 @@ void VirtioBalloon::parse_stats(const DescChain& chain) {
     // past kMaxStatsEntries (Linux sends one entry per known tag).
     constexpr std::size_t kEntry = 10;
     std::uint64_t n = chain.readable_len() / kEntry;
-    if (chain.readable_len() % kEntry != 0) ++counters_.odd_buffers;
-    if (n > kMaxStatsEntries) {
-        ++counters_.truncated_buffers;
-        n = kMaxStatsEntries;
-    }
+    const bool odd = chain.readable_len() % kEntry != 0, truncated = n > kMaxStatsEntries;
+    if (truncated) n = kMaxStatsEntries;
     std::array<std::uint8_t, kMaxStatsEntries * kEntry> buf{};
     if (n != 0 && !chain.read(mem_, 0, buf.data(), n * kEntry)) n = 0;
+    std::lock_guard lock(mu_);
+    counters_.odd_buffers += odd;
+    counters_.truncated_buffers += truncated;
     stat_has_ = {};   // a sample replaces the previous one as a whole
     for (std::uint64_t i = 0; i < n; ++i) {
         const std::uint8_t* e = buf.data() + i * kEntry;
@@ -342,17 +338,29 @@ void VirtioBalloon::parse_stats(const DescChain& chain) {
     ++samples_;
     sample_time_ = std::chrono::steady_clock::now();
     sample_unix_s_ = static_cast<std::int64_t>(std::time(nullptr));
+    stats_held_ = true;
+    stats_requested_ = false;
 }
 
-bool VirtioBalloon::request_stats() {
-    std::lock_guard lock(mu_);
-    if (!stats_head_ || stats_queue_ >= queues_.size()) return false;
+void VirtioBalloon::give_back_stats() {
+    if (!stats_head_ || stats_queue_ >= queues_.size()) return;
     Virtqueue& vq = queues_[stats_queue_];
-    if (!vq.ready() || vq.failed()) return false;
+    if (!vq.ready() || vq.failed()) return;
     vq.push_used(*stats_head_, 0);
     stats_head_.reset();
-    stats_requested_ = true;
     if (vq.needs_notification()) notify_used(stats_queue_);
+}
+
+// ---- The API's side: never waits for the loop ----
+
+bool VirtioBalloon::request_stats() {
+    {
+        std::lock_guard lock(mu_);
+        if (!stats_held_) return false;
+        stats_held_ = false;
+        stats_requested_ = true;
+    }
+    loop_->post([this] { give_back_stats(); });
     return true;
 }
 
@@ -375,9 +383,7 @@ BalloonStats VirtioBalloon::stats() const {
 
 BalloonCounters VirtioBalloon::counters() const {
     std::lock_guard lock(mu_);
-    BalloonCounters c = counters_;
-    c.tracker = tracker_.counters();
-    return c;
+    return counters_;
 }
 
 } // namespace kguest

@@ -27,33 +27,39 @@
 // Activation: the statsq buffer Linux adds (and kicks) before DRIVER_OK is
 // picked up in activate(), since the transport drops kicks before DRIVER_OK.
 //
-// Threading: queue_notify runs on the kicking vCPU thread (there is no
-// device thread; inflate, deflate and reporting are done right there);
-// set_target_pages, request_stats, stats, counters, actual_pages and
-// reset_tracking may be called from any thread (e.g. a control API thread).
-// One mutex guards all state; calls into the transport made under it
-// (interrupts, needs_reset) take only the transport's interrupt lock.
+// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp
+// documents the model). Inflate, deflate, reporting and the stats buffer
+// (the madvise calls among them) run on the loop thread, which alone touches
+// the queues and the tracker; a vCPU's kick (queue_notify, or the ioeventfds
+// the device takes) only flags the queue and wakes the loop, and each pass
+// handles at most kBudget chains. set_target_pages, target_pages,
+// actual_pages, request_stats, stats and counters may be called from any
+// thread (the control API) and never wait for the loop: they read and write
+// state under a short lock (mu_) that the loop takes only to publish
+// counters and samples, never across guest-driven work. request_stats hands
+// the stats buffer back on the loop, after it returns.
 //
 // Reset (2.4): reset() forgets the queues and the stats buffer and sets
 // `actual` to 0, but keeps the tracker: pages inflated before a driver reset
 // stay released until deflated (Linux deflates everything before it resets
-// the device on unload). On a guest reboot the VMM calls reset_tracking() so
-// the stale bitmap does not hide re-inflated pages.
+// the device on unload).
 //
 // The guest is hostile: bad PFNs are counted and skipped, odd buffer lengths
 // are truncated to whole entries, chains are capped in what is read from
 // them, and a malformed chain (PopStatus::error) sets DEVICE_NEEDS_RESET,
-// logged once through a RateLimit. Nothing on these paths throws.
+// logged through a RateLimit. Nothing on these paths throws.
 #pragma once
 
 #include "balloon/tracker.hpp"
 #include "devices/virtio.hpp"
 #include "devices/virtqueue.hpp"
+#include "devices/base/event_loop.hpp"
 #include "devices/base/log.hpp"
 
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
@@ -133,13 +139,18 @@ public:
     static constexpr std::uint16_t kQueueSize = 256;   // reporting needs >= 32 (Linux)
     static constexpr std::size_t kConfigSize = 16;
     // Linux sends at most 256 PFNs per buffer; a chain with more is read up
-    // to this many and counted as truncated (bounds the work of one kick).
+    // to this many and counted as truncated (bounds the work of one chain).
     static constexpr std::uint64_t kMaxPfnsPerChain = 1u << 16;
     static constexpr std::size_t kMaxStatsEntries = 64;
+    // Chains per queue service pass: up to 4 * kMaxPfnsPerChain PFNs (and
+    // as many madvise calls at worst) before the loop turns to other work.
+    static constexpr int kBudget = 4;
 
     // `mem` is the guest RAM the tracker releases (the same object the
-    // transport hands to activate()). Throws nothing beyond std::bad_alloc.
+    // transport hands to activate()). Starts the loop; throws SysError when
+    // it cannot be set up.
     explicit VirtioBalloon(GuestMemory& mem, BalloonOptions options = {});
+    ~VirtioBalloon() override;
 
     // The host's side of the configuration space (5.5.4).
     // Sets num_pages (4 KiB pages the guest should give up) and sends a
@@ -156,13 +167,13 @@ public:
     BalloonStats stats() const;
 
     BalloonCounters counters() const;
-    // Forgets inflated pages (guest reboot); see the comment at the top.
-    void reset_tracking();
     // Which role queue `q` plays under the negotiated features (none before
     // activation).
     BalloonQueue queue_role(std::uint16_t q) const;
-    // Whether page `pfn` is in the balloon (diagnostics, tests).
+    // Whether page `pfn` is in the balloon (diagnostics, tests; asks the loop).
     bool page_inflated(std::uint64_t pfn) const;
+    // Waits until the loop has serviced every kick made so far (tests).
+    bool settle() { return loop_->wait_idle(); }
 
     // VirtioDevice.
     std::uint16_t device_id() const override { return 5; }
@@ -174,28 +185,32 @@ public:
     void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override;
+    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
+    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
 
 private:
-    // All with mu_ held.
-    BalloonQueue role_locked(std::uint16_t q) const;
-    void process_pfns(Virtqueue& vq, bool inflate);
-    void process_stats(Virtqueue& vq, std::uint16_t q);
-    void process_reporting(Virtqueue& vq);
+    static BalloonQueue role_of(std::uint16_t q, std::uint64_t features, bool active);
+    // On the loop.
+    bool service(std::uint16_t q);
+    void take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate);
+    void take_report(Virtqueue& vq, const DescChain& chain);
+    void take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& chain);
     void parse_stats(const DescChain& chain);
-    void fail_locked(const char* what, const Virtqueue& vq);
+    void give_back_stats();
+    void fail_queue(const char* what, GuestError e);
+    void publish();   // the tracker's counters, for counters()
 
     GuestMemory& mem_;
     BalloonOptions options_;
+
+    // Shared with the API threads (mu_, never held across guest-driven work).
     mutable std::mutex mu_;
-    BalloonTracker tracker_;
-    std::span<Virtqueue> queues_;   // empty while not active
+    bool active_ = false;
     std::uint64_t features_ = 0;    // negotiated, at activate()
     std::uint32_t num_pages_ = 0;
     std::uint32_t actual_ = 0;
     std::array<std::uint8_t, 4> actual_bytes_{};   // byte-wise driver writes
-    std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
-    std::uint16_t stats_queue_ = 0;
+    bool stats_held_ = false;       // the loop holds a stats buffer
     bool stats_requested_ = false;
     // The last sample, indexed by virtio tag; has_[tag] says it was sent.
     std::array<std::uint64_t, VIRTIO_BALLOON_S_NR> stat_val_{};
@@ -204,8 +219,17 @@ private:
     std::chrono::steady_clock::time_point sample_time_{};
     std::int64_t sample_unix_s_ = 0;
     BalloonCounters counters_;
+
+    // Loop thread only.
+    BalloonTracker tracker_;
+    std::span<Virtqueue> queues_;   // empty while not active
+    std::uint64_t loop_features_ = 0;
+    std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
+    std::uint16_t stats_queue_ = 0;
     std::vector<std::uint64_t> pfn_buf_;
     RateLimit log_limit_{5};
+
+    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

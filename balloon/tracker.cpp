@@ -133,13 +133,6 @@ std::uint64_t BalloonTracker::report_free(Gpa gpa, std::uint64_t len) {
     return done;
 }
 
-void BalloonTracker::clear() {
-    for (auto& r : regions_) r.reset();
-    counters_.inflated_pages = 0;
-    counters_.regions_released = 0;
-    counters_.bytes_released = 0;
-}
-
 bool BalloonTracker::inflated(std::uint64_t pfn) const {
     Gpa gpa;
     std::uint64_t off = 0;

@@ -24,8 +24,8 @@
 //
 // The guest is hostile: PFNs outside RAM (or in the MMIO hole), a second
 // inflate of a page already in the balloon and a deflate of a page that is
-// not in it are counted and ignored. Not thread-safe: VirtioBalloon holds its
-// lock around every call.
+// not in it are counted and ignored. Not thread-safe: VirtioBalloon calls it
+// from its event loop only.
 #pragma once
 
 #include "devices/base/guest_memory.hpp"
@@ -72,11 +72,6 @@ public:
     // with 4 KiB backing, the aligned 2 MiB chunks inside it otherwise).
     // Parts outside RAM count as bad. Returns the bytes discarded.
     std::uint64_t report_free(Gpa gpa, std::uint64_t len);
-
-    // Forgets every inflated page without touching host memory: for a guest
-    // reboot, where the new kernel owns all of RAM again (discarded pages
-    // simply refault). Counters other than the "now" ones are kept.
-    void clear();
 
     bool inflated(std::uint64_t pfn) const;
     // Whether the 2 MiB region holding guest-physical `gpa` has all its

@@ -1,6 +1,6 @@
 // Packet backends for virtio-net (see net_backend.hpp): the TAP interface,
-// the length-prefixed UNIX stream of QEMU's `-netdev stream` / passt, the
-// `--net` parser and the factory.
+// the length-prefixed UNIX stream of QEMU's `-netdev stream` / passt, and
+// the factory.
 //
 // All packet I/O is io_uring requests the device's loop submits: a READ (TAP)
 // or RECV (stream) waits in the kernel until data comes, and a WRITE or SEND
@@ -27,10 +27,8 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <charconv>
 #include <cstring>
 #include <fcntl.h>
-#include <liburing.h>
 #include <linux/if_tun.h>
 #include <net/if.h>
 #include <sys/ioctl.h>
@@ -40,40 +38,6 @@
 
 namespace kguest {
 
-// ---- --net parsing ----
-
-namespace {
-
-[[noreturn]] void bad_spec(std::string_view spec, const std::string& why) {
-    throw UsageError("--net " + std::string(spec) + ": " + why);
-}
-
-bool parse_mac(std::string_view s, MacAddress& mac) {
-    if (s.size() != 17) return false;
-    for (std::size_t i = 0; i < 6; ++i) {
-        const char* p = s.data() + 3 * i;
-        if (i < 5 && p[2] != ':') return false;
-        unsigned v = 0;
-        auto [end, ec] = std::from_chars(p, p + 2, v, 16);
-        if (ec != std::errc() || end != p + 2) return false;
-        mac[i] = static_cast<std::uint8_t>(v);
-    }
-    return true;
-}
-
-// Linux's dev_valid_name(): 1..15 bytes, no '/', ':' or whitespace, not "." or "..".
-std::string check_ifname(std::string_view spec, std::string_view name) {
-    if (name.empty()) bad_spec(spec, "empty interface name");
-    if (name.size() >= IFNAMSIZ)
-        bad_spec(spec, "interface name '" + std::string(name) + "' is longer than 15 characters");
-    if (name == "." || name == ".." ||
-        name.find_first_of("/: \t\n\r\f\v") != std::string_view::npos)
-        bad_spec(spec, "invalid interface name '" + std::string(name) + "'");
-    return std::string(name);
-}
-
-} // namespace
-
 std::string format_mac(const MacAddress& mac) {
     char buf[18];
     std::snprintf(buf, sizeof buf, "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2], mac[3], mac[4],
@@ -81,63 +45,6 @@ std::string format_mac(const MacAddress& mac) {
     return buf;
 }
 
-NetConfig parse_net_spec(std::string_view spec, unsigned index) {
-    NetConfig cfg;
-    bool have_kind = false, have_mac = false, have_queues = false;
-    std::string_view rest = spec;
-    if (spec.empty()) bad_spec(spec, "empty value (want tap=IFNAME or stream=PATH)");
-    while (true) {
-        const std::size_t comma = rest.find(',');
-        const std::string_view item = rest.substr(0, comma);
-        const std::size_t eq = item.find('=');
-        if (eq == std::string_view::npos) bad_spec(spec, "'" + std::string(item) + "' is not KEY=VALUE");
-        const std::string_view key = item.substr(0, eq), value = item.substr(eq + 1);
-        if (key == "tap" || key == "stream") {
-            if (have_kind) bad_spec(spec, "more than one of tap= and stream=");
-            have_kind = true;
-            if (key == "tap") {
-                cfg.kind = NetConfig::Kind::tap;
-                cfg.target = check_ifname(spec, value);
-            } else {
-                cfg.kind = NetConfig::Kind::stream;
-                if (value.empty()) bad_spec(spec, "empty socket path");
-                if (value.size() >= sizeof(sockaddr_un::sun_path))
-                    bad_spec(spec, "socket path longer than " + std::to_string(sizeof(sockaddr_un::sun_path) - 1) +
-                                       " bytes");
-                cfg.target = std::string(value);
-            }
-        } else if (key == "mac") {
-            if (have_mac) bad_spec(spec, "mac= given twice");
-            have_mac = true;
-            if (!parse_mac(value, cfg.mac))
-                bad_spec(spec, "bad MAC address '" + std::string(value) + "' (want XX:XX:XX:XX:XX:XX)");
-            if (cfg.mac[0] & 1) bad_spec(spec, "MAC address " + std::string(value) + " is multicast");
-            if (cfg.mac == MacAddress{}) bad_spec(spec, "MAC address is all zeros");
-        } else if (key == "queues") {
-            if (have_queues) bad_spec(spec, "queues= given twice");
-            have_queues = true;
-            unsigned n = 0;
-            auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n, 10);
-            if (ec != std::errc() || end != value.data() + value.size() || n < 1 || n > kMaxNetQueuePairs)
-                bad_spec(spec, "queues= wants a number from 1 to " + std::to_string(kMaxNetQueuePairs));
-            cfg.queue_pairs = n;
-        } else {
-            bad_spec(spec, "unknown key '" + std::string(key) + "' (want tap, stream, mac, queues)");
-        }
-        if (comma == std::string_view::npos) break;
-        rest = rest.substr(comma + 1);
-    }
-    if (!have_kind) bad_spec(spec, "missing tap=IFNAME or stream=PATH");
-    if (have_queues && cfg.kind != NetConfig::Kind::tap) bad_spec(spec, "queues= is only for tap");
-    if (!have_mac) {
-        // 52:54:00 is QEMU's locally administered prefix; the low 24 bits
-        // count up from 12:34:56 with the device index.
-        const std::uint32_t low = (0x123456u + index) & 0xffffff;
-        cfg.mac = {0x52, 0x54, 0x00, static_cast<std::uint8_t>(low >> 16), static_cast<std::uint8_t>(low >> 8),
-                   static_cast<std::uint8_t>(low)};
-    }
-    return cfg;
-}
 
 // ---- TAP ----
 
@@ -180,10 +87,9 @@ NetIoResult TapBackend::read_frame(unsigned q, std::span<std::uint8_t> buf) {
     return s.got;
 }
 
-void TapBackend::prep_read(unsigned q, io_uring_sqe* sqe) {
+IoOp TapBackend::read_op(unsigned q) {
     Queue& s = queues_[q];
-    // Offset -1: the file position, which a character device ignores.
-    io_uring_prep_read(sqe, fds_[q].get(), s.in.data(), static_cast<unsigned>(s.in.size()), -1);
+    return {IoOp::Kind::read, fds_[q].get(), s.in.data(), s.in.size()};
 }
 
 void TapBackend::read_done(unsigned q, int res) {
@@ -220,14 +126,13 @@ NetIoResult TapBackend::write_frame(unsigned q, std::span<const iovec> frame) {
     return {NetIo::ok, total, 0};
 }
 
-unsigned TapBackend::prep_write(unsigned q, io_uring_sqe* sqe) {
+IoOp TapBackend::write_op(unsigned q, unsigned& slot) {
     Queue& s = queues_[q];
-    const unsigned slot = s.ready.front();
+    slot = s.ready.front();
     s.ready.erase(s.ready.begin());
     // Not linked: io_uring issues a batch's writes in submission order and
     // tun takes each one whole, on the spot, so frames leave in order.
-    io_uring_prep_write(sqe, fds_[q].get(), s.out[slot].data(), static_cast<unsigned>(s.out[slot].size()), -1);
-    return slot;
+    return {IoOp::Kind::write, fds_[q].get(), s.out[slot].data(), s.out[slot].size()};
 }
 
 NetIo TapBackend::write_done(unsigned q, unsigned slot, int res, unsigned& lost) {
@@ -329,7 +234,7 @@ NetIoResult StreamBackend::read_frame(unsigned, std::span<std::uint8_t> buf) {
     }
 }
 
-void StreamBackend::prep_read(unsigned, io_uring_sqe* sqe) {
+IoOp StreamBackend::read_op(unsigned) {
     // Compact, then receive as much as fits (a whole frame always does:
     // kStreamInBuf holds several of the largest).
     if (in_head_ > 0) {
@@ -338,14 +243,14 @@ void StreamBackend::prep_read(unsigned, io_uring_sqe* sqe) {
         in_head_ = 0;
     }
     asked_ = in_.size() - in_tail_;
-    io_uring_prep_recv(sqe, fd_.get(), in_.data() + in_tail_, asked_, 0);
+    return {IoOp::Kind::recv, fd_.get(), in_.data() + in_tail_, asked_};
 }
 
 void StreamBackend::read_done(unsigned, int res) {
     if (res > 0) {
         in_tail_ += static_cast<std::size_t>(res);
     } else if (res == 0) {
-        eof_ = asked_ > 0;   // (no room asked for nothing: cannot happen, see prep_read)
+        eof_ = asked_ > 0;   // (no room asked for nothing: cannot happen, see read_op)
     } else if (!retry(res)) {
         eof_ = true;
         err_ = -res;
@@ -368,7 +273,7 @@ NetIoResult StreamBackend::write_frame(unsigned, std::span<const iovec> frame) {
     return {NetIo::ok, total, 0};
 }
 
-unsigned StreamBackend::prep_write(unsigned, io_uring_sqe* sqe) {
+IoOp StreamBackend::write_op(unsigned, unsigned& slot) {
     if (out_head_ == out_.size()) {   // all sent: the queued frames go next
         out_.swap(next_);
         out_ends_.swap(next_ends_);
@@ -377,8 +282,8 @@ unsigned StreamBackend::prep_write(unsigned, io_uring_sqe* sqe) {
         out_head_ = 0;
     }
     sending_ = true;
-    io_uring_prep_send(sqe, fd_.get(), out_.data() + out_head_, out_.size() - out_head_, MSG_NOSIGNAL);
-    return 0;
+    slot = 0;
+    return {IoOp::Kind::send, fd_.get(), out_.data() + out_head_, out_.size() - out_head_, MSG_NOSIGNAL};
 }
 
 NetIo StreamBackend::write_done(unsigned, unsigned, int res, unsigned& lost) {

@@ -1,9 +1,11 @@
 // Packet backends for virtio-net (devices/virtio_net.hpp): where the guest's
 // Ethernet frames go on the host. A NetBackend is one or more packet channels
 // ("queues", one per virtqueue pair), each an fd whose reads and writes run on
-// the device's io_uring: the backend fills in the submission entries (SQEs)
-// and takes back their results; the device's event loop submits them, in
-// batches, and waits. Nothing in the data path makes a system call or blocks.
+// the device's event loop (devices/base/event_loop.hpp): the backend
+// describes the request it wants (IoOp: read into this buffer, write these
+// bytes) and takes back its result; the loop turns it into an io_uring
+// request and submits them in batches. Nothing in the data path makes a
+// system call or blocks.
 // Two kinds:
 //
 //   TapBackend     a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI|
@@ -16,14 +18,16 @@
 //                  then the frame. No vnet header. RECVs fill a reassembly
 //                  buffer, SENDs drain a byte queue.
 //
-// Setup (constructors, open_backend, parse_net_spec) throws SysError or
-// UsageError; the data path reports through return values. A backend is used
-// by one thread at a time (the device's loop), so it has no locks of its own.
-// The buffers an SQE points at belong to the backend and stay put until its
+// Setup (constructors, open_backend) throws SysError or UsageError; the
+// data path reports through return values (`--net` parsing lives in the
+// application, vmm/app/net_options.hpp). A backend is used by one thread at
+// a time (the device's loop), so it has no locks of its own.
+// The buffers an IoOp points at belong to the backend and stay put until its
 // completion has been handed back: the ring must be drained (or gone) before
 // the backend is destroyed.
 #pragma once
 
+#include "devices/base/event_loop.hpp"
 #include "devices/base/fd.hpp"
 
 #include <array>
@@ -32,11 +36,8 @@
 #include <memory>
 #include <span>
 #include <string>
-#include <string_view>
 #include <sys/uio.h>
 #include <vector>
-
-struct io_uring_sqe;
 
 namespace kguest {
 
@@ -61,11 +62,6 @@ struct NetConfig {
 
 inline constexpr unsigned kMaxNetQueuePairs = 16;
 
-// Parses `tap=IFNAME[,mac=XX:XX:XX:XX:XX:XX][,queues=N]` or
-// `stream=PATH[,mac=...]`. Without mac=, the MAC is 52:54:00:12:34:56 plus
-// `index` (the device's index among the --net options). Throws UsageError
-// with one line naming the problem.
-NetConfig parse_net_spec(std::string_view spec, unsigned index = 0);
 std::string format_mac(const MacAddress& mac);
 
 // The outcome of one frame transfer.
@@ -96,25 +92,27 @@ public:
     // Receive. read_frame() hands out, one per call, the frames that
     // completed reads brought in (with the vnet header if has_vnet_hdr())
     // into `buf`, which should hold kMaxPacketLen bytes; larger frames are
-    // dropped. On `again` the caller posts a read: prep_read() fills `sqe`
+    // dropped. On `again` the caller posts a read: read_op() describes it
     // (at most one read per queue in flight) and read_done() takes the
-    // completion's result (cqe->res).
+    // completion's result (bytes or -errno).
     virtual NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) = 0;
-    virtual void prep_read(unsigned q, io_uring_sqe* sqe) = 0;
+    virtual IoOp read_op(unsigned q) = 0;
     virtual void read_done(unsigned q, int res) = 0;
 
     // Transmit. write_frame() takes a frame given as pieces (with its vnet
     // header if has_vnet_hdr()) into the backend's output queue: all of it
     // (ok, the caller may reuse the pieces at once), or none (again: the
     // queue is full until a write completes), or it is lost (drop, closed).
-    // While wants_write(), prep_write() fills an SQE for queued output and
-    // names it with a slot number; write_done(q, slot, cqe->res, lost)
+    // While wants_write(), write_op() describes a write of queued output and
+    // names it with a slot number below write_slots(), the most writes one
+    // queue has in flight; write_done(q, slot, result, lost)
     // answers ok, drop or closed, and counts in `lost` the accepted frames
     // that will never leave (a TAP write: its frame; a failed stream SEND:
     // every frame not yet wholly sent).
     virtual NetIoResult write_frame(unsigned q, std::span<const iovec> frame) = 0;
     virtual bool wants_write(unsigned q) const = 0;
-    virtual unsigned prep_write(unsigned q, io_uring_sqe* sqe) = 0;
+    virtual IoOp write_op(unsigned q, unsigned& slot) = 0;
+    virtual unsigned write_slots() const = 0;
     virtual NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) = 0;
 
     // TUN_F_* offloads the guest can take on received frames (TUNSETOFFLOAD);
@@ -143,11 +141,12 @@ public:
     int fd(unsigned q = 0) const override { return fds_[q].get(); }
     bool has_vnet_hdr() const override { return true; }
     NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
-    void prep_read(unsigned q, io_uring_sqe* sqe) override;
+    IoOp read_op(unsigned q) override;
     void read_done(unsigned q, int res) override;
     NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
     bool wants_write(unsigned q) const override { return !queues_[q].ready.empty(); }
-    unsigned prep_write(unsigned q, io_uring_sqe* sqe) override;
+    IoOp write_op(unsigned q, unsigned& slot) override;
+    unsigned write_slots() const override { return kTapTxSlots; }
     NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) override;
     int set_offloads(unsigned tun_flags) override;
     int set_queue_enabled(unsigned q, bool enabled) override;
@@ -182,11 +181,12 @@ public:
     int fd(unsigned = 0) const override { return fd_.get(); }
     bool has_vnet_hdr() const override { return false; }
     NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
-    void prep_read(unsigned q, io_uring_sqe* sqe) override;
+    IoOp read_op(unsigned q) override;
     void read_done(unsigned q, int res) override;
     NetIoResult write_frame(unsigned q, std::span<const iovec> frame) override;
     bool wants_write(unsigned) const override { return !sending_ && (out_head_ < out_.size() || !next_.empty()); }
-    unsigned prep_write(unsigned q, io_uring_sqe* sqe) override;
+    IoOp write_op(unsigned q, unsigned& slot) override;
+    unsigned write_slots() const override { return 1; }
     NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) override;
     std::string describe() const override { return "stream " + name_; }
 

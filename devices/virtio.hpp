@@ -11,8 +11,10 @@
 // Threading: the transport calls activate/reset/read_config/write_config/
 // accept_features under its control lock, on the vCPU thread doing the
 // access; queue_notify runs on the kicking vCPU thread with no transport lock
-// held (so a device may call interrupt_queue from it). The VirtioTransport
-// calls are safe from any thread, including from inside those callbacks.
+// held (so a device may call interrupt_queue from it). A device with work of
+// its own does it on an EventLoop (devices/base/event_loop.hpp): its
+// queue_notify only kicks the loop. The VirtioTransport calls are safe from
+// any thread, including from inside those callbacks.
 #pragma once
 
 #include "devices/virtqueue.hpp"

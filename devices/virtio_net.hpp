@@ -6,16 +6,15 @@
 // (5.1.6); for backends without one the device writes a zero header on RX and
 // strips the header on TX.
 //
-// Threading: one event-loop thread per device, started by the constructor
-// and idle until activate(). It waits in io_uring (liburing) on an internal
-// wake eventfd, on the per-queue notify eventfds handed over by
-// take_notify_fds() (KVM ioeventfds), and on the backend's reads and writes,
-// which are io_uring requests themselves (net_backend.hpp); only that
-// thread touches the queues, guest memory and the backend after construction.
-// queue_notify() (vCPU threads) only flags the queue and wakes the loop.
-// activate(), reset() and take_notify_fds() post a request under a mutex and
-// wait until the loop has acknowledged it, so when reset() returns the loop no
-// longer touches the queues. counters() is safe from any thread.
+// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp,
+// which documents the model): the loop thread waits on the notify eventfds
+// handed over by take_notify_fds() (KVM ioeventfds) and on the backend's
+// reads and writes, and runs one budgeted service pass per queue with work;
+// only it touches the queues, guest memory and the backend after
+// construction. queue_notify() (vCPU threads) only kicks the loop.
+// activate(), reset() and take_notify_fds() run their part on the loop and
+// wait for it (with a timeout), so when reset() returns the loop no longer
+// touches the queues. counters() is safe from any thread.
 // No exceptions leave the guest-driven paths; a malformed ring or an
 // oversized TX frame sets DEVICE_NEEDS_RESET (fail()) and the device stops
 // touching its queues until reset.
@@ -23,18 +22,13 @@
 
 #include "devices/net_backend.hpp"
 #include "devices/virtio.hpp"
-#include "devices/base/fd.hpp"
+#include "devices/base/event_loop.hpp"
 #include "devices/base/log.hpp"
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
-
-struct io_uring_sqe;   // liburing, kept out of this header
 
 namespace kguest {
 
@@ -92,8 +86,8 @@ public:
     static constexpr std::uint16_t kDefaultMtu = 1500;
 
     // Queue pairs = backend->num_queues(). Starts the event loop (idle until
-    // activate()). Throws SysError when io_uring or the eventfd cannot be
-    // set up, std::invalid_argument on a null backend or too many queues.
+    // activate()). Throws SysError when the loop cannot be set up,
+    // std::invalid_argument on a null backend or too many queues.
     VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, std::uint16_t mtu = kDefaultMtu);
     ~VirtioNet() override;   // stops and joins the loop
 
@@ -118,30 +112,28 @@ public:
 
     NetCounters counters() const;
     unsigned queue_pairs() const { return pairs_; }
-    const NetBackend& backend() const { return *backend_; }
 
 private:
     struct Pair;
-    enum class Rx { done, no_buffers, error };
+    struct IoDone;
+    enum class Rx { done, no_buffers, yield, error };
 
-    void loop();
-    void wake();
-    void arm_read(int fd, std::uint64_t tag, std::uint64_t* buf);
+    bool service(std::uint16_t q);
     void post_read(unsigned p);
     void post_writes(unsigned p);
-    void drain();
-    ::io_uring_sqe* get_sqe();
-    void apply_request();
-    void do_activate();
+    void read_done(unsigned p, int res);
+    void write_done(unsigned p, unsigned slot, int res);
+    void do_activate(std::span<Virtqueue> queues, GuestMemory& mem, std::uint64_t features);
     void do_deactivate();
-    void rx_pump(unsigned p);
-    Rx rx_deliver(unsigned p);
-    bool next_rx_chain(unsigned p, DescChain& out, Rx& why);
-    void tx_pump(unsigned p);
-    void ctrl_pump();
+    bool rx_pump(unsigned p);
+    Rx rx_deliver(unsigned p, int& budget);
+    bool next_rx_chain(unsigned p, DescChain& out, Rx& why, int& budget);
+    bool tx_pump(unsigned p);
+    bool tx_frame(unsigned p, const DescChain& c);
+    bool ctrl_pump();
     std::uint8_t ctrl_command(const DescChain& chain);
     void set_active_pairs(unsigned n);
-    void queue_error(std::uint16_t q, const char* what);
+    void queue_error(std::uint16_t q, GuestError e);
     void backend_closed(unsigned p, int err);
     void maybe_notify(std::uint16_t q);
 
@@ -156,22 +148,6 @@ private:
         std::uint16_t max_virtqueue_pairs;
         std::uint16_t mtu;
     } config_{};
-    Fd wake_fd_;
-    struct Ring;
-    std::unique_ptr<Ring> ring_;
-
-    // Requests to the loop (mu_).
-    std::mutex mu_;
-    std::condition_variable acked_;
-    std::uint64_t req_seq_ = 0, ack_seq_ = 0;
-    bool want_active_ = false;
-    bool stop_ = false;
-    std::span<Virtqueue> req_queues_;
-    GuestMemory* req_mem_ = nullptr;
-    std::uint64_t req_features_ = 0;
-    std::vector<int> notify_fds_;
-    std::atomic<std::uint64_t> req_pending_{0};
-    std::unique_ptr<std::atomic<bool>[]> kicks_;
 
     // Loop-thread state.
     bool active_ = false;
@@ -183,18 +159,13 @@ private:
     bool mergeable_ = false;
     bool guest_csum_ = false;
     unsigned active_pairs_ = 1;
-    bool notify_fds_armed_ = false;
-    std::vector<int> loop_notify_fds_;
-    std::vector<std::uint64_t> evbuf_;   // READ targets for the eventfds
-    std::uint64_t in_flight_ = 0;        // io_uring requests submitted or queued, not yet completed
     std::vector<std::unique_ptr<Pair>> pair_;
-    std::vector<bool> dirty_;            // queues with work to do
     std::atomic<std::uint64_t> rx_packets_{0}, rx_bytes_{0}, rx_dropped_{0};
     std::atomic<std::uint64_t> tx_packets_{0}, tx_bytes_{0}, tx_dropped_{0};
     RateLimit log_limit_{5};
     bool logged_error_ = false;
 
-    std::thread thread_;
+    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

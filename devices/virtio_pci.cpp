@@ -375,7 +375,7 @@ void VirtioPciDevice::enable_queue(std::uint16_t qi) {
     }
     KGUEST_LOG_LIMITED(log_limit_, "virtio-pci %04x: queue %u: cannot enable: %s",
                        static_cast<unsigned>(kVirtioPciModernBase + device_->device_id()),
-                       static_cast<unsigned>(qi), q.size == 0 ? "queue not available" : vq.error_reason());
+                       static_cast<unsigned>(qi), q.size == 0 ? "queue not available" : vq.error().reason);
     needs_reset();
 }
 

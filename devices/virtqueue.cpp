@@ -232,4 +232,11 @@ bool Virtqueue::enable_notifications() {
     return avail_idx() != last_avail_;
 }
 
+PopStatus Virtqueue::pop_or_enable_notifications(DescChain& out) {
+    const PopStatus st = pop(out);
+    if (st != PopStatus::empty || !enable_notifications()) return st;
+    disable_notifications();   // buffers arrived meanwhile: take them
+    return pop(out);
+}
+
 } // namespace kguest

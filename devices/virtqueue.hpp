@@ -12,6 +12,7 @@
 // when the driver enables the queue.
 #pragma once
 
+#include "devices/base/error.hpp"
 #include "devices/base/guest_memory.hpp"
 
 #include <cstdint>
@@ -86,7 +87,7 @@ public:
     // of 2, 1..32768), the alignment of each ring (2.7: desc 16, avail 2,
     // used 4) and that each ring lies entirely in guest RAM. On success the
     // queue is ready with both indexes at 0; on failure it stays not ready and
-    // error_reason() says why. A failed queue refuses until reset().
+    // error() says why. A failed queue refuses until reset().
     bool configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint64_t avail_gpa,
                    std::uint64_t used_gpa);
     // Back to the state after construction: not ready, no error, no features.
@@ -94,7 +95,7 @@ public:
 
     bool ready() const { return ready_; }
     bool failed() const { return failed_; }
-    const char* error_reason() const { return reason_; }
+    GuestError error() const { return {reason_}; }
     std::uint16_t size() const { return size_; }
     std::uint16_t last_avail_idx() const { return last_avail_; }
     std::uint16_t used_idx() const { return used_idx_; }
@@ -120,6 +121,32 @@ public:
     // meantime (the caller must pop again, closing the race).
     void disable_notifications();
     bool enable_notifications();
+    // The step every queue service uses: pop(); when the queue is empty,
+    // re-enable notifications and re-check once (2.7.10: a buffer made
+    // available before the driver saw the re-enabled notifications would
+    // otherwise wait for a kick that never comes), disabling them again when
+    // something did arrive. `empty` leaves notifications enabled.
+    PopStatus pop_or_enable_notifications(DescChain& out);
+
+    // One service pass, the shape of every queue handler: with driver
+    // notifications off, hands up to `budget` chains to handle(chain) in
+    // ring order. `more`: the budget ran out (come back after the other
+    // queues, so a guest that keeps republishing buffers cannot pin the
+    // thread); `done`: the ring ran dry (notifications re-enabled, race-free);
+    // `stopped`: handle() returned false (it reported why); `error`: a
+    // malformed ring (error() says why).
+    enum class Pass { done, more, stopped, error };
+    template <typename Fn>
+    Pass service(int budget, Fn&& handle) {
+        disable_notifications();
+        DescChain chain;
+        for (int n = 0; n < budget; ++n) {
+            const PopStatus st = pop_or_enable_notifications(chain);
+            if (st != PopStatus::ok) return st == PopStatus::empty ? Pass::done : Pass::error;
+            if (!handle(chain)) return Pass::stopped;
+        }
+        return Pass::more;
+    }
     // With EVENT_IDX: avail_event = last_avail_idx, i.e. "notify me when you
     // make the next buffer available".
     void set_avail_event();

@@ -1,13 +1,14 @@
-// virtio-balloon device (VIRTIO 1.2 section 5.5) without KVM: a fake
-// transport records interrupts and NEEDS_RESET, and a fake driver lays out
-// split rings in a real 16 MiB GuestMemory (THP and 4 KiB backing) and plays
-// Linux's virtio_balloon: inflate and deflate PFN arrays, the stats buffer
+// virtio-balloon device (VIRTIO 1.2 section 5.5) without KVM, on its event
+// loop: the fake transport (support/fake_virtio.hpp) records interrupts and
+// NEEDS_RESET, and the fake driver lays out split rings in a real 16 MiB
+// GuestMemory (THP and 4 KiB backing) and plays Linux's virtio_balloon: inflate and deflate PFN arrays, the stats buffer
 // round trip, free page reporting, the configuration space; then malformed
 // chains, hostile buffers, the queue layouts, reset, concurrent API calls and
 // a fixed-seed fuzz run over the rings.
 #include "balloon/balloon.hpp"
 
-#include <algorithm>
+#include "support/fake_virtio.hpp"
+
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -25,80 +26,8 @@ constexpr std::uint64_t kPage = 4096;
 constexpr std::uint64_t kRegion = kHugePageSize;
 constexpr std::uint16_t kRingSize = 64;
 
-class FakeTransport : public VirtioTransport {
-public:
-    std::atomic<int> config_irqs{0}, resets_needed{0};
-    std::vector<std::uint16_t> queue_irqs;   // only the test thread's device calls
-    std::atomic<int> queue_irq_count{0};
-    std::uint64_t features = 0;
-
-    virtual ~FakeTransport() = default;
-    void interrupt_queue(std::uint16_t q) override {
-        ++queue_irq_count;
-        if (record) queue_irqs.push_back(q);
-    }
-    void interrupt_config() override { ++config_irqs; }
-    void needs_reset() override { ++resets_needed; }
-    std::uint64_t driver_features() const override { return features; }
-    bool record = true;
-};
-
-struct Buf {
-    std::uint64_t addr;
-    std::uint32_t len;
-    bool write = false;
-};
-
-// The driver side of one split ring (2.7) at `base`.
-class Ring {
-public:
-    Ring(GuestMemory& mem, std::uint64_t base)
-        : mem_(mem), desc_(base), avail_(base + 16ull * kRingSize),
-          used_((avail_ + 6 + 2ull * kRingSize + 3) & ~3ull) {
-        std::vector<std::uint8_t> zero(used_ + 6 + 8ull * kRingSize - base);
-        EXPECT_TRUE(mem_.write(Gpa(base), zero.data(), zero.size()));
-    }
-    bool configure(Virtqueue& q) const { return q.configure(kRingSize, desc_, avail_, used_); }
-
-    void set_desc(std::uint16_t i, Descriptor d) { EXPECT_TRUE(mem_.write_obj(Gpa(desc_ + 16ull * i), d)); }
-    std::uint16_t add(const std::vector<Buf>& bufs) {
-        const std::uint16_t head = next_;
-        for (std::size_t i = 0; i < bufs.size(); ++i) {
-            const std::uint16_t cur = next_;
-            next_ = static_cast<std::uint16_t>((next_ + 1) % kRingSize);
-            const bool last = i + 1 == bufs.size();
-            set_desc(cur, {bufs[i].addr, bufs[i].len,
-                           static_cast<std::uint16_t>((bufs[i].write ? kVirtqDescFWrite : 0) |
-                                                      (last ? 0 : kVirtqDescFNext)),
-                           static_cast<std::uint16_t>(last ? 0 : next_)});
-        }
-        publish(head);
-        return head;
-    }
-    void publish(std::uint16_t head) {
-        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(Gpa(avail_ + 4 + 2ull * (avail_idx_ % kRingSize)), head));
-        ++avail_idx_;
-        EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 2), avail_idx_));
-    }
-    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 2)); }
-    // The next used element {id, len}, if the device has produced one.
-    bool take_used(std::uint32_t& id, std::uint32_t& len) {
-        if (used_idx() == seen_) return false;
-        const std::uint64_t a = used_ + 4 + 8ull * (seen_ % kRingSize);
-        id = *mem_.read_obj<std::uint32_t>(Gpa(a));
-        len = *mem_.read_obj<std::uint32_t>(Gpa(a + 4));
-        ++seen_;
-        return true;
-    }
-    std::uint64_t desc() const { return desc_; }
-    std::uint64_t avail() const { return avail_; }
-    std::uint64_t used() const { return used_; }
-
-private:
-    GuestMemory& mem_;
-    std::uint64_t desc_, avail_, used_;
-    std::uint16_t next_ = 0, avail_idx_ = 0, seen_ = 0;
-};
+using fake::Buf;
+using Ring = fake::Driver;
 
 // A 16 MiB guest with the balloon active. Rings live at 0x10000 + q * 0x2000
 // and driver buffers from 0x100000, both in region 0; the tests use regions
@@ -106,7 +35,7 @@ private:
 class Rig {
 public:
     GuestMemory mem;
-    FakeTransport tr;
+    fake::Transport tr;
     VirtioBalloon dev;
     std::vector<Virtqueue> vqs;
     std::vector<Ring> rings;
@@ -119,15 +48,27 @@ public:
         dev.attach(&tr);
         vqs.reserve(dev.num_queues());
         tr.features = balloon_features | virtio_bit(VIRTIO_F_VERSION_1);
-        for (std::uint16_t q = 0; q < dev.num_queues(); ++q) {
-            vqs.emplace_back(mem);
-            rings.emplace_back(mem, 0x10000 + q * 0x2000ull);
-            EXPECT_TRUE(rings.back().configure(vqs.back())) << vqs.back().error_reason();
-        }
+        for (std::uint16_t q = 0; q < dev.num_queues(); ++q) vqs.emplace_back(mem);
+        lay_out_rings();
         if (active) activate();
+    }
+    // Fresh rings on every queue (the transport resets the queues after a
+    // device reset; the driver then sets them up again).
+    void lay_out_rings() {
+        rings.clear();
+        for (std::uint16_t q = 0; q < dev.num_queues(); ++q) {
+            vqs[q].reset();
+            rings.emplace_back(mem, kRingSize, 0x10000 + q * 0x2000ull);
+            EXPECT_TRUE(rings.back().configure(vqs[q])) << vqs[q].error().reason;
+        }
     }
     ~Rig() { dev.reset(); }
     void activate() { dev.activate(vqs, mem); }   // DRIVER_OK
+    // The guest's kick; then waits until the device's loop has serviced it.
+    void kick(std::uint16_t q) {
+        dev.queue_notify(q);
+        EXPECT_TRUE(dev.settle());
+    }
 
     std::uint64_t alloc(std::uint64_t len) {
         const std::uint64_t a = next_;
@@ -146,8 +87,8 @@ public:
     void send_pfns(std::uint16_t q, const std::vector<std::uint32_t>& pfns) {
         for (std::size_t i = 0; i < pfns.size(); i += 256) {
             std::vector<std::uint32_t> part(pfns.begin() + i, pfns.begin() + std::min(pfns.size(), i + 256));
-            const std::uint16_t head = rings[q].add({pfn_buf(part)});
-            dev.queue_notify(q);
+            const std::uint16_t head = rings[q].add_chain({pfn_buf(part)});
+            kick(q);
             std::uint32_t id = 0, len = 1;
             EXPECT_TRUE(rings[q].take_used(id, len));
             EXPECT_EQ(id, head);
@@ -230,8 +171,8 @@ TEST(BalloonDevice, QueueLayoutFollowsNegotiatedFeatures) {
         Rig rig(Backing::off, 0);
         EXPECT_EQ(rig.dev.queue_role(2), BalloonQueue::none);
         EXPECT_EQ(rig.dev.queue_role(4), BalloonQueue::none);
-        const std::uint16_t head = rig.rings[2].add({{0x100000, 10}});
-        rig.dev.queue_notify(2);   // not negotiated: ignored, buffer left alone
+        const std::uint16_t head = rig.rings[2].add_chain({{0x100000, 10}});
+        rig.kick(2);   // not negotiated: ignored, buffer left alone
         EXPECT_EQ(rig.rings[2].used_idx(), 0);
         (void)head;
     }
@@ -265,7 +206,7 @@ TEST(BalloonDevice, InflateFullRegionWithThpReleasesItAndKeepsTheRest) {
     EXPECT_EQ(c.inflate_buffers, 3u);
     EXPECT_TRUE(rig.dev.page_inflated(r2 / kPage + 7));
     // One used-buffer interrupt per kick (no EVENT_IDX, no NO_INTERRUPT).
-    EXPECT_EQ(rig.tr.queue_irqs, std::vector<std::uint16_t>(3, 0));
+    EXPECT_EQ(rig.tr.queue_irqs(), std::vector<std::uint16_t>(3, 0));
 
     // Deflate: the pages are the guest's again.
     rig.send_pfns(1, pfns);
@@ -307,8 +248,8 @@ TEST(BalloonDevice, HostileInflateBuffers) {
     const std::uint32_t two[2] = {0x402, 0x403};
     const std::uint64_t a = rig.alloc(8);
     ASSERT_TRUE(rig.mem.write(Gpa(a), two, 8));
-    std::uint16_t head = rig.rings[0].add({{a, 6}});
-    rig.dev.queue_notify(0);
+    std::uint16_t head = rig.rings[0].add_chain({{a, 6}});
+    rig.kick(0);
     std::uint32_t id = 0, len = 1;
     ASSERT_TRUE(rig.rings[0].take_used(id, len));
     EXPECT_EQ(id, head);
@@ -320,24 +261,24 @@ TEST(BalloonDevice, HostileInflateBuffers) {
     const std::uint64_t b = rig.alloc(16);
     ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(Gpa(b), 0x404));
     ASSERT_TRUE(rig.mem.write_obj<std::uint32_t>(Gpa(b + 4), 0x405));
-    head = rig.rings[0].add({{b, 2}, {b + 2, 6}, {rig.alloc(64), 64, true}});
-    rig.dev.queue_notify(0);
+    head = rig.rings[0].add_chain({{b, 2}, {b + 2, 6}, {rig.alloc(64), 64, true}});
+    rig.kick(0);
     ASSERT_TRUE(rig.rings[0].take_used(id, len));
     EXPECT_EQ(len, 0u);
     EXPECT_TRUE(rig.dev.page_inflated(0x404));
     EXPECT_TRUE(rig.dev.page_inflated(0x405));
     // An empty and a writable-only chain complete harmlessly.
-    rig.rings[0].add({{rig.alloc(64), 64, true}});
-    rig.dev.queue_notify(0);
+    rig.rings[0].add_chain({{rig.alloc(64), 64, true}});
+    rig.kick(0);
     ASSERT_TRUE(rig.rings[0].take_used(id, len));
     // A huge buffer (4 MiB of zeroes: PFN 0 once, then double inflates) is capped.
-    rig.rings[0].add({{4 * kRegion, static_cast<std::uint32_t>(2 * kRegion)}, {6 * kRegion, static_cast<std::uint32_t>(2 * kRegion)}});
-    rig.dev.queue_notify(0);
+    rig.rings[0].add_chain({{4 * kRegion, static_cast<std::uint32_t>(2 * kRegion)}, {6 * kRegion, static_cast<std::uint32_t>(2 * kRegion)}});
+    rig.kick(0);
     ASSERT_TRUE(rig.rings[0].take_used(id, len));
     c = rig.dev.counters();
     EXPECT_EQ(c.truncated_buffers, 1u);
     EXPECT_EQ(c.tracker.double_inflates, 1u + VirtioBalloon::kMaxPfnsPerChain - 1);
-    EXPECT_EQ(rig.tr.resets_needed, 0);
+    EXPECT_EQ(rig.tr.needs_reset_calls, 0);
     // Deflate of pages never inflated.
     rig.send_pfns(1, {0x500, 0x501, 0xc0001});
     c = rig.dev.counters();
@@ -347,22 +288,22 @@ TEST(BalloonDevice, HostileInflateBuffers) {
 TEST(BalloonDevice, MalformedChainNeedsReset) {
     Rig rig(Backing::off);
     // A descriptor pointing outside guest RAM.
-    rig.rings[0].add({{rig.mem.size() - 2, 4}});
-    rig.dev.queue_notify(0);
-    EXPECT_EQ(rig.tr.resets_needed, 1);
+    rig.rings[0].add_chain({{rig.mem.size() - 2, 4}});
+    rig.kick(0);
+    EXPECT_EQ(rig.tr.needs_reset_calls, 1);
     EXPECT_EQ(rig.dev.counters().bad_chains, 1u);
     EXPECT_TRUE(rig.vqs[0].failed());
-    rig.dev.queue_notify(0);   // still broken: no crash, no used buffers
+    rig.kick(0);   // still broken: no crash, no used buffers
     EXPECT_EQ(rig.rings[0].used_idx(), 0);
     // A loop in the deflate queue.
     rig.rings[1].set_desc(0, {0x100000, 4, kVirtqDescFNext, 0});
     rig.rings[1].publish(0);
-    rig.dev.queue_notify(1);
-    EXPECT_GE(rig.tr.resets_needed, 2);
+    rig.kick(1);
+    EXPECT_GE(rig.tr.needs_reset_calls, 2);
     // Reset brings the device back: the tracker survives, the queues do not.
     rig.dev.reset();
     EXPECT_EQ(rig.dev.queue_role(0), BalloonQueue::none);
-    rig.dev.queue_notify(0);
+    rig.kick(0);
 }
 
 TEST(BalloonDevice, StatsRoundTrip) {
@@ -380,8 +321,8 @@ TEST(BalloonDevice, StatsRoundTrip) {
                               {42, 1}});
     const std::uint64_t buf = rig.alloc(bytes.size());
     ASSERT_TRUE(rig.mem.write(Gpa(buf), bytes.data(), bytes.size()));
-    const std::uint16_t head = rig.rings[2].add({{buf, static_cast<std::uint32_t>(bytes.size())}});
-    rig.dev.queue_notify(2);
+    const std::uint16_t head = rig.rings[2].add_chain({{buf, static_cast<std::uint32_t>(bytes.size())}});
+    rig.kick(2);
     EXPECT_EQ(rig.rings[2].used_idx(), 0);   // the device keeps it
     BalloonStats s = rig.dev.stats();
     ASSERT_TRUE(s.valid);
@@ -412,21 +353,22 @@ TEST(BalloonDevice, StatsRoundTrip) {
     EXPECT_EQ(find_stat(s, "swap_out"), nullptr);   // not sent
 
     // The host asks for fresh values: the buffer comes back used, with an interrupt.
-    rig.tr.queue_irqs.clear();
+    rig.tr.clear_irqs();
     ASSERT_TRUE(rig.dev.request_stats());
     EXPECT_TRUE(rig.dev.stats().request_pending);
     EXPECT_FALSE(rig.dev.request_stats());   // nothing to send until the driver answers
+    ASSERT_TRUE(rig.dev.settle());           // the loop hands the buffer back
     std::uint32_t id = 0, len = 1;
     ASSERT_TRUE(rig.rings[2].take_used(id, len));
     EXPECT_EQ(id, head);
     EXPECT_EQ(len, 0u);
-    EXPECT_EQ(rig.tr.queue_irqs, std::vector<std::uint16_t>{2});
+    EXPECT_EQ(rig.tr.queue_irqs(), std::vector<std::uint16_t>{2});
 
     // The driver refills the same buffer and re-adds it.
     bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 500 * kPage}, {VIRTIO_BALLOON_S_SWAP_OUT, 4096}});
     ASSERT_TRUE(rig.mem.write(Gpa(buf), bytes.data(), bytes.size()));
-    rig.rings[2].add({{buf, static_cast<std::uint32_t>(bytes.size())}});
-    rig.dev.queue_notify(2);
+    rig.rings[2].add_chain({{buf, static_cast<std::uint32_t>(bytes.size())}});
+    rig.kick(2);
     s = rig.dev.stats();
     EXPECT_EQ(s.samples, 2u);
     EXPECT_FALSE(s.request_pending);
@@ -453,7 +395,7 @@ TEST(BalloonDevice, StatsBufferPrimedBeforeDriverOk) {
     auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMTOT, 16 << 20}});
     const std::uint64_t buf = rig.alloc(bytes.size());
     ASSERT_TRUE(rig.mem.write(Gpa(buf), bytes.data(), bytes.size()));
-    const std::uint16_t head = rig.rings[2].add({{buf, static_cast<std::uint32_t>(bytes.size())}});
+    const std::uint16_t head = rig.rings[2].add_chain({{buf, static_cast<std::uint32_t>(bytes.size())}});
     EXPECT_FALSE(rig.dev.stats().valid);
     rig.activate();
     const BalloonStats s = rig.dev.stats();
@@ -461,6 +403,7 @@ TEST(BalloonDevice, StatsBufferPrimedBeforeDriverOk) {
     ASSERT_NE(find_stat(s, "available"), nullptr);
     EXPECT_EQ(find_stat(s, "available")->libvirt_value, 16384u);
     ASSERT_TRUE(rig.dev.request_stats());
+    ASSERT_TRUE(rig.dev.settle());
     std::uint32_t id = 0, len = 1;
     ASSERT_TRUE(rig.rings[2].take_used(id, len));
     EXPECT_EQ(id, head);
@@ -472,21 +415,22 @@ TEST(BalloonDevice, SecondStatsBufferReturnsTheFirst) {
     const std::uint64_t a = rig.alloc(bytes.size()), b = rig.alloc(bytes.size() + 3);
     ASSERT_TRUE(rig.mem.write(Gpa(a), bytes.data(), bytes.size()));
     ASSERT_TRUE(rig.mem.write(Gpa(b), bytes.data(), bytes.size()));
-    const std::uint16_t h1 = rig.rings[2].add({{a, static_cast<std::uint32_t>(bytes.size())}});
-    rig.dev.queue_notify(2);
-    const std::uint16_t h2 = rig.rings[2].add({{b, static_cast<std::uint32_t>(bytes.size() + 3)}});
-    rig.dev.queue_notify(2);
+    const std::uint16_t h1 = rig.rings[2].add_chain({{a, static_cast<std::uint32_t>(bytes.size())}});
+    rig.kick(2);
+    const std::uint16_t h2 = rig.rings[2].add_chain({{b, static_cast<std::uint32_t>(bytes.size() + 3)}});
+    rig.kick(2);
     std::uint32_t id = 0, len = 0;
     ASSERT_TRUE(rig.rings[2].take_used(id, len));
     EXPECT_EQ(id, h1);
     EXPECT_EQ(rig.dev.counters().odd_buffers, 1u);
     ASSERT_TRUE(rig.dev.request_stats());
+    ASSERT_TRUE(rig.dev.settle());
     ASSERT_TRUE(rig.rings[2].take_used(id, len));
     EXPECT_EQ(id, h2);
     EXPECT_EQ(rig.dev.stats().samples, 2u);
     // After reset the buffer is gone and stats keep their last values.
-    rig.rings[2].add({{a, static_cast<std::uint32_t>(bytes.size())}});
-    rig.dev.queue_notify(2);
+    rig.rings[2].add_chain({{a, static_cast<std::uint32_t>(bytes.size())}});
+    rig.kick(2);
     rig.dev.reset();
     EXPECT_FALSE(rig.dev.request_stats());
     EXPECT_TRUE(rig.dev.stats().valid);
@@ -498,16 +442,16 @@ TEST(BalloonDevice, FreePageReporting) {
         const std::uint64_t r4 = 4 * kRegion, r5 = 5 * kRegion;
         rig.touch(r4, 2 * kRegion, 0x44);
         // A 2 MiB block (Linux reports pageblock_order = 2 MiB): released.
-        const std::uint16_t head = rig.rings[3].add({{r4, static_cast<std::uint32_t>(kRegion), true}});
-        rig.dev.queue_notify(3);
+        const std::uint16_t head = rig.rings[3].add_chain({{r4, static_cast<std::uint32_t>(kRegion), true}});
+        rig.kick(3);
         std::uint32_t id = 0, len = 1;
         ASSERT_TRUE(rig.rings[3].take_used(id, len));
         EXPECT_EQ(id, head);
         EXPECT_EQ(len, 0u);
         EXPECT_EQ(rig.mem.resident_bytes(Gpa(r4), kRegion), 0u);
         // A 4 KiB block with THP backing: kept (no huge page is split).
-        rig.rings[3].add({{r5 + kPage, static_cast<std::uint32_t>(kPage), true}});
-        rig.dev.queue_notify(3);
+        rig.rings[3].add_chain({{r5 + kPage, static_cast<std::uint32_t>(kPage), true}});
+        rig.kick(3);
         ASSERT_TRUE(rig.rings[3].take_used(id, len));
         EXPECT_EQ(rig.mem.resident_bytes(Gpa(r5), kRegion), kRegion);
         EXPECT_TRUE(rig.all_bytes(r5, kRegion, 0x44));
@@ -526,9 +470,9 @@ TEST(BalloonDevice, FreePageReporting) {
         const std::uint64_t r4 = 4 * kRegion;
         rig.touch(r4, 4 * kPage, 0x44);
         // Several ranges in one chain; readable buffers are ignored.
-        rig.rings[3].add({{0x100000, 16}, {r4 + kPage, static_cast<std::uint32_t>(kPage), true},
+        rig.rings[3].add_chain({{0x100000, 16}, {r4 + kPage, static_cast<std::uint32_t>(kPage), true},
                           {r4 + 3 * kPage, static_cast<std::uint32_t>(kPage), true}});
-        rig.dev.queue_notify(3);
+        rig.kick(3);
         EXPECT_EQ(rig.mem.resident_bytes(Gpa(r4), 4 * kPage), 2 * kPage);
         EXPECT_TRUE(rig.all_bytes(r4, kPage, 0x44));
         EXPECT_TRUE(rig.all_bytes(r4 + kPage, kPage, 0));
@@ -539,7 +483,7 @@ TEST(BalloonDevice, FreePageReporting) {
 TEST(BalloonDevice, ConfigSpaceTargetAndActual) {
     Rig rig(Backing::off);
     rig.dev.set_target_pages(1234);
-    EXPECT_EQ(rig.tr.config_irqs, 1);
+    EXPECT_EQ(rig.tr.config_calls, 1);
     EXPECT_EQ(rig.dev.target_pages(), 1234u);
     std::uint8_t b[16] = {};
     rig.dev.read_config(0, std::span(b, 16));
@@ -569,37 +513,39 @@ TEST(BalloonDevice, ConfigSpaceTargetAndActual) {
     EXPECT_EQ(v, 1000u + 0x10000);
     std::memcpy(&v, b + 8, 4);
     EXPECT_EQ(v, 0u);
-    EXPECT_EQ(rig.tr.config_irqs, 1);
+    EXPECT_EQ(rig.tr.config_calls, 1);
 
     rig.dev.set_target_pages(0);
-    EXPECT_EQ(rig.tr.config_irqs, 2);
+    EXPECT_EQ(rig.tr.config_calls, 2);
     // Reset: `actual` goes back to 0, the target stays.
     rig.dev.reset();
     EXPECT_EQ(rig.dev.actual_pages(), 0u);
     EXPECT_EQ(rig.dev.target_pages(), 0u);
 }
 
-TEST(BalloonDevice, ResetKeepsTheTrackerUntilResetTracking) {
+TEST(BalloonDevice, ResetKeepsTheTracker) {
     Rig rig(Backing::off);
     rig.send_pfns(0, pfns_of(3 * kRegion, 10));
     rig.dev.reset();
     EXPECT_EQ(rig.dev.counters().tracker.inflated_pages, 10u);
     EXPECT_TRUE(rig.dev.page_inflated(3 * kRegion / kPage));
-    rig.dev.queue_notify(0);   // inactive: ignored
-    rig.dev.reset_tracking();
+    rig.kick(0);   // inactive: ignored
+    // The driver comes back (fresh rings) and deflates what it had inflated.
+    rig.lay_out_rings();
+    rig.activate();
+    rig.send_pfns(1, pfns_of(3 * kRegion, 10));
     EXPECT_EQ(rig.dev.counters().tracker.inflated_pages, 0u);
-    EXPECT_EQ(rig.dev.counters().tracker.bytes_released, 0u);
+    EXPECT_EQ(rig.dev.counters().tracker.stray_deflates, 0u);
     EXPECT_EQ(rig.dev.counters().tracker.bytes_discarded, 10 * kPage);
 }
 
 TEST(BalloonDevice, ApiThreadRacesVcpuKicks) {
     Rig rig(Backing::off);
-    rig.tr.record = false;
     auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 1}});
     const std::uint64_t sbuf = rig.alloc(bytes.size());
     ASSERT_TRUE(rig.mem.write(Gpa(sbuf), bytes.data(), bytes.size()));
-    rig.rings[2].add({{sbuf, static_cast<std::uint32_t>(bytes.size())}});
-    rig.dev.queue_notify(2);
+    rig.rings[2].add_chain({{sbuf, static_cast<std::uint32_t>(bytes.size())}});
+    rig.kick(2);
     std::atomic<bool> stop{false};
     std::thread api([&] {
         std::uint32_t t = 0;
@@ -613,14 +559,69 @@ TEST(BalloonDevice, ApiThreadRacesVcpuKicks) {
     const auto pfns = pfns_of(2 * kRegion, 256);
     const Buf b = rig.pfn_buf(pfns);
     for (int i = 0; i < 200; ++i) {
-        rig.rings[i % 2].add({b});
-        rig.dev.queue_notify(static_cast<std::uint16_t>(i % 2));
+        rig.rings[i % 2].add_chain({b});
+        rig.kick(static_cast<std::uint16_t>(i % 2));
     }
     stop = true;
     api.join();
     EXPECT_EQ(rig.dev.counters().tracker.inflated_pages, 0u);
     EXPECT_EQ(rig.dev.counters().inflate_buffers, 100u);
-    EXPECT_EQ(rig.tr.resets_needed, 0);
+    EXPECT_EQ(rig.tr.needs_reset_calls, 0);
+}
+
+TEST(BalloonDevice, ApiAnswersWhileGuestRepublishesAnInflateBufferForever) {
+    // A feeder thread (the guest) republishes one inflate descriptor of
+    // kMaxPfnsPerChain PFNs as fast as the device uses it. The calls the
+    // control API makes for vm.info (target_pages, actual_pages),
+    // vm.counters (request_stats, counters, stats) and vm.resize
+    // (set_target_pages) never wait on the loop: each answers within 50 ms.
+    Rig rig(Backing::off);
+    auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 1}});
+    const std::uint64_t sbuf = rig.alloc(bytes.size());
+    ASSERT_TRUE(rig.mem.write(Gpa(sbuf), bytes.data(), bytes.size()));
+    rig.rings[2].add_chain({{sbuf, static_cast<std::uint32_t>(bytes.size())}});
+    rig.kick(2);
+    const Buf b = rig.pfn_buf(pfns_of(2 * kRegion, VirtioBalloon::kMaxPfnsPerChain));
+    Ring& ring = rig.rings[0];
+    const std::uint16_t head = ring.add_chain({b});
+    rig.dev.queue_notify(0);
+    std::atomic<bool> stop{false};
+    std::thread guest([&] {
+        while (!stop.load()) {
+            if (static_cast<std::uint16_t>(ring.avail_idx() - ring.used_idx()) < kRingSize) {
+                ring.publish(head);
+                rig.dev.queue_notify(0);
+            } else {
+                std::this_thread::yield();
+            }
+        }
+    });
+    ASSERT_TRUE(fake::wait_until([&] { return rig.dev.counters().inflate_buffers > 2 * kRingSize; }));
+    const std::uint64_t before = rig.dev.counters().inflate_buffers;
+    std::chrono::milliseconds info{0}, counters{0}, resize{0};
+    for (int i = 0; i < 100; ++i) {
+        info = std::max(info, fake::Stopwatch::time([&] {
+                            (void)rig.dev.target_pages();
+                            (void)rig.dev.actual_pages();
+                        }));
+        counters = std::max(counters, fake::Stopwatch::time([&] {
+                                (void)rig.dev.request_stats();
+                                (void)rig.dev.counters();
+                                (void)rig.dev.stats();
+                            }));
+        resize = std::max(resize, fake::Stopwatch::time([&] { rig.dev.set_target_pages(static_cast<std::uint32_t>(i)); }));
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    const std::uint64_t during = rig.dev.counters().inflate_buffers;
+    stop = true;
+    guest.join();
+    EXPECT_LT(info.count(), 50);
+    EXPECT_LT(counters.count(), 50);
+    EXPECT_LT(resize.count(), 50);
+    EXPECT_GT(during, before);   // the loop kept working meanwhile
+    EXPECT_EQ(rig.tr.needs_reset_calls, 0);
+    const auto took = fake::Stopwatch::time([&] { rig.dev.reset(); });
+    EXPECT_LT(took.count(), 1000);
 }
 
 TEST(BalloonDevice, FuzzHostileRingsNeverCrash) {
@@ -628,7 +629,6 @@ TEST(BalloonDevice, FuzzHostileRingsNeverCrash) {
     std::uint64_t buffers = 0, bad_chains = 0;
     for (int round = 0; round < 40; ++round) {
         Rig rig(round % 2 == 0 ? Backing::off : Backing::thp);
-        rig.tr.record = false;
         for (int step = 0; step < 60; ++step) {
             const std::uint16_t q = static_cast<std::uint16_t>(rng() % 6);
             Ring& ring = rig.rings[q % rig.rings.size()];
@@ -650,14 +650,14 @@ TEST(BalloonDevice, FuzzHostileRingsNeverCrash) {
                     rig.mem.write_obj(Gpa(a + 4 * i), v);
                 }
                 const std::uint64_t b = rng() % 2 == 0 ? a : 0x200000 + (rng() % 0xe00) * kPage;
-                ring.add({{b, static_cast<std::uint32_t>(rng() % 257), rng() % 2 == 0}});
+                ring.add_chain({{b, static_cast<std::uint32_t>(rng() % 257), rng() % 2 == 0}});
             } else if (what == 15) {   // a random avail index (hostile driver)
                 rig.mem.write_obj<std::uint16_t>(Gpa(ring.avail() + 2), static_cast<std::uint16_t>(rng()));
             } else {
                 if (rng() % 2 == 0) (void)rig.dev.request_stats();
                 if (rng() % 3 == 0) rig.dev.set_target_pages(static_cast<std::uint32_t>(rng()));
             }
-            rig.dev.queue_notify(q);
+            rig.kick(q);
         }
         const BalloonCounters c = rig.dev.counters();
         EXPECT_LE(c.tracker.inflated_pages, rig.mem.size() / kPage);

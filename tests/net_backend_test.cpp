@@ -7,9 +7,10 @@
 #include "devices/net_backend.hpp"
 #include "devices/virtio_net.hpp"
 #include "devices/base/error.hpp"
+#include "vmm/app/net_options.hpp"
 
-#include "backend_io.hpp"
-#include "fake_virtio.hpp"
+#include "support/backend_io.hpp"
+#include "support/fake_virtio.hpp"
 
 #include <arpa/inet.h>
 #include <cstring>

@@ -1,12 +1,15 @@
 // virtio-pci modern transport (VIRTIO 1.2 section 4.1). A fake VirtioDevice
-// and a fake interrupt sink stand in for virtio-net and the VMM's irqfds; a
-// fake driver plays Linux's virtio_pci_modern: it walks the capability list
-// through config space, sizes and programs BAR 4 (the test's BAR hook maps it
-// on a real MMIO Bus), negotiates features and sets up queues over rings in a
-// real GuestMemory, kicks, and checks the interrupts. Then the refusals of
+// and the fake interrupt sink (support/fake_virtio.hpp) stand in for
+// virtio-net and the VMM's irqfds; a fake driver plays Linux's
+// virtio_pci_modern: it walks the capability list through config space,
+// sizes and programs BAR 4 (the test's BAR hook maps it on a real MMIO Bus),
+// negotiates features and sets up queues over rings in a real GuestMemory,
+// kicks, and checks the interrupts. Then the refusals of
 // the status machine, reset, NEEDS_RESET, MSI-X masking, odd accesses, the
 // PCI_CFG window, and a fixed-seed hostile run over BAR and config space.
 #include "devices/virtio_pci.hpp"
+
+#include "support/fake_virtio.hpp"
 
 #include <algorithm>
 #include <array>
@@ -59,7 +62,7 @@ public:
         Virtqueue& vq = queues[q];
         DescChain chain;
         PopStatus st;
-        while ((st = vq.pop(chain)) == PopStatus::ok) vq.push_used(chain.head(), 0);
+        while ((st = vq.pop_or_enable_notifications(chain)) == PopStatus::ok) vq.push_used(chain.head(), 0);
         if (st == PopStatus::error) {
             fail();
             return;
@@ -73,16 +76,7 @@ public:
     void fail_now() { fail(); }
 };
 
-struct Sink : VirtioInterrupts {
-    std::vector<std::uint16_t> vectors;
-    std::vector<bool> levels;
-    bool level = false;
-    void msix(std::uint16_t vector, std::uint64_t, std::uint32_t) override { vectors.push_back(vector); }
-    void intx(bool l) override {
-        levels.push_back(l);
-        level = l;
-    }
-};
+using Sink = fake::Interrupts;
 
 constexpr std::uint64_t kBarGpa = 0x800000000;   // above 4 GiB: both BAR halves used
 constexpr std::uint64_t kDataGpa = 0x100000;

@@ -1,7 +1,10 @@
-// Split virtqueue: a fake driver lays out the rings in a real GuestMemory and
-// plays the guest's side, well-behaved and hostile (every malformed-chain case
-// of 2.7.5 / 2.7.4.2), plus a fixed-seed fuzz run over random rings.
+// Split virtqueue: the fake driver (support/fake_virtio.hpp) lays out the
+// rings in a real GuestMemory and plays the guest's side, well-behaved and
+// hostile (every malformed-chain case of 2.7.5 / 2.7.4.2), plus a fixed-seed
+// fuzz run over random rings.
 #include "devices/virtqueue.hpp"
+
+#include "support/fake_virtio.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -14,103 +17,8 @@
 namespace kguest {
 namespace {
 
-struct Buf {
-    std::uint64_t addr;
-    std::uint32_t len;
-    bool write = false;
-};
-
-// The driver side of one queue: rings at `base`, data buffers from `data`.
-class FakeDriver {
-public:
-    FakeDriver(GuestMemory& mem, std::uint16_t size, std::uint64_t base = 0x10000)
-        : mem_(mem), size_(size), desc_(base), avail_(base + 16ull * size),
-          used_((avail_ + 6 + 2ull * size + 3) & ~3ull) {
-        std::vector<std::uint8_t> zero(used_ + 6 + 8ull * size - base);
-        EXPECT_TRUE(mem_.write(Gpa(base), zero.data(), zero.size()));
-    }
-
-    std::uint64_t desc() const { return desc_; }
-    std::uint64_t avail() const { return avail_; }
-    std::uint64_t used() const { return used_; }
-    bool configure(Virtqueue& q) const { return q.configure(size_, desc_, avail_, used_); }
-
-    void set_desc(std::uint16_t i, std::uint64_t addr, std::uint32_t len, std::uint16_t flags,
-                  std::uint16_t next = 0) {
-        put_desc(desc_ + 16ull * i, {addr, len, flags, next});
-    }
-    void put_desc(std::uint64_t gpa, Descriptor d) { EXPECT_TRUE(mem_.write_obj(Gpa(gpa), d)); }
-
-    // A bump allocator for data buffers, filled with `fill`.
-    std::uint64_t alloc(std::uint32_t len, std::uint8_t fill = 0) {
-        std::uint64_t a = data_;
-        data_ += (len + 15) & ~15u;
-        std::vector<std::uint8_t> v(len, fill);
-        EXPECT_TRUE(mem_.write(Gpa(a), v.data(), len));
-        return a;
-    }
-
-    // Links `bufs` through NEXT in free descriptor slots and makes the chain
-    // available; returns its head.
-    std::uint16_t add_chain(const std::vector<Buf>& bufs) {
-        std::uint16_t head = next_desc_;
-        for (std::size_t i = 0; i < bufs.size(); ++i) {
-            std::uint16_t cur = next_desc_;
-            next_desc_ = static_cast<std::uint16_t>((next_desc_ + 1) % size_);
-            bool last = i + 1 == bufs.size();
-            set_desc(cur, bufs[i].addr, bufs[i].len,
-                     static_cast<std::uint16_t>((bufs[i].write ? kVirtqDescFWrite : 0) | (last ? 0 : kVirtqDescFNext)),
-                     last ? 0 : next_desc_);
-        }
-        publish(head);
-        return head;
-    }
-
-    // One INDIRECT descriptor pointing at a table at `table` holding `bufs`.
-    std::uint16_t add_indirect(const std::vector<Buf>& bufs, std::uint64_t table) {
-        for (std::size_t i = 0; i < bufs.size(); ++i) {
-            bool last = i + 1 == bufs.size();
-            put_desc(table + 16 * i, {bufs[i].addr, bufs[i].len,
-                                      static_cast<std::uint16_t>((bufs[i].write ? kVirtqDescFWrite : 0) |
-                                                                 (last ? 0 : kVirtqDescFNext)),
-                                      static_cast<std::uint16_t>(last ? 0 : i + 1)});
-        }
-        std::uint16_t head = next_desc_;
-        next_desc_ = static_cast<std::uint16_t>((next_desc_ + 1) % size_);
-        set_desc(head, table, static_cast<std::uint32_t>(16 * bufs.size()), kVirtqDescFIndirect);
-        publish(head);
-        return head;
-    }
-
-    // Puts `head` in the next avail slot and bumps avail->idx (the kick).
-    void publish(std::uint16_t head) {
-        EXPECT_TRUE(mem_.write_obj<std::uint16_t>(Gpa(avail_ + 4 + 2ull * (avail_idx_ % size_)), head));
-        set_avail_idx(static_cast<std::uint16_t>(avail_idx_ + 1));
-    }
-    void set_avail_idx(std::uint16_t idx) {
-        avail_idx_ = idx;
-        EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 2), idx));
-    }
-    void set_avail_flags(std::uint16_t f) { EXPECT_TRUE(mem_.write_obj(Gpa(avail_), f)); }
-    void set_used_event(std::uint16_t v) { EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 4 + 2ull * size_), v)); }
-
-    std::uint16_t used_flags() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_)); }
-    std::uint16_t used_idx() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 2)); }
-    std::uint16_t avail_event() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 4 + 8ull * size_)); }
-    // used->ring[i % size] as {id, len}
-    std::pair<std::uint32_t, std::uint32_t> used_elem(std::uint16_t i) const {
-        std::uint64_t a = used_ + 4 + 8ull * (i % size_);
-        return {*mem_.read_obj<std::uint32_t>(Gpa(a)), *mem_.read_obj<std::uint32_t>(Gpa(a + 4))};
-    }
-
-private:
-    GuestMemory& mem_;
-    std::uint16_t size_;
-    std::uint64_t desc_, avail_, used_;
-    std::uint64_t data_ = 0x100000;
-    std::uint16_t next_desc_ = 0;
-    std::uint16_t avail_idx_ = 0;
-};
+using fake::Buf;
+using FakeDriver = fake::Driver;
 
 class VirtqueueTest : public ::testing::Test {
 protected:
@@ -119,11 +27,11 @@ protected:
     FakeDriver drv{mem, 8};
     DescChain chain;
 
-    void SetUp() override { ASSERT_TRUE(drv.configure(q)) << q.error_reason(); }
+    void SetUp() override { ASSERT_TRUE(drv.configure(q)) << q.error().reason; }
     // Pops expecting an error whose reason contains `what`.
     void expect_error(const std::string& what) {
         EXPECT_EQ(q.pop(chain), PopStatus::error);
-        EXPECT_NE(std::string(q.error_reason()).find(what), std::string::npos) << q.error_reason();
+        EXPECT_NE(std::string(q.error().reason).find(what), std::string::npos) << q.error().reason;
         EXPECT_TRUE(q.failed());
     }
 };
@@ -137,17 +45,17 @@ TEST(Virtqueue, ConfigureChecksSizeAlignmentAndRam) {
     EXPECT_FALSE(q.configure(0, 0x1000, 0x2000, 0x3000));
     EXPECT_FALSE(q.configure(3, 0x1000, 0x2000, 0x3000));
     EXPECT_FALSE(q.configure(0xffff, 0x1000, 0x2000, 0x3000));
-    EXPECT_NE(std::string(q.error_reason()).find("power of 2"), std::string::npos);
+    EXPECT_NE(std::string(q.error().reason).find("power of 2"), std::string::npos);
     EXPECT_FALSE(q.configure(8, 0x1008, 0x2000, 0x3000));   // desc needs 16
     EXPECT_FALSE(q.configure(8, 0x1000, 0x2001, 0x3000));   // avail needs 2
     EXPECT_FALSE(q.configure(8, 0x1000, 0x2000, 0x3002));   // used needs 4
-    EXPECT_NE(std::string(q.error_reason()).find("misaligned"), std::string::npos);
+    EXPECT_NE(std::string(q.error().reason).find("misaligned"), std::string::npos);
     EXPECT_FALSE(q.configure(8, end - 0x70, 0x2000, 0x3000));   // desc needs 0x80
     EXPECT_FALSE(q.configure(8, 0x1000, end - 20, 0x3000));     // avail needs 22
     EXPECT_FALSE(q.configure(8, 0x1000, 0x2000, end - 68));     // used needs 70
     EXPECT_FALSE(q.configure(8, 0x1000, 0x2000, kMmioHoleStart));
     EXPECT_FALSE(q.configure(8, UINT64_MAX - 15, 0x2000, 0x3000));
-    EXPECT_NE(std::string(q.error_reason()).find("guest RAM"), std::string::npos);
+    EXPECT_NE(std::string(q.error().reason).find("guest RAM"), std::string::npos);
     EXPECT_FALSE(q.ready());
     DescChain c;
     EXPECT_EQ(q.pop(c), PopStatus::empty);   // not ready
@@ -165,7 +73,7 @@ TEST_F(VirtqueueTest, EmptyQueuePopsEmpty) {
 TEST_F(VirtqueueTest, ReadableThenWritableChain) {
     std::uint64_t hdr = drv.alloc(4, 0xaa), body = drv.alloc(6, 0xbb), resp = drv.alloc(8, 0);
     std::uint16_t head = drv.add_chain({{hdr, 4}, {body, 6}, {resp, 8, true}});
-    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
     EXPECT_EQ(chain.head(), head);
     ASSERT_EQ(chain.elems().size(), 3u);
     EXPECT_EQ(chain.elems()[0].addr.value(), hdr);
@@ -196,7 +104,7 @@ TEST_F(VirtqueueTest, ScatterGatherAcrossDescriptors) {
     ASSERT_TRUE(mem.write(Gpa(r[2]), src + 8, 7));
     std::uint64_t w0 = drv.alloc(4 + 2, 0xee), w1 = drv.alloc(5 + 2, 0xee);   // 2 guard bytes each
     drv.add_chain({{r[0], 3}, {r[1], 5}, {r[2], 7}, {w0, 4, true}, {w1, 5, true}});
-    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
 
     std::uint8_t got[15] = {};
     ASSERT_TRUE(chain.read(mem, 2, got, 10));   // spans all three readable buffers
@@ -224,7 +132,7 @@ TEST_F(VirtqueueTest, IndirectChain) {
     q.set_indirect(true);
     std::uint64_t a = drv.alloc(16, 0x11), b = drv.alloc(32, 0);
     std::uint16_t head = drv.add_indirect({{a, 16}, {b, 32, true}}, 0x80000);
-    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
     EXPECT_EQ(chain.head(), head);
     EXPECT_EQ(chain.readable_len(), 16u);
     EXPECT_EQ(chain.writable_len(), 32u);
@@ -241,7 +149,7 @@ TEST_F(VirtqueueTest, DirectBuffersThenIndirectTable) {
     drv.set_desc(0, a, 8, kVirtqDescFNext, 1);
     drv.set_desc(1, 0x80000, 16, kVirtqDescFIndirect);
     drv.publish(0);
-    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
     EXPECT_EQ(chain.elems().size(), 2u);
     EXPECT_EQ(chain.writable_len(), 8u);
 }
@@ -250,7 +158,7 @@ TEST_F(VirtqueueTest, ChainOfExactlyQueueSizeIsAccepted) {
     q.set_indirect(true);
     std::vector<Buf> bufs(8, Buf{0x100000, 1});
     drv.add_indirect(bufs, 0x80000);
-    EXPECT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    EXPECT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
     bufs.push_back(bufs[0]);
     drv.add_indirect(bufs, 0x80000);
     expect_error("longer than the queue size");
@@ -266,7 +174,7 @@ TEST(Virtqueue, UsedRingAndIndexesWrapPast65535) {
     std::uint64_t buf = drv.alloc(4);
     for (std::uint32_t i = 0; i < 70000; ++i) {
         std::uint16_t head = drv.add_chain({{buf, 4, true}});
-        ASSERT_EQ(q.pop(c), PopStatus::ok) << i << ": " << q.error_reason();
+        ASSERT_EQ(q.pop(c), PopStatus::ok) << i << ": " << q.error().reason;
         ASSERT_EQ(c.head(), head);
         ASSERT_TRUE(c.write(mem, 0, &i, 4));
         // Even steps: the driver asks for an interrupt at this very entry;
@@ -326,6 +234,26 @@ TEST_F(VirtqueueTest, NotificationSuppressionWithoutEventIdx) {
     EXPECT_TRUE(q.enable_notifications());
     EXPECT_EQ(q.pop(chain), PopStatus::ok);
     EXPECT_FALSE(q.enable_notifications());
+}
+
+TEST_F(VirtqueueTest, PopOrEnableNotifications) {
+    // Work pending: taken, notifications stay off while the device works.
+    q.disable_notifications();
+    drv.add_chain({{drv.alloc(1), 1}});
+    ASSERT_EQ(q.pop_or_enable_notifications(chain), PopStatus::ok);
+    EXPECT_EQ(drv.used_flags(), kVirtqUsedFNoNotify);
+    // Dry: empty, and the driver is asked to notify again.
+    EXPECT_EQ(q.pop_or_enable_notifications(chain), PopStatus::empty);
+    EXPECT_EQ(drv.used_flags(), 0);
+    // With EVENT_IDX the re-enable is avail_event = the next index.
+    q.set_event_idx(true);
+    drv.add_chain({{drv.alloc(1), 1}});
+    ASSERT_EQ(q.pop_or_enable_notifications(chain), PopStatus::ok);
+    EXPECT_EQ(q.pop_or_enable_notifications(chain), PopStatus::empty);
+    EXPECT_EQ(drv.avail_event(), 2);
+    // A broken ring reports the error, not empty.
+    drv.set_avail_idx(static_cast<std::uint16_t>(drv.avail_idx() + 100));
+    EXPECT_EQ(q.pop_or_enable_notifications(chain), PopStatus::error);
 }
 
 TEST_F(VirtqueueTest, AvailEventWithEventIdx) {
@@ -438,7 +366,7 @@ TEST_F(VirtqueueErrors, AvailIdxJumpsTooFar) {
     std::uint64_t b = drv.alloc(1);
     for (int i = 0; i < 8; ++i) drv.set_desc(static_cast<std::uint16_t>(i), b, 1, 0);
     drv.set_avail_idx(8);   // exactly a full ring is fine
-    for (int i = 0; i < 8; ++i) ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    for (int i = 0; i < 8; ++i) ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
     drv.set_avail_idx(17);  // 9 ahead of last_avail = 8
     expect_error("more than queue size ahead");
 }
@@ -456,7 +384,7 @@ TEST_F(VirtqueueErrors, WritableBeforeReadable) {
 TEST_F(VirtqueueErrors, BuffersAtTheEndOfRam) {
     const std::uint64_t end = mem.size();
     drv.add_chain({{end - 16, 16}, {end - 1, 1, true}});   // flush with the end: fine
-    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
     const Buf bad[] = {{end - 8, 16}, {end, 0}, {end, 1}, {UINT64_MAX - 7, 16}, {kMmioHoleStart, 4},
                        {kHighRamStart, 4}, {8, UINT32_MAX}};
     for (const Buf& b : bad) {
@@ -477,12 +405,12 @@ TEST_F(VirtqueueErrors, ErrorIsStickyUntilReset) {
     EXPECT_FALSE(q.push_used(0, 0));
     EXPECT_FALSE(q.enable_notifications());
     EXPECT_FALSE(drv.configure(q));   // re-enabling is not enough
-    EXPECT_NE(std::string(q.error_reason()).find("head index"), std::string::npos);
+    EXPECT_NE(std::string(q.error().reason).find("head index"), std::string::npos);
     q.reset();
     EXPECT_FALSE(q.failed());
     EXPECT_FALSE(q.ready());
     ASSERT_TRUE(drv.configure(q));
-    EXPECT_EQ(q.pop(chain), PopStatus::ok) << q.error_reason();
+    EXPECT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
 }
 
 // Needs RAM on both sides of the MMIO hole: 3 GiB + 4 MiB, untouched except
@@ -499,8 +427,8 @@ TEST(VirtqueueBigRam, LengthsNear4GiBAndTheMmioHole) {
         EXPECT_TRUE(drv.configure(q));
         drv.set_avail_idx(0);
         drv.add_chain(bufs);
-        EXPECT_EQ(q.pop(c), want) << q.error_reason();
-        return std::string(q.error_reason());
+        EXPECT_EQ(q.pop(c), want) << q.error().reason;
+        return std::string(q.error().reason);
     };
     // 3 GiB + (1 GiB - 1) = UINT32_MAX: the largest total that fits used->len.
     expect_pop({{0, 0xc0000000}, {0, 0x3fffffff, true}}, PopStatus::ok);

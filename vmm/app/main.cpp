@@ -4,6 +4,7 @@
 // otherwise returns the guest's own exit status.
 #include "devices/base/error.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/app/net_options.hpp"
 #include "vmm/app/run.hpp"
 #include "vmm/machine.hpp"
 #include "devices/base/size.hpp"

@@ -1,6 +1,6 @@
-// Drives a NetBackend's io_uring requests from a test, one call at a time,
-// the way VirtioNet's loop does: posts a read when the backend needs one,
-// submits its queued writes, and hands every completion back. Tests only.
+// Drives a NetBackend's I/O requests from a test, one call at a time, the
+// way VirtioNet on its EventLoop does: posts a read when the backend needs
+// one, submits its queued writes, and hands every completion back. Tests only.
 #pragma once
 
 #include "devices/net_backend.hpp"
@@ -41,7 +41,7 @@ public:
             if (r.status != NetIo::again) return r;
             if (!reading_[q]) {
                 io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-                b_.prep_read(q, sqe);
+                prep_sqe(sqe, b_.read_op(q));
                 io_uring_sqe_set_data64(sqe, kRead | q);
                 reading_[q] = true;
                 ++in_flight_;
@@ -61,7 +61,8 @@ public:
             while (b_.wants_write(q)) {
                 io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
                 if (sqe == nullptr) break;
-                const unsigned slot = b_.prep_write(q, sqe);
+                unsigned slot = 0;
+                prep_sqe(sqe, b_.write_op(q, slot));
                 io_uring_sqe_set_data64(sqe, kWrite | std::uint64_t{slot} << 8 | q);
                 ++in_flight_;
                 ++writes_;

@@ -1,0 +1,150 @@
+// The device event loop: the one execution model for device models that do
+// work of their own (virtio-net, virtio-balloon). A device gives the loop a
+// queue service function and nothing else runs its guest-driven work.
+//
+// Threads and what runs where:
+//   - The loop thread (one per device, started by the constructor) waits in
+//     one io_uring for everything: its wake eventfd, the watched eventfds
+//     (KVM ioeventfds: a guest kick costs no exit), and the I/O the device
+//     submits (a backend's reads and writes). It runs the completions, the
+//     posted requests, then one service pass for each queue with work. Only
+//     this thread touches the device's queues, guest memory and backend.
+//   - Any other thread (vCPUs, the control API) may only kick() a queue (a
+//     flag and a wake-up), post() work without waiting, or run_and_wait()
+//     work on the loop with a timeout (activate, reset, setup). None of them
+//     waits on anything a guest controls: a service pass is bounded by the
+//     device's work budget (a number of chains per pass, after which the
+//     service returns `true` and the loop comes back to the queue after
+//     giving every other queue and request its turn), so a guest that keeps
+//     republishing buffers can neither pin the loop nor starve a caller.
+// Locks: one mutex for the request list (held only to queue or take a
+// request); the kick flags are atomics. Devices keep what the API reads
+// (counters, configuration) in atomics or under their own short lock, never
+// one held across guest-driven work.
+//
+// I/O: a device describes a request (IoOp: read/recv this fd into this
+// buffer, write/send these bytes) with a Completion, a typed handler called
+// on the loop thread with the result (cqe->res). Requests made during an
+// iteration reach the kernel together in one io_uring_submit. Buffers and
+// Completions must stay alive until the completion ran or stop() returned:
+// stop() cancels what is in flight and waits for it.
+#pragma once
+
+#include "devices/base/fd.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+struct io_uring_sqe;   // liburing, kept out of this header
+
+namespace kguest {
+
+// One I/O request, as a device or backend describes it.
+struct IoOp {
+    enum class Kind { read, write, recv, send };
+    Kind kind = Kind::read;
+    int fd = -1;
+    void* buf = nullptr;
+    std::size_t len = 0;
+    int flags = 0;   // recv/send flags (MSG_*)
+};
+
+// Fills an io_uring submission entry for `op` (the loop's submit(); also
+// for tests that drive a backend's requests themselves).
+void prep_sqe(io_uring_sqe* sqe, const IoOp& op);
+
+class EventLoop {
+public:
+    // Runs on the loop thread with the request's result (bytes, or -errno).
+    class Completion {
+    public:
+        virtual void complete(int res) = 0;
+
+    protected:
+        ~Completion() = default;
+    };
+
+    // One pass over queue q; true when the budget ran out with work left
+    // (the loop calls again after the other queues had their turn).
+    using Service = std::function<bool(std::uint16_t q)>;
+
+    static constexpr std::chrono::milliseconds kDefaultTimeout{2000};
+
+    // Starts the loop thread. `name` prefixes log lines ("virtio-net").
+    // Throws SysError when io_uring or the eventfd cannot be set up.
+    EventLoop(std::string name, std::uint16_t queues, Service service);
+    ~EventLoop();   // stop()
+    EventLoop(const EventLoop&) = delete;
+    EventLoop& operator=(const EventLoop&) = delete;
+
+    // Any thread.
+    void kick(std::uint16_t q);
+    void post(std::function<void()> fn);
+    // Runs fn on the loop (at once when called from it) and waits for it;
+    // false if it did not run within `timeout` (it still runs later, so fn
+    // must own what it captures).
+    bool run_and_wait(std::function<void()> fn, std::chrono::milliseconds timeout = kDefaultTimeout);
+    // Watches one eventfd per queue (fds[q] kicks q; VirtioDevice::
+    // take_notify_fds): the first call wins, later ones return false.
+    bool watch_queues(std::span<const int> fds);
+    // Waits until a pass ends with no queue left to service (tests, settling).
+    bool wait_idle(std::chrono::milliseconds timeout = kDefaultTimeout);
+    // Cancels the I/O in flight, waits for it, and joins the thread. Idempotent.
+    void stop();
+
+    // Loop thread only.
+    void mark(std::uint16_t q) { dirty_[q] = true; }   // q has work: service it
+    void submit(const IoOp& op, Completion& done);
+
+private:
+    struct Request {
+        std::function<void()> fn;
+        bool idle = false;   // a wait_idle() waiter
+        bool done = false;
+    };
+    struct FdWatch;
+
+    void run();
+    void wake();
+    bool enqueue(std::shared_ptr<Request> r, std::chrono::milliseconds timeout);
+    void arm(FdWatch& w);
+    void drain();
+    bool busy() const;
+
+    std::string name_;
+    Service service_;
+    Fd wake_fd_;
+    struct Ring;
+    std::unique_ptr<Ring> ring_;
+    std::unique_ptr<std::atomic<bool>[]> kicks_;
+    std::uint16_t queues_;
+
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<std::shared_ptr<Request>> requests_;
+    bool stop_ = false;
+    std::atomic<bool> pending_{false};
+    std::atomic<bool> watching_{false};
+
+    // Loop thread.
+    std::vector<bool> dirty_;
+    std::vector<std::unique_ptr<FdWatch>> watches_;
+    std::vector<std::shared_ptr<Request>> idle_waiters_;
+    std::uint64_t in_flight_ = 0;
+    bool stopped_ = false;
+    std::thread::id loop_id_;
+    std::thread thread_;
+};
+
+} // namespace kguest
