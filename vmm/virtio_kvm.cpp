@@ -3,6 +3,7 @@
 #include "vmm/virtio_kvm.hpp"
 
 #include "devices/base/error.hpp"
+#include "vmm/board.hpp"
 
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -178,7 +179,7 @@ void VirtioPciSlot::map_bar(std::uint64_t gpa, bool decode) noexcept {
     // Refuse what would shadow RAM or the LAPIC/IOAPIC range (0xfec00000 up
     // to 4 GiB), or wrap; sizing writes (all-ones) land here while decode is
     // usually off, so only log with decode on.
-    bool bad = gpa + size < gpa || (gpa < 0x100000000ull && gpa + size > 0xfec00000ull);
+    bool bad = gpa + size < gpa || (gpa < 0x100000000ull && gpa + size > kIoApicAddress);
     for (const auto& r : mem_.regions()) bad |= gpa < r.gpa.value() + r.size && r.gpa.value() < gpa + size;
     if (!bad) {
         try {
