@@ -1,7 +1,7 @@
 // Integration tests: boot build/guest/guest.elf with `kguest run` on real KVM
 // (and once under QEMU) and check what the guest and the VMM report.
-#include "kvm_env.hpp"
-#include "process.hpp"
+#include "tests/support/kvm_env.hpp"
+#include "tests/support/process.hpp"
 
 #include <cstdlib>
 #include <regex>

@@ -9,7 +9,7 @@
 // PCI_CFG window, and a fixed-seed hostile run over BAR and config space.
 #include "devices/virtio_pci.hpp"
 
-#include "support/fake_virtio.hpp"
+#include "tests/support/fake_virtio.hpp"
 
 #include <algorithm>
 #include <array>

@@ -1,6 +1,6 @@
 // The first real-KVM test: build a VM with our own Kvm/Vm/Vcpu classes, put a
 // few real-mode instructions in guest RAM, and check every exit they cause.
-#include "kvm_env.hpp"
+#include "tests/support/kvm_env.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/guest_memory.hpp"
 

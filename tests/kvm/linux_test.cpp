@@ -11,8 +11,8 @@
 //   `kguest balloon --target`, and `kguest stats` shows the guest's figures.
 // The kernel is $KGUEST_LINUX_KERNEL or /vmlinuz, the initramfs
 // $KGUEST_LINUX_INITRD or whatever scripts/linux-initramfs builds.
-#include "tests/kvm_env.hpp"
-#include "tests/process.hpp"
+#include "tests/support/kvm_env.hpp"
+#include "tests/support/process.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>

@@ -1,16 +1,14 @@
-// virtio-net packet backends (devices/net_backend.hpp): the `--net` parser,
-// the length-prefixed UNIX stream with frames split and coalesced at every
-// byte boundary, oversized and truncated frames, queued partial writes, and
+// virtio-net packet backends (devices/net_backend.hpp): the length-prefixed
+// UNIX stream with frames split and coalesced at every byte boundary, oversized and truncated frames, queued partial writes, and
 // a real TAP interface (named kgb*) exchanging frames with an AF_PACKET
 // socket, directly and through the virtio-net device. The TAP tests skip only
 // when /dev/net/tun cannot be opened for lack of permission or of the node.
 #include "devices/net_backend.hpp"
 #include "devices/virtio_net.hpp"
 #include "devices/base/error.hpp"
-#include "vmm/app/net_options.hpp"
 
-#include "support/backend_io.hpp"
-#include "support/fake_virtio.hpp"
+#include "tests/support/backend_io.hpp"
+#include "tests/support/fake_virtio.hpp"
 
 #include <arpa/inet.h>
 #include <cstring>
@@ -27,72 +25,6 @@
 
 namespace kguest {
 namespace {
-
-// ---- parse_net_spec ----
-
-TEST(NetBackendParse, GoodSpecs) {
-    NetConfig c = parse_net_spec("tap=kgb0");
-    EXPECT_EQ(c.kind, NetConfig::Kind::tap);
-    EXPECT_EQ(c.target, "kgb0");
-    EXPECT_EQ(c.queue_pairs, 1u);
-    EXPECT_EQ(format_mac(c.mac), "52:54:00:12:34:56");
-    c = parse_net_spec("tap=kgb0", 3);
-    EXPECT_EQ(format_mac(c.mac), "52:54:00:12:34:59");
-    c = parse_net_spec("tap=abcdefghijklmno,mac=02:AA:bb:cc:dd:0e,queues=4");
-    EXPECT_EQ(c.target, "abcdefghijklmno");
-    EXPECT_EQ(format_mac(c.mac), "02:aa:bb:cc:dd:0e");
-    EXPECT_EQ(c.queue_pairs, 4u);
-    c = parse_net_spec("mac=52:54:00:00:00:01,stream=/run/user/1000/passt.socket");
-    EXPECT_EQ(c.kind, NetConfig::Kind::stream);
-    EXPECT_EQ(c.target, "/run/user/1000/passt.socket");
-    EXPECT_EQ(format_mac(c.mac), "52:54:00:00:00:01");
-}
-
-TEST(NetBackendParse, BadSpecsThrowUsageError) {
-    const char* bad[] = {
-        "",                                   // empty
-        "tap",                                // not KEY=VALUE
-        "tap=",                               // empty name
-        "tap=abcdefghijklmnop",               // 16 > 15
-        "tap=a/b",                            // invalid name
-        "tap=..",
-        "stream=",
-        "tap=kgb0,stream=/x",                 // two kinds
-        "tap=kgb0,foo=1",                     // unknown key
-        "tap=kgb0,mac=01:00:5e:00:00:01",     // multicast
-        "tap=kgb0,mac=00:00:00:00:00:00",
-        "tap=kgb0,mac=52:54:00:12:34",        // short
-        "tap=kgb0,mac=52-54-00-12-34-56",
-        "tap=kgb0,mac=52:54:00:12:34:5g",
-        "tap=kgb0,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57",
-        "tap=kgb0,queues=0",
-        "tap=kgb0,queues=17",
-        "tap=kgb0,queues=2x",
-        "stream=/x,queues=2",                 // queues only for tap
-        "mac=52:54:00:12:34:56",              // no kind
-        "tap=kgb0,",                          // trailing empty item
-    };
-    for (const char* spec : bad) {
-        try {
-            parse_net_spec(spec);
-            ADD_FAILURE() << "accepted '" << spec << "'";
-        } catch (const UsageError& e) {
-            const std::string msg = e.what();
-            EXPECT_EQ(msg.find('\n'), std::string::npos);
-            EXPECT_EQ(msg.rfind("--net ", 0), 0u) << msg;
-        }
-    }
-    try {
-        parse_net_spec("tap=kgb0,colour=blue");
-    } catch (const UsageError& e) {
-        EXPECT_NE(std::string(e.what()).find("unknown key 'colour'"), std::string::npos) << e.what();
-    }
-    try {
-        parse_net_spec("tap=kgb0,mac=03:00:00:00:00:01");
-    } catch (const UsageError& e) {
-        EXPECT_NE(std::string(e.what()).find("multicast"), std::string::npos) << e.what();
-    }
-}
 
 // ---- StreamBackend ----
 
@@ -242,7 +174,10 @@ TEST(NetBackendStream, ConnectsByPathAndFailsWithSysError) {
     std::memcpy(sa.sun_path, path.c_str(), path.size());
     ASSERT_EQ(::bind(listener.get(), reinterpret_cast<sockaddr*>(&sa), sizeof sa), 0);
     ASSERT_EQ(::listen(listener.get(), 1), 0);
-    auto b = open_backend(parse_net_spec("stream=" + path));
+    NetConfig cfg;
+    cfg.kind = NetConfig::Kind::stream;
+    cfg.target = path;
+    auto b = open_backend(cfg);
     EXPECT_FALSE(b->has_vnet_hdr());
     EXPECT_EQ(b->num_queues(), 1u);
     Fd peer(::accept(listener.get(), nullptr, nullptr));
@@ -366,7 +301,10 @@ TEST(NetBackendTap, MultiQueueTapAndFactory) {
     auto probe = open_tap_or_skip("kgbtest1", skipped);
     if (skipped) GTEST_SKIP() << "no /dev/net/tun access here";
     probe.reset();   // the non-persistent interface goes away
-    auto b = open_backend(parse_net_spec("tap=kgbtest1,queues=2"));
+    NetConfig cfg;
+    cfg.target = "kgbtest1";
+    cfg.queue_pairs = 2;
+    auto b = open_backend(cfg);
     EXPECT_EQ(b->num_queues(), 2u);
     EXPECT_NE(b->fd(0), b->fd(1));
     EXPECT_EQ(b->set_queue_enabled(1, false), 0);

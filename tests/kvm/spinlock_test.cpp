@@ -3,8 +3,8 @@
 // than host CPUs, the pv flavour halts and gets kicked, and --no-pv-spinlocks
 // hides PV_UNHALT so the guest falls back to the native lock. Throughput
 // figures belong to scripts/pvspin-bench, not here.
-#include "kvm_env.hpp"
-#include "process.hpp"
+#include "tests/support/kvm_env.hpp"
+#include "tests/support/process.hpp"
 
 #include <map>
 

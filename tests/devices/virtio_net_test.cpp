@@ -8,7 +8,7 @@
 // republishing a tiny buffer forever, and the multiqueue control command.
 #include "devices/virtio_net.hpp"
 
-#include "support/fake_virtio.hpp"
+#include "tests/support/fake_virtio.hpp"
 
 #include <arpa/inet.h>
 #include <cstring>

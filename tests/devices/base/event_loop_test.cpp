@@ -4,7 +4,7 @@
 // result; eventfd watches kick their queue; post-and-wait times out.
 #include "devices/base/event_loop.hpp"
 
-#include "support/fake_virtio.hpp"
+#include "tests/support/fake_virtio.hpp"
 
 #include <atomic>
 #include <chrono>

@@ -7,8 +7,8 @@
 // - and the same echo test with QEMU's virtio-net-pci, our driver against a
 //   device we did not write.
 // Needs root (TAP devices); CI runs it as root in the sandbox and on the host.
-#include "tests/kvm_env.hpp"
-#include "tests/process.hpp"
+#include "tests/support/kvm_env.hpp"
+#include "tests/support/process.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

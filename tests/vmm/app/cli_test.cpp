@@ -1,7 +1,7 @@
 // `kguest` command-line handling: every bad flag, unreadable or malformed
 // image and too-small memory gives one clear line on stderr and exit status 2
 // before /dev/kvm is even opened (so these run without KVM).
-#include "process.hpp"
+#include "tests/support/process.hpp"
 
 #include <algorithm>
 #include <cstdio>

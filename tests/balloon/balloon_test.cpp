@@ -7,7 +7,7 @@
 // a fixed-seed fuzz run over the rings.
 #include "balloon/balloon.hpp"
 
-#include "support/fake_virtio.hpp"
+#include "tests/support/fake_virtio.hpp"
 
 #include <atomic>
 #include <cstdint>

@@ -8,8 +8,8 @@
 // - the same guest driver against QEMU's virtio-balloon-pci, driven by QMP;
 // - the README's curl examples, malformed requests (4xx, the VM runs on), and
 //   slow clients that do not delay the guest's timer ticks.
-#include "tests/kvm_env.hpp"
-#include "tests/process.hpp"
+#include "tests/support/kvm_env.hpp"
+#include "tests/support/process.hpp"
 
 #include <nlohmann/json.hpp>
 #include <sys/socket.h>

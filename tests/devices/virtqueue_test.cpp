@@ -4,7 +4,7 @@
 // fuzz run over random rings.
 #include "devices/virtqueue.hpp"
 
-#include "support/fake_virtio.hpp"
+#include "tests/support/fake_virtio.hpp"
 
 #include <algorithm>
 #include <cstdint>
