@@ -143,15 +143,11 @@ Bytes aml_buffer(const Bytes& data) {
 }
 // §20.2.5.1 DefScope := ScopeOp PkgLength NameString TermList
 // §20.2.5.2 DefDevice := ExtOpPrefix DeviceOp PkgLength NameString TermList
-Bytes aml_scope(std::string_view name, const Bytes& terms) {
+constexpr std::initializer_list<std::uint8_t> kScopeOp = {0x10}, kDeviceOp = {0x5b, 0x82};
+Bytes aml_named(std::initializer_list<std::uint8_t> op, std::string_view name, const Bytes& terms) {
     Bytes body = name_string(name);
     append(body, terms);
-    return with_pkg({0x10}, body);
-}
-Bytes aml_device(std::string_view name, const Bytes& terms) {
-    Bytes body = name_string(name);
-    append(body, terms);
-    return with_pkg({0x5b, 0x82}, body);
+    return with_pkg(op, body);
 }
 
 // --- Resource descriptors (§6.4) ------------------------------------------
@@ -232,7 +228,7 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
         prt.push_back(aml_package({aml_int((std::uint64_t{slot} << 16) | 0xffff), aml_int(0), aml_int(0),
                                    aml_int(pci::intx_gsi(slot))}));
     append(pci0, aml_name("_PRT", aml_package(prt)));
-    Bytes sb = aml_device("PCI0", pci0);
+    Bytes sb = aml_named(kDeviceOp, "PCI0", pci0);
 
     // The ISA devices with interrupts, from the board table (vmm/board.hpp
     // says why Linux needs them here). Without COM1 here, the 8250's
@@ -247,9 +243,9 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
         append(d, aml_name("_HID", eisa_id(dev.acpi_hid)));
         append(d, aml_name("_UID", aml_int(dev.acpi_uid)));
         append(d, aml_name("_CRS", aml_buffer(res)));
-        append(sb, aml_device(dev.acpi_name, d));
+        append(sb, aml_named(kDeviceOp, dev.acpi_name, d));
     }
-    append(t, aml_scope("\\_SB_", sb));
+    append(t, aml_named(kScopeOp, "\\_SB_", sb));
     finish(t);
     return t;
 }

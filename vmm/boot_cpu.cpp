@@ -61,12 +61,10 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
     kvm_sregs s = vcpu.get_sregs();
     auto seg = [](std::uint16_t sel, std::uint8_t type, bool code_or_data) {
         kvm_segment g{};
-        g.base = 0;
         g.limit = 0xffffffff;
         g.selector = sel;
         g.type = type;
         g.present = 1;
-        g.dpl = 0;
         g.db = 1;
         g.s = code_or_data ? 1 : 0;
         g.g = 1;

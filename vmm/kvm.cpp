@@ -23,6 +23,14 @@ int xioctl(int fd, unsigned long req, const char* name, Arg arg) {
     return r;
 }
 
+// A KVM_GET_* ioctl that fills one struct.
+template <typename T>
+T xget(int fd, unsigned long req, const char* name) {
+    T v{};
+    xioctl(fd, req, name, &v);
+    return v;
+}
+
 } // namespace
 
 // ---- Kvm -------------------------------------------------------------------
@@ -158,19 +166,11 @@ Vcpu Vm::create_vcpu(unsigned id) const {
 
 int Vcpu::run() { return ::ioctl(fd_.get(), KVM_RUN, 0) < 0 ? errno : 0; }
 
-kvm_regs Vcpu::get_regs() const {
-    kvm_regs r{};
-    xioctl(fd_.get(), KVM_GET_REGS, "KVM_GET_REGS", &r);
-    return r;
-}
+kvm_regs Vcpu::get_regs() const { return xget<kvm_regs>(fd_.get(), KVM_GET_REGS, "KVM_GET_REGS"); }
 
 void Vcpu::set_regs(const kvm_regs& r) { xioctl(fd_.get(), KVM_SET_REGS, "KVM_SET_REGS", &r); }
 
-kvm_sregs Vcpu::get_sregs() const {
-    kvm_sregs s{};
-    xioctl(fd_.get(), KVM_GET_SREGS, "KVM_GET_SREGS", &s);
-    return s;
-}
+kvm_sregs Vcpu::get_sregs() const { return xget<kvm_sregs>(fd_.get(), KVM_GET_SREGS, "KVM_GET_SREGS"); }
 
 void Vcpu::set_sregs(const kvm_sregs& s) { xioctl(fd_.get(), KVM_SET_SREGS, "KVM_SET_SREGS", &s); }
 
@@ -197,9 +197,7 @@ std::vector<kvm_msr_entry> Vcpu::get_msrs(const std::vector<std::uint32_t>& indi
 }
 
 kvm_lapic_state Vcpu::get_lapic() const {
-    kvm_lapic_state l{};
-    xioctl(fd_.get(), KVM_GET_LAPIC, "KVM_GET_LAPIC", &l);
-    return l;
+    return xget<kvm_lapic_state>(fd_.get(), KVM_GET_LAPIC, "KVM_GET_LAPIC");
 }
 
 void Vcpu::set_lapic(const kvm_lapic_state& l) { xioctl(fd_.get(), KVM_SET_LAPIC, "KVM_SET_LAPIC", &l); }

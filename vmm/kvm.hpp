@@ -25,7 +25,6 @@ public:
     // Opens the device and insists on KVM_API_VERSION 12 (the only stable one).
     explicit Kvm(const std::string& path = "/dev/kvm");
 
-    int fd() const { return fd_.get(); }
     // KVM_CHECK_EXTENSION on the system fd: 0 when absent, else a cap-specific value.
     int check_extension(long cap) const;
     // Throws, naming the capability, when the host KVM lacks it.
@@ -43,7 +42,6 @@ class Vm {
 public:
     Vm(Fd fd, std::size_t vcpu_mmap_size) : fd_(std::move(fd)), vcpu_mmap_size_(vcpu_mmap_size) {}
 
-    int fd() const { return fd_.get(); }
     int check_extension(long cap) const;
     void set_user_memory_region(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
                                 void* host, std::uint32_t flags = 0);

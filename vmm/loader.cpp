@@ -177,8 +177,10 @@ void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t m
     if (cmdline.find('\0') != std::string::npos) throw UsageError("--cmdline contains a NUL byte");
     mem.write(Gpa(kCmdlineGpa), cmdline.c_str(), cmdline.size() + 1);
 }
-} // namespace
 
+// Copies an initrd to the top of low RAM, below `max_addr` and above
+// `floor` (the end of what the kernel needs); returns its address. Throws
+// UsageError when it does not fit.
 std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
                           std::uint64_t max_addr) {
     // As high as it goes (boot.rst: "as high as possible"), page-aligned,
@@ -192,6 +194,7 @@ std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd
     mem.write(Gpa(gpa), initrd.data(), initrd.size());
     return gpa;
 }
+} // namespace
 
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp,
                                    std::uint64_t initrd_gpa, std::uint64_t initrd_size) {
@@ -295,22 +298,21 @@ SetupHeader parse_setup_header(std::span<const std::uint8_t> image) {
     h.version = get<std::uint16_t>(image, 0x206);
     if (h.version < kMinVersion)
         bad("bzImage boot protocol " + version_str(h.version) + " is too old (kguest needs 2.12 or later)");
-    h.setup_sects = image[0x1f1] == 0 ? 4 : image[0x1f1];
-    h.syssize = get<std::uint32_t>(image, 0x1f4);
+    const unsigned setup_sects = image[0x1f1] == 0 ? 4 : image[0x1f1];
+    const std::uint32_t syssize = get<std::uint32_t>(image, 0x1f4);  // in 16-byte units
     h.loadflags = image[0x211];
     h.initrd_addr_max = get<std::uint32_t>(image, 0x22c);
-    h.xloadflags = get<std::uint16_t>(image, 0x236);
     h.cmdline_size = get<std::uint32_t>(image, 0x238);
     h.pref_address = get<std::uint64_t>(image, 0x258);
     h.init_size = get<std::uint32_t>(image, 0x260);
     if (!(h.loadflags & kLoadedHigh)) bad("a zImage (loaded low), not a bzImage");
-    if (!(h.xloadflags & kXlfKernel64)) bad("bzImage has no 64-bit entry point (XLF_KERNEL_64)");
-    h.setup_bytes = (std::uint64_t(h.setup_sects) + 1) * 512;
-    const std::uint64_t setup_bytes = h.setup_bytes;
-    if (setup_bytes >= image.size()) bad("bzImage truncated: no protected-mode kernel after the setup code");
-    const std::uint64_t kernel_bytes = image.size() - setup_bytes;
-    if (std::uint64_t(h.syssize) * 16 > kernel_bytes)
-        bad("bzImage truncated: the header says " + std::to_string(std::uint64_t(h.syssize) * 16) +
+    if (!(get<std::uint16_t>(image, 0x236) & kXlfKernel64))  // xloadflags
+        bad("bzImage has no 64-bit entry point (XLF_KERNEL_64)");
+    h.setup_bytes = (std::uint64_t(setup_sects) + 1) * 512;
+    if (h.setup_bytes >= image.size()) bad("bzImage truncated: no protected-mode kernel after the setup code");
+    const std::uint64_t kernel_bytes = image.size() - h.setup_bytes;
+    if (std::uint64_t(syssize) * 16 > kernel_bytes)
+        bad("bzImage truncated: the header says " + std::to_string(std::uint64_t(syssize) * 16) +
             " bytes of kernel, the file has " + std::to_string(kernel_bytes));
     if (h.init_size == 0 || h.init_size < kernel_bytes) bad("bzImage has a bad init_size");
     return h;

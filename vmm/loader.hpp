@@ -86,13 +86,10 @@ struct BootPlan {
 
 // The fields of the bzImage setup header kguest reads (boot.rst offsets).
 struct SetupHeader {
-    unsigned setup_sects;         // 0x1f1 (0 means 4)
-    std::uint64_t setup_bytes;    // (setup_sects + 1) * 512: where the protected-mode kernel starts
-    std::uint32_t syssize;        // 0x1f4, in 16-byte units
+    std::uint64_t setup_bytes;    // (setup_sects (0x1f1, 0 means 4) + 1) * 512: where the protected-mode kernel starts
     std::uint16_t version;        // 0x206
     std::uint8_t loadflags;       // 0x211
     std::uint32_t initrd_addr_max;  // 0x22c
-    std::uint16_t xloadflags;     // 0x236
     std::uint32_t cmdline_size;   // 0x238
     std::uint64_t pref_address;   // 0x258
     std::uint32_t init_size;      // 0x260
@@ -128,12 +125,6 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
 // `rsdp` (0 for none) and an initrd already in guest RAM go in too.
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp = 0,
                                    std::uint64_t initrd_gpa = 0, std::uint64_t initrd_size = 0);
-
-// Copies an initrd to the top of low RAM, below `max_addr` and above
-// `floor` (the end of what the kernel needs); returns its address. Throws
-// UsageError when it does not fit.
-std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
-                          std::uint64_t max_addr);
 
 // The whole boot of either kind of image: loads the kernel and initrd (empty
 // span: none), writes the boot information and, for a bzImage, the page

@@ -87,16 +87,16 @@ Machine::Machine(const VmConfig& cfg)
     LegacyWiring wiring;
     wiring.console_fd = console_fd;
     wiring.irq_line = [this](unsigned irq, bool level) { return vm_.irq_line(irq, level); };
-    wiring.stop = [this](int status) { request_stop(status); };
+    wiring.stop = [this](int status) { loop_.request_stop(status); };
     wiring.power_off = [this] {
         log_msg("guest powered off (ACPI S5)");
-        request_stop(0);
+        loop_.request_stop(0);
     };
     wiring.reset = [this] {
         // kguest does not restart guests (nor do Firecracker and kvmtool): a
         // reset ends the VM. Status 0, since `reboot` is a clean request too.
         log_msg("guest reset the machine (reboot); ending the VM");
-        request_stop(0);
+        loop_.request_stop(0);
     };
     for (const auto& r : mem_.regions()) (r.gpa.value() < kHighRamStart ? wiring.ram_below_4g : wiring.ram_above_4g) += r.size;
     legacy_ = make_legacy_devices(wiring);

@@ -80,13 +80,7 @@ public:
     Machine& operator=(const Machine&) = delete;
 
     // The vCPU loop's controls (see vcpu_loop.hpp): start once, then wait.
-    void start() { loop_.start(); }
-    int wait() { return loop_.wait(); }
-    void request_stop(int status) { loop_.request_stop(status); }
-    bool pause() { return loop_.pause(); }
-    void resume() { loop_.resume(); }
-    bool paused() const { return loop_.paused(); }
-    int stop_fd() const { return loop_.stop_fd(); }
+    VcpuLoop& loop() { return loop_; }
 
     const VmConfig& config() const { return cfg_; }
     const GuestMemory& memory() const { return mem_; }

@@ -97,7 +97,6 @@ public:
         if (level) intx_count_.fetch_add(1, std::memory_order_relaxed);
     }
 
-    std::uint32_t intx_gsi() const { return intx_gsi_; }
     std::uint64_t msi_count() const { return msi_count_.load(std::memory_order_relaxed); }
     std::uint64_t intx_count() const { return intx_count_.load(std::memory_order_relaxed); }
 
@@ -147,7 +146,6 @@ VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& 
     if (mapped_ != bar_gpa) throw std::runtime_error("virtio-pci: could not map the BAR of slot " + std::to_string(slot));
 }
 
-std::uint32_t VirtioPciSlot::intx_gsi() const { return irqs_->intx_gsi(); }
 std::uint64_t VirtioPciSlot::msi_count() const { return irqs_->msi_count(); }
 std::uint64_t VirtioPciSlot::intx_count() const { return irqs_->intx_count(); }
 

@@ -62,8 +62,6 @@ public:
     VirtioPciSlot(const VirtioPciSlot&) = delete;
     VirtioPciSlot& operator=(const VirtioPciSlot&) = delete;
 
-    VirtioPciDevice& pci() { return *pci_; }
-    std::uint32_t intx_gsi() const;
     bool ioeventfds() const { return !notify_fds_.empty(); }
     std::uint64_t msi_count() const;
     std::uint64_t intx_count() const;

@@ -237,22 +237,21 @@ private:
         bool timed_out = timed_out_;
         disarm();
         if (ec) {
+            // An error answer, then the connection closes.
+            auto refuse = [this](unsigned status, const std::string& why) { send(error_reply(status, why), false, 11); };
             if (timed_out) {
                 if (parser_->got_some() || buffer_.size() > 0)
-                    return send(error_reply(408, "request not complete within " +
-                                                     std::to_string(srv_.limits.request_timeout.count()) + " ms"),
-                                false, 11);
+                    return refuse(408, "request not complete within " +
+                                           std::to_string(srv_.limits.request_timeout.count()) + " ms");
                 return close();
             }
             if (ec == http::error::end_of_stream || ec == http::error::partial_message) return close();
             if (ec == http::error::body_limit)
-                return send(error_reply(413, "body over " + std::to_string(srv_.limits.body_limit) + " bytes"),
-                            false, 11);
+                return refuse(413, "body over " + std::to_string(srv_.limits.body_limit) + " bytes");
             if (ec == http::error::header_limit)
-                return send(error_reply(431, "header over " + std::to_string(srv_.limits.header_limit) + " bytes"),
-                            false, 11);
+                return refuse(431, "header over " + std::to_string(srv_.limits.header_limit) + " bytes");
             if (ec.category() == http::make_error_code(http::error::bad_method).category())
-                return send(error_reply(400, "malformed HTTP request: " + ec.message()), false, 11);
+                return refuse(400, "malformed HTTP request: " + ec.message());
             return close();  // an I/O error: the client is gone
         }
         const auto& req = parser_->get();
@@ -412,35 +411,23 @@ ApiServer::ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits li
 
     int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) throw_errno("socket(AF_UNIX)");
-    auto fail = [&](const std::string& call) {
-        int err = errno;
+    // Closes the socket, removes its file once bound, and throws.
+    auto fail = [&](const std::string& call, int err, bool bound) {
         ::close(fd);
+        if (bound) ::unlink(socket_path.c_str());
         throw SysError(call, err);
     };
-    if (::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) fail("bind " + socket_path);
+    if (::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) fail("bind " + socket_path, errno, false);
     // Nobody can connect before listen(), so the chmod leaves no window.
     struct stat st {};
-    if (::chmod(socket_path.c_str(), 0600) != 0 || ::stat(socket_path.c_str(), &st) != 0) {
-        int err = errno;
-        ::unlink(socket_path.c_str());
-        errno = err;
-        fail("chmod " + socket_path);
-    }
+    if (::chmod(socket_path.c_str(), 0600) != 0 || ::stat(socket_path.c_str(), &st) != 0)
+        fail("chmod " + socket_path, errno, true);
     impl_->dev = st.st_dev;
     impl_->ino = st.st_ino;
-    if (::listen(fd, 64) != 0) {
-        int err = errno;
-        ::unlink(socket_path.c_str());
-        errno = err;
-        fail("listen " + socket_path);
-    }
+    if (::listen(fd, 64) != 0) fail("listen " + socket_path, errno, true);
     beast::error_code ec;
     impl_->acceptor.assign(asio::local::stream_protocol(), fd, ec);
-    if (ec) {
-        ::close(fd);
-        ::unlink(socket_path.c_str());
-        throw SysError("api acceptor " + socket_path, ec.value());
-    }
+    if (ec) fail("api acceptor " + socket_path, ec.value(), true);
     impl_->accept();
     impl_->thread = std::thread([impl = impl_.get()] {
         for (;;) {

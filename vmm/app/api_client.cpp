@@ -152,36 +152,24 @@ CliOptions parse_cli(int argc, char** argv) {
     CliOptions o;
     o.cmd = argv[1];
     const bool balloon = o.cmd == "balloon";
-    for (int i = 2; i < argc; ++i) {
-        std::string a = argv[i];
-        std::optional<std::string> inline_value;
-        if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
-            inline_value = a.substr(eq + 1);
-            a.resize(eq);
-        }
-        auto value = [&]() -> std::string {
-            if (inline_value) return *inline_value;
-            if (i + 1 >= argc) throw UsageError(o.cmd + ": " + a + " needs a value");
-            return argv[++i];
-        };
-        auto no_value = [&] {
-            if (inline_value) throw UsageError(o.cmd + ": " + a + " takes no value");
-        };
+    Args args(argc, argv, 2, o.cmd + ": ");
+    while (!args.done()) {
+        std::string a = args.flag();
         if (a == "--help" || a == "-h") {
             o.help = true;
         } else if (a == "--json") {
-            no_value();
+            args.no_value(a);
             o.json = true;
         } else if (a == "--api-socket" && o.cmd != "list") {
-            o.socket = value();
+            o.socket = args.value(a);
             if (o.socket->empty()) throw UsageError(o.cmd + ": --api-socket needs a path");
         } else if (a == "--target" && balloon) {
-            o.target = value();
+            o.target = args.value(a);
         } else if (a == "--wait" && balloon) {
-            no_value();
+            args.no_value(a);
             o.wait = true;
         } else if (a == "--timeout" && balloon) {
-            std::string v = value();
+            std::string v = args.value(a);
             char* end = nullptr;
             double s = std::strtod(v.c_str(), &end);
             if (v.empty() || *end != '\0' || !std::isfinite(s) || s <= 0 || s > 1e6)
@@ -216,10 +204,6 @@ std::string mib(std::uint64_t bytes) {
     return buf;
 }
 
-bool ends_with(const std::string& s, std::string_view suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 using Lines = std::vector<std::pair<std::string, std::string>>;
 
 // Nested objects become dotted keys; "*_bytes" and "memory" values print in MiB.
@@ -229,8 +213,8 @@ void flatten(const json& j, const std::string& key, Lines& out) {
         return;
     }
     std::string k = key, v;
-    bool bytes = ends_with(k, "_bytes");
-    if ((bytes || k == "memory" || ends_with(k, ".memory")) && j.is_number_unsigned()) {
+    bool bytes = k.ends_with("_bytes");
+    if ((bytes || k == "memory" || k.ends_with(".memory")) && j.is_number_unsigned()) {
         if (bytes) k.resize(k.size() - 6);
         v = mib(j.get<std::uint64_t>());
     } else if (j.is_string()) {
@@ -306,7 +290,7 @@ int cmd_list(const CliOptions& o) {
     if (DIR* d = ::opendir(dir.c_str())) {
         while (dirent* e = ::readdir(d)) {
             std::string n = e->d_name;
-            if (n.size() > 5 && ends_with(n, ".sock")) names.push_back(n.substr(0, n.size() - 5));
+            if (n.size() > 5 && n.ends_with(".sock")) names.push_back(n.substr(0, n.size() - 5));
         }
         ::closedir(d);
     } else if (errno != ENOENT) {

@@ -14,9 +14,13 @@
 // 2 bad usage. Beast stays inside api_client.cpp.
 #pragma once
 
+#include "devices/base/error.hpp"
+
 #include <chrono>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -46,8 +50,6 @@ public:
         return request("PUT", endpoint, body);
     }
 
-    const std::string& socket_path() const { return path_; }
-
 private:
     std::string path_;
     std::chrono::milliseconds timeout_;
@@ -58,6 +60,48 @@ private:
 std::string default_socket_dir();
 // default_socket_dir() + "/NAME.sock"; throws UsageError for a name with '/'.
 std::string socket_for(const std::string& name);
+
+// Splits "--flag=value" and "--flag value" uniformly for the subcommands'
+// parsers; `prefix` ("balloon: ") starts each of its messages.
+class Args {
+public:
+    Args(int argc, char** argv, int first, std::string prefix = "")
+        : v_(argv + first, argv + argc), prefix_(std::move(prefix)) {}
+    bool done() const { return i_ >= v_.size(); }
+    std::string flag() {
+        pending_.reset();
+        std::string a = v_[i_++];
+        if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
+            pending_ = a.substr(eq + 1);
+            return a.substr(0, eq);
+        }
+        return a;
+    }
+    std::string value(const std::string& flag) {
+        if (pending_) {
+            std::string v = *pending_;
+            pending_.reset();
+            return v;
+        }
+        if (done()) throw UsageError(prefix_ + flag + " needs a value");
+        return v_[i_++];
+    }
+    // The `=VALUE` of `--flag=VALUE`, for flags whose value is optional.
+    std::optional<std::string> optional_value() {
+        std::optional<std::string> v;
+        v.swap(pending_);
+        return v;
+    }
+    void no_value(const std::string& flag) {
+        if (pending_) throw UsageError(prefix_ + flag + " takes no value");
+    }
+
+private:
+    std::vector<std::string> v_;
+    std::string prefix_;
+    std::size_t i_ = 0;
+    std::optional<std::string> pending_;
+};
 
 // The usage lines of these subcommands, for `kguest --help`.
 const char* cli_usage();

@@ -11,13 +11,9 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <string>
-#include <optional>
 #include <pthread.h>
-#include <string_view>
-#include <vector>
 
 namespace kguest {
 namespace {
@@ -47,44 +43,6 @@ constexpr const char* kUsage =
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
     "                            /run/kguest/NAME.sock for root)\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n";
-
-// Splits "--flag=value" and "--flag value" uniformly.
-class Args {
-public:
-    Args(int argc, char** argv, int first) : v_(argv + first, argv + argc) {}
-    bool done() const { return i_ >= v_.size(); }
-    std::string flag() {
-        std::string a = v_[i_++];
-        if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
-            pending_ = a.substr(eq + 1);
-            return a.substr(0, eq);
-        }
-        return a;
-    }
-    std::string value(const std::string& flag) {
-        if (pending_) {
-            std::string v = *pending_;
-            pending_.reset();
-            return v;
-        }
-        if (done()) throw UsageError(flag + " needs a value");
-        return v_[i_++];
-    }
-    // The `=VALUE` of `--flag=VALUE`, for flags whose value is optional.
-    std::optional<std::string> optional_value() {
-        std::optional<std::string> v;
-        v.swap(pending_);
-        return v;
-    }
-    void no_value(const std::string& flag) {
-        if (pending_) throw UsageError(flag + " takes no value");
-    }
-
-private:
-    std::vector<std::string> v_;
-    std::size_t i_ = 0;
-    std::optional<std::string> pending_;
-};
 
 // --balloon=KEY=on|off,...: the features the balloon offers (all by default),
 // named as Cloud Hypervisor's --balloon names them.

@@ -55,7 +55,7 @@ public:
         const GuestMemory& mem = m_.memory();
         VmInfo i;
         i.name = m_.config().name;
-        i.paused = m_.paused();
+        i.paused = m_.loop().paused();
         i.cpus = m_.config().cpus;
         i.memory = mem.size();
         i.backing = mem.backing();
@@ -87,16 +87,16 @@ public:
         return ControlError::none;
     }
     ControlError pause() override {
-        if (m_.paused()) return ControlError::already_paused;
-        return m_.pause() ? ControlError::none : ControlError::pause_failed;
+        if (m_.loop().paused()) return ControlError::already_paused;
+        return m_.loop().pause() ? ControlError::none : ControlError::pause_failed;
     }
     ControlError resume() override {
-        if (!m_.paused()) return ControlError::not_paused;
-        m_.resume();
+        if (!m_.loop().paused()) return ControlError::not_paused;
+        m_.loop().resume();
         return ControlError::none;
     }
     ControlError shutdown() override {
-        m_.request_stop(0);
+        m_.loop().request_stop(0);
         return ControlError::none;
     }
 
@@ -184,25 +184,25 @@ private:
 // that the console thread and the vCPU threads end and can be joined.
 struct StopOnExit {
     Machine& m;
-    ~StopOnExit() { m.request_stop(1); }
+    ~StopOnExit() { m.loop().request_stop(1); }
 };
 
 // Waits in the calling thread for the VM to stop or a stop signal to arrive;
 // true when a signal stopped it.
 bool wait_for_stop(Machine& m, int signal_fd) {
-    pollfd fds[2] = {{signal_fd, POLLIN, 0}, {m.stop_fd(), POLLIN, 0}};
+    pollfd fds[2] = {{signal_fd, POLLIN, 0}, {m.loop().stop_fd(), POLLIN, 0}};
     for (;;) {
         int n = ::poll(fds, 2, -1);
         if (n < 0 && errno != EINTR) {
             log_msg("poll: %s (errno %d); stopping the VM", std::strerror(errno), errno);
-            m.request_stop(1);
+            m.loop().request_stop(1);
             return false;
         }
         if (n > 0 && (fds[0].revents & POLLIN)) {
             signalfd_siginfo si;
             if (::read(signal_fd, &si, sizeof si) == sizeof si) {
                 log_msg("caught %s; stopping the VM", strsignal(static_cast<int>(si.ssi_signo)));
-                m.request_stop(128 + static_cast<int>(si.ssi_signo));
+                m.loop().request_stop(128 + static_cast<int>(si.ssi_signo));
                 return true;
             }
         }
@@ -246,10 +246,10 @@ int run_vm(const VmConfig& cfg) {
             api = std::make_unique<ApiServer>(cfg.api_socket.empty() ? socket_for(cfg.name) : cfg.api_socket, control);
         std::unique_ptr<ConsoleInput> console;
         StopOnExit stop_on_exit{m};
-        if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.stop_fd());
-        m.start();
+        if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.loop().stop_fd());
+        m.loop().start();
         signalled = wait_for_stop(m, signals.fd());
-        status = m.wait();
+        status = m.loop().wait();
     }
     exit_report(m, status, signalled);
     return status;
