@@ -56,10 +56,6 @@ constexpr StatName kStatNames[VIRTIO_BALLOON_S_NR] = {
     {kVirHugetlbPgfail, "hugetlb_pgfail", 1},     // VIRTIO_BALLOON_S_HTLB_PGFAIL
 };
 
-std::uint32_t load_le32(const std::uint8_t* p) {
-    return std::uint32_t{p[0]} | std::uint32_t{p[1]} << 8 | std::uint32_t{p[2]} << 16 | std::uint32_t{p[3]} << 24;
-}
-
 const char* role_name(BalloonQueue r) {
     switch (r) {
     case BalloonQueue::inflate: return "inflateq";
@@ -106,8 +102,8 @@ void VirtioBalloon::read_config(std::uint64_t offset, std::span<std::uint8_t> da
     std::array<std::uint8_t, kConfigSize> img{};
     {
         std::lock_guard lock(mu_);
-        for (unsigned i = 0; i < 4; ++i) img[i] = static_cast<std::uint8_t>(num_pages_ >> (8 * i));
-        std::copy(actual_bytes_.begin(), actual_bytes_.end(), img.begin() + 4);
+        std::memcpy(img.data(), &num_pages_, 4);   // le32 fields: the host is little-endian
+        std::memcpy(img.data() + 4, &actual_, 4);
     }
     for (std::size_t i = 0; i < data.size(); ++i)
         data[i] = offset + i < img.size() ? img[offset + i] : 0xff;
@@ -119,9 +115,8 @@ void VirtioBalloon::write_config(std::uint64_t offset, std::span<const std::uint
     std::lock_guard lock(mu_);
     for (std::size_t i = 0; i < data.size(); ++i) {
         const std::uint64_t o = offset + i;
-        if (o >= 4 && o < 8) actual_bytes_[o - 4] = data[i];
+        if (o >= 4 && o < 8) reinterpret_cast<std::uint8_t*>(&actual_)[o - 4] = data[i];
     }
-    actual_ = load_le32(actual_bytes_.data());
 }
 
 void VirtioBalloon::set_target_pages(std::uint32_t pages) {
@@ -181,7 +176,6 @@ void VirtioBalloon::reset() {
         features_ = 0;
         stats_held_ = stats_requested_ = false;
         actual_ = 0;
-        actual_bytes_ = {};
     });
 }
 
@@ -268,8 +262,7 @@ void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflat
     for (std::uint64_t done = 0; done < n_pfns;) {
         const std::uint64_t k = std::min(kChunk, n_pfns - done);
         if (!chain.read(mem_, done * 4, raw, k * 4)) break;   // cannot happen: n_pfns fits
-        pfn_buf_.resize(k);
-        for (std::uint64_t i = 0; i < k; ++i) pfn_buf_[i] = load_le32(reinterpret_cast<const std::uint8_t*>(&raw[i]));
+        pfn_buf_.assign(raw, raw + k);   // le32, and so is the host
         if (inflate)
             tracker_.inflate(pfn_buf_);
         else

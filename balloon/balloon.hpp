@@ -209,7 +209,6 @@ private:
     std::uint64_t features_ = 0;    // negotiated, at activate()
     std::uint32_t num_pages_ = 0;
     std::uint32_t actual_ = 0;
-    std::array<std::uint8_t, 4> actual_bytes_{};   // byte-wise driver writes
     bool stats_held_ = false;       // the loop holds a stats buffer
     bool stats_requested_ = false;
     // The last sample, indexed by virtio tag; has_[tag] says it was sent.

@@ -45,7 +45,6 @@ std::string format_mac(const MacAddress& mac) {
     return buf;
 }
 
-
 // ---- TAP ----
 
 TapBackend::TapBackend(const std::string& ifname, unsigned queues) {

@@ -79,7 +79,6 @@ public:
     void set_bar(unsigned index, std::uint64_t size, BarKind kind, bool prefetchable = false);
     BarAddress bar_address(unsigned index) const;
     std::uint64_t bar_size(unsigned index) const { return index < pci::kNumBars ? bars_[index].size : 0; }
-    BarKind bar_kind(unsigned index) const { return index < pci::kNumBars ? bars_[index].kind : BarKind::kNone; }
 
     // Guest accesses, as routed by the host bridge: `size` bytes at `offset`
     // (little-endian); bytes past 0xff read 0xff / are dropped.

@@ -476,35 +476,7 @@ void VirtioPciDevice::msix_write(std::uint64_t off, std::size_t size, std::uint6
         if (word + i == 3) e[3] = w & 1;   // only the mask bit of Vector Control
         else e[word + i] = w;
     }
-    if (msix_hook_) msix_hook_(static_cast<std::uint16_t>(entry));
     deliver_pending_locked();   // an unmask delivers what was pending
-}
-
-VirtioPciDevice::MsixEntry VirtioPciDevice::msix_entry(std::uint16_t vector) const {
-    std::lock_guard lock(irq_mu_);
-    if (vector >= msix_table_.size()) return {};
-    const auto& e = msix_table_[vector];
-    return {std::uint64_t{e[0]} | std::uint64_t{e[1]} << 32, e[2], (e[3] & 1) != 0};
-}
-
-bool VirtioPciDevice::msix_enabled() const {
-    std::lock_guard lock(irq_mu_);
-    return msix_enabled_;
-}
-
-bool VirtioPciDevice::msix_function_masked() const {
-    std::lock_guard lock(irq_mu_);
-    return msix_masked_;
-}
-
-bool VirtioPciDevice::msix_pending(std::uint16_t vector) const {
-    std::lock_guard lock(irq_mu_);
-    return vector < msix_table_.size() && (pba_[vector / 64] >> (vector % 64) & 1) != 0;
-}
-
-std::uint8_t VirtioPciDevice::isr_peek() const {
-    std::lock_guard lock(irq_mu_);
-    return isr_;
 }
 
 // ---- PCI configuration space hooks ----
@@ -526,7 +498,6 @@ void VirtioPciDevice::on_command_write(std::uint16_t old_cmd, std::uint16_t new_
 
 void VirtioPciDevice::notify_bar_hook() {
     const BarAddress b = bar_address(kBar);
-    bar_decode_.store(b.decode);
     if (bar_hook_) bar_hook_(b.address, b.decode);
 }
 
@@ -539,7 +510,6 @@ void VirtioPciDevice::on_config_write(unsigned offset, unsigned size) {
         msix_enabled_ = (flags & PCI_MSIX_FLAGS_ENABLE) != 0;
         msix_masked_ = (flags & PCI_MSIX_FLAGS_MASKALL) != 0;
         update_intx_locked();
-        if (msix_hook_) msix_hook_(VIRTIO_MSI_NO_VECTOR);
         deliver_pending_locked();
     }
     if (offset < pci_cfg_cap_ + 20u && end > pci_cfg_cap_ + 4u) pci_cfg_window(offset, size);

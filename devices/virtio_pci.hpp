@@ -27,8 +27,8 @@
 // Locking: a control lock serialises the common/device configuration (status,
 // negotiation, queue setup); an interrupt lock guards ISR, vectors and the
 // MSI-X table/PBA, and is taken after the control lock when both are needed.
-// VirtioInterrupts and the MSI-X hook are called under the interrupt lock:
-// they must not call back into this object. Config-space hooks (BAR moves,
+// VirtioInterrupts is called under the interrupt lock: it must not call
+// back into this object. Config-space hooks (BAR moves,
 // Message Control) run under the host bridge's lock (see pci.hpp).
 #pragma once
 
@@ -102,12 +102,6 @@ public:
     static constexpr std::uint16_t kMaxQueues = 255;   // table (queues + 1) fits 4 KiB
     static constexpr std::uint16_t kSubsystemId = 0x1100;
 
-    struct MsixEntry {
-        std::uint64_t address = 0;
-        std::uint32_t data = 0;
-        bool masked = true;   // vector control bit 0 (set at reset, PCI 3.0 §6.8.2.9)
-    };
-
     // Throws std::invalid_argument on null arguments, 0 or more than kMaxQueues
     // queues, a bad max_queue_size or a device config over 4 KiB.
     VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemory& mem,
@@ -131,24 +125,13 @@ public:
     std::uint8_t device_status() const { return status_.load(); }
     std::uint64_t offered_features() const { return offered_; }
     std::uint16_t num_queues() const { return static_cast<std::uint16_t>(queues_.size()); }
-    std::uint16_t msix_table_size() const { return static_cast<std::uint16_t>(queues_.size() + 1); }
     std::uint64_t bar_gpa() const { return bar_gpa_.load(); }
-    bool bar_decode() const { return bar_decode_.load(); }
-    MsixEntry msix_entry(std::uint16_t vector) const;   // default entry when out of range
-    bool msix_enabled() const;
-    bool msix_function_masked() const;
-    bool msix_pending(std::uint16_t vector) const;
-    std::uint8_t isr_peek() const;
-    std::uint8_t msix_cap_offset() const { return msix_cap_; }
 
-    // Hooks for the VMM, set before the VM runs. The BAR hook gets the BAR's
-    // address and whether memory decode is on, after every move or Command
-    // write changing either (under the bridge lock: it may remap the MMIO bus
-    // but must not touch the PIO bus or the bridge). The MSI-X hook gets the
-    // vector whose table entry the guest wrote, or VIRTIO_MSI_NO_VECTOR when
-    // Message Control changed (re-read everything); under the interrupt lock.
+    // The VMM's hook, set before the VM runs: it gets the BAR's address and
+    // whether memory decode is on, after every move or Command write changing
+    // either (under the bridge lock: it may remap the MMIO bus but must not
+    // touch the PIO bus or the bridge).
     void set_bar_hook(std::function<void(std::uint64_t gpa, bool decode)> hook) { bar_hook_ = std::move(hook); }
-    void set_msix_hook(std::function<void(std::uint16_t vector)> hook) { msix_hook_ = std::move(hook); }
 
 protected:
     void on_bar_moved(unsigned index, std::uint64_t old_addr, std::uint64_t new_addr) override;
@@ -228,9 +211,7 @@ private:
     std::uint8_t pci_cfg_cap_ = 0;
 
     std::atomic<std::uint64_t> bar_gpa_{0};
-    std::atomic<bool> bar_decode_{false};
     std::function<void(std::uint64_t, bool)> bar_hook_;
-    std::function<void(std::uint16_t)> msix_hook_;
     RateLimit log_limit_{5};
     BarRegion bar_region_{*this};
 };

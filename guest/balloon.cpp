@@ -1,5 +1,16 @@
-// virtio-balloon driver and test=balloon (see balloon.hpp). Section numbers
-// are VIRTIO 1.2's.
+// The small guest's virtio-balloon driver (VIRTIO 1.2 section 5.5) over the
+// virtio-pci transport (virtio.hpp), and test=balloon. Section numbers are
+// VIRTIO 1.2's.
+//
+// Memory it manages: every 2 MiB-aligned block of RAM (as the PVH memory map
+// reports it, g_ram in lib.hpp) that lies wholly above the guest image and
+// below the 32-bit PCI hole (0xc0000000), where the boot page tables
+// identity-map it. Each block is free (owned by the test, which keeps a
+// pattern in every 4 KiB page), ballooned, or, for at most one block at a
+// time, partly ballooned (when the host's target is not a multiple of 512
+// pages). The balloon takes whole blocks from the top of RAM downward and
+// gives whole blocks back, so the host can return whole 2 MiB regions (and
+// keep THP backing for the rest).
 //
 // Queues (5.5.2): 0 inflateq, 1 deflateq, 2 statsq (with
 // VIRTIO_BALLOON_F_STATS_VQ). Inflate and deflate buffers are arrays of le32
@@ -15,7 +26,6 @@
 // device takes them; a TSC-deadline timer bounds every halt (100 ms: the
 // fallback poll of num_pages), and without a queue vector waits for used
 // buffers poll every millisecond.
-#include "balloon.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "pci.hpp"
@@ -62,12 +72,6 @@ alignas(4096) u8 statq_mem[kQueueMemSize];
 alignas(4096) u32 pfn_bufs[kBufs][kPfnsPerBuf];
 alignas(64) BalStat stat_buf[kNumStats];
 
-struct RamRange { u64 addr, size; };
-constexpr u32 kMaxRanges = 64;
-RamRange ram_ranges[kMaxRanges];
-u32 n_ranges;
-u64 ram_total;
-
 // A run of pages handed back by a deflate batch, re-touched once acknowledged.
 struct Run { u32 block, first, count; };
 
@@ -104,7 +108,6 @@ Balloon b;
 void irq_config(Frame*) { b.irq_config = b.irq_config + 1; lapic_eoi(); }
 void irq_queue(Frame*) { b.irq_queue = b.irq_queue + 1; lapic_eoi(); }
 void irq_timer(Frame*) { b.irq_timer = b.irq_timer + 1; lapic_eoi(); }
-
 
 u64 block_addr(u32 blk) { return u64(blk) * kBlock; }
 u32 block_pfn(u32 blk) { return u32(block_addr(blk) / kPage); }
@@ -151,7 +154,7 @@ u64 free_pages() { return u64(b.managed_blocks) * kPagesPerBlock - b.pages; }
 
 void stats_fill() {
     u64 free_bytes = free_pages() * kPage;
-    const u64 vals[kNumStats] = {0, 0, 0, 0, free_bytes, ram_total, free_bytes, 0};
+    const u64 vals[kNumStats] = {0, 0, 0, 0, free_bytes, g_ram_total, free_bytes, 0};
     for (u16 i = 0; i < kNumStats; ++i) { stat_buf[i].tag = i; stat_buf[i].val = vals[i]; }
 }
 
@@ -381,8 +384,8 @@ bool blocks_init() {
     u64 lo = (u64(__image_end) + kBlock - 1) & ~(kBlock - 1);
     b.lo_block = kMaxBlocks;
     b.hi_block = 0;
-    for (u32 r = 0; r < n_ranges; ++r) {
-        u64 s = ram_ranges[r].addr, e = ram_ranges[r].addr + ram_ranges[r].size;
+    for (u32 r = 0; r < g_nram; ++r) {
+        u64 s = g_ram[r].addr, e = g_ram[r].addr + g_ram[r].size;
         if (s < lo) s = lo;
         if (e > kRamLimit) e = kRamLimit;
         s = (s + kBlock - 1) & ~(kBlock - 1);
@@ -478,11 +481,6 @@ void balloon_shutdown() {
 
 }  // namespace
 
-void balloon_add_ram(u64 addr, u64 size) {
-    ram_total += size;
-    if (n_ranges < kMaxRanges && size) ram_ranges[n_ranges++] = {addr, size};
-}
-
 // ---- test=balloon -----------------------------------------------------------------------------------
 
 bool test_balloon(const char* cmdline) {
@@ -504,7 +502,7 @@ bool test_balloon(const char* cmdline) {
           b.vp.pci.bus, b.vp.pci.slot, b.vp.pci.func, b.vp.features, b.has_stats ? 1 : 0,
           (b.vp.features & BAL_F_DEFLATE_ON_OOM) ? 1 : 0, (b.vp.features & BAL_F_MUST_TELL_HOST) ? 1 : 0,
           b.cfg_irq ? 1 : 0, b.vp.msix_size, b.inf.size, b.managed_blocks, u64(b.managed_blocks) * 2, block_addr(b.lo_block),
-          block_addr(b.hi_block), ram_total >> 20);
+          block_addr(b.hi_block), g_ram_total >> 20);
     // 1) Touch every page the test owns.
     u64 t0 = kvmclock_ns();
     for (u32 blk = b.lo_block; blk < b.hi_block; ++blk)

@@ -184,6 +184,14 @@ extern "C" int memcmp(const void* a, const void* b, usize n) {
     return 0;
 }
 
+RamRange g_ram[kMaxRamRanges];
+u32 g_nram;
+u64 g_ram_total;
+void ram_add(u64 addr, u64 size) {
+    g_ram_total += size;
+    if (g_nram < kMaxRamRanges && size) g_ram[g_nram++] = {addr, size};
+}
+
 u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who) {
     char buf[24];
     bool ok;

@@ -1,5 +1,5 @@
 // The guest's tiny runtime: serial output, formatted printing, the exit port,
-// string helpers and a spinlock. No libc here.
+// string helpers, the RAM map and a spinlock. No libc here.
 #pragma once
 
 #include "arch.hpp"
@@ -29,6 +29,15 @@ u64 parse_u64(const char* s, bool* ok);
 // The number after `key=` in the command line, or `def` when absent; a value
 // that is not a number is ignored with a line naming `who` and the knob.
 u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who);
+
+// The RAM (type 1) entries of the PVH memory map, recorded by kmain: the
+// first kMaxRamRanges non-empty ones, and the total of all.
+struct RamRange { u64 addr, size; };
+constexpr u32 kMaxRamRanges = 64;
+extern RamRange g_ram[kMaxRamRanges];
+extern u32 g_nram;
+extern u64 g_ram_total;
+void ram_add(u64 addr, u64 size);
 
 extern "C" void* memset(void* d, int c, usize n);
 extern "C" void* memcpy(void* d, const void* s, usize n);

@@ -5,7 +5,6 @@
 // three) and ends the VM through the exit port: 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
 // unexpected exception.
 #include "cpu.hpp"
-#include "balloon.hpp"
 #include "lib.hpp"
 #include "net.hpp"
 #include "tests.hpp"
@@ -39,11 +38,10 @@ extern "C" void kmain(u32 start_info_paddr) {
         while (n + 1 < sizeof cmdline && src[n]) { cmdline[n] = src[n]; ++n; }
         cmdline[n] = 0;
     }
-    u64 ram = 0;
     if (si->version >= 1)
         for (u32 i = 0; i < si->memmap_entries; ++i) {
             auto* e = reinterpret_cast<const HvmMemmapEntry*>(si->memmap_paddr) + i;
-            if (e->type == 1) { ram += e->size; balloon_add_ram(e->addr, e->size); }
+            if (e->type == 1) ram_add(e->addr, e->size);
         }
 
     pic_disable();
@@ -57,7 +55,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     bool small_pages = cmdline_get(cmdline, "pages", opt, sizeof opt) && str_eq(opt, "4k", 3);
     if (small_pages) paging_use_4k();
     Cpuid pv = cpuid(0x40000001);
-    print("kguest-guest: cmdline \"%s\", %lu MiB RAM, %s pages, PV features %#x\n", cmdline, ram >> 20,
+    print("kguest-guest: cmdline \"%s\", %lu MiB RAM, %s pages, PV features %#x\n", cmdline, g_ram_total >> 20,
           small_pages ? "4 KiB" : "2 MiB", pv.a);
 
     char tests[256] = "all";
@@ -67,7 +65,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     unsigned online = 1;
     bool want_smp = all || list_has(tests, "smp") || list_has(tests, "timer") || list_has(tests, "spinlock");
     if (want_smp && ncpus > 1) online = smp_boot(ncpus);
-    print("RESULT boot ram_mib=%lu cpus=%u online=%u tsc_khz=%lu\n", ram >> 20, ncpus, online, tsc_hz() / 1000);
+    print("RESULT boot ram_mib=%lu cpus=%u online=%u tsc_khz=%lu\n", g_ram_total >> 20, ncpus, online, tsc_hz() / 1000);
 
     bool ok = true;
     bool ran = false;

@@ -479,7 +479,6 @@ bool icmp_echo_send(const u8 dst_mac[6], u32 dst_ip, u16 ident, u16 seq, const v
     return true;
 }
 
-u32 net_ip() { return dev.ip; }
 u32 net_max_udp_payload() { return max_ip_payload() - kUdpLen; }
 
 bool parse_ipv4(const char* s, u32* ip, const char** end) {
@@ -661,7 +660,6 @@ void net_shutdown() {
 
 namespace {
 
-
 void sort_u32(u32* a, u32 n) {
     for (u32 gap = n / 2; gap > 0; gap /= 2)
         for (u32 i = gap; i < n; ++i)
@@ -748,14 +746,11 @@ bool test_net_ping(const char* cmdline) {
     char buf[40];
     u32 target = 0;
     const char* end;
-    if (!cmdline_get(cmdline, "ping", buf, sizeof buf) || !parse_ipv4(buf, &target, &end) || *end) {
-        print("net-ping: need ping=ADDR\n");
-        print("RESULT net-ping sent=0 received=0 rtt_p50_us=0 ok=0\n");
-        return false;
-    }
     u8 mac[6];
-    if (!net_init(cmdline) || !net_resolve(target, mac, 3000)) {
-        print("net-ping: %s unreachable (ARP)\n", buf);
+    bool ok_arg = cmdline_get(cmdline, "ping", buf, sizeof buf) && parse_ipv4(buf, &target, &end) && !*end;
+    if (!ok_arg) print("net-ping: need ping=ADDR\n");
+    else if (!net_init(cmdline) || !net_resolve(target, mac, 3000)) { print("net-ping: %s unreachable (ARP)\n", buf); ok_arg = false; }
+    if (!ok_arg) {
         print("RESULT net-ping sent=0 received=0 rtt_p50_us=0 ok=0\n");
         return false;
     }

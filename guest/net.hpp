@@ -47,7 +47,6 @@ struct UdpPacket {
 extern void (*g_udp_handler)(const UdpPacket&);
 extern void (*g_echo_reply_handler)(u32 src_ip, u16 id, u16 seq, u64 rx_tsc);
 
-u32 net_ip();
 u32 net_max_udp_payload();
 // "a.b.c.d" at s; *end gets the first character after it. False if malformed.
 bool parse_ipv4(const char* s, u32* ip, const char** end);

@@ -10,7 +10,6 @@ u16 pci_read16(PciAddr a, u32 reg) { outl(0xcf8, conf_addr(a, reg)); return inw(
 u8 pci_read8(PciAddr a, u32 reg) { outl(0xcf8, conf_addr(a, reg)); return inb(u16(0xcfc + (reg & 3))); }
 void pci_write32(PciAddr a, u32 reg, u32 v) { outl(0xcf8, conf_addr(a, reg)); outl(0xcfc, v); }
 void pci_write16(PciAddr a, u32 reg, u16 v) { outl(0xcf8, conf_addr(a, reg)); outw(u16(0xcfc + (reg & 2)), v); }
-void pci_write8(PciAddr a, u32 reg, u8 v) { outl(0xcf8, conf_addr(a, reg)); outb(u16(0xcfc + (reg & 3)), v); }
 u32 pci_conf_read32(u32 bus, u32 slot, u32 reg) { return pci_read32({u8(bus), u8(slot), 0}, reg); }
 
 // Calls fn(addr) for every present function on bus 0; stops when it returns true.

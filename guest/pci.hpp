@@ -25,7 +25,6 @@ u16 pci_read16(PciAddr a, u32 reg);
 u8 pci_read8(PciAddr a, u32 reg);
 void pci_write32(PciAddr a, u32 reg, u32 v);
 void pci_write16(PciAddr a, u32 reg, u16 v);
-void pci_write8(PciAddr a, u32 reg, u8 v);
 // Function 0 of a slot, the form test=pci uses.
 u32 pci_conf_read32(u32 bus, u32 slot, u32 reg);
 

@@ -172,10 +172,8 @@ bool test_timer(const char* cmdline, unsigned ncpus) {
 
 bool test_idle(const char* cmdline) {
     timer_setup(cmdline);
-    char buf[24];
-    bool ok;
-    g_ms = 3000;
-    if (cmdline_get(cmdline, "idle_ms", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 10) g_ms = v; }
+    g_ms = cmdline_u64(cmdline, "idle_ms", 3000, "idle");
+    if (g_ms < 10) g_ms = 3000;
     timer_run_local(0);
     print("RESULT idle hz=%lu ms=%lu ticks=%lu mode=%s pv_eois=%lu eoi_writes=%lu\n", g_hz, g_ms, u64(percpu[0].ticks),
           tmode_name(), percpu[0].pv_eois, percpu[0].eoi_writes);
@@ -185,10 +183,8 @@ bool test_idle(const char* cmdline) {
 // ---- port 0x80 ------------------------------------------------------------------
 
 bool test_port80(const char* cmdline) {
-    u64 n = 10000;
-    char buf[24];
-    bool ok;
-    if (cmdline_get(cmdline, "port80_n", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok && v >= 1) n = v; }
+    u64 n = cmdline_u64(cmdline, "port80_n", 10000, "port80");
+    if (n < 1) n = 10000;
     static u8 block[4096];
     for (usize i = 0; i < sizeof block; ++i) block[i] = u8(i);
     const u64 reps = 4;
@@ -266,10 +262,7 @@ static u64 rnd() {  // xorshift64
 }
 
 bool test_hostile(const char* cmdline) {
-    u64 n = 20000;
-    char buf[24];
-    bool ok;
-    if (cmdline_get(cmdline, "hostile_n", buf, sizeof buf)) { u64 v = parse_u64(buf, &ok); if (ok) n = v; }
+    u64 n = cmdline_u64(cmdline, "hostile_n", 20000, "hostile");
     u64 pio = 0, mmio = 0;
     for (u64 i = 0; i < n; ++i) {
         u16 port = u16(rnd());

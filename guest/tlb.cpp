@@ -35,17 +35,9 @@
 #include "lib.hpp"
 #include "tests.hpp"
 
-extern "C" u64 start_info_paddr;  // entry.S: the PVH hvm_start_info
 extern "C" char __image_end[];    // linker.ld
 
 namespace {
-
-struct StartInfo {  // struct hvm_start_info, version >= 1
-    u32 magic, version, flags, nr_modules;
-    u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
-    u32 memmap_entries, reserved;
-};
-struct MemmapEntry { u64 addr, size; u32 type, reserved; };
 
 constexpr u64 kPage = 4096;
 constexpr u64 kHuge = 2ull << 20;
@@ -204,12 +196,8 @@ bool test_tlb(const char* cmdline) {
     // image to the end of that RAM region, capped at the MMIO hole.
     u64 lo = (u64(__image_end) + kHuge - 1) & ~(kHuge - 1);
     u64 top = 0;
-    auto* si = reinterpret_cast<const StartInfo*>(start_info_paddr);
-    if (si && si->version >= 1)
-        for (u32 i = 0; i < si->memmap_entries; ++i) {
-            auto* e = reinterpret_cast<const MemmapEntry*>(si->memmap_paddr) + i;
-            if (e->type == 1 && e->addr <= lo && lo < e->addr + e->size) top = e->addr + e->size;
-        }
+    for (u32 i = 0; i < g_nram; ++i)
+        if (g_ram[i].addr <= lo && lo < g_ram[i].addr + g_ram[i].size) top = g_ram[i].addr + g_ram[i].size;
     if (top > kMmioHole) top = kMmioHole;
     top &= ~(kPage - 1);
     u64 room = top > lo ? top - lo : 0;
