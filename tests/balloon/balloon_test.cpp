@@ -539,13 +539,18 @@ TEST(BalloonDevice, ResetKeepsTheTracker) {
     EXPECT_EQ(rig.dev.counters().tracker.bytes_discarded, 10 * kPage);
 }
 
-TEST(BalloonDevice, ApiThreadRacesVcpuKicks) {
-    Rig rig(Backing::off);
+// The driver's first stats buffer (5.5.6.3), on the stats queue, kicked.
+void post_stats_buffer(Rig& rig) {
     auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 1}});
     const std::uint64_t sbuf = rig.alloc(bytes.size());
     ASSERT_TRUE(rig.mem.write(Gpa(sbuf), bytes.data(), bytes.size()));
     rig.rings[2].add_chain({{sbuf, static_cast<std::uint32_t>(bytes.size())}});
     rig.kick(2);
+}
+
+TEST(BalloonDevice, ApiThreadRacesVcpuKicks) {
+    Rig rig(Backing::off);
+    ASSERT_NO_FATAL_FAILURE(post_stats_buffer(rig));
     std::atomic<bool> stop{false};
     std::thread api([&] {
         std::uint32_t t = 0;
@@ -576,11 +581,7 @@ TEST(BalloonDevice, ApiAnswersWhileGuestRepublishesAnInflateBufferForever) {
     // vm.counters (request_stats, counters, stats) and vm.resize
     // (set_target_pages) never wait on the loop: each answers within 50 ms.
     Rig rig(Backing::off);
-    auto bytes = stats_bytes({{VIRTIO_BALLOON_S_MEMFREE, 1}});
-    const std::uint64_t sbuf = rig.alloc(bytes.size());
-    ASSERT_TRUE(rig.mem.write(Gpa(sbuf), bytes.data(), bytes.size()));
-    rig.rings[2].add_chain({{sbuf, static_cast<std::uint32_t>(bytes.size())}});
-    rig.kick(2);
+    ASSERT_NO_FATAL_FAILURE(post_stats_buffer(rig));
     const Buf b = rig.pfn_buf(pfns_of(2 * kRegion, VirtioBalloon::kMaxPfnsPerChain));
     Ring& ring = rig.rings[0];
     const std::uint16_t head = ring.add_chain({b});
