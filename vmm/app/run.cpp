@@ -17,9 +17,10 @@
 #include "vmm/virtio_kvm.hpp"
 
 #include <cerrno>
+#include <cinttypes>
+#include <cstdio>
 #include <csignal>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <poll.h>
 #include <pthread.h>
@@ -34,17 +35,13 @@ namespace {
 
 // VmRSS of the whole process (guest RAM that is resident included).
 std::uint64_t vmm_rss_bytes() {
-    std::ifstream f("/proc/self/status");
-    std::string key;
-    while (f >> key) {
-        if (key == "VmRSS:") {
-            std::uint64_t kib = 0;
-            f >> kib;
-            return kib << 10;
-        }
-        f.ignore(1 << 20, '\n');
-    }
-    return 0;
+    std::FILE* f = std::fopen("/proc/self/status", "re");
+    if (f == nullptr) return 0;
+    char line[256];
+    std::uint64_t kib = 0;
+    while (std::fgets(line, sizeof line, f) != nullptr && std::sscanf(line, "VmRSS: %" SCNu64, &kib) != 1) {}
+    std::fclose(f);
+    return kib << 10;
 }
 
 class MachineControl : public VmControl {
