@@ -1,31 +1,23 @@
 // The small guest's virtio-balloon driver (VIRTIO 1.2 section 5.5) over the
-// virtio-pci transport (virtio.hpp), and test=balloon. Section numbers are
-// VIRTIO 1.2's.
+// virtio-pci transport (virtio.hpp), and test=balloon.
 //
-// Memory it manages: every 2 MiB-aligned block of RAM (as the PVH memory map
-// reports it, g_ram in lib.hpp) that lies wholly above the guest image and
-// below the 32-bit PCI hole (0xc0000000), where the boot page tables
-// identity-map it. Each block is free (owned by the test, which keeps a
-// pattern in every 4 KiB page), ballooned, or, for at most one block at a
-// time, partly ballooned (when the host's target is not a multiple of 512
-// pages). The balloon takes whole blocks from the top of RAM downward and
-// gives whole blocks back, so the host can return whole 2 MiB regions (and
-// keep THP backing for the rest).
+// Memory it manages: every 2 MiB-aligned block of RAM (g_ram in lib.hpp)
+// wholly above the guest image and below the PCI hole (0xc0000000). Each
+// block is free (owned by the test, which keeps a pattern in every 4 KiB
+// page), ballooned, or, for at most one block, partly ballooned. The balloon
+// takes whole blocks from the top of RAM down and gives whole blocks back, so
+// the host can return whole 2 MiB regions and keep THP for the rest.
 //
-// Queues (5.5.2): 0 inflateq, 1 deflateq, 2 statsq (with
-// VIRTIO_BALLOON_F_STATS_VQ). Inflate and deflate buffers are arrays of le32
-// page frame numbers (4 KiB frames, 5.5.6), up to 256 per buffer as Linux
-// sends them; up to kBufs buffers go out per batch, and the batch is complete
-// when the device has used them all. Only then does the driver write
-// `actual` (after an inflate) or reuse the pages (after a deflate), even
-// without VIRTIO_BALLOON_F_MUST_TELL_HOST. The stats queue holds one buffer
-// of (le16 tag, le64 val) pairs (5.5.6.3) that the device returns when it
-// wants fresh figures; the driver refills and re-adds it.
+// Queues (5.5.2): 0 inflateq, 1 deflateq, 2 statsq. Inflate and deflate
+// buffers are arrays of le32 PFNs (5.5.6), up to 256 per buffer as Linux
+// sends them, up to kBufs per batch; only when the device has used a whole
+// batch does the driver write `actual` or reuse the pages, even without
+// MUST_TELL_HOST. The stats buffer of (le16 tag, le64 val) pairs (5.5.6.3) is
+// refilled and re-added whenever the device returns it.
 //
-// Waking: MSI-X vectors for configuration changes and each queue when the
-// device takes them; a TSC-deadline timer bounds every halt (100 ms: the
-// fallback poll of num_pages), and without a queue vector waits for used
-// buffers poll every millisecond.
+// Waking: MSI-X vectors where the device takes them; a TSC-deadline timer
+// bounds every halt (100 ms, the fallback poll of num_pages), and without a
+// queue vector waits for used buffers poll every millisecond.
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "pci.hpp"
@@ -158,12 +150,11 @@ void stats_fill() {
     for (u16 i = 0; i < kNumStats; ++i) { stat_buf[i].tag = i; stat_buf[i].val = vals[i]; }
 }
 
-void stats_post() {
+// Fills the one stats buffer and makes it available (not yet published).
+void stats_push() {
     stats_fill();
     b.stats.set_buffer(0, stat_buf, sizeof stat_buf, false);
     b.stats.push(0);
-    b.stats.publish();
-    ++b.stats_sent;
 }
 
 // The device returns the buffer when it wants fresh figures.
@@ -173,7 +164,7 @@ void stats_service() {
     u32 len;
     bool got = false;
     while (b.stats.pop(&id, &len)) got = true;
-    if (got) { ++b.stats_requests; stats_post(); }
+    if (got) { ++b.stats_requests; stats_push(); b.stats.publish(); ++b.stats_sent; }
 }
 
 // ---- batches of PFNs ---------------------------------------------------------------------------
@@ -356,13 +347,11 @@ u32 deflate_batch(u32 target) {
     // them (a discarded page reads back as zeros), then re-touch them.
     for (u32 r = 0; r < b.nruns; ++r) {
         const Run& run = b.runs[r];
-        bool was_full = b.state[run.block] == BLK_FULL;
+        if (b.state[run.block] == BLK_FULL) --b.full_blocks;
         if (run.first == 0) {
-            if (was_full) --b.full_blocks;
             b.state[run.block] = BLK_FREE;
             if (b.partial == i64(run.block)) { b.partial = -1; b.partial_pages = 0; }
         } else {
-            if (was_full) --b.full_blocks;
             b.state[run.block] = BLK_PARTIAL;
             b.partial = run.block;
             b.partial_pages = run.first;
@@ -459,10 +448,7 @@ bool balloon_bringup() {
     b.inf.disable_interrupts();
     b.def.disable_interrupts();
     if (b.has_stats) {
-        // 5.5.6.3: one buffer on statsq from the start, refilled whenever the device returns it.
-        stats_fill();
-        b.stats.set_buffer(0, stat_buf, sizeof stat_buf, false);
-        b.stats.push(0);
+        stats_push();  // 5.5.6.3: one buffer on statsq from the start
         b.stats.disable_interrupts();
     }
     b.tsc_hz = tsc_hz();
@@ -488,12 +474,9 @@ bool test_balloon(const char* cmdline) {
     u64 cycles = cmdline_u64(cmdline, "cycles", 1, "balloon");
     if (cycles == 0) cycles = 1;
     u64 stop = cmdline_u64(cmdline, "balloon_stop", 1, "balloon");  // 0: only balloon_ms ends the test
-    if (!blocks_init()) {
-        print("balloon: no 2 MiB RAM block above the image and below 3 GiB\n");
-        print("RESULT balloon changes=0 max_pages=0 mismatches=0 stats_sent=0 ok=0\n");
-        return false;
-    }
-    if (!balloon_bringup()) {
+    const bool blocks = blocks_init();
+    if (!blocks) print("balloon: no 2 MiB RAM block above the image and below 3 GiB\n");
+    if (!blocks || !balloon_bringup()) {
         print("RESULT balloon changes=0 max_pages=0 mismatches=0 stats_sent=0 ok=0\n");
         return false;
     }

@@ -90,6 +90,13 @@ void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
     *p = 0;
 }
 
+void format(char* buf, usize size, const char* fmt, ...) {
+    __builtin_va_list ap;
+    __builtin_va_start(ap, fmt);
+    vformat(buf, size, fmt, ap);
+    __builtin_va_end(ap);
+}
+
 void print(const char* fmt, ...) {
     char buf[512];
     __builtin_va_list ap;
@@ -190,6 +197,18 @@ u64 g_ram_total;
 void ram_add(u64 addr, u64 size) {
     g_ram_total += size;
     if (g_nram < kMaxRamRanges && size) g_ram[g_nram++] = {addr, size};
+}
+
+void sort_u32(u32* a, u32 n) {
+    for (u32 gap = n / 2; gap > 0; gap /= 2)
+        for (u32 i = gap; i < n; ++i)
+            for (u32 j = i; j >= gap && a[j - gap] > a[j]; j -= gap) { u32 t = a[j]; a[j] = a[j - gap]; a[j - gap] = t; }
+}
+
+u32 percentile(const u32* sorted, u32 n, u32 pct) {
+    if (!n) return 0;
+    u32 i = u32(u64(n) * pct / 100);
+    return sorted[i < n ? i : n - 1];
 }
 
 u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who) {

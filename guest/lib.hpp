@@ -17,6 +17,7 @@ void putc(char c);
 void puts(const char* s);
 void print(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap);
+void format(char* buf, usize size, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 [[noreturn]] void panic(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 usize strlen(const char* s);
@@ -29,6 +30,10 @@ u64 parse_u64(const char* s, bool* ok);
 // The number after `key=` in the command line, or `def` when absent; a value
 // that is not a number is ignored with a line naming `who` and the knob.
 u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who);
+
+// Shell sort; the pct-th percentile of n sorted values (0 when n is 0).
+void sort_u32(u32* a, u32 n);
+u32 percentile(const u32* sorted, u32 n, u32 pct);
 
 // The RAM (type 1) entries of the PVH memory map, recorded by kmain: the
 // first kMaxRamRanges non-empty ones, and the total of all.

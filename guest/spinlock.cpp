@@ -1,7 +1,6 @@
 // The ticket lock's slow paths and kick (see spinlock.hpp), and test=spinlock:
-// every vCPU hammers one shared lock for a fixed time, and we report
-// acquisitions per second, fairness, and how often waiters halted and were
-// kicked.
+// every vCPU hammers one shared lock for a fixed time; we report acquisitions
+// per second, fairness, and how often waiters halted and were kicked.
 #include "spinlock.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
@@ -88,12 +87,9 @@ void pv_kick_waiter(TicketLock& l, u32 ticket) {
 // ---- test=spinlock -------------------------------------------------------------
 //
 // lock=native or lock=pv runs one flavour for spin_ms. lock=both alternates
-// them in rounds of round_ms inside the same boot, so that both see the same
-// host conditions (in the QEMU sandbox, speed drifts by ±10% between runs):
-// that is how the uncontended cost of the pv lock is measured. Each flavour
-// has its own lock and data, so a vCPU still finishing a batch of one round
-// never meets the other flavour's waiters (a native unlock cannot kick a
-// halted pv waiter).
+// them in rounds of round_ms in one boot, so both see the same host conditions
+// (the QEMU sandbox drifts ±10% between runs). Each flavour has its own lock
+// and data, so a native unlock never meets a halted pv waiter.
 
 struct alignas(64) Arena {
     TicketLock lock;

@@ -1,21 +1,17 @@
 // A fair ticket spinlock in two flavours, chosen at boot (lock=native|pv).
 //
-// Native: take a ticket, spin until it is served. Fair, and fine on bare
-// metal, but in a VM it collapses under vCPU overcommit: when the host
-// preempts the vCPU whose ticket is next (or the holder), every other waiter
-// spins away its whole time slice (lock-holder and lock-waiter preemption).
+// Native: take a ticket, spin until it is served. In a VM it collapses under
+// vCPU overcommit: when the host preempts the holder or the next waiter, every
+// other waiter spins away its time slice.
 //
 // Paravirt (KVM_FEATURE_PV_UNHALT): a waiter spins a bounded number of times,
-// then says which lock and ticket it waits for and halts its vCPU, giving the
-// host CPU to the vCPUs that can make progress. The unlocker wakes the waiter
-// whose ticket is now served with the KVM_HC_KICK_CPU hypercall
+// then says which lock and ticket it waits for and halts. The unlocker wakes
+// the waiter whose ticket is now served with KVM_HC_KICK_CPU
 // (Documentation/virt/kvm/x86/hypercalls.rst: a0 = flags, a1 = APIC ID).
 //
-// The uncontended paths are inline and identical to the native ones except
-// unlock: the pv unlock is a locked add (a full barrier) followed by one load
-// of the sleeper count, the same price Linux's pv ticket locks paid
-// (arch/x86/include/asm/spinlock.h, 3.12-4.1). Only a contended lock leaves
-// the inline path.
+// The uncontended paths are inline; the pv unlock is a locked add (a full
+// barrier) plus one load of the sleeper count, the price Linux's pv ticket
+// locks paid (arch/x86/include/asm/spinlock.h, 3.12-4.1).
 #pragma once
 
 #include "arch.hpp"

@@ -16,9 +16,8 @@ static const char* tmode_name() {
 }
 static u64 g_tsc_hz, g_apic_per_ms;  // APIC timer counts per ms in one-shot mode
 static u64 g_hz = 100, g_ms = 1000;
-// A tick test fails beyond this drift (ppm); 0 = report drift, judge only the
-// tick count (drift_limit_ppm=0: with 64 vCPUs on the 2-CPU nested sandbox,
-// a migrated vCPU's kvmclock was seen to jump by ~18 ms within a run).
+// A tick test fails beyond this drift (ppm); 0 judges only the tick count (with
+// 64 vCPUs on the nested sandbox a vCPU's kvmclock was seen to jump ~18 ms).
 static u64 g_drift_limit = 10000;
 
 static void arm(u64 deadline_tsc) {
@@ -55,11 +54,9 @@ static void timer_isr(Frame*) {
         c.lat_ns[c.nsamples++] = u32(late_ns > 0xffffffffull ? 0xffffffff : late_ns);
     c.ticks = c.ticks + 1;
     if (c.ticks >= c.target_ticks) {
-        // When the last tick came, by kvmclock. TSC-deadline and one-shot
-        // ticks follow our TSC schedule, so we take when it was due (latency
-        // is reported on its own) and drift compares the TSC rate we derived
-        // from kvmclock with kvmclock itself. A periodic LAPIC timer runs on
-        // its own clock: its arrival time shows how far that clock drifts.
+        // When the last tick came, by kvmclock: when it was due for TSC
+        // schedules (drift then compares our TSC rate with kvmclock), its
+        // arrival for a periodic timer, which runs on its own clock.
         c.last_tick_ns = kvmclock_ns_at(now) - (tmode == TimerMode::periodic ? 0 : late_ns);
     } else {
         // Absolute schedule: deadline k = start + k * period, so latency does not accumulate.
@@ -67,12 +64,6 @@ static void timer_isr(Frame*) {
         if (tmode != TimerMode::periodic) arm(c.next_deadline);
     }
     lapic_eoi();
-}
-
-static void sort_u32(u32* a, u32 n) {
-    for (u32 gap = n / 2; gap > 0; gap /= 2)
-        for (u32 i = gap; i < n; ++i)
-            for (u32 j = i; j >= gap && a[j - gap] > a[j]; j -= gap) { u32 t = a[j]; a[j] = a[j - gap]; a[j - gap] = t; }
 }
 
 // Runs the periodic tick on this CPU: arm, HLT until all ticks arrived or a
@@ -112,7 +103,7 @@ static bool timer_report(unsigned cpu) {
     }
     sort_u32(c.lat_ns, c.nsamples);
     u32 n = c.nsamples;
-    u32 p50 = n ? c.lat_ns[n / 2] : 0, p99 = n ? c.lat_ns[(n * 99) / 100 < n ? (n * 99) / 100 : n - 1] : 0;
+    u32 p50 = percentile(c.lat_ns, n, 50), p99 = percentile(c.lat_ns, n, 99);
     u32 mx = n ? c.lat_ns[n - 1] : 0;
     i64 limit = i64(g_drift_limit);
     bool ok = c.ticks == expected && (limit == 0 || (drift_ppm < limit && drift_ppm > -limit));
@@ -219,11 +210,8 @@ bool test_smp(unsigned ncpus, unsigned online) {
         if (i != 0 && !percpu[i].online) { ok = false; continue; }
         unsigned id = i == 0 ? apic_id() : percpu[i].apic_id;
         ok &= id == i;
-        char tmp[8];
-        int n = 0;
-        do { tmp[n++] = char('0' + id % 10); id /= 10; } while (id);
-        if (p) ids[p++] = ',';
-        while (n) ids[p++] = tmp[--n];
+        format(ids + p, sizeof ids - p, p ? ",%u" : "%u", id);
+        p += strlen(ids + p);
     }
     ids[p] = 0;
     print("RESULT smp cpus=%u online=%u apic_ids=%s ok=%d\n", ncpus, online, ids, ok ? 1 : 0);

@@ -117,8 +117,7 @@ bool VirtioPci::probe(PciAddr a) {
             continue;
         }
         if (id != PCI_CAP_ID_VNDR) continue;
-        // 4.1.4 struct virtio_pci_cap: cap_len at 2, cfg_type at 3, bar at
-        // 4, offset at 8, length at 12; the notify cap adds its multiplier at 16.
+        // 4.1.4 virtio_pci_cap: cap_len 2, cfg_type 3, bar 4, offset 8, length 12; notify multiplier 16.
         u8 cap_len = pci_read8(a, c + 2), type = pci_read8(a, c + 3), bar = pci_read8(a, c + 4);
         u32 off = pci_read32(a, c + 8), len = pci_read32(a, c + 12);
         if (cap_len < 16 || bar > 5 || !bars[bar].addr) continue;  // 4.1.4.1: ignore unusable ones
@@ -127,7 +126,6 @@ bool VirtioPci::probe(PciAddr a) {
         // 4.1.4.1: the first capability of each type the driver can use.
         switch (type) {
         case CAP_COMMON: if (!common && len >= CC_SIZE) common = at; break;
-        case CAP_ISR: if (!isr && len >= 1) isr = at; break;
         case CAP_DEVICE: if (!device_cfg) { device_cfg = at; device_cfg_len = len; } break;
         case CAP_NOTIFY:
             if (!notify_base && cap_len >= 20 && len >= 2) {

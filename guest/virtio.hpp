@@ -59,7 +59,7 @@ struct Virtq {
 
 struct VirtioPci {
     PciAddr pci;
-    u64 common, isr, device_cfg, notify_base;
+    u64 common, device_cfg, notify_base;
     u32 notify_mult, notify_len, device_cfg_len;
     u64 msix_table;  // 0: no MSI-X
     u16 msix_size;   // table entries
