@@ -44,10 +44,9 @@ void setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported, cons
 }
 
 void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
-    // One GDT serves both boot protocols: PVH uses 0x08/0x10 (flat 32-bit
-    // code and data), Linux's 64-bit entry __BOOT_CS 0x10 / __BOOT_DS 0x18
-    // (boot.rst) -- hence two code descriptors. Written to guest memory too,
-    // so selectors stay meaningful until the kernel loads its own GDT.
+    // One GDT for both protocols: PVH uses 0x08/0x10 (flat 32-bit code and
+    // data), Linux's 64-bit entry __BOOT_CS 0x10 / __BOOT_DS 0x18 (boot.rst).
+    // In guest memory too, so selectors mean something until the kernel's GDT.
     const bool lm = boot.mode == BootPlan::Mode::linux64;
     const std::uint64_t gdt[5] = {
         0,
@@ -82,9 +81,8 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
     r.rip = boot.entry;
     r.rflags = 0x2;  // interrupts off
     if (lm) {
-        // Linux 64-bit boot protocol: long mode, paging on with the identity
-        // tables at kPml4Gpa, CS = __BOOT_CS (L=1), DS/ES/SS = __BOOT_DS, %rsi =
-        // boot_params.
+        // Linux 64-bit boot protocol: long mode with the identity tables at
+        // kPml4Gpa, CS = __BOOT_CS (L=1), DS/ES/SS = __BOOT_DS, %rsi = boot_params.
         s.cs = seg(0x10, 0xb, true);
         s.cs.l = 1;
         s.cs.db = 0;
@@ -95,9 +93,8 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
         s.efer = 0x500;      // LMA | LME
         r.rsi = boot.arg;
     } else {
-        // PVH boot ABI: 32-bit protected mode, flat 4 GiB CS (execute/read)
-        // and DS/ES/SS (read/write), a 32-bit TSS in TR, CR0.PE=1 with paging
-        // off, CR4=0, %ebx = start_info.
+        // PVH boot ABI: 32-bit protected mode, flat CS and DS/ES/SS, a 32-bit
+        // TSS in TR, paging off, CR4=0, %ebx = start_info.
         s.cs = seg(0x08, 0xb, true);
         s.ds = s.es = s.fs = s.gs = s.ss = seg(0x10, 0x3, true);
         s.cr0 = 0x11;  // PE | ET

@@ -14,9 +14,8 @@ DecodedExit decode_exit(kvm_run& run, std::size_t run_size) {
         e.addr = run.io.port;
         e.size = run.io.size;
         e.count = run.io.count;
-        // KVM batches `rep ins/outs` into one exit with count elements of
-        // data starting at data_offset; it never hands us more than fits the
-        // page, but we check instead of trusting.
+        // KVM batches `rep ins/outs` into one exit with count elements at
+        // data_offset; checked to fit the page rather than trusted.
         std::uint64_t bytes = std::uint64_t(e.size) * e.count;
         if ((e.size != 1 && e.size != 2 && e.size != 4) || run.io.data_offset > run_size ||
             bytes > run_size - run.io.data_offset) {

@@ -1,7 +1,6 @@
-// Turning a KVM exit into work. decode_exit() reads the shared kvm_run page
-// into a plain struct and validates what the kernel (or a made-up exit in a
-// unit test) put there; handle_exit() is a plain function from that struct and
-// the buses to an outcome, so unit tests can drive it without KVM.
+// Turning a KVM exit into work. decode_exit() reads and validates the shared
+// kvm_run page into a plain struct; handle_exit() maps that struct and the
+// buses to an outcome, so unit tests can drive both without KVM.
 #pragma once
 
 #include "devices/base/bus.hpp"

@@ -1,11 +1,10 @@
 // The KVM API in three owning types, as rust-vmm splits it: `Kvm` is the open
 // /dev/kvm (system ioctls), `Vm` is one virtual machine (VM ioctls), `Vcpu` is
-// one virtual CPU with its shared `kvm_run` page (vCPU ioctls). Each owns its
-// fd; a Vm outlives the Vcpus made from it only by convention of the caller
-// (the Machine owns both, the Vm declared before the vCPUs).
+// one virtual CPU with its shared `kvm_run` page (vCPU ioctls). A Vm outlives
+// its Vcpus by the caller's convention (the Machine declares it first).
 //
-// Every setup ioctl throws SysError naming the ioctl. `Vcpu::run` does not
-// throw: it is on the guest-driven path and returns the errno instead.
+// Every setup ioctl throws SysError naming the ioctl; guest-driven ones
+// (noexcept below, and `Vcpu::run`) return the errno instead.
 #pragma once
 
 #include "devices/base/fd.hpp"
@@ -57,14 +56,12 @@ public:
     // KVM_IRQFD: writing `eventfd` raises GSI `gsi` inside the kernel.
     void irqfd(int eventfd, std::uint32_t gsi);
     // KVM_SET_GSI_ROUTING: replaces the VM's whole GSI routing table
-    // (irqchip pins and MSI messages). Guest-driven (an MSI-X table write
-    // reaches it), so it returns the errno instead of throwing.
+    // (irqchip pins and MSI messages).
     int set_gsi_routing(const std::vector<kvm_irq_routing_entry>& entries) noexcept;
     // KVM_REGISTER_COALESCED_MMIO with pio = 1: writes to ports
     // [port, port+len) are queued in the coalesced ring, not exits.
     void register_coalesced_pio(std::uint16_t port, std::uint32_t len);
-    // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC. Device models call it on
-    // guest-driven paths, so it returns the errno instead of throwing.
+    // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC.
     int irq_line(std::uint32_t irq, bool level) noexcept;
     Vcpu create_vcpu(unsigned id) const;
 

@@ -106,9 +106,7 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     Elf64_Ehdr eh;
     if (image.size() < sizeof eh) bad("too small to be an ELF file");
     std::memcpy(&eh, image.data(), sizeof eh);
-    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) {
-        bad("neither a PVH ELF file nor a bzImage (bad magic)");
-    }
+    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) bad("neither a PVH ELF file nor a bzImage (bad magic)");
     if (eh.e_ident[EI_CLASS] != ELFCLASS64) bad("not a 64-bit ELF file");
     if (eh.e_ident[EI_DATA] != ELFDATA2LSB) bad("not a little-endian ELF file");
     if (eh.e_machine != EM_X86_64) bad("not an x86-64 ELF file (e_machine " + std::to_string(eh.e_machine) + ")");
@@ -154,15 +152,11 @@ namespace {
 // The E820 map both boot paths hand over: low RAM below the EBDA/VGA/BIOS
 // area (which holds the ACPI tables and stays reserved), then everything from
 // 1 MiB in each RAM region.
-struct E820Entry {
-    std::uint64_t addr, size;
-    std::uint32_t type;  // 1 RAM, 2 reserved
-};
-std::vector<E820Entry> e820_map(const GuestMemory& mem) {
-    std::vector<E820Entry> map{{0, kLowRamEnd, 1}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2}};
+std::vector<HvmMemmapEntry> e820_map(const GuestMemory& mem) {
+    std::vector<HvmMemmapEntry> map{{0, kLowRamEnd, 1, 0}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2, 0}};
     for (const auto& r : mem.regions()) {
         std::uint64_t start = std::max(r.gpa.value(), kKernelMinGpa);
-        if (r.gpa.value() + r.size > start) map.push_back({start, r.gpa.value() + r.size - start, 1});
+        if (r.gpa.value() + r.size > start) map.push_back({start, r.gpa.value() + r.size - start, 1, 0});
     }
     return map;
 }
@@ -178,13 +172,11 @@ void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t m
     mem.write(Gpa(kCmdlineGpa), cmdline.c_str(), cmdline.size() + 1);
 }
 
-// Copies an initrd to the top of low RAM, below `max_addr` and above
-// `floor` (the end of what the kernel needs); returns its address. Throws
-// UsageError when it does not fit.
+// Copies an initrd page-aligned as high as it goes in low RAM (boot.rst), below
+// `max_addr` and above `floor` (the end of what the kernel needs); returns its
+// address. Throws UsageError when it does not fit.
 std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
                           std::uint64_t max_addr) {
-    // As high as it goes (boot.rst: "as high as possible"), page-aligned,
-    // so it stays clear of the kernel's decompression area below.
     const std::uint64_t top = std::min(low_ram_end(mem), max_addr + 1);
     const std::uint64_t mib = 1 << 20;
     if (initrd.size() > top || ((top - initrd.size()) & ~std::uint64_t(0xfff)) < floor)
@@ -199,8 +191,7 @@ std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp,
                                    std::uint64_t initrd_gpa, std::uint64_t initrd_size) {
     write_cmdline(mem, cmdline, kCmdlineMax);
-    std::vector<HvmMemmapEntry> map;
-    for (const auto& e : e820_map(mem)) map.push_back({e.addr, e.size, e.type, 0});
+    const auto map = e820_map(mem);
     mem.write(Gpa(kMemmapGpa), map.data(), map.size() * sizeof(HvmMemmapEntry));
 
     HvmStartInfo si{};
@@ -246,8 +237,7 @@ constexpr unsigned kMaxE820 = 128;              // boot_params.e820_table[] entr
 std::string version_str(std::uint16_t v) { return std::to_string(v >> 8) + "." + std::to_string(v & 0xff); }
 
 // Identity map of the low 4 GiB with 2 MiB pages (boot.rst, 64-bit boot
-// protocol: "the range with setup_header.init_size ... must be identity
-// mapped"; the decompressor builds its own tables once running).
+// protocol: "the range with setup_header.init_size ... must be identity mapped").
 void write_identity_page_tables(GuestMemory& mem) {
     constexpr std::uint64_t kP = 1, kRw = 2, kPs = 0x80;
     const std::uint64_t pdpt = kPml4Gpa + 0x1000, pd = kPml4Gpa + 0x2000;
@@ -320,13 +310,15 @@ SetupHeader parse_setup_header(std::span<const std::uint8_t> image) {
 
 BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std::span<const std::uint8_t> initrd,
                      const std::string& cmdline, std::uint64_t rsdp) {
+    auto add_initrd = [&](BootPlan& plan, std::uint64_t floor, std::uint64_t max_addr) {
+        if (initrd.empty()) return;
+        plan.initrd_gpa = load_initrd(mem, initrd, floor, max_addr);
+        plan.initrd_size = initrd.size();
+    };
     if (!is_bzimage(image)) {
         LoadedKernel k = load_pvh_elf(mem, image);
         BootPlan plan{BootPlan::Mode::pvh32, k.entry, 0};
-        if (!initrd.empty()) {
-            plan.initrd_gpa = load_initrd(mem, initrd, k.image_end, UINT32_MAX);
-            plan.initrd_size = initrd.size();
-        }
+        add_initrd(plan, k.image_end, UINT32_MAX);
         plan.arg = write_pvh_start_info(mem, cmdline, rsdp, plan.initrd_gpa, plan.initrd_size);
         return plan;
     }
@@ -341,10 +333,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
     mem.write(Gpa(kBzLoadGpa), kernel.data(), kernel.size());
 
     BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa};
-    if (!initrd.empty()) {
-        plan.initrd_gpa = load_initrd(mem, initrd, need, h.initrd_addr_max);
-        plan.initrd_size = initrd.size();
-    }
+    add_initrd(plan, need, h.initrd_addr_max);
     write_cmdline(mem, cmdline, std::min<std::uint64_t>(kCmdlineMax, std::uint64_t(h.cmdline_size) + 1));
 
     // The zero page (zero-page.rst): the setup header as the file has it

@@ -1,18 +1,14 @@
 // Loading a kernel: a PVH ELF (our guest, or Linux's vmlinux) or a Linux
-// bzImage. PVH first. The image is an ELF whose PT_NOTE segments carry
-// XEN_ELFNOTE_PHYS32_ENTRY (type 18, owner "Xen"): the physical address of a
-// 32-bit entry point. Per the PVH boot ABI (xen/include/public/arch-x86/hvm/
-// start_info.h, Linux's Documentation/x86/boot.rst "PVH") the loader copies
-// the PT_LOAD segments to their physical addresses, writes struct
-// hvm_start_info (with the command line and an E820-style memory map), and
-// starts the BSP in 32-bit protected mode, paging off, with %ebx = the
-// start_info address; an initrd goes in as the one module.
+// bzImage. A PVH ELF's PT_NOTE segments carry XEN_ELFNOTE_PHYS32_ENTRY (type
+// 18, owner "Xen"), a 32-bit entry point. Per the PVH boot ABI
+// (xen/include/public/arch-x86/hvm/start_info.h) the PT_LOAD segments go to
+// their physical addresses, struct hvm_start_info gets the command line, an
+// E820-style memory map and the initrd as the one module, and the BSP starts
+// in 32-bit protected mode, paging off, with %ebx = start_info.
 //
 // A bzImage follows the Linux x86 boot protocol (Documentation/arch/x86/
-// boot.rst): the real-mode setup code is skipped, the protected-mode kernel is
-// loaded at 1 MiB and entered at its 64-bit entry point (load address +
-// 0x200) in long mode, with %rsi = boot_params (the "zero page") carrying
-// the setup header, E820 map, command line and initrd (zero-page.rst).
+// boot.rst): the protected-mode kernel is loaded at 1 MiB and entered at
+// load address + 0x200 in long mode, %rsi = boot_params (zero-page.rst).
 //
 // Everything in the files is untrusted: every offset and size is checked,
 // and a malformed image is refused with one clear message.
@@ -101,9 +97,8 @@ bool is_linux_kernel(std::span<const std::uint8_t> image);
 // Validates the header; throws UsageError naming what is wrong.
 SetupHeader parse_setup_header(std::span<const std::uint8_t> image);
 
-// A whole file's bytes (kernel, initrd) in an anonymous mapping of their
-// own: freed with munmap, so a multi-MiB image leaves the VMM's RSS once
-// loaded (a heap buffer would stay in the heap, past malloc's trim threshold).
+// A whole file's bytes in an anonymous mapping of their own, so a multi-MiB
+// image leaves the VMM's RSS once loaded (a heap buffer would stay).
 class FileImage {
 public:
     FileImage(Mapping m, std::size_t size) : m_(std::move(m)), size_(size) {}

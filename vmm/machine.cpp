@@ -1,8 +1,6 @@
-// Building a VM (see machine.hpp). The story in order: read and load the
-// kernel, open KVM and check what we rely on, create the VM with its in-kernel
-// interrupt controllers and PIT, map guest RAM, plug the board's legacy
-// devices and the virtio devices into the buses, and create and set up the
-// vCPUs. Running them is vmm/vcpu_loop.cpp's job.
+// Building a VM (see machine.hpp), in order: load the kernel, open KVM and
+// check what we rely on, create the VM with its in-kernel irqchip and PIT, map
+// guest RAM, plug the devices into the buses, and set up the vCPUs.
 #include "vmm/machine.hpp"
 #include "balloon/balloon.hpp"
 #include "devices/base/error.hpp"
@@ -75,8 +73,7 @@ Machine::Machine(const VmConfig& cfg)
     for (const auto& r : mem_.regions())
         vm_.set_user_memory_region(slot++, r.gpa.value(), r.size, mem_.host_address_for_kvm(r));
 
-    // The legacy devices, from the board table; the serial console writes to
-    // stdout, a file, or nowhere.
+    // The legacy devices, from the board table; the console goes to stdout, a file, or nowhere.
     int console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
     if (cfg.console == VmConfig::Console::file) {
         int fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -92,9 +89,7 @@ Machine::Machine(const VmConfig& cfg)
         log_msg("guest powered off (ACPI S5)");
         loop_.request_stop(0);
     };
-    wiring.reset = [this] {
-        // kguest does not restart guests (nor do Firecracker and kvmtool): a
-        // reset ends the VM. Status 0, since `reboot` is a clean request too.
+    wiring.reset = [this] {   // kguest, like Firecracker, does not restart guests
         log_msg("guest reset the machine (reboot); ending the VM");
         loop_.request_stop(0);
     };

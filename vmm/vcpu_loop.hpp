@@ -4,10 +4,8 @@
 // signal (SIGUSR1, whose handler does nothing: KVM_RUN returns EINTR).
 //
 // Threading: request_stop, pause, resume and the queries may be called from
-// any thread (device callbacks on vCPU threads, the control API, the main
-// thread); the first request_stop wins. start and wait belong to the thread
-// that owns the loop. pause waits (at most 5 s) for the vCPUs to park; no
-// vCPU thread ever waits for another thread except while parked.
+// any thread; start and wait belong to the thread that owns the loop. No vCPU
+// thread ever waits for another thread except while parked.
 #pragma once
 
 #include "devices/base/fd.hpp"
@@ -73,8 +71,7 @@ private:
 };
 
 // Where a vCPU stands, for the log when the VM is stopped from outside: RIP,
-// the multiprocessing state and the highest LAPIC vectors in service and
-// pending.
+// the MP state and the highest LAPIC vectors in service and pending.
 std::string describe_vcpu(const Vcpu& v);
 // The KVM paravirt MSRs the guest enabled on `v`, space-separated ("none").
 std::string pv_msrs_enabled(const Vcpu& v);

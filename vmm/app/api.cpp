@@ -1,11 +1,10 @@
 // The API server (see api.hpp): socket setup with plain syscalls, so every
 // failure names its call and errno; then one thread running an Asio
 // io_context with one Session per client. A Session reads one request at a
-// time under a deadline (idle wait, request, response write each have their
-// own), answers it through api_dispatch() and either waits for the next one
-// (keep-alive) or closes. Deadlines are one steady_timer per session that
-// cancels the socket; a generation counter makes a late timer harmless. This is
-// the only translation unit of the server that includes Beast.
+// time under a deadline (idle wait, request, response write), answers it
+// through api_dispatch() and waits for the next one (keep-alive) or closes.
+// A deadline is a steady_timer that cancels the socket; a generation counter
+// makes a late timer harmless.
 #include "vmm/app/api.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
@@ -330,9 +329,8 @@ void refuse_busy(Socket& s) {
     s.close(ignored);
 }
 
-// mkdir -p with mode 0700 for what is missing; refuses a directory that
-// belongs to someone else (another user could otherwise pre-create
-// /tmp/kguest-$UID and watch or replace our socket).
+// mkdir -p with mode 0700; refuses a directory that belongs to someone else
+// (who could pre-create /tmp/kguest-$UID and watch or replace our socket).
 void make_socket_dir(const std::string& dir) {
     if (dir.empty()) return;
     for (std::size_t pos = 1; pos <= dir.size(); ++pos) {

@@ -1,13 +1,11 @@
 // The VM control API: HTTP/1.1 + JSON on a UNIX socket, in the style of Cloud
 // Hypervisor's API (`curl --unix-socket SOCK http://localhost/api/v1/vm.info`).
-// The VMM implements the small typed VmControl interface (structs and an
-// error enum; the JSON is made here, in api.cpp); ApiServer owns the socket
-// and one thread running Boost.Asio/Beast, and calls VmControl on that thread
-// only. The server never blocks the VM: a slow or malicious client holds at
-// most its own connection (bounded in number, time and size), and vCPU threads
-// never wait on the API thread (the VmControl implementation must keep it that
-// way: hand requests to the VM through atomics or queues, never take a lock a
-// vCPU holds across a guest exit). Beast stays inside api.cpp.
+// The VMM implements the typed VmControl interface; ApiServer owns the socket
+// and one thread running Boost.Asio/Beast (inside api.cpp only), and calls
+// VmControl on that thread only. A slow or malicious client holds at most its
+// own connection (bounded in number, time and size), and vCPU threads never
+// wait on the API thread (VmControl must hand requests to the VM through
+// atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
 // Routes (all under /api/v1/):
 //   GET vmm.ping     200 {"version": "0.1.0", "pid": N}
@@ -74,17 +72,15 @@ struct VmCounters {
 enum class ControlError { none, already_paused, not_paused, pause_failed, no_balloon, balloon_too_large };
 const char* control_message(ControlError e);
 
-// Implemented by the VMM; every call comes from the API thread, one at a time.
-// Calls must be quick: while one runs, no other client is served. They must
-// also never make a vCPU wait for them (post the request, do not join).
+// Implemented by the VMM; every call comes from the API thread, one at a time,
+// and must be quick (no other client is served meanwhile).
 struct VmControl {
     virtual ~VmControl() = default;
     virtual VmInfo info() = 0;
     virtual VmCounters counters() = 0;
     // How much the balloon should hold, in bytes. Must not wait for the guest.
     virtual ControlError resize(std::uint64_t desired_balloon_bytes) = 0;
-    // shutdown() only requests the stop: it must not destroy the ApiServer
-    // from inside the call.
+    // shutdown() only requests the stop (it must not destroy the ApiServer).
     virtual ControlError pause() = 0;
     virtual ControlError resume() = 0;
     virtual ControlError shutdown() = 0;
@@ -116,9 +112,8 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
 class ApiServer {
 public:
     // Creates the socket's directory if missing (mode 0700), replaces a stale
-    // socket file (one nobody listens on), refuses a path another process
-    // serves, binds, chmods the socket 0600 and starts the API thread.
-    // Throws SysError naming the call and the path on failure.
+    // socket file, refuses a path another process serves, binds, chmods the
+    // socket 0600 and starts the API thread. Throws naming the call and path.
     ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits limits = {});
     ~ApiServer();  // stops and joins the thread, closes all clients, unlinks the socket
     ApiServer(const ApiServer&) = delete;

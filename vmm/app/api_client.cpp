@@ -1,9 +1,7 @@
 // The API client and the control subcommands (see api_client.hpp). A request
 // runs as an async chain (connect, write, read) on a private io_context for at
-// most the client's timeout, so a hung VM cannot hang the CLI. The CLI part
-// parses its flags, calls the API and prints either the JSON or aligned
-// "key: value" lines with sizes in MiB. This is the only translation unit of
-// the client that includes Beast.
+// most the client's timeout, so a hung VM cannot hang the CLI. The CLI prints
+// the JSON or aligned "key: value" lines with sizes in MiB.
 #include "vmm/app/api_client.hpp"
 #include "vmm/app/api.hpp"
 #include "devices/base/error.hpp"
@@ -440,14 +438,10 @@ const char* cli_usage() { return kCliUsage; }
 int cli_main(int argc, char** argv) {
     try {
         return run_cli(argc, argv);
-    } catch (const UsageError& e) {
-        std::fflush(stdout);
-        std::fprintf(stderr, "kguest: %s\n", e.what());
-        return 2;
     } catch (const std::exception& e) {
         std::fflush(stdout);
         std::fprintf(stderr, "kguest: %s\n", e.what());
-        return 1;
+        return dynamic_cast<const UsageError*>(&e) ? 2 : 1;
     }
 }
 

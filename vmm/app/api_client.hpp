@@ -40,9 +40,7 @@ public:
 
     // `endpoint` is "vm.info" (put under /api/v1/) or a full "/api/v1/..." path.
     // Throws SysError naming the call and the socket when the VM cannot be
-    // reached ("connect /run/kguest/vm.sock: Connection refused (errno 111)")
-    // or the exchange does not finish in time (ETIMEDOUT); any HTTP status is
-    // returned, not thrown.
+    // reached or does not answer in time (ETIMEDOUT); any HTTP status is returned.
     ApiResponse request(std::string_view method, std::string_view endpoint,
                         const nlohmann::json& body = nullptr) const;
     ApiResponse get(std::string_view endpoint) const { return request("GET", endpoint); }

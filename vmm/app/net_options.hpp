@@ -1,6 +1,5 @@
 // The `--net` option of `kguest run`: parses its value into the NetConfig
-// the machine opens a backend from (devices/net_backend.hpp). Application
-// layer: the device model knows nothing of the command line.
+// the machine opens a backend from (devices/net_backend.hpp).
 #pragma once
 
 #include "devices/net_backend.hpp"

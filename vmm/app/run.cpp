@@ -105,10 +105,9 @@ private:
 };
 
 // The serial console's input for `--console stdio`: the terminal in raw-ish
-// mode (ISIG stays on, so Ctrl-C is SIGINT and stops the VM cleanly; output
-// processing stays on) and a thread that feeds stdin to COM1. The thread ends
-// at EOF or once `stop_fd` is readable (the VM stopped); the destructor joins
-// it, so the VM must be stopping by then, and restores the terminal.
+// mode (ISIG and output processing stay on, so Ctrl-C stops the VM cleanly)
+// and a thread that feeds stdin to COM1 until EOF or `stop_fd` is readable.
+// The destructor joins it (the VM must be stopping) and restores the terminal.
 class ConsoleInput {
 public:
     ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
@@ -237,9 +236,8 @@ int run_vm(const VmConfig& cfg) {
     bool signalled = false;
     {
         StopSignals signals;
-        // The control API on its own thread (a client can never make a vCPU
-        // wait), started before any other thread so a socket error needs no
-        // cleanup.
+        // The control API on its own thread, started before any other thread
+        // so a socket error needs no cleanup.
         MachineControl control(m);
         std::unique_ptr<ApiServer> api;
         if (cfg.api_socket != "none")
