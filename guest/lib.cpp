@@ -112,9 +112,7 @@ void panic(const char* fmt, ...) {
     __builtin_va_start(ap, fmt);
     vformat(buf, sizeof buf, fmt, ap);
     __builtin_va_end(ap);
-    puts("PANIC: ");
-    puts(buf);
-    puts("\n");
+    print("PANIC: %s\n", buf);
     guest_exit(3);
 }
 

@@ -1,9 +1,7 @@
 // The small guest's main program. It reads the PVH start info, sets up
 // interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
-// tests named by test=... (timer, port80, smp, pci, hostile, idle, spinlock,
-// net-echo, net-ping, net-bench, exception, triplefault; all = the first
-// three) and ends the VM through the exit port: 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
-// unexpected exception.
+// tests named by test=... and ends the VM through the exit port: 0 when every
+// test passed, 1 when one failed, 3 on a panic, 4 on an unexpected exception.
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "net.hpp"

@@ -14,17 +14,15 @@
 //
 //   RESULT tlb size=<bytes> accesses=N ns_per_access=X.XXX cycles_per_access=Y.Y pages=2m|4k
 //
-// pages= is read back from the page tables in force. With pages=4k (the first
-// GiB mapped with 4 KiB pages by paging_use_4k) the test splits the other
-// 2 MiB mappings of its working set, with page tables from RAM above the
-// largest one. The working set starts at the first 2 MiB boundary above the
-// image and must end inside RAM below the MMIO hole (0xc0000000); sizes that
-// do not fit get a `RESULT tlb_skipped size=<bytes> room=<bytes>` line.
+// pages= is read back from the page tables. With pages=4k the test splits the
+// 2 MiB mappings of its working set past the first GiB, with page tables from
+// RAM above it. The working set starts at the first 2 MiB boundary above the
+// image and must end in RAM below 0xc0000000; sizes that do not fit get a
+// `RESULT tlb_skipped size=<bytes> room=<bytes>` line.
 //
 // Knobs: tlb_min= (default 16K), tlb_max= (default 1G), tlb_accesses= (per
 // size, default 2M), tlb_warmup= (passes, default 2), tlb_mid=1, tlb_seed=.
-// Sizes take K/M/G suffixes (powers of 1024). No floating point
-// (-mgeneral-regs-only): fractions are integer arithmetic.
+// Sizes take K/M/G suffixes (powers of 1024).
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "tests.hpp"

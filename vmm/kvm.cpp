@@ -6,9 +6,16 @@
 #include <fcntl.h>
 #include <memory>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 
 namespace kguest {
+
+Fd make_eventfd() {
+    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) throw_errno("eventfd");
+    return Fd(fd);
+}
 
 namespace {
 

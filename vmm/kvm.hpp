@@ -19,6 +19,9 @@ namespace kguest {
 class Vm;
 class Vcpu;
 
+// A non-blocking, close-on-exec eventfd (ioeventfds, irqfds, wake-ups).
+Fd make_eventfd();
+
 class Kvm {
 public:
     // Opens the device and insists on KVM_API_VERSION 12 (the only stable one).

@@ -100,9 +100,8 @@ bool has_linux_note(std::span<const std::uint8_t> notes) {
     return found;
 }
 
-} // namespace
-
-LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image) {
+// The program headers of a valid x86-64 executable ELF; throws naming what is wrong.
+std::vector<Elf64_Phdr> program_headers(std::span<const std::uint8_t> image) {
     Elf64_Ehdr eh;
     if (image.size() < sizeof eh) bad("too small to be an ELF file");
     std::memcpy(&eh, image.data(), sizeof eh);
@@ -115,13 +114,18 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     if (eh.e_phnum == 0) bad("no program headers");
     if (!within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
         bad("program headers run past the end of the file");
+    std::vector<Elf64_Phdr> phs(eh.e_phnum);
+    std::memcpy(phs.data(), image.data() + eh.e_phoff, phs.size() * sizeof(Elf64_Phdr));
+    return phs;
+}
 
+} // namespace
+
+LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image) {
     LoadedKernel k{0, UINT64_MAX, 0};
     std::uint64_t entry = 0;
     unsigned loads = 0;
-    for (unsigned i = 0; i < eh.e_phnum; ++i) {
-        Elf64_Phdr ph;
-        std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
+    for (const Elf64_Phdr& ph : program_headers(image)) {
         if (ph.p_type == PT_NOTE) {
             if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_NOTE segment runs past the end of the file");
             std::uint64_t e = find_pvh_note(image.subspan(ph.p_offset, ph.p_filesz));
@@ -260,17 +264,8 @@ bool is_bzimage(std::span<const std::uint8_t> image) {
 
 bool is_linux_kernel(std::span<const std::uint8_t> image) {
     if (is_bzimage(image)) return true;
-    Elf64_Ehdr eh;
-    if (image.size() < sizeof eh) return false;
-    std::memcpy(&eh, image.data(), sizeof eh);
-    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_ident[EI_CLASS] != ELFCLASS64 ||
-        eh.e_phentsize != sizeof(Elf64_Phdr) ||
-        !within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
-        return false;
     try {
-        for (unsigned i = 0; i < eh.e_phnum; ++i) {
-            Elf64_Phdr ph;
-            std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
+        for (const Elf64_Phdr& ph : program_headers(image)) {
             if (ph.p_type == PT_NOTE && within(ph.p_offset, ph.p_filesz, image.size()) &&
                 has_linux_note(image.subspan(ph.p_offset, ph.p_filesz)))
                 return true;

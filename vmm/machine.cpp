@@ -2,7 +2,6 @@
 // check what we rely on, create the VM with its in-kernel irqchip and PIT, map
 // guest RAM, plug the devices into the buses, and set up the vCPUs.
 #include "vmm/machine.hpp"
-#include "balloon/balloon.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
 #include "devices/virtio_net.hpp"
@@ -15,7 +14,6 @@
 #include <cstring>
 #include <fcntl.h>
 #include <optional>
-#include <sys/mman.h>
 #include <unistd.h>
 
 namespace kguest {

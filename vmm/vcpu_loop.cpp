@@ -9,7 +9,6 @@
 #include <csignal>
 #include <cstring>
 #include <pthread.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -22,11 +21,8 @@ void on_kick(int) {}
 
 VcpuLoop::VcpuLoop(std::vector<Vcpu>& vcpus, std::size_t run_size, const Bus& pio, const Bus& mmio,
                    std::function<void()> before_exit)
-    : vcpus_(vcpus), run_size_(run_size), pio_(pio), mmio_(mmio), before_exit_(std::move(before_exit)) {
-    int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (efd < 0) throw_errno("eventfd");
-    stop_event_ = Fd(efd);
-}
+    : vcpus_(vcpus), run_size_(run_size), pio_(pio), mmio_(mmio), before_exit_(std::move(before_exit)),
+      stop_event_(make_eventfd()) {}
 
 VcpuLoop::~VcpuLoop() {
     // wait() joins on every normal path; this covers a start that threw.

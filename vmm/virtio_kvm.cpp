@@ -1,16 +1,12 @@
 // virtio-pci devices wired to KVM: MSI routes with irqfds, ioeventfd kicks and
 // the BAR on the MMIO bus. See virtio_kvm.hpp for the design.
 #include "vmm/virtio_kvm.hpp"
-
-#include "devices/base/error.hpp"
 #include "vmm/board.hpp"
-
-#include <sys/eventfd.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <unistd.h>
 
 namespace kguest {
 
@@ -69,11 +65,9 @@ public:
     Irqs(Vm& vm, GsiRouter& router, std::uint16_t vectors, std::uint32_t intx_gsi)
         : vm_(vm), router_(router), intx_gsi_(intx_gsi) {
         for (std::uint16_t v = 0; v < vectors; ++v) {
-            int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-            if (fd < 0) throw_errno("eventfd");
-            fds_.emplace_back(fd);
+            fds_.push_back(make_eventfd());
             gsis_.push_back(router_.alloc_msi_gsi());
-            vm_.irqfd(fd, gsis_.back());
+            vm_.irqfd(fds_.back().get(), gsis_.back());
         }
     }
 
@@ -127,10 +121,8 @@ VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& 
     std::vector<Fd> fds;
     std::vector<int> raw;
     for (std::uint16_t q = 0; q < queues; ++q) {
-        int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (fd < 0) throw_errno("eventfd");
-        fds.emplace_back(fd);
-        raw.push_back(fd);
+        fds.push_back(make_eventfd());
+        raw.push_back(fds.back().get());
     }
     if (dev->take_notify_fds(raw)) notify_fds_ = std::move(fds);
     ioeventfd_any_length_ = vm.check_extension(KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0;

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <optional>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -449,7 +448,5 @@ ApiServer::~ApiServer() {
         ::unlink(impl_->path.c_str());
     // impl_'s destruction closes the remaining client connections.
 }
-
-const std::string& ApiServer::path() const { return impl_->path; }
 
 } // namespace kguest

@@ -7,17 +7,12 @@
 // wait on the API thread (VmControl must hand requests to the VM through
 // atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
-// Routes (all under /api/v1/):
-//   GET vmm.ping     200 {"version": "0.1.0", "pid": N}
-//   GET vm.info      200 VmControl::info() as JSON (keys: VmInfo's fields)
-//   GET vm.counters  200 VmControl::counters() as JSON: "port80", "net0"...,
-//                    "balloon" (with "stats" once the guest sent a sample)
-//   PUT vm.resize    {"desired_balloon": BYTES} or {"desired_ram": BYTES}  -> 204
-//   PUT vm.pause / vm.resume / vm.shutdown                                -> 204
-// Errors carry {"error": "message"}: 400 bad JSON or fields, 404 unknown path,
-// 405 wrong method, 408 request not complete in time, 409 the VM refused
-// (VmControl returned a ControlError), 413 body over the limit, 500 an exception,
-// 503 too many connections.
+// Routes under /api/v1/: GET vmm.ping ({"version", "pid"}), vm.info (VmInfo),
+// vm.counters ("port80", "net0"..., "balloon" with "stats" once sampled); PUT
+// vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}), vm.pause,
+// vm.resume, vm.shutdown (204). Errors carry {"error": "message"}: 400 bad JSON
+// or fields, 404, 405, 408 too slow, 409 refused (a ControlError), 413 body too
+// large, 431, 500 an exception, 503 too many connections.
 #pragma once
 
 #include "balloon/balloon.hpp"
@@ -118,8 +113,6 @@ public:
     ~ApiServer();  // stops and joins the thread, closes all clients, unlinks the socket
     ApiServer(const ApiServer&) = delete;
     ApiServer& operator=(const ApiServer&) = delete;
-
-    const std::string& path() const;
 
     struct Impl;
 

@@ -4,7 +4,6 @@
 // the JSON or aligned "key: value" lines with sizes in MiB.
 #include "vmm/app/api_client.hpp"
 #include "vmm/app/api.hpp"
-#include "devices/base/error.hpp"
 #include "devices/base/size.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -19,13 +18,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <dirent.h>
-#include <optional>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <thread>
 #include <unistd.h>
 #include <utility>
-#include <vector>
 
 namespace kguest {
 

@@ -1,17 +1,9 @@
 // The client side of the VM control API (see api.hpp): ApiClient makes one
 // HTTP request per connection on a VM's UNIX socket, under a deadline, and
-// cli_main() implements the control subcommands of the kguest binary:
-//
-//   kguest list                                   running VMs: NAME STATE MEMORY
-//   kguest info NAME                              vm.info
-//   kguest stats NAME                             vm.counters
-//   kguest balloon NAME --target SIZE [--wait] [--timeout SECONDS]
-//   kguest pause|resume|stop NAME
-//
-// NAME picks socket_for(NAME); `--api-socket PATH` names a socket instead and
-// `--json` prints the server's JSON as is. Exit status: 0 done, 1 the VM could
-// not be reached, refused, or (balloon --wait) did not get there in time,
-// 2 bad usage. Beast stays inside api_client.cpp.
+// cli_main() implements the control subcommands of the kguest binary (list,
+// info, stats, balloon, pause, resume, stop; see cli_usage()). Exit status: 0
+// done, 1 the VM could not be reached, refused, or (balloon --wait) did not
+// get there in time, 2 bad usage. Beast stays inside api_client.cpp.
 #pragma once
 
 #include "devices/base/error.hpp"
@@ -44,9 +36,6 @@ public:
     ApiResponse request(std::string_view method, std::string_view endpoint,
                         const nlohmann::json& body = nullptr) const;
     ApiResponse get(std::string_view endpoint) const { return request("GET", endpoint); }
-    ApiResponse put(std::string_view endpoint, const nlohmann::json& body = nullptr) const {
-        return request("PUT", endpoint, body);
-    }
 
 private:
     std::string path_;
