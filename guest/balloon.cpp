@@ -104,8 +104,6 @@ void irq_timer(Frame*) { b.irq_timer = b.irq_timer + 1; lapic_eoi(); }
 u64 block_addr(u32 blk) { return u64(blk) * kBlock; }
 u32 block_pfn(u32 blk) { return u32(block_addr(blk) / kPage); }
 
-// ---- device access ---------------------------------------------------------------------------
-
 u32 read_target() { return mmio_read<u32>(b.vp.device_cfg + CFG_NUM_PAGES); }
 void write_actual(u32 pages) { mmio_write<u32>(b.vp.device_cfg + CFG_ACTUAL, pages); }
 bool device_broken() {
@@ -167,8 +165,6 @@ void stats_service() {
     if (got) { ++b.stats_requests; stats_push(); b.stats.publish(); ++b.stats_sent; }
 }
 
-// ---- batches of PFNs ---------------------------------------------------------------------------
-
 void batch_reset() { b.nbuf = 0; b.npfn = 0; b.nruns = 0; }
 
 // Appends `count` PFNs of block `blk` from page `first`; the caller keeps
@@ -213,8 +209,6 @@ bool batch_send(Virtq& vq, bool have_irq) {
     return true;
 }
 
-// ---- page patterns ------------------------------------------------------------------------------
-
 constexpr u64 kPatternKey = 0x6b6775657374ba11ull;
 inline void touch_page(u64 addr) {
     volatile u64* p = reinterpret_cast<volatile u64*>(addr);
@@ -251,8 +245,6 @@ u64 verify_all() {
     }
     return bad;
 }
-
-// ---- inflate and deflate ---------------------------------------------------------------------------
 
 // One batch toward `target`: at most kBufs buffers. Returns the pages moved
 // (0: nothing possible, e.g. no free block left).
@@ -466,8 +458,6 @@ void balloon_shutdown() {
 }
 
 }  // namespace
-
-// ---- test=balloon -----------------------------------------------------------------------------------
 
 bool test_balloon(const char* cmdline) {
     u64 ms = cmdline_u64(cmdline, "balloon_ms", 60000, "balloon");

@@ -2,8 +2,6 @@
 #include "cpu.hpp"
 #include "lib.hpp"
 
-// ---- IDT and exceptions ------------------------------------------------------
-
 struct IdtEntry {
     u16 off_lo, sel;
     u8 ist, type;
@@ -57,8 +55,6 @@ extern "C" void interrupt_dispatch(Frame* f) {
     if (f->vector != kSpuriousVector) lapic_eoi();
 }
 
-// ---- local APIC ----------------------------------------------------------------
-
 void pic_disable() {
     // SeaBIOS leaves the 8259s delivering IRQ0 as vector 8 (a double fault):
     // remap them to 0x20-0x2f and mask every line; we use only the LAPIC.
@@ -73,8 +69,6 @@ void lapic_enable() {
     lapic_write(LAPIC_SVR, 0x100 | kSpuriousVector);  // APIC software enable
     lapic_write(LAPIC_LVTT, 1u << 16);                 // timer masked until a test arms it
 }
-
-// ---- kvmclock --------------------------------------------------------------------
 
 struct PvclockTimeInfo {
     u32 version, pad0;
@@ -156,8 +150,6 @@ void delay_us(u64 us) {
     u64 end = kvmclock_ns() + us * 1000;
     while (kvmclock_ns() < end) cpu_relax();
 }
-
-// ---- SMP -----------------------------------------------------------------------------
 
 PerCpu percpu[kMaxCpus];
 extern "C" char ap_trampoline[], ap_trampoline_end[];
@@ -294,8 +286,6 @@ void smp_wait_aps_idle() {
     lapic_write(LAPIC_TDCR, saved_tdcr);
     irq_restore(irqs_on);
 }
-
-// ---- 4 KiB pages -----------------------------------------------------------------
 
 extern "C" u64 boot_pml4[512];
 alignas(4096) static u64 pt_4k[512 * 512];  // 512 page tables: the first GiB

@@ -64,8 +64,6 @@ struct NetDev {
 NetDev dev;
 int g_init_state = 0;  // 0 not tried, 1 up, -1 failed
 
-// ---- byte order and checksums -------------------------------------------------
-
 inline u16 get16(const u8* p) { return u16((p[0] << 8) | p[1]); }
 inline u32 get32(const u8* p) { return (u32(p[0]) << 24) | (u32(p[1]) << 16) | (u32(p[2]) << 8) | p[3]; }
 inline void put16(u8* p, u16 v) { p[0] = u8(v >> 8); p[1] = u8(v); }
@@ -123,8 +121,6 @@ const u8 kBroadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 constexpr u16 ETH_IPV4 = 0x0800, ETH_ARP = 0x0806;
 constexpr u8 IP_ICMP = 1, IP_UDP = 17;
 constexpr u32 kEthLen = 14, kIpLen = 20, kUdpLen = 8, kIcmpLen = 8;
-
-// ---- interrupts and waiting ------------------------------------------------------
 
 void irq_rx(Frame*) { dev.irq_rx = dev.irq_rx + 1; lapic_eoi(); }
 void irq_tx(Frame*) { dev.irq_tx = dev.irq_tx + 1; lapic_eoi(); }
@@ -193,8 +189,6 @@ void net_wait(u64 deadline_ns) {
 }
 
 namespace {
-
-// ---- transmit ----------------------------------------------------------------------
 
 void tx_reap() {
     u16 id;
@@ -368,8 +362,6 @@ void eth_input(const u8* f, u32 len) {
     else if (type == ETH_IPV4) ipv4_input(f + 6, f + kEthLen, len - kEthLen);
     else ++g_net_stats.dropped;
 }
-
-// ---- receive ----------------------------------------------------------------------------
 
 void asm_append(const u8* p, u32 n) {
     if (dev.asm_len + n > kAsmSize) { dev.asm_bad = true; return; }
@@ -637,8 +629,6 @@ void net_shutdown() {
     if (dev.tsc_deadline) { wrmsr(MSR_IA32_TSC_DEADLINE, 0); lapic_write(LAPIC_LVTT, 1u << 16); }
     g_init_state = 0;
 }
-
-// ---- test modes -------------------------------------------------------------------------------
 
 namespace {
 

@@ -84,12 +84,10 @@ void pv_kick_waiter(TicketLock& l, u32 ticket) {
     }
 }
 
-// ---- test=spinlock -------------------------------------------------------------
-//
-// lock=native or lock=pv runs one flavour for spin_ms. lock=both alternates
-// them in rounds of round_ms in one boot, so both see the same host conditions
-// (the QEMU sandbox drifts ±10% between runs). Each flavour has its own lock
-// and data, so a native unlock never meets a halted pv waiter.
+// test=spinlock: lock=native or lock=pv runs one flavour for spin_ms; lock=both
+// alternates them in rounds of round_ms in one boot, so both see the same host
+// conditions (the QEMU sandbox drifts ±10% between runs). Each flavour has its
+// own lock and data, so a native unlock never meets a halted pv waiter.
 
 struct alignas(64) Arena {
     TicketLock lock;

@@ -171,8 +171,6 @@ bool test_idle(const char* cmdline) {
     return percpu[0].ticks == g_hz * g_ms / 1000;
 }
 
-// ---- port 0x80 ------------------------------------------------------------------
-
 bool test_port80(const char* cmdline) {
     u64 n = cmdline_u64(cmdline, "port80_n", 10000, "port80");
     if (n < 1) n = 10000;
@@ -199,8 +197,6 @@ bool test_port80(const char* cmdline) {
           (t5 - t4) / reads, bad_reads);
     return bad_reads == 0;
 }
-
-// ---- SMP --------------------------------------------------------------------------
 
 bool test_smp(unsigned ncpus, unsigned online) {
     char ids[4 * kMaxCpus + 1];

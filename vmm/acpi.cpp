@@ -156,23 +156,12 @@ Bytes aml_named(std::initializer_list<std::uint8_t> op, std::string_view name, c
 // set (a fixed aperture, §6.4.3.5 Table 6.44).
 constexpr std::uint8_t kWindowFlags = 0x0c;
 
-// §6.4.3.5.3 Word Address Space Descriptor. type: 1 I/O, 2 bus number range.
-void word_window(Bytes& b, std::uint8_t type, std::uint8_t type_flags, std::uint16_t min, std::uint16_t max) {
-    b.insert(b.end(), {0x88, 13, 0, type, kWindowFlags, type_flags});
-    put_le(b, 0, 2);                    // _GRA
-    put_le(b, min, 2);                  // _MIN
-    put_le(b, max, 2);                  // _MAX
-    put_le(b, 0, 2);                    // _TRA
-    put_le(b, max - min + 1u, 2);       // _LEN
-}
-// §6.4.3.5.2 DWord Address Space Descriptor, memory: non-cacheable, read-write.
-void dword_memory_window(Bytes& b, std::uint32_t min, std::uint32_t max) {
-    b.insert(b.end(), {0x87, 23, 0, 0 /* memory */, kWindowFlags, 0x01 /* _RW */});
-    put_le(b, 0, 4);
-    put_le(b, min, 4);
-    put_le(b, max, 4);
-    put_le(b, 0, 4);
-    put_le(b, max - min + 1u, 4);
+// §6.4.3.5.3 Word (n = 2) and §6.4.3.5.2 DWord (n = 4) Address Space
+// Descriptors. type: 0 memory, 1 I/O, 2 bus number range.
+void window(Bytes& b, unsigned n, std::uint8_t type, std::uint8_t type_flags, std::uint32_t min, std::uint32_t max) {
+    b.insert(b.end(), {std::uint8_t(n == 4 ? 0x87 : 0x88), std::uint8_t(n == 4 ? 23 : 13), 0, type, kWindowFlags,
+                       type_flags});
+    for (std::uint32_t v : {0u, min, max, 0u, max - min + 1u}) put_le(b, v, n);  // _GRA _MIN _MAX _TRA _LEN
 }
 // §6.4.2.5 I/O Port Descriptor, 16-bit decode.
 void io_port(Bytes& b, std::uint16_t port, std::uint8_t len) {
@@ -200,13 +189,13 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     // Linux with ACPI scans PCI only under a PNP0A03/PNP0A08 device and only
     // inside its _CRS windows, which must cover the BARs kguest assigns.
     Bytes crs;
-    word_window(crs, 2, 0, 0, 0);                    // WordBusNumber: bus 0 only
+    window(crs, 2, 2, 0, 0, 0);                      // WordBusNumber: bus 0 only
     const PioDevice& config = pio_device(PioId::pci_config);   // mechanism #1, the bridge's own
     io_port(crs, config.port, static_cast<std::uint8_t>(config.len));
-    word_window(crs, 1, 0x03, 0x0000, 0x0cf7);       // WordIO, _RNG = entire range
-    word_window(crs, 1, 0x03, 0x0d00, 0xffff);
-    dword_memory_window(crs, static_cast<std::uint32_t>(cfg.pci_mmio_base),
-                        static_cast<std::uint32_t>(cfg.pci_mmio_base + cfg.pci_mmio_size - 1));
+    window(crs, 2, 1, 0x03, 0x0000, 0x0cf7);         // WordIO, _RNG = entire range
+    window(crs, 2, 1, 0x03, 0x0d00, 0xffff);
+    window(crs, 4, 0, 0x01 /* _RW, non-cacheable */, static_cast<std::uint32_t>(cfg.pci_mmio_base),
+           static_cast<std::uint32_t>(cfg.pci_mmio_base + cfg.pci_mmio_size - 1));
     crs.insert(crs.end(), {0x79, 0x00});             // §6.4.2.9 End Tag, checksum 0 = ignored
 
     // _HID PNP0A03 (conventional PCI) rather than PNP0A08: a PCIe root

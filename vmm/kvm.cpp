@@ -40,8 +40,6 @@ T xget(int fd, unsigned long req, const char* name) {
 
 } // namespace
 
-// ---- Kvm -------------------------------------------------------------------
-
 Kvm::Kvm(const std::string& path) {
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0) throw_errno("open " + path);
@@ -86,8 +84,6 @@ Vm Kvm::create_vm() const {
     Fd owned(fd);
     return Vm(std::move(owned), vcpu_mmap_size());
 }
-
-// ---- Vm --------------------------------------------------------------------
 
 int Vm::check_extension(long cap) const {
     int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
@@ -168,8 +164,6 @@ Vcpu Vm::create_vcpu(unsigned id) const {
     if (run == MAP_FAILED) throw_errno("mmap kvm_run");
     return Vcpu(std::move(owned), Mapping(run, vcpu_mmap_size_), id);
 }
-
-// ---- Vcpu ------------------------------------------------------------------
 
 int Vcpu::run() { return ::ioctl(fd_.get(), KVM_RUN, 0) < 0 ? errno : 0; }
 

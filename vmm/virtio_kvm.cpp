@@ -10,8 +10,6 @@
 
 namespace kguest {
 
-// ---- GsiRouter ----------------------------------------------------------------
-
 std::uint32_t GsiRouter::alloc_msi_gsi() {
     std::lock_guard lock(mu_);
     msi_.push_back({next_gsi_, 0, 0, false});
@@ -103,8 +101,6 @@ private:
     std::atomic<std::uint64_t> msi_count_{0}, intx_count_{0};
     RateLimit limit_{5};
 };
-
-// ---- the slot -----------------------------------------------------------------
 
 VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& mem, PciHostBridge& bridge,
                              std::shared_ptr<VirtioDevice> device, std::uint32_t class_code, unsigned slot,

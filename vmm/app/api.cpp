@@ -32,7 +32,6 @@ namespace http = beast::http;
 using json = nlohmann::json;
 using Socket = asio::local::stream_protocol::socket;
 
-// ---------------------------------------------------------------------------
 // Routing, independent of sockets.
 
 namespace {
@@ -176,7 +175,6 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
     }
 }
 
-// ---------------------------------------------------------------------------
 // The server.
 
 struct ApiServer::Impl {

@@ -121,7 +121,6 @@ std::string socket_for(const std::string& name) {
     return default_socket_dir() + "/" + name + ".sock";
 }
 
-// ---------------------------------------------------------------------------
 // The subcommands.
 
 namespace {
