@@ -148,10 +148,8 @@ void net_wait(u64 deadline_ns) {
     u64 now = kvmclock_ns();
     if (now >= deadline_ns) return;
     if (dev.busy_poll) { cpu_relax(); return; }
-    // With MSI-X a halt still ends within 5 ms: a lost or late wake-up then
-    // costs 5 ms, not the rest of the test. (2.7.10: with EVENT_IDX a device
-    // interrupts once when the used index passes used_event, so one lost
-    // interrupt would otherwise stall the queue for good.)
+    // With MSI-X a halt still ends within 5 ms, so a lost wake-up costs 5 ms,
+    // not the test (2.7.10: with EVENT_IDX one lost interrupt stalls a queue).
     u64 cap = dev.msix ? 5000000ull : 100000ull;
     u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
     if (!dev.tsc_deadline) {
@@ -162,8 +160,7 @@ void net_wait(u64 deadline_ns) {
         until = ~0ull;  // halt until the interrupt
     }
     cli();
-    // 2.7.10: ask for an interrupt at the next used buffer, then re-check:
-    // one may have arrived since the last poll.
+    // 2.7.10: ask for an interrupt at the next used buffer, then re-check.
     bool pending = dev.rx.enable_interrupts();
     if (dev.tx_nfree == 0) pending |= dev.tx.enable_interrupts();
     if (!pending) {
