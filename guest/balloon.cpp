@@ -112,8 +112,7 @@ bool device_broken() {
            b.stats.bad_used;
 }
 
-// Halts until an interrupt or kvmclock reaches until_ns (capped at `cap_ns`
-// from now). May return early: the caller re-checks.
+// Halts until an interrupt or until_ns (at most cap_ns from now); may return early.
 void wait_event(u64 until_ns, u64 cap_ns) {
     u64 now = kvmclock_ns();
     if (now >= until_ns) return;
@@ -167,8 +166,7 @@ void stats_service() {
 
 void batch_reset() { b.nbuf = 0; b.npfn = 0; b.nruns = 0; }
 
-// Appends `count` PFNs of block `blk` from page `first`; the caller keeps
-// the batch within max_bufs buffers.
+// Appends `count` PFNs of block `blk` from page `first` (the caller bounds the batch).
 void batch_add(u32 blk, u32 first, u32 count) {
     b.runs[b.nruns++] = {blk, first, count};
     u32 pfn = block_pfn(blk) + first;
@@ -222,8 +220,7 @@ inline bool page_ok(u64 addr) {
 void touch_pages(u32 blk, u32 first, u32 count) {
     for (u32 i = first; i < first + count; ++i) touch_page(block_addr(blk) + i * kPage);
 }
-// Every page not in the balloon must hold its pattern. Returns mismatches
-// (the first few are printed).
+// Counts the pages outside the balloon that lost their pattern (printing the first few).
 u64 verify_all() {
     u64 bad = 0;
     for (u32 blk = b.lo_block; blk < b.hi_block; ++blk) {
@@ -246,8 +243,16 @@ u64 verify_all() {
     return bad;
 }
 
-// One batch toward `target`: at most kBufs buffers. Returns the pages moved
-// (0: nothing possible, e.g. no free block left).
+// Block `blk` now has its first `n` pages in the balloon: free, partial or full.
+void set_ballooned(u32 blk, u32 n) {
+    if (b.state[blk] == BLK_FULL) --b.full_blocks;
+    b.state[blk] = n == 0 ? BLK_FREE : n == kPagesPerBlock ? BLK_FULL : BLK_PARTIAL;
+    if (n == kPagesPerBlock) ++b.full_blocks;
+    if (b.state[blk] == BLK_PARTIAL) { b.partial = blk; b.partial_pages = n; }
+    else if (b.partial == i64(blk)) { b.partial = -1; b.partial_pages = 0; }
+}
+
+// One batch toward `target`; returns the pages moved (0: nothing possible).
 u32 inflate_batch(u32 target) {
     batch_reset();
     u32 cur = b.pages;
@@ -284,19 +289,7 @@ u32 inflate_batch(u32 target) {
     b.inflate_ns += kvmclock_ns() - t0;
     if (!sent) return 0;
     // Acknowledged: the runs now belong to the balloon.
-    for (u32 r = 0; r < b.nruns; ++r) {
-        const Run& run = b.runs[r];
-        u32 end = run.first + run.count;
-        if (end == kPagesPerBlock) {
-            b.state[run.block] = BLK_FULL;
-            ++b.full_blocks;
-            if (b.partial == i64(run.block)) { b.partial = -1; b.partial_pages = 0; }
-        } else {
-            b.state[run.block] = BLK_PARTIAL;
-            b.partial = run.block;
-            b.partial_pages = end;
-        }
-    }
+    for (u32 r = 0; r < b.nruns; ++r) set_ballooned(b.runs[r].block, b.runs[r].first + b.runs[r].count);
     b.pages += planned;
     b.inflated_pages_total += planned;
     return planned;
@@ -339,15 +332,7 @@ u32 deflate_batch(u32 target) {
     // them (a discarded page reads back as zeros), then re-touch them.
     for (u32 r = 0; r < b.nruns; ++r) {
         const Run& run = b.runs[r];
-        if (b.state[run.block] == BLK_FULL) --b.full_blocks;
-        if (run.first == 0) {
-            b.state[run.block] = BLK_FREE;
-            if (b.partial == i64(run.block)) { b.partial = -1; b.partial_pages = 0; }
-        } else {
-            b.state[run.block] = BLK_PARTIAL;
-            b.partial = run.block;
-            b.partial_pages = run.first;
-        }
+        set_ballooned(run.block, run.first);
         for (u32 i = run.first; i < run.first + run.count; ++i)
             if (*reinterpret_cast<volatile u64*>(block_addr(run.block) + i * kPage) == 0) ++b.deflated_zero;
         touch_pages(run.block, run.first, run.count);

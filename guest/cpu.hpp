@@ -69,8 +69,7 @@ inline PerCpu& this_cpu() {
     asm volatile("mov %%gs:0, %0" : "=r"(p));
     return *p;
 }
-// Per-CPU setup, first thing on each CPU once its LAPIC is on: GS, and PV EOI
-// (KVM_FEATURE_PV_EOI) when offered.
+// Per-CPU setup once the CPU's LAPIC is on: GS, and PV EOI when offered.
 void percpu_init();
 extern bool g_use_pv_eoi;  // pv_eoi=off on the command line clears it
 // End of interrupt. With PV EOI, KVM sets bit 0 of pv_eoi when it injects an

@@ -35,8 +35,7 @@ u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who);
 void sort_u32(u32* a, u32 n);
 u32 percentile(const u32* sorted, u32 n, u32 pct);
 
-// The RAM (type 1) entries of the PVH memory map, recorded by kmain: the
-// first kMaxRamRanges non-empty ones, and the total of all.
+// The PVH memory map's RAM entries (the first kMaxRamRanges non-empty ones) and their total.
 struct RamRange { u64 addr, size; };
 constexpr u32 kMaxRamRanges = 64;
 extern RamRange g_ram[kMaxRamRanges];

@@ -9,16 +9,9 @@
 
 // struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h).
 struct HvmStartInfo {
-    u32 magic;  // 0x336ec578
-    u32 version;
-    u32 flags;
-    u32 nr_modules;
-    u64 modlist_paddr;
-    u64 cmdline_paddr;
-    u64 rsdp_paddr;
-    u64 memmap_paddr;  // version >= 1
-    u32 memmap_entries;
-    u32 reserved;
+    u32 magic, version, flags, nr_modules;
+    u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;  // memmap: version >= 1
+    u32 memmap_entries, reserved;
 };
 struct HvmMemmapEntry { u64 addr, size; u32 type, reserved; };
 constexpr u32 kHvmStartMagic = 0x336ec578;

@@ -13,9 +13,8 @@ struct NetStats {
 };
 extern NetStats g_net_stats;
 
-// Finds and initialises the virtio-net device and reads ip=ADDR/PREFIX and
-// gw=ADDR from the command line; prints the RESULT net-init line. Later
-// calls return the first call's result.
+// Initialises the virtio-net device with ip=ADDR/PREFIX and gw=ADDR from the
+// command line; prints the RESULT net-init line. Later calls return the same.
 bool net_init(const char* cmdline);
 void net_shutdown();  // device reset, timer vector masked
 

@@ -35,7 +35,6 @@ struct PciBar {
     u64 addr;  // 0: not a usable memory BAR
     u64 size;
 };
-// Every memory BAR of the function made usable (kept or assigned, see above),
-// then Command = memory space + bus master (I/O space left as it was). bars[i]
-// describes BAR i; the upper half of a 64-bit BAR reads as unusable.
+// Makes every memory BAR usable (kept or assigned, see above) and turns on
+// memory space and bus master. bars[i] is BAR i (a 64-bit BAR's upper half: 0).
 void pci_setup_bars(PciAddr a, PciBar bars[6]);

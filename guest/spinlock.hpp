@@ -37,9 +37,8 @@ inline void ticket_lock(TicketLock& l) {
 template <bool Pv>
 inline void ticket_unlock(TicketLock& l) {
     if constexpr (Pv) {
-        // Full barrier between publishing the new head and reading `sleepers`;
-        // a waiter does the reverse (announce, barrier, re-read head), so one
-        // of the two always sees the other: no lost wake-up.
+        // Full barrier between the new head and reading `sleepers`; a waiter
+        // does the reverse, so one of the two always sees the other.
         u32 next = __atomic_add_fetch(&l.head, 1, __ATOMIC_SEQ_CST);
         if (__builtin_expect(__atomic_load_n(&l.sleepers, __ATOMIC_RELAXED) != 0, 0)) pv_kick_waiter(l, next);
     } else {
@@ -48,6 +47,5 @@ inline void ticket_unlock(TicketLock& l) {
     }
 }
 
-// Is the pv lock usable (the hypervisor offers PV_UNHALT)? Also picks the
-// hypercall instruction for this CPU's vendor.
+// Is the pv lock usable (PV_UNHALT offered)? Also picks the hypercall instruction.
 bool pv_spinlock_init();

@@ -66,8 +66,7 @@ static void timer_isr(Frame*) {
     lapic_eoi();
 }
 
-// Runs the periodic tick on this CPU: arm, HLT until all ticks arrived or a
-// timeout, disarm. Called on every CPU in parallel.
+// Runs the tick on this CPU (every CPU in parallel): arm, HLT until done or timed out, disarm.
 static void timer_run_local(unsigned) {
     PerCpu& c = this_cpu();
     c.ticks = 0;

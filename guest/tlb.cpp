@@ -90,9 +90,8 @@ u64 rng() {  // xorshift64*
 // The slot of page i: a 64-byte line at a pseudo-random offset in the page.
 inline u64 slot_addr(u64 base, u64 i) { return base + i * kPage + (((i * 0x9e3779b97f4a7c15ull) >> 58) << 6); }
 
-// Links the slots of [base, base + pages * 4 KiB) into one random cycle
-// (Sattolo's algorithm): first as page indices stored in the slots
-// themselves, then turned into addresses. Returns the first slot.
+// Links the slots of [base, base + pages * 4 KiB) into one random cycle (Sattolo's
+// algorithm), first as page indices, then as addresses. Returns the first slot.
 u64 build_ring(u64 base, u64 pages) {
     auto word = [base](u64 i) { return reinterpret_cast<volatile u64*>(slot_addr(base, i)); };
     for (u64 i = 0; i < pages; ++i) *word(i) = i;
@@ -134,9 +133,8 @@ u64 page_size_at(u64 va) {
     return (e & kPresent) ? kPage : 0;
 }
 
-// Splits every 2 MiB mapping of [lo, hi) into 512 4 KiB ones, with page
-// tables taken from `tables` onwards (identity-mapped RAM). Returns the
-// number of page tables used.
+// Splits every 2 MiB mapping of [lo, hi) into 4 KiB ones, with page tables
+// from `tables` on (identity-mapped RAM). Returns the page tables used.
 u64 split_to_4k(u64 lo, u64 hi, u64 tables) {
     u64 cr3;
     asm volatile("mov %%cr3, %0" : "=r"(cr3));
@@ -178,8 +176,7 @@ bool test_tlb(const char* cmdline) {
     min &= ~(kPage - 1);
     if (accesses < 4) accesses = 4;
 
-    // Where the working set may go: from the first 2 MiB boundary above the
-    // image to the end of that RAM region, capped at the MMIO hole.
+    // The working set: from the first 2 MiB boundary above the image to the end of its RAM region.
     u64 lo = (u64(__image_end) + kHuge - 1) & ~(kHuge - 1);
     u64 top = 0;
     for (u32 i = 0; i < g_nram; ++i)
@@ -188,9 +185,8 @@ bool test_tlb(const char* cmdline) {
     top &= ~(kPage - 1);
     u64 room = top > lo ? top - lo : 0;
 
-    // The sizes, and the largest that fits together with the page tables a
-    // 4 KiB mapping of it needs (the same rule with 2 MiB pages, so both
-    // page sizes measure the same list).
+    // The sizes, and the largest that fits with the page tables a 4 KiB mapping
+    // of it needs (with either page size, so both measure the same list).
     u64 sizes[128];
     unsigned nsizes = 0;
     for (u64 s = min; s <= max && nsizes < 126; s <<= 1) {

@@ -158,9 +158,10 @@ constexpr std::uint8_t kWindowFlags = 0x0c;
 
 // §6.4.3.5.3 Word (n = 2) and §6.4.3.5.2 DWord (n = 4) Address Space
 // Descriptors. type: 0 memory, 1 I/O, 2 bus number range.
-void window(Bytes& b, unsigned n, std::uint8_t type, std::uint8_t type_flags, std::uint32_t min, std::uint32_t max) {
-    b.insert(b.end(), {std::uint8_t(n == 4 ? 0x87 : 0x88), std::uint8_t(n == 4 ? 23 : 13), 0, type, kWindowFlags,
-                       type_flags});
+void window(Bytes& b, unsigned n, std::uint8_t type, std::uint8_t type_flags, std::uint32_t min,
+            std::uint32_t max) {
+    const std::uint8_t tag = n == 4 ? 0x87 : 0x88, len = n == 4 ? 23 : 13;
+    b.insert(b.end(), {tag, len, 0, type, kWindowFlags, type_flags});
     for (std::uint32_t v : {0u, min, max, 0u, max - min + 1u}) put_le(b, v, n);  // _GRA _MIN _MAX _TRA _LEN
 }
 // §6.4.2.5 I/O Port Descriptor, 16-bit decode.

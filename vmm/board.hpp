@@ -83,8 +83,7 @@ constexpr const PioDevice& pio_device(PioId id) {
     return kPioDevices[0];  // unreachable: every PioId has an entry
 }
 
-// The MMIO BAR of the virtio-pci device in PCI slot `slot` (1..31): one
-// VirtioPciDevice::kBarSize apart, a power of two, so naturally aligned.
+// The MMIO BAR of the virtio-pci device in slot 1..31, kBarSize (a power of two) apart.
 std::uint64_t virtio_bar(unsigned slot);
 
 // The legacy device models and how they reach the rest of the machine.

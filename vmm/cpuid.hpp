@@ -41,8 +41,7 @@ inline constexpr std::uint32_t kHypercallPvFeatures =
     (1u << KVM_FEATURE_PV_UNHALT) | (1u << KVM_FEATURE_PV_SEND_IPI) | (1u << KVM_FEATURE_PV_SCHED_YIELD);
 
 struct CpuidOptions {
-    unsigned vcpu_id = 0;
-    unsigned cpus = 1;
+    unsigned vcpu_id = 0, cpus = 1;
     bool tsc_deadline = false;     // KVM_CAP_TSC_DEADLINE_TIMER and in-kernel LAPIC
     std::uint32_t pv_features = kWantedPvFeatures;  // further masked by the host
 };

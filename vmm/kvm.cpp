@@ -30,6 +30,11 @@ int xioctl(int fd, unsigned long req, const char* name, Arg arg) {
     return r;
 }
 
+int check_ext(int fd, long cap) {
+    int r = ::ioctl(fd, KVM_CHECK_EXTENSION, cap);
+    return r < 0 ? 0 : r;
+}
+
 // A KVM_GET_* ioctl that fills one struct.
 template <typename T>
 T xget(int fd, unsigned long req, const char* name) {
@@ -50,10 +55,7 @@ Kvm::Kvm(const std::string& path) {
                                  ", need " + std::to_string(KVM_API_VERSION));
 }
 
-int Kvm::check_extension(long cap) const {
-    int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
-    return r < 0 ? 0 : r;
-}
+int Kvm::check_extension(long cap) const { return check_ext(fd_.get(), cap); }
 
 void Kvm::require_extension(long cap, const char* name) const {
     if (check_extension(cap) <= 0)
@@ -85,10 +87,7 @@ Vm Kvm::create_vm() const {
     return Vm(std::move(owned), vcpu_mmap_size());
 }
 
-int Vm::check_extension(long cap) const {
-    int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
-    return r < 0 ? 0 : r;
-}
+int Vm::check_extension(long cap) const { return check_ext(fd_.get(), cap); }
 
 void Vm::set_user_memory_region(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
                                 void* host, std::uint32_t flags) {

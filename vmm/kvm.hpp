@@ -51,8 +51,7 @@ public:
     void set_identity_map_addr(std::uint64_t addr);
     void create_irqchip();
     void create_pit2();
-    // KVM_IOEVENTFD: a guest write matching (addr, len[, datamatch]) signals
-    // `eventfd` inside the kernel instead of exiting to userspace.
+    // KVM_IOEVENTFD: a matching guest write signals an eventfd instead of exiting.
     void ioeventfd(const kvm_ioeventfd& spec);
     // The same for guest-driven paths (a PCI BAR moved): the errno, or 0.
     int try_ioeventfd(const kvm_ioeventfd& spec) noexcept;
@@ -61,8 +60,7 @@ public:
     // KVM_SET_GSI_ROUTING: replaces the VM's whole GSI routing table
     // (irqchip pins and MSI messages).
     int set_gsi_routing(const std::vector<kvm_irq_routing_entry>& entries) noexcept;
-    // KVM_REGISTER_COALESCED_MMIO with pio = 1: writes to ports
-    // [port, port+len) are queued in the coalesced ring, not exits.
+    // KVM_REGISTER_COALESCED_MMIO, pio = 1: port writes are queued in the ring, not exits.
     void register_coalesced_pio(std::uint16_t port, std::uint32_t len);
     // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC.
     int irq_line(std::uint32_t irq, bool level) noexcept;
@@ -81,8 +79,7 @@ public:
     unsigned id() const { return id_; }
     kvm_run& run_state() const { return *static_cast<kvm_run*>(run_.get()); }
 
-    // KVM_RUN once. Returns 0 after an exit to decode in run_state(), or the
-    // errno (EINTR when a signal kicked us out: not an error). Never throws.
+    // KVM_RUN once: 0 after an exit to decode in run_state(), or the errno (EINTR: kicked).
     int run();
 
     kvm_regs get_regs() const;

@@ -51,8 +51,7 @@ bool within(std::uint64_t off, std::uint64_t len, std::uint64_t size) {
 
 std::uint64_t align4(std::uint64_t v) { return (v + 3) & ~std::uint64_t(3); }
 
-// Calls fn(type, owner, desc) for each note in one note area; stops early
-// when fn returns true.
+// Calls fn(type, owner, desc) for each note in one note area until it returns true.
 template <typename F>
 void for_each_note(std::span<const std::uint8_t> notes, F fn) {
     std::uint64_t pos = 0;
@@ -153,9 +152,8 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
 }
 
 namespace {
-// The E820 map both boot paths hand over: low RAM below the EBDA/VGA/BIOS
-// area (which holds the ACPI tables and stays reserved), then everything from
-// 1 MiB in each RAM region.
+// The E820 map of both boot paths: low RAM, the reserved BIOS area (which holds
+// the ACPI tables), then everything from 1 MiB in each RAM region.
 std::vector<HvmMemmapEntry> e820_map(const GuestMemory& mem) {
     std::vector<HvmMemmapEntry> map{{0, kLowRamEnd, 1, 0}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2, 0}};
     for (const auto& r : mem.regions()) {

@@ -37,32 +37,22 @@ inline constexpr std::uint64_t kKernelMinGpa = 0x100000;
 // 2 MiB pages (PML4, PDPT, four PDs), then the zero page.
 inline constexpr std::uint64_t kPml4Gpa = 0x9000;
 inline constexpr std::uint64_t kZeroPageGpa = 0x10000;
-// The BIOS area [0x9fc00, 1 MiB) is reserved in the E820 map; the ACPI
-// tables (vmm/acpi.hpp) live in it.
+// The BIOS area [0x9fc00, 1 MiB), reserved in E820, holds the ACPI tables.
 inline constexpr std::uint64_t kLowRamEnd = 0x9fc00;
 
 inline constexpr std::uint32_t XEN_ELFNOTE_PHYS32_ENTRY = 18;
 inline constexpr std::uint32_t XEN_HVM_START_MAGIC_VALUE = 0x336ec578;
 
 struct HvmStartInfo {
-    std::uint32_t magic;
-    std::uint32_t version;
-    std::uint32_t flags;
-    std::uint32_t nr_modules;
-    std::uint64_t modlist_paddr;
-    std::uint64_t cmdline_paddr;
-    std::uint64_t rsdp_paddr;
-    std::uint64_t memmap_paddr;
-    std::uint32_t memmap_entries;
-    std::uint32_t reserved;
+    std::uint32_t magic, version, flags, nr_modules;
+    std::uint64_t modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    std::uint32_t memmap_entries, reserved;
 };
 static_assert(sizeof(HvmStartInfo) == 56);
 
 struct HvmMemmapEntry {
-    std::uint64_t addr;
-    std::uint64_t size;
-    std::uint32_t type;  // E820 types: 1 RAM, 2 reserved
-    std::uint32_t reserved;
+    std::uint64_t addr, size;
+    std::uint32_t type, reserved;  // E820 types: 1 RAM, 2 reserved
 };
 
 struct LoadedKernel {
@@ -115,9 +105,8 @@ FileImage read_file(const std::string& path, std::uint64_t max_size);
 // Validates and loads; throws UsageError("...") naming what is wrong.
 LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image);
 
-// Writes hvm_start_info, the memory map and the command line; returns the
-// start_info address (for %ebx). Throws UsageError if the cmdline is too long.
-// `rsdp` (0 for none) and an initrd already in guest RAM go in too.
+// Writes hvm_start_info (with `rsdp`, 0 for none, and an initrd already in RAM), the memory
+// map and the command line (UsageError when too long); returns the start_info address (%ebx).
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp = 0,
                                    std::uint64_t initrd_gpa = 0, std::uint64_t initrd_size = 0);
 

@@ -34,9 +34,7 @@ class GsiRouter;
 #define KGUEST_LINUX_CMDLINE "console=ttyS0 reboot=k panic=1"
 
 struct VmConfig {
-    std::string kernel;
-    std::string initrd;
-    std::string cmdline;
+    std::string kernel, initrd, cmdline;
     bool default_cmdline = true;   // Linux kernels: KGUEST_LINUX_CMDLINE first
     std::string name = "kguest";
     unsigned cpus = 1;

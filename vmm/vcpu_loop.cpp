@@ -74,7 +74,7 @@ void VcpuLoop::request_stop(int status) {
         pause_cv_.notify_all();   // parked vCPUs wake up and leave, wait() goes on
     }
     std::uint64_t one = 1;
-    [[maybe_unused]] ssize_t r = ::write(stop_event_.get(), &one, sizeof one);  // one write cannot overflow it
+    [[maybe_unused]] ssize_t r = ::write(stop_event_.get(), &one, sizeof one);  // cannot overflow
 }
 
 bool VcpuLoop::pause() {

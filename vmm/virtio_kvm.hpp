@@ -33,8 +33,7 @@ public:
     explicit GsiRouter(Vm& vm) : vm_(vm) {}
     // Setup time: a fresh GSI for an MSI route (no route until set_msi).
     std::uint32_t alloc_msi_gsi();
-    // Points `gsi` at an MSI message and commits the table. Guest-driven:
-    // returns the errno (0 on success), never throws.
+    // Points `gsi` at an MSI message and commits the table; the errno, or 0.
     int set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t data) noexcept;
 
 private:

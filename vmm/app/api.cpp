@@ -81,8 +81,7 @@ json counters_json(const VmCounters& c) {
                   {"bad_chains", bc.bad_chains}};
         const BalloonStats& st = c.balloon->stats;
         if (st.valid) {
-            // libvirt's virDomainMemoryStatTags names and units (KiB), as
-            // `virsh dommemstat` prints them.
+            // libvirt's virDomainMemoryStatTags names and units (KiB), as `virsh dommemstat`.
             json s;
             for (const auto& v : st.values) s[v.name] = v.libvirt_value;
             s["last_update"] = st.last_update_unix_s;
@@ -313,8 +312,7 @@ private:
     bool timed_out_ = false;
 };
 
-// Answers a client over the connection limit without giving it a Session:
-// one non-blocking send, then close.
+// Answers a client over the connection limit: one non-blocking send, then close.
 void refuse_busy(Socket& s) {
     static const std::string response = [] {
         std::string body = dump(json{{"error", "too many API connections"}});
@@ -352,8 +350,7 @@ sockaddr_un socket_address(const std::string& path) {
     return addr;
 }
 
-// Removes `path` if it is a socket nobody listens on; throws if a server
-// answers there or if it is not a socket at all.
+// Removes `path` if it is a socket nobody listens on; throws if served or not a socket.
 void remove_stale_socket(const std::string& path, const sockaddr_un& addr) {
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) {

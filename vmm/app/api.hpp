@@ -94,8 +94,7 @@ struct ApiLimits {
     std::chrono::milliseconds write_timeout{5000};    // a client that does not read its response
 };
 
-// One HTTP exchange, without sockets: what the server answers `method target`
-// with `body`. status 204 means no body. Exposed for tests.
+// One HTTP exchange without sockets (exposed for tests); status 204 has no body.
 struct ApiReply {
     unsigned status = 200;
     nlohmann::json body;  // null for 204

@@ -42,8 +42,7 @@ private:
     std::chrono::milliseconds timeout_;
 };
 
-// Where VMs put their sockets: $XDG_RUNTIME_DIR/kguest when set, else
-// /run/kguest for root, else /tmp/kguest-$UID.
+// Where VMs put their sockets: $XDG_RUNTIME_DIR/kguest, /run/kguest for root, or /tmp/kguest-$UID.
 std::string default_socket_dir();
 // default_socket_dir() + "/NAME.sock"; throws UsageError for a name with '/'.
 std::string socket_for(const std::string& name);
@@ -93,8 +92,7 @@ private:
 // The usage lines of these subcommands, for `kguest --help`.
 const char* cli_usage();
 
-// argv[1] is the subcommand (list, info, balloon, stats, pause, resume, stop).
-// Prints errors itself as one line; returns the exit status.
+// argv[1] is the subcommand. Prints errors itself as one line; returns the exit status.
 int cli_main(int argc, char** argv);
 
 } // namespace kguest

@@ -44,8 +44,7 @@ constexpr const char* kUsage =
     "                            /run/kguest/NAME.sock for root)\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n";
 
-// --balloon=KEY=on|off,...: the features the balloon offers (all by default),
-// named as Cloud Hypervisor's --balloon names them.
+// --balloon=KEY=on|off,...: the features the balloon offers, in Cloud Hypervisor's names.
 BalloonOptions parse_balloon_options(const std::string& spec) {
     BalloonOptions o;
     std::size_t pos = 0;

@@ -1,8 +1,7 @@
 // Running a VM (see run.hpp): the console input, the stop signals, the exit
-// report, and MachineControl, the control API's typed view of the Machine.
-// The API thread calls MachineControl; its pause() waits for the vCPUs to
-// park (they never wait for the API thread), everything else is atomics or
-// the devices' own locks. The rest runs on the thread that called run_vm.
+// report, and MachineControl, the control API's view of the Machine, called on
+// the API thread (its pause() waits for the vCPUs to park; the rest is atomics
+// or the devices' own locks). The rest runs on the thread that called run_vm.
 #include "vmm/app/run.hpp"
 #include "balloon/balloon.hpp"
 #include "devices/base/error.hpp"
@@ -152,8 +151,8 @@ private:
     std::thread thread_;
 };
 
-// Blocks the stop signals in this thread (and so in every thread started
-// after it) and reads them from a signalfd; restores the mask on destruction.
+// Blocks the stop signals in this thread (and the threads it starts) and reads
+// them from a signalfd; restores the mask on destruction.
 class StopSignals {
 public:
     StopSignals() {
@@ -179,15 +178,13 @@ private:
     Fd fd_;
 };
 
-// Until the VM has stopped, leaving run_vm (an exception) stops it first, so
-// that the console thread and the vCPU threads end and can be joined.
+// Leaving run_vm by an exception stops the VM first, so its threads can be joined.
 struct StopOnExit {
     Machine& m;
     ~StopOnExit() { m.loop().request_stop(1); }
 };
 
-// Waits in the calling thread for the VM to stop or a stop signal to arrive;
-// true when a signal stopped it.
+// Waits for the VM to stop or a stop signal; true when a signal stopped it.
 bool wait_for_stop(Machine& m, int signal_fd) {
     pollfd fds[2] = {{signal_fd, POLLIN, 0}, {m.loop().stop_fd(), POLLIN, 0}};
     for (;;) {
@@ -236,8 +233,7 @@ int run_vm(const VmConfig& cfg) {
     bool signalled = false;
     {
         StopSignals signals;
-        // The control API on its own thread, started before any other thread
-        // so a socket error needs no cleanup.
+        // The control API first, so a socket error needs no thread cleanup.
         MachineControl control(m);
         std::unique_ptr<ApiServer> api;
         if (cfg.api_socket != "none")
