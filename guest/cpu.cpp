@@ -127,8 +127,7 @@ u64 kvmclock_ns_at(u64 tsc) {
         signed char shift = p.tsc_shift;
         barrier();
         if (p.version != v) continue;
-        // The TSC may predate tsc_timestamp when the host refreshed the
-        // parameters after it was read: scale the distance either way.
+        // The TSC may predate tsc_timestamp (parameters refreshed since): scale either way.
         bool before = tsc < tsc_ts;
         u64 delta = before ? tsc_ts - tsc : tsc - tsc_ts;
         if (shift < 0) delta >>= -shift; else delta <<= shift;

@@ -26,12 +26,12 @@ static void raw_putc(char c) {
     outb(kCom1, static_cast<u8>(c));
 }
 
-void putc(char c) {
+static void putc(char c) {
     if (c == '\n') raw_putc('\r');
     raw_putc(c);
 }
 
-void puts(const char* s) {
+static void puts(const char* s) {
     print_lock.lock();
     while (*s) putc(*s++);
     print_lock.unlock();
@@ -39,7 +39,7 @@ void puts(const char* s) {
 
 static void emit(char*& p, char* end, char c) { if (p < end) *p++ = c; }
 
-void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
+static void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
     char* p = buf;
     char* end = buf + size - 1;
     for (; *fmt; ++fmt) {

@@ -13,10 +13,7 @@ constexpr u16 kCom1 = 0x3f8;
 [[noreturn]] void guest_exit(u32 status);
 
 void serial_init();
-void putc(char c);
-void puts(const char* s);
 void print(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap);
 void format(char* buf, usize size, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 [[noreturn]] void panic(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -45,7 +42,6 @@ void ram_add(u64 addr, u64 size);
 
 extern "C" void* memset(void* d, int c, usize n);
 extern "C" void* memcpy(void* d, const void* s, usize n);
-extern "C" void* memmove(void* d, const void* s, usize n);
 extern "C" int memcmp(const void* a, const void* b, usize n);
 
 class SpinLock {

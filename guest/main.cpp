@@ -79,9 +79,8 @@ extern "C" void kmain(u32 start_info_paddr) {
         asm volatile("ud2");
     }
     if (list_has(tests, "triplefault")) {
-        // A stack pointer into unmapped space: delivering #BP faults (#PF),
-        // delivering that faults (#DF), and then the CPU gives up: a triple
-        // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
+        // A stack pointer into unmapped space: #BP faults (#PF), that faults
+        // (#DF), then a triple fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
     if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,tlb,balloon,none,exception,triplefault)", tests);

@@ -137,56 +137,6 @@ void irq_timer(Frame*) {
 
 u64 ns_to_tsc(u64 ns) { return u64((unsigned __int128)ns * dev.tsc_hz / 1000000000ull); }
 
-}  // namespace
-
-NetStats g_net_stats;
-void (*g_udp_handler)(const UdpPacket&);
-void (*g_echo_reply_handler)(u32, u16, u16, u64);
-
-void net_wait(u64 deadline_ns) {
-    // Without MSI-X nothing wakes us for a packet: poll every 100 µs.
-    u64 now = kvmclock_ns();
-    if (now >= deadline_ns) return;
-    if (dev.busy_poll) { cpu_relax(); return; }
-    // With MSI-X a halt still ends within 5 ms, so a lost wake-up costs 5 ms,
-    // not the test (2.7.10: with EVENT_IDX one lost interrupt stalls a queue).
-    u64 cap = dev.msix ? 5000000ull : 100000ull;
-    u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
-    if (!dev.tsc_deadline) {
-        if (!dev.msix || deadline_ns != ~0ull) {
-            cpu_relax();  // no timer to end a halt: spin
-            return;
-        }
-        until = ~0ull;  // halt until the interrupt
-    }
-    cli();
-    // 2.7.10: ask for an interrupt at the next used buffer, then re-check.
-    bool pending = dev.rx.enable_interrupts();
-    if (dev.tx_nfree == 0) pending |= dev.tx.enable_interrupts();
-    if (!pending) {
-        if (until != ~0ull) {
-            g_wait_rearm_tsc = ns_to_tsc(until - now);
-            wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + g_wait_rearm_tsc);
-        }
-        ++dev.halts;
-        u64 irqs = dev.irq_rx + dev.irq_tx;
-        sti_hlt();  // any interrupt ends it: the caller re-checks everything
-        cli();
-        if (until != ~0ull) {
-            g_wait_rearm_tsc = 0;
-            wrmsr(MSR_IA32_TSC_DEADLINE, 0);
-        }
-        // Woken by the timer with used buffers waiting: an interrupt was lost or late.
-        if (dev.irq_rx + dev.irq_tx == irqs && (dev.rx.has_used() || dev.tx.has_used())) ++dev.late_wakeups;
-    }
-    // Busy again: no interrupts until the next wait (NAPI-style).
-    dev.rx.disable_interrupts();
-    dev.tx.disable_interrupts();
-    sti();
-}
-
-namespace {
-
 void tx_reap() {
     u16 id;
     u32 len;
@@ -389,6 +339,52 @@ void rx_buffer(u16 id, u32 len) {
 }
 
 }  // namespace
+
+NetStats g_net_stats;
+void (*g_udp_handler)(const UdpPacket&);
+void (*g_echo_reply_handler)(u32, u16, u16, u64);
+
+void net_wait(u64 deadline_ns) {
+    // Without MSI-X nothing wakes us for a packet: poll every 100 µs.
+    u64 now = kvmclock_ns();
+    if (now >= deadline_ns) return;
+    if (dev.busy_poll) { cpu_relax(); return; }
+    // With MSI-X a halt still ends within 5 ms, so a lost wake-up costs 5 ms,
+    // not the test (2.7.10: with EVENT_IDX one lost interrupt stalls a queue).
+    u64 cap = dev.msix ? 5000000ull : 100000ull;
+    u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
+    if (!dev.tsc_deadline) {
+        if (!dev.msix || deadline_ns != ~0ull) {
+            cpu_relax();  // no timer to end a halt: spin
+            return;
+        }
+        until = ~0ull;  // halt until the interrupt
+    }
+    cli();
+    // 2.7.10: ask for an interrupt at the next used buffer, then re-check.
+    bool pending = dev.rx.enable_interrupts();
+    if (dev.tx_nfree == 0) pending |= dev.tx.enable_interrupts();
+    if (!pending) {
+        if (until != ~0ull) {
+            g_wait_rearm_tsc = ns_to_tsc(until - now);
+            wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + g_wait_rearm_tsc);
+        }
+        ++dev.halts;
+        u64 irqs = dev.irq_rx + dev.irq_tx;
+        sti_hlt();  // any interrupt ends it: the caller re-checks everything
+        cli();
+        if (until != ~0ull) {
+            g_wait_rearm_tsc = 0;
+            wrmsr(MSR_IA32_TSC_DEADLINE, 0);
+        }
+        // Woken by the timer with used buffers waiting: an interrupt was lost or late.
+        if (dev.irq_rx + dev.irq_tx == irqs && (dev.rx.has_used() || dev.tx.has_used())) ++dev.late_wakeups;
+    }
+    // Busy again: no interrupts until the next wait (NAPI-style).
+    dev.rx.disable_interrupts();
+    dev.tx.disable_interrupts();
+    sti();
+}
 
 bool net_poll() {
     bool did = false;
@@ -634,11 +630,6 @@ u32 tsc_delta_ns(u64 t0, u64 t1) {
     return u32(ns > 0xffffffffull ? 0xffffffffull : ns);
 }
 
-NetStats stats_since(const NetStats& s0) {
-    const NetStats& s = g_net_stats;
-    return {s.rx - s0.rx, s.tx - s0.tx, s.arp - s0.arp, s.icmp - s0.icmp, s.udp - s0.udp, s.dropped - s0.dropped};
-}
-
 // net-echo state.
 u16 echo_port;
 bool echo_stop;
@@ -669,6 +660,20 @@ template <typename Done> void run_until(u64 deadline, Done done) {
         if (!net_poll()) net_wait(deadline);
 }
 
+// net-bench state: the echo being waited for.
+u32 bench_seq, bench_size, bench_peer;
+u16 bench_peer_port, bench_port;
+bool bench_got, bench_bad;
+u64 bench_tsc;
+u8 bench_payload[2048];
+void bench_udp(const UdpPacket& p) {
+    if (p.src_ip != bench_peer || p.src_port != bench_peer_port || p.dst_port != bench_port) return;
+    if (p.len != bench_size || get32(p.data) != bench_seq) return;  // a late echo of an earlier one
+    if (!same(p.data, bench_payload, bench_size)) bench_bad = true;
+    bench_got = true;
+    bench_tsc = p.rx_tsc;
+}
+
 }  // namespace
 
 bool test_net_echo(const char* cmdline) {
@@ -690,7 +695,9 @@ bool test_net_echo(const char* cmdline) {
     u64 drain = kvmclock_ns() + 100000000ull;
     run_until(drain, [] { return dev.tx_nfree == dev.tx.size; });
     g_udp_handler = nullptr;
-    NetStats d = stats_since(s0);
+    const NetStats& s = g_net_stats;
+    NetStats d = {s.rx - s0.rx, s.tx - s0.tx, s.arp - s0.arp, s.icmp - s0.icmp, s.udp - s0.udp,
+                  s.dropped - s0.dropped};
     print("net-echo: %s, %lu halts (%lu ended by the timer with work waiting), %lu receive and %lu transmit interrupts, %lu kicks, %lu bad used entries\n",
           echo_stop ? "stopped by kguest-stop" : "net_ms elapsed", dev.halts, dev.late_wakeups, u64(dev.irq_rx), u64(dev.irq_tx),
           dev.rx.kicks + dev.tx.kicks, dev.rx.bad_used + dev.tx.bad_used);
@@ -737,22 +744,6 @@ bool test_net_ping(const char* cmdline) {
           ok ? 1 : 0);
     return ok;
 }
-
-namespace {
-// net-bench state: the echo being waited for.
-u32 bench_seq, bench_size, bench_peer;
-u16 bench_peer_port, bench_port;
-bool bench_got, bench_bad;
-u64 bench_tsc;
-u8 bench_payload[2048];
-void bench_udp(const UdpPacket& p) {
-    if (p.src_ip != bench_peer || p.src_port != bench_peer_port || p.dst_port != bench_port) return;
-    if (p.len != bench_size || get32(p.data) != bench_seq) return;  // a late echo of an earlier one
-    if (!same(p.data, bench_payload, bench_size)) bench_bad = true;
-    bench_got = true;
-    bench_tsc = p.rx_tsc;
-}
-}  // namespace
 
 bool test_net_bench(const char* cmdline) {
     u64 count = cmdline_u64(cmdline, "count", 1000, "net"), size = cmdline_u64(cmdline, "size", 64, "net");

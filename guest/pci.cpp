@@ -46,8 +46,7 @@ u8 pci_cap_next(PciAddr a, u8 prev) {
     return p >= 0x40 && p != prev ? p : 0;
 }
 
-// Where unprogrammed BARs go: above every memory BAR already assigned on bus
-// 0, at least kWindowBase, below kWindowEnd (the IOAPIC/LAPIC area).
+// Where unprogrammed BARs go: above every BAR in use, in [kWindowBase, kWindowEnd).
 constexpr u64 kWindowBase = 0xd0000000, kWindowEnd = 0xfec00000;
 static u64 g_window_next;
 

@@ -1,5 +1,5 @@
-// The guest's tests. Each prints `RESULT name key=value ...` lines (one
-// format, parsed by tests/ and scripts/) and returns true on success.
+// The guest's tests: each prints `RESULT name key=value ...` lines (parsed by
+// tests/ and scripts/) and returns true on success.
 #include "tests.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
@@ -7,8 +7,7 @@
 
 // ---- timer: kvmclock + LAPIC timer (TSC-deadline or one-shot) -------------------
 
-// TSC-deadline (default when offered), one-shot (re-armed each tick) or
-// periodic (armed once: no exit per tick to re-arm it) LAPIC timer.
+// TSC-deadline (default when offered), one-shot (re-armed each tick) or periodic LAPIC timer.
 enum class TimerMode { deadline, oneshot, periodic };
 static TimerMode tmode;
 static const char* tmode_name() {
@@ -38,11 +37,9 @@ static void timer_isr(Frame*) {
         lapic_eoi();
         return;
     }
-    // A TSC-deadline or one-shot tick cannot come before its deadline (KVM
-    // waits out its timer advance before entering the guest). One more than
-    // an eighth of a period early is a second delivery of the same expiry,
-    // seen now and then in the nested sandbox: count it apart, do not let it
-    // advance the schedule.
+    // A TSC-deadline or one-shot tick cannot come before its deadline, so one
+    // over an eighth of a period early is a second delivery of the same expiry
+    // (seen now and then in the nested sandbox): counted apart, not a tick.
     if (tmode != TimerMode::periodic && now + c.period_tsc / 8 < c.next_deadline) {
         c.spurious = c.spurious + 1;
         lapic_eoi();
@@ -126,8 +123,8 @@ static void timer_setup(const char* cmdline) {
         else if (str_eq(buf, "periodic", 9)) tmode = TimerMode::periodic;
     }
     if (tmode != TimerMode::deadline) {
-        // Calibrate the APIC timer against kvmclock over 50 ms (the exits
-        // around the window cost tens of µs: a short window skews the rate).
+        // Calibrate the APIC timer against kvmclock over 50 ms (a shorter window
+        // is skewed by the exits around it).
         lapic_write(LAPIC_TDCR, 0xb);  // divide by 1
         lapic_write(LAPIC_LVTT, (1u << 16) | kTimerVector);
         lapic_write(LAPIC_TMICT, 0xffffffff);
@@ -249,10 +246,9 @@ bool test_hostile(const char* cmdline) {
     u64 pio = 0, mmio = 0;
     for (u64 i = 0; i < n; ++i) {
         u16 port = u16(rnd());
-        // Spare the ports that would end or break this test itself: the exit
-        // port, the serial console, the in-kernel PIC/PIT we rely on, the
-        // i8042 (0x64, below 0x70) and the ACPI sleep/reset registers
-        // (0x600-0x603), whose right values power off or reset the VM.
+        // Spare the ports that would end or break this test: the exit port,
+        // the console, the PIC/PIT, the i8042 (below 0x70) and the ACPI
+        // sleep/reset registers (0x600-0x603).
         if ((port >= 0xf4 && port <= 0xf7) || (port >= 0x3f8 && port <= 0x3ff) || port < 0x70 ||
             (port >= 0xa0 && port <= 0xa1) || (port >= 0x4d0 && port <= 0x4d1) || (port >= 0x600 && port <= 0x603))
             continue;

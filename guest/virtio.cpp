@@ -39,8 +39,7 @@ void Virtq::push(u16 id) {
 }
 
 void Virtq::publish() {
-    // 2.7.13.2: the ring entries before the index (x86 keeps stores in order;
-    // the compiler must too).
+    // 2.7.13.2: the ring entries before the index (x86 keeps stores in order).
     barrier();
     avail[1] = avail_idx;
     // 2.7.13.3 / 2.7.10: the index store before reading the device's
@@ -172,8 +171,7 @@ bool VirtioPci::negotiate(u64 wanted) {
 bool VirtioPci::msix_route(u16 entry, u8 vector) {
     if (!msix_table || entry >= msix_size) return false;
     u64 e = msix_table + 16ull * entry;
-    // Message address: the LAPIC of this CPU (physical destination mode);
-    // data: fixed delivery, edge, the vector (Intel SDM vol. 3, 11.11).
+    // Address: this CPU's LAPIC (physical); data: fixed, edge, the vector (SDM vol. 3, 11.11).
     mmio_write<u32>(e + 0, 0xfee00000u | (apic_id() << 12));
     mmio_write<u32>(e + 4, 0);
     mmio_write<u32>(e + 8, vector);

@@ -91,12 +91,7 @@ int Vm::check_extension(long cap) const { return check_ext(fd_.get(), cap); }
 
 void Vm::set_user_memory_region(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
                                 void* host, std::uint32_t flags) {
-    kvm_userspace_memory_region r{};
-    r.slot = slot;
-    r.flags = flags;
-    r.guest_phys_addr = gpa;
-    r.memory_size = size;
-    r.userspace_addr = reinterpret_cast<std::uint64_t>(host);
+    kvm_userspace_memory_region r{slot, flags, gpa, size, reinterpret_cast<std::uint64_t>(host)};
     xioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", &r);
 }
 
@@ -126,9 +121,7 @@ int Vm::try_ioeventfd(const kvm_ioeventfd& spec) noexcept {
 }
 
 void Vm::irqfd(int eventfd, std::uint32_t gsi) {
-    kvm_irqfd spec{};
-    spec.fd = static_cast<std::uint32_t>(eventfd);
-    spec.gsi = gsi;
+    kvm_irqfd spec{static_cast<std::uint32_t>(eventfd), gsi, 0, 0, {}};
     xioctl(fd_.get(), KVM_IRQFD, "KVM_IRQFD", &spec);
 }
 
@@ -150,9 +143,7 @@ void Vm::register_coalesced_pio(std::uint16_t port, std::uint32_t len) {
 }
 
 int Vm::irq_line(std::uint32_t irq, bool level) noexcept {
-    kvm_irq_level l{};
-    l.irq = irq;
-    l.level = level ? 1 : 0;
+    kvm_irq_level l{{irq}, level ? 1u : 0u};
     return ::ioctl(fd_.get(), KVM_IRQ_LINE, &l) < 0 ? errno : 0;
 }
 

@@ -118,40 +118,6 @@ std::vector<Elf64_Phdr> program_headers(std::span<const std::uint8_t> image) {
     return phs;
 }
 
-} // namespace
-
-LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image) {
-    LoadedKernel k{0, UINT64_MAX, 0};
-    std::uint64_t entry = 0;
-    unsigned loads = 0;
-    for (const Elf64_Phdr& ph : program_headers(image)) {
-        if (ph.p_type == PT_NOTE) {
-            if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_NOTE segment runs past the end of the file");
-            std::uint64_t e = find_pvh_note(image.subspan(ph.p_offset, ph.p_filesz));
-            if (entry == 0) entry = e;
-            continue;
-        }
-        if (ph.p_type != PT_LOAD || ph.p_memsz == 0) continue;
-        if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_LOAD segment runs past the end of the file");
-        if (ph.p_filesz > ph.p_memsz) bad("a PT_LOAD segment has filesz > memsz");
-        if (ph.p_paddr < kKernelMinGpa) bad("a PT_LOAD segment lies below 1 MiB");
-        auto dst = mem.range(Gpa(ph.p_paddr), ph.p_memsz);
-        if (!dst) bad("a PT_LOAD segment does not fit in guest RAM (raise --memory)");
-        dst->write(0, image.data() + ph.p_offset, ph.p_filesz);   // filesz <= memsz: cannot fail
-        dst->fill(ph.p_filesz, 0, ph.p_memsz - ph.p_filesz);
-        k.image_start = std::min(k.image_start, ph.p_paddr);
-        k.image_end = std::max(k.image_end, ph.p_paddr + ph.p_memsz);
-        ++loads;
-    }
-    if (loads == 0) bad("no loadable segments");
-    if (entry == 0) bad("no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); not a PVH kernel");
-    if (entry < k.image_start || entry >= k.image_end || entry > UINT32_MAX)
-        bad("the PVH entry point lies outside the loaded image");
-    k.entry = static_cast<std::uint32_t>(entry);
-    return k;
-}
-
-namespace {
 // The E820 map of both boot paths: low RAM, the reserved BIOS area (which holds
 // the ACPI tables), then everything from 1 MiB in each RAM region.
 std::vector<HvmMemmapEntry> e820_map(const GuestMemory& mem) {
@@ -188,7 +154,39 @@ std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd
     mem.write(Gpa(gpa), initrd.data(), initrd.size());
     return gpa;
 }
+
 } // namespace
+
+LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image) {
+    LoadedKernel k{0, UINT64_MAX, 0};
+    std::uint64_t entry = 0;
+    unsigned loads = 0;
+    for (const Elf64_Phdr& ph : program_headers(image)) {
+        if (ph.p_type == PT_NOTE) {
+            if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_NOTE segment runs past the end of the file");
+            std::uint64_t e = find_pvh_note(image.subspan(ph.p_offset, ph.p_filesz));
+            if (entry == 0) entry = e;
+            continue;
+        }
+        if (ph.p_type != PT_LOAD || ph.p_memsz == 0) continue;
+        if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_LOAD segment runs past the end of the file");
+        if (ph.p_filesz > ph.p_memsz) bad("a PT_LOAD segment has filesz > memsz");
+        if (ph.p_paddr < kKernelMinGpa) bad("a PT_LOAD segment lies below 1 MiB");
+        auto dst = mem.range(Gpa(ph.p_paddr), ph.p_memsz);
+        if (!dst) bad("a PT_LOAD segment does not fit in guest RAM (raise --memory)");
+        dst->write(0, image.data() + ph.p_offset, ph.p_filesz);   // filesz <= memsz: cannot fail
+        dst->fill(ph.p_filesz, 0, ph.p_memsz - ph.p_filesz);
+        k.image_start = std::min(k.image_start, ph.p_paddr);
+        k.image_end = std::max(k.image_end, ph.p_paddr + ph.p_memsz);
+        ++loads;
+    }
+    if (loads == 0) bad("no loadable segments");
+    if (entry == 0) bad("no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); not a PVH kernel");
+    if (entry < k.image_start || entry >= k.image_end || entry > UINT32_MAX)
+        bad("the PVH entry point lies outside the loaded image");
+    k.entry = static_cast<std::uint32_t>(entry);
+    return k;
+}
 
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp,
                                    std::uint64_t initrd_gpa, std::uint64_t initrd_size) {

@@ -72,15 +72,13 @@ Machine::Machine(const VmConfig& cfg)
         vm_.set_user_memory_region(slot++, r.gpa.value(), r.size, mem_.host_address_for_kvm(r));
 
     // The legacy devices, from the board table; the console goes to stdout, a file, or nowhere.
-    int console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
-    if (cfg.console == VmConfig::Console::file) {
-        int fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd < 0) throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
-        console_file_ = Fd(fd);
-        console_fd = fd;
-    }
     LegacyWiring wiring;
-    wiring.console_fd = console_fd;
+    wiring.console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
+    if (cfg.console == VmConfig::Console::file) {
+        wiring.console_fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (wiring.console_fd < 0) throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
+        console_file_ = Fd(wiring.console_fd);
+    }
     wiring.irq_line = [this](unsigned irq, bool level) { return vm_.irq_line(irq, level); };
     wiring.stop = [this](int status) { loop_.request_stop(status); };
     wiring.power_off = [this] {

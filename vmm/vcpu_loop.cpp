@@ -14,10 +14,8 @@
 
 namespace kguest {
 
-namespace {
 constexpr int kKickSignal = SIGUSR1;
-void on_kick(int) {}
-} // namespace
+static void on_kick(int) {}
 
 VcpuLoop::VcpuLoop(std::vector<Vcpu>& vcpus, std::size_t run_size, const Bus& pio, const Bus& mmio,
                    std::function<void()> before_exit)

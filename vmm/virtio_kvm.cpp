@@ -54,8 +54,6 @@ int GsiRouter::set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t d
     return EINVAL;
 }
 
-// ---- interrupts ---------------------------------------------------------------
-
 // VirtioInterrupts backed by irqfds (MSI-X) and KVM_IRQ_LINE (INTx). Called
 // under the transport's interrupt lock, from vCPU and device threads.
 class VirtioPciSlot::Irqs : public VirtioInterrupts {
@@ -163,8 +161,7 @@ void VirtioPciSlot::map_bar(std::uint64_t gpa, bool decode) noexcept {
     if (!decode || gpa == 0 || mapped_ == gpa) return;
     const std::uint64_t size = VirtioPciDevice::kBarSize;
     // Refuse what would shadow RAM or the LAPIC/IOAPIC range (0xfec00000 up
-    // to 4 GiB), or wrap; sizing writes (all-ones) land here while decode is
-    // usually off, so only log with decode on.
+    // to 4 GiB), or wrap.
     bool bad = gpa + size < gpa || (gpa < 0x100000000ull && gpa + size > kIoApicAddress);
     for (const auto& r : mem_.regions()) bad |= gpa < r.gpa.value() + r.size && r.gpa.value() < gpa + size;
     if (!bad) {

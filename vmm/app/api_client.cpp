@@ -372,13 +372,10 @@ int cmd_balloon(const CliOptions& o) {
             std::fflush(stdout);
         }
         last = actual;
-        if (reached) {
-            if (o.json) print_json(info);
-            return 0;
-        }
         auto now = Clock::now();
-        if (now >= deadline) {
+        if (reached || now >= deadline) {
             if (o.json) print_json(info);
+            if (reached) return 0;
             std::fflush(stdout);
             std::fprintf(stderr, "kguest: %s: balloon holds %s, not %s, after %g s\n", t.label.c_str(),
                          mib(actual).c_str(), mib(goal).c_str(), o.timeout_s.value_or(60.0));

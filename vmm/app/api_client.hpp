@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -64,20 +65,12 @@ public:
         return a;
     }
     std::string value(const std::string& flag) {
-        if (pending_) {
-            std::string v = *pending_;
-            pending_.reset();
-            return v;
-        }
+        if (pending_) return *std::exchange(pending_, std::nullopt);
         if (done()) throw UsageError(prefix_ + flag + " needs a value");
         return v_[i_++];
     }
     // The `=VALUE` of `--flag=VALUE`, for flags whose value is optional.
-    std::optional<std::string> optional_value() {
-        std::optional<std::string> v;
-        v.swap(pending_);
-        return v;
-    }
+    std::optional<std::string> optional_value() { return std::exchange(pending_, std::nullopt); }
     void no_value(const std::string& flag) {
         if (pending_) throw UsageError(prefix_ + flag + " takes no value");
     }

@@ -151,9 +151,7 @@ int main(int argc, char** argv) {
         if (argc < 2) throw UsageError("no command given (see kguest --help)");
         std::string cmd = argv[1];
         if (cmd == "--help" || cmd == "-h" || cmd == "help") {
-            std::fputs(kUsage, stdout);
-            std::fputs("\ncontrol commands (through a running VM's API socket):\n", stdout);
-            std::fputs(cli_usage(), stdout);
+            std::printf("%s\ncontrol commands (through a running VM's API socket):\n%s", kUsage, cli_usage());
             return 0;
         }
         if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||

@@ -210,18 +210,17 @@ void exit_report(Machine& m, int status, bool signalled) {
     if (signalled)   // stopped from outside: where each vCPU was
         for (const auto& v : m.vcpus()) log_msg("vCPU %u: %s", v.id(), describe_vcpu(v).c_str());
     log_msg("vCPU 0 PV MSRs enabled by the guest: %s", pv_msrs_enabled(m.vcpus()[0]).c_str());
+    auto ull = [](std::uint64_t v) { return static_cast<unsigned long long>(v); };
     Port80& p = m.port80();
     log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
-            m.config().name.c_str(), status, static_cast<unsigned long long>(p.writes()),
-            p.absorbed() ? "in-kernel" : "userspace", static_cast<unsigned long long>(p.reads()), p.last_code());
+            m.config().name.c_str(), status, ull(p.writes()), p.absorbed() ? "in-kernel" : "userspace",
+            ull(p.reads()), p.last_code());
     std::size_t i = 0;
     for (const NetDevice& n : m.nets()) {
         NetCounters c = n.dev->counters();
         log_msg("virtio-net %zu: rx %llu packets (%llu dropped), tx %llu packets (%llu dropped); %llu MSI-X, %llu INTx interrupts",
-                i++, static_cast<unsigned long long>(c.rx_packets), static_cast<unsigned long long>(c.rx_dropped),
-                static_cast<unsigned long long>(c.tx_packets), static_cast<unsigned long long>(c.tx_dropped),
-                static_cast<unsigned long long>(n.slot->msi_count()),
-                static_cast<unsigned long long>(n.slot->intx_count()));
+                i++, ull(c.rx_packets), ull(c.rx_dropped), ull(c.tx_packets), ull(c.tx_dropped),
+                ull(n.slot->msi_count()), ull(n.slot->intx_count()));
     }
 }
 
