@@ -59,8 +59,9 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
 
     kvm_sregs s = vcpu.get_sregs();
     auto seg = [](std::uint16_t sel, std::uint8_t type, bool code_or_data) {
-        return kvm_segment{.base = 0, .limit = 0xffffffff, .selector = sel, .type = type, .present = 1, .dpl = 0,
-                           .db = 1, .s = code_or_data, .l = 0, .g = 1, .avl = 0, .unusable = 0, .padding = 0};
+        return kvm_segment{.base = 0, .limit = 0xffffffff, .selector = sel, .type = type, .present = 1,
+                           .dpl = 0, .db = 1, .s = code_or_data, .l = 0, .g = 1, .avl = 0, .unusable = 0,
+                           .padding = 0};
     };
     s.tr = seg(0x20, 0xb, false);
     s.tr.limit = 0x67;

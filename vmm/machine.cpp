@@ -76,7 +76,8 @@ Machine::Machine(const VmConfig& cfg)
     wiring.console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
     if (cfg.console == VmConfig::Console::file) {
         wiring.console_fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (wiring.console_fd < 0) throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
+        if (wiring.console_fd < 0)
+            throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
         console_file_ = Fd(wiring.console_fd);
     }
     wiring.irq_line = [this](unsigned irq, bool level) { return vm_.irq_line(irq, level); };
