@@ -27,11 +27,6 @@ inline u64 rdtsc() {
     asm volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return (u64(hi) << 32) | lo;
 }
-inline u64 rdmsr(u32 msr) {
-    u32 lo, hi;
-    asm volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-    return (u64(hi) << 32) | lo;
-}
 inline void wrmsr(u32 msr, u64 v) { asm volatile("wrmsr" ::"c"(msr), "a"(u32(v)), "d"(u32(v >> 32))); }
 struct Cpuid { u32 a, b, c, d; };
 inline Cpuid cpuid(u32 leaf, u32 sub = 0) {

@@ -1,31 +1,23 @@
 // The small guest's virtio-balloon driver (VIRTIO 1.2 section 5.5) over the
-// virtio-pci transport (virtio.hpp), and test=balloon. Section numbers are
-// VIRTIO 1.2's.
+// virtio-pci transport (virtio.hpp), and test=balloon.
 //
-// Memory it manages: every 2 MiB-aligned block of RAM (as the PVH memory map
-// reports it, g_ram in lib.hpp) that lies wholly above the guest image and
-// below the 32-bit PCI hole (0xc0000000), where the boot page tables
-// identity-map it. Each block is free (owned by the test, which keeps a
-// pattern in every 4 KiB page), ballooned, or, for at most one block at a
-// time, partly ballooned (when the host's target is not a multiple of 512
-// pages). The balloon takes whole blocks from the top of RAM downward and
-// gives whole blocks back, so the host can return whole 2 MiB regions (and
-// keep THP backing for the rest).
+// Memory it manages: every 2 MiB-aligned block of RAM (g_ram in lib.hpp)
+// wholly above the guest image and below the PCI hole (0xc0000000). Each
+// block is free (owned by the test, which keeps a pattern in every 4 KiB
+// page), ballooned, or, for at most one block, partly ballooned. The balloon
+// takes whole blocks from the top of RAM down and gives whole blocks back, so
+// the host can return whole 2 MiB regions and keep THP for the rest.
 //
-// Queues (5.5.2): 0 inflateq, 1 deflateq, 2 statsq (with
-// VIRTIO_BALLOON_F_STATS_VQ). Inflate and deflate buffers are arrays of le32
-// page frame numbers (4 KiB frames, 5.5.6), up to 256 per buffer as Linux
-// sends them; up to kBufs buffers go out per batch, and the batch is complete
-// when the device has used them all. Only then does the driver write
-// `actual` (after an inflate) or reuse the pages (after a deflate), even
-// without VIRTIO_BALLOON_F_MUST_TELL_HOST. The stats queue holds one buffer
-// of (le16 tag, le64 val) pairs (5.5.6.3) that the device returns when it
-// wants fresh figures; the driver refills and re-adds it.
+// Queues (5.5.2): 0 inflateq, 1 deflateq, 2 statsq. Inflate and deflate
+// buffers are arrays of le32 PFNs (5.5.6), up to 256 per buffer as Linux
+// sends them, up to kBufs per batch; only when the device has used a whole
+// batch does the driver write `actual` or reuse the pages, even without
+// MUST_TELL_HOST. The stats buffer of (le16 tag, le64 val) pairs (5.5.6.3) is
+// refilled and re-added whenever the device returns it.
 //
-// Waking: MSI-X vectors for configuration changes and each queue when the
-// device takes them; a TSC-deadline timer bounds every halt (100 ms: the
-// fallback poll of num_pages), and without a queue vector waits for used
-// buffers poll every millisecond.
+// Waking: MSI-X vectors where the device takes them; a TSC-deadline timer
+// bounds every halt (100 ms, the fallback poll of num_pages), and without a
+// queue vector waits for used buffers poll every millisecond.
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "pci.hpp"
@@ -112,8 +104,6 @@ void irq_timer(Frame*) { b.irq_timer = b.irq_timer + 1; lapic_eoi(); }
 u64 block_addr(u32 blk) { return u64(blk) * kBlock; }
 u32 block_pfn(u32 blk) { return u32(block_addr(blk) / kPage); }
 
-// ---- device access ---------------------------------------------------------------------------
-
 u32 read_target() { return mmio_read<u32>(b.vp.device_cfg + CFG_NUM_PAGES); }
 void write_actual(u32 pages) { mmio_write<u32>(b.vp.device_cfg + CFG_ACTUAL, pages); }
 bool device_broken() {
@@ -122,8 +112,7 @@ bool device_broken() {
            b.stats.bad_used;
 }
 
-// Halts until an interrupt or kvmclock reaches until_ns (capped at `cap_ns`
-// from now). May return early: the caller re-checks.
+// Halts until an interrupt or until_ns (at most cap_ns from now); may return early.
 void wait_event(u64 until_ns, u64 cap_ns) {
     u64 now = kvmclock_ns();
     if (now >= until_ns) return;
@@ -158,12 +147,11 @@ void stats_fill() {
     for (u16 i = 0; i < kNumStats; ++i) { stat_buf[i].tag = i; stat_buf[i].val = vals[i]; }
 }
 
-void stats_post() {
+// Fills the one stats buffer and makes it available (not yet published).
+void stats_push() {
     stats_fill();
     b.stats.set_buffer(0, stat_buf, sizeof stat_buf, false);
     b.stats.push(0);
-    b.stats.publish();
-    ++b.stats_sent;
 }
 
 // The device returns the buffer when it wants fresh figures.
@@ -173,15 +161,12 @@ void stats_service() {
     u32 len;
     bool got = false;
     while (b.stats.pop(&id, &len)) got = true;
-    if (got) { ++b.stats_requests; stats_post(); }
+    if (got) { ++b.stats_requests; stats_push(); b.stats.publish(); ++b.stats_sent; }
 }
-
-// ---- batches of PFNs ---------------------------------------------------------------------------
 
 void batch_reset() { b.nbuf = 0; b.npfn = 0; b.nruns = 0; }
 
-// Appends `count` PFNs of block `blk` from page `first`; the caller keeps
-// the batch within max_bufs buffers.
+// Appends `count` PFNs of block `blk` from page `first` (the caller bounds the batch).
 void batch_add(u32 blk, u32 first, u32 count) {
     b.runs[b.nruns++] = {blk, first, count};
     u32 pfn = block_pfn(blk) + first;
@@ -222,8 +207,6 @@ bool batch_send(Virtq& vq, bool have_irq) {
     return true;
 }
 
-// ---- page patterns ------------------------------------------------------------------------------
-
 constexpr u64 kPatternKey = 0x6b6775657374ba11ull;
 inline void touch_page(u64 addr) {
     volatile u64* p = reinterpret_cast<volatile u64*>(addr);
@@ -237,8 +220,7 @@ inline bool page_ok(u64 addr) {
 void touch_pages(u32 blk, u32 first, u32 count) {
     for (u32 i = first; i < first + count; ++i) touch_page(block_addr(blk) + i * kPage);
 }
-// Every page not in the balloon must hold its pattern. Returns mismatches
-// (the first few are printed).
+// Counts the pages outside the balloon that lost their pattern (printing the first few).
 u64 verify_all() {
     u64 bad = 0;
     for (u32 blk = b.lo_block; blk < b.hi_block; ++blk) {
@@ -261,10 +243,16 @@ u64 verify_all() {
     return bad;
 }
 
-// ---- inflate and deflate ---------------------------------------------------------------------------
+// Block `blk` now has its first `n` pages in the balloon: free, partial or full.
+void set_ballooned(u32 blk, u32 n) {
+    if (b.state[blk] == BLK_FULL) --b.full_blocks;
+    b.state[blk] = n == 0 ? BLK_FREE : n == kPagesPerBlock ? BLK_FULL : BLK_PARTIAL;
+    if (n == kPagesPerBlock) ++b.full_blocks;
+    if (b.state[blk] == BLK_PARTIAL) { b.partial = blk; b.partial_pages = n; }
+    else if (b.partial == i64(blk)) { b.partial = -1; b.partial_pages = 0; }
+}
 
-// One batch toward `target`: at most kBufs buffers. Returns the pages moved
-// (0: nothing possible, e.g. no free block left).
+// One batch toward `target`; returns the pages moved (0: nothing possible).
 u32 inflate_batch(u32 target) {
     batch_reset();
     u32 cur = b.pages;
@@ -301,19 +289,7 @@ u32 inflate_batch(u32 target) {
     b.inflate_ns += kvmclock_ns() - t0;
     if (!sent) return 0;
     // Acknowledged: the runs now belong to the balloon.
-    for (u32 r = 0; r < b.nruns; ++r) {
-        const Run& run = b.runs[r];
-        u32 end = run.first + run.count;
-        if (end == kPagesPerBlock) {
-            b.state[run.block] = BLK_FULL;
-            ++b.full_blocks;
-            if (b.partial == i64(run.block)) { b.partial = -1; b.partial_pages = 0; }
-        } else {
-            b.state[run.block] = BLK_PARTIAL;
-            b.partial = run.block;
-            b.partial_pages = end;
-        }
-    }
+    for (u32 r = 0; r < b.nruns; ++r) set_ballooned(b.runs[r].block, b.runs[r].first + b.runs[r].count);
     b.pages += planned;
     b.inflated_pages_total += planned;
     return planned;
@@ -356,17 +332,7 @@ u32 deflate_batch(u32 target) {
     // them (a discarded page reads back as zeros), then re-touch them.
     for (u32 r = 0; r < b.nruns; ++r) {
         const Run& run = b.runs[r];
-        bool was_full = b.state[run.block] == BLK_FULL;
-        if (run.first == 0) {
-            if (was_full) --b.full_blocks;
-            b.state[run.block] = BLK_FREE;
-            if (b.partial == i64(run.block)) { b.partial = -1; b.partial_pages = 0; }
-        } else {
-            if (was_full) --b.full_blocks;
-            b.state[run.block] = BLK_PARTIAL;
-            b.partial = run.block;
-            b.partial_pages = run.first;
-        }
+        set_ballooned(run.block, run.first);
         for (u32 i = run.first; i < run.first + run.count; ++i)
             if (*reinterpret_cast<volatile u64*>(block_addr(run.block) + i * kPage) == 0) ++b.deflated_zero;
         touch_pages(run.block, run.first, run.count);
@@ -459,10 +425,7 @@ bool balloon_bringup() {
     b.inf.disable_interrupts();
     b.def.disable_interrupts();
     if (b.has_stats) {
-        // 5.5.6.3: one buffer on statsq from the start, refilled whenever the device returns it.
-        stats_fill();
-        b.stats.set_buffer(0, stat_buf, sizeof stat_buf, false);
-        b.stats.push(0);
+        stats_push();  // 5.5.6.3: one buffer on statsq from the start
         b.stats.disable_interrupts();
     }
     b.tsc_hz = tsc_hz();
@@ -481,19 +444,14 @@ void balloon_shutdown() {
 
 }  // namespace
 
-// ---- test=balloon -----------------------------------------------------------------------------------
-
 bool test_balloon(const char* cmdline) {
     u64 ms = cmdline_u64(cmdline, "balloon_ms", 60000, "balloon");
     u64 cycles = cmdline_u64(cmdline, "cycles", 1, "balloon");
     if (cycles == 0) cycles = 1;
     u64 stop = cmdline_u64(cmdline, "balloon_stop", 1, "balloon");  // 0: only balloon_ms ends the test
-    if (!blocks_init()) {
-        print("balloon: no 2 MiB RAM block above the image and below 3 GiB\n");
-        print("RESULT balloon changes=0 max_pages=0 mismatches=0 stats_sent=0 ok=0\n");
-        return false;
-    }
-    if (!balloon_bringup()) {
+    const bool blocks = blocks_init();
+    if (!blocks) print("balloon: no 2 MiB RAM block above the image and below 3 GiB\n");
+    if (!blocks || !balloon_bringup()) {
         print("RESULT balloon changes=0 max_pages=0 mismatches=0 stats_sent=0 ok=0\n");
         return false;
     }

@@ -2,8 +2,6 @@
 #include "cpu.hpp"
 #include "lib.hpp"
 
-// ---- IDT and exceptions ------------------------------------------------------
-
 struct IdtEntry {
     u16 off_lo, sel;
     u8 ist, type;
@@ -57,12 +55,9 @@ extern "C" void interrupt_dispatch(Frame* f) {
     if (f->vector != kSpuriousVector) lapic_eoi();
 }
 
-// ---- local APIC ----------------------------------------------------------------
-
 void pic_disable() {
-    // Firmware (SeaBIOS under QEMU) leaves the 8259s delivering IRQ0 as vector
-    // 8, which would look like a double fault. Remap them to 0x20-0x2f (ICW1-4)
-    // and mask every line: the guest only uses the local APIC.
+    // SeaBIOS leaves the 8259s delivering IRQ0 as vector 8 (a double fault):
+    // remap them to 0x20-0x2f and mask every line; we use only the LAPIC.
     outb(0x20, 0x11); outb(0xa0, 0x11);  // ICW1: init, ICW4 follows
     outb(0x21, 0x20); outb(0xa1, 0x28);  // ICW2: vector bases
     outb(0x21, 0x04); outb(0xa1, 0x02);  // ICW3: cascade on IRQ2
@@ -74,8 +69,6 @@ void lapic_enable() {
     lapic_write(LAPIC_SVR, 0x100 | kSpuriousVector);  // APIC software enable
     lapic_write(LAPIC_LVTT, 1u << 16);                 // timer masked until a test arms it
 }
-
-// ---- kvmclock --------------------------------------------------------------------
 
 struct PvclockTimeInfo {
     u32 version, pad0;
@@ -121,10 +114,8 @@ bool kvmclock_init() {
     return true;
 }
 
-// kvmclock at a given TSC reading. Taking the TSC once and converting it,
-// rather than calling rdtsc() and kvmclock_ns() back to back, keeps a pair of
-// timestamps consistent even when the host preempts the vCPU between the two
-// (routine with 64 vCPUs on 2 host CPUs).
+// kvmclock at a given TSC reading: converting one TSC reading keeps a pair of
+// timestamps consistent even when the host preempts the vCPU between them.
 u64 kvmclock_ns_at(u64 tsc) {
     volatile PvclockTimeInfo& p = pvclock[this_cpu().apic_id];
     for (;;) {
@@ -136,8 +127,7 @@ u64 kvmclock_ns_at(u64 tsc) {
         signed char shift = p.tsc_shift;
         barrier();
         if (p.version != v) continue;
-        // The TSC may predate tsc_timestamp when the host refreshed the
-        // parameters after it was read: scale the distance either way.
+        // The TSC may predate tsc_timestamp (parameters refreshed since): scale either way.
         bool before = tsc < tsc_ts;
         u64 delta = before ? tsc_ts - tsc : tsc - tsc_ts;
         if (shift < 0) delta >>= -shift; else delta <<= shift;
@@ -159,8 +149,6 @@ void delay_us(u64 us) {
     u64 end = kvmclock_ns() + us * 1000;
     while (kvmclock_ns() < end) cpu_relax();
 }
-
-// ---- SMP -----------------------------------------------------------------------------
 
 PerCpu percpu[kMaxCpus];
 extern "C" char ap_trampoline[], ap_trampoline_end[];
@@ -246,17 +234,13 @@ void smp_run_on_aps(ApWork work) {
 }
 
 void smp_wait_aps_idle() {
-    // Halt rather than spin: with vCPUs overcommitted the APs need the host
-    // CPU we would burn. The last AP to finish sends kWakeVector.
-    //
-    // Each halt is bounded (the LAPIC timer, 10 ms, on kWakeVector), so a
-    // lost wake-up costs a check, not the VM: every second, an AP that has
-    // not taken up the current work gets its wake IPI again, and the console
-    // says so; after 30 s every AP gets one each second, which ends a halt
-    // whose own interrupt went missing (a timer test's wait then gives up and
-    // reports the ticks it lacks instead of hanging the VM). (Seen once in
-    // CI: a 64-vCPU boot in the nested sandbox that never ended; which wait
-    // hung is unknown. With this a lost IPI shows on the console.)
+    // Halt rather than spin (overcommitted APs need the host CPU); the last AP
+    // to finish sends kWakeVector. Each halt is bounded (LAPIC timer, 10 ms),
+    // so a lost wake-up costs a check, not the VM: each second an AP that has
+    // not taken up the work gets its IPI again, with a console line; after
+    // 30 s every AP gets one each second, ending halts whose interrupt went
+    // missing. (Seen once in CI: a 64-vCPU boot in the nested sandbox that
+    // never ended, which wait hung unknown.)
     bool irqs_on = irq_save();
     const bool deadline = (cpuid(1).c & (1u << 24)) != 0;
     const u32 saved_lvtt = lapic_read(LAPIC_LVTT), saved_tdcr = lapic_read(LAPIC_TDCR);
@@ -301,8 +285,6 @@ void smp_wait_aps_idle() {
     lapic_write(LAPIC_TDCR, saved_tdcr);
     irq_restore(irqs_on);
 }
-
-// ---- 4 KiB pages -----------------------------------------------------------------
 
 extern "C" u64 boot_pml4[512];
 alignas(4096) static u64 pt_4k[512 * 512];  // 512 page tables: the first GiB

@@ -69,21 +69,18 @@ inline PerCpu& this_cpu() {
     asm volatile("mov %%gs:0, %0" : "=r"(p));
     return *p;
 }
-// Per-CPU setup, first thing on each CPU once its LAPIC is on: GS, and PV EOI
-// (KVM_FEATURE_PV_EOI) when offered.
+// Per-CPU setup once the CPU's LAPIC is on: GS, and PV EOI when offered.
 void percpu_init();
 extern bool g_use_pv_eoi;  // pv_eoi=off on the command line clears it
 // End of interrupt. With PV EOI, KVM sets bit 0 of pv_eoi when it injects an
-// interrupt whose EOI it can infer; clearing the bit then replaces the EOI
-// write and its exit (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN;
-// Linux's kvm_guest_apic_eoi_write). The test and the clear must be one
-// instruction (BTR), atomic against this CPU's VM exits: KVM takes the bit
-// back (test-and-clear, "the guest must EOI itself") on any exit while it is
-// still set. With a separate load and store, an exit between the two let the
-// guest skip the EOI write after KVM had withdrawn the bit, so the vector
-// stayed in service and blocked itself and every lower one for good (seen in
-// the nested sandbox: a halted vCPU with 0x51 in ISR, PPR 0x50, its MSI and
-// timer pending in IRR). Only this CPU and KVM touch the word: no LOCK.
+// interrupt whose EOI it can infer; clearing the bit replaces the EOI write
+// and its exit (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN). Test
+// and clear must be one instruction (BTR): KVM takes the bit back on any exit
+// while it is set, and with a separate load and store an exit between them
+// let the guest skip an EOI KVM no longer did, leaving the vector in service
+// for good (seen in the nested sandbox: a halted vCPU with 0x51 in ISR, PPR
+// 0x50, its MSI and timer pending in IRR). Only this CPU and KVM touch the
+// word: no LOCK.
 inline void lapic_eoi() {
     PerCpu& c = this_cpu();
     bool was_set;

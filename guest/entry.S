@@ -1,10 +1,9 @@
 /*
- * The guest's first instructions. A PVH loader (kguest, QEMU, Firecracker...)
- * finds `pvh_start` through the XEN_ELFNOTE_PHYS32_ENTRY note below and
- * jumps there in 32-bit protected mode with paging off and %ebx pointing at
- * struct hvm_start_info (Xen's "HVM direct start" ABI, xen/include/public/
- * arch-x86/hvm/start_info.h). We build identity page tables for the first
- * 4 GiB with 2 MiB pages, switch to long mode and call kmain(start_info).
+ * The guest's first instructions. A PVH loader finds `pvh_start` through the
+ * XEN_ELFNOTE_PHYS32_ENTRY note below and jumps there in 32-bit protected mode,
+ * paging off, %ebx = struct hvm_start_info (xen/include/public/arch-x86/hvm/
+ * start_info.h). We identity-map the first 4 GiB with 2 MiB pages, switch to
+ * long mode and call kmain(start_info).
  */
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 #define MSR_EFER 0xc0000080
@@ -101,11 +100,10 @@ halt_forever:
     jmp halt_forever
 
 /*
- * Interrupt and exception entry. One stub per vector pushes a dummy error
- * code where the CPU pushes none, then the vector, and joins isr_common,
- * which saves the general registers into a struct Frame (cpu.hpp) and calls
- * interrupt_dispatch(Frame*). The CPU aligned the stack to 16 before its
- * 5-word push; 2 + 15 more words keep the call ABI-aligned.
+ * Interrupt and exception entry. One stub per vector pushes a dummy error code
+ * where the CPU pushes none, then the vector, and joins isr_common, which saves
+ * the registers as a struct Frame (cpu.hpp) for interrupt_dispatch(Frame*).
+ * The CPU's 5-word push plus 2 + 15 words keep the call 16-byte aligned.
  */
     .altmacro
     .macro ISR_STUB n
@@ -129,39 +127,15 @@ isr_\n:
     .endr
 
 isr_common:
-    push %rax
-    push %rbx
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %rbp
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    push %r12
-    push %r13
-    push %r14
-    push %r15
+    .irp reg, rax, rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r14, r15
+    push %\reg
+    .endr
     mov %rsp, %rdi
     cld
     call interrupt_dispatch
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rbp
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rbx
-    pop %rax
+    .irp reg, r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax
+    pop %\reg
+    .endr
     add $16, %rsp
     iretq
 
@@ -176,11 +150,9 @@ isr_table:
     .endr
 
 /*
- * The AP trampoline. An AP wakes from SIPI in real mode at vector * 4 KiB;
- * the BSP copies these bytes to AP_TRAMPOLINE (0x8000, SIPI vector 8). They
- * load our GDT, switch to protected mode and jump into the image, where the
- * AP takes the BSP's path into long mode and then finds its stack in
- * ap_stack_top.
+ * The AP trampoline, copied by the BSP to AP_TRAMPOLINE (SIPI vector 8): in
+ * real mode it loads our GDT, enters protected mode and jumps into the image,
+ * where the AP takes the BSP's path into long mode.
  */
 #define AP_TRAMPOLINE 0x8000
     .text

@@ -26,12 +26,12 @@ static void raw_putc(char c) {
     outb(kCom1, static_cast<u8>(c));
 }
 
-void putc(char c) {
+static void putc(char c) {
     if (c == '\n') raw_putc('\r');
     raw_putc(c);
 }
 
-void puts(const char* s) {
+static void puts(const char* s) {
     print_lock.lock();
     while (*s) putc(*s++);
     print_lock.unlock();
@@ -39,7 +39,7 @@ void puts(const char* s) {
 
 static void emit(char*& p, char* end, char c) { if (p < end) *p++ = c; }
 
-void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
+static void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
     char* p = buf;
     char* end = buf + size - 1;
     for (; *fmt; ++fmt) {
@@ -90,6 +90,13 @@ void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap) {
     *p = 0;
 }
 
+void format(char* buf, usize size, const char* fmt, ...) {
+    __builtin_va_list ap;
+    __builtin_va_start(ap, fmt);
+    vformat(buf, size, fmt, ap);
+    __builtin_va_end(ap);
+}
+
 void print(const char* fmt, ...) {
     char buf[512];
     __builtin_va_list ap;
@@ -105,9 +112,7 @@ void panic(const char* fmt, ...) {
     __builtin_va_start(ap, fmt);
     vformat(buf, sizeof buf, fmt, ap);
     __builtin_va_end(ap);
-    puts("PANIC: ");
-    puts(buf);
-    puts("\n");
+    print("PANIC: %s\n", buf);
     guest_exit(3);
 }
 
@@ -190,6 +195,18 @@ u64 g_ram_total;
 void ram_add(u64 addr, u64 size) {
     g_ram_total += size;
     if (g_nram < kMaxRamRanges && size) g_ram[g_nram++] = {addr, size};
+}
+
+void sort_u32(u32* a, u32 n) {
+    for (u32 gap = n / 2; gap > 0; gap /= 2)
+        for (u32 i = gap; i < n; ++i)
+            for (u32 j = i; j >= gap && a[j - gap] > a[j]; j -= gap) { u32 t = a[j]; a[j] = a[j - gap]; a[j - gap] = t; }
+}
+
+u32 percentile(const u32* sorted, u32 n, u32 pct) {
+    if (!n) return 0;
+    u32 i = u32(u64(n) * pct / 100);
+    return sorted[i < n ? i : n - 1];
 }
 
 u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who) {

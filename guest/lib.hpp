@@ -13,10 +13,8 @@ constexpr u16 kCom1 = 0x3f8;
 [[noreturn]] void guest_exit(u32 status);
 
 void serial_init();
-void putc(char c);
-void puts(const char* s);
 void print(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-void vformat(char* buf, usize size, const char* fmt, __builtin_va_list ap);
+void format(char* buf, usize size, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 [[noreturn]] void panic(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 usize strlen(const char* s);
@@ -30,8 +28,11 @@ u64 parse_u64(const char* s, bool* ok);
 // that is not a number is ignored with a line naming `who` and the knob.
 u64 cmdline_u64(const char* cmdline, const char* key, u64 def, const char* who);
 
-// The RAM (type 1) entries of the PVH memory map, recorded by kmain: the
-// first kMaxRamRanges non-empty ones, and the total of all.
+// Shell sort; the pct-th percentile of n sorted values (0 when n is 0).
+void sort_u32(u32* a, u32 n);
+u32 percentile(const u32* sorted, u32 n, u32 pct);
+
+// The PVH memory map's RAM entries (the first kMaxRamRanges non-empty ones) and their total.
 struct RamRange { u64 addr, size; };
 constexpr u32 kMaxRamRanges = 64;
 extern RamRange g_ram[kMaxRamRanges];
@@ -41,7 +42,6 @@ void ram_add(u64 addr, u64 size);
 
 extern "C" void* memset(void* d, int c, usize n);
 extern "C" void* memcpy(void* d, const void* s, usize n);
-extern "C" void* memmove(void* d, const void* s, usize n);
 extern "C" int memcmp(const void* a, const void* b, usize n);
 
 class SpinLock {

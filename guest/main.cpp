@@ -1,9 +1,7 @@
 // The small guest's main program. It reads the PVH start info, sets up
 // interrupts, the local APIC and kvmclock, brings up the other vCPUs, runs the
-// tests named by test=... (timer, port80, smp, pci, hostile, idle, spinlock,
-// net-echo, net-ping, net-bench, exception, triplefault; all = the first
-// three) and ends the VM through the exit port: 0 when every test passed, 1 when one failed, 3 on a panic, 4 on an
-// unexpected exception.
+// tests named by test=... and ends the VM through the exit port: 0 when every
+// test passed, 1 when one failed, 3 on a panic, 4 on an unexpected exception.
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "net.hpp"
@@ -11,16 +9,9 @@
 
 // struct hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h).
 struct HvmStartInfo {
-    u32 magic;  // 0x336ec578
-    u32 version;
-    u32 flags;
-    u32 nr_modules;
-    u64 modlist_paddr;
-    u64 cmdline_paddr;
-    u64 rsdp_paddr;
-    u64 memmap_paddr;  // version >= 1
-    u32 memmap_entries;
-    u32 reserved;
+    u32 magic, version, flags, nr_modules;
+    u64 modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;  // memmap: version >= 1
+    u32 memmap_entries, reserved;
 };
 struct HvmMemmapEntry { u64 addr, size; u32 type, reserved; };
 constexpr u32 kHvmStartMagic = 0x336ec578;
@@ -88,9 +79,8 @@ extern "C" void kmain(u32 start_info_paddr) {
         asm volatile("ud2");
     }
     if (list_has(tests, "triplefault")) {
-        // A stack pointer into unmapped space: delivering #BP faults (#PF),
-        // delivering that faults (#DF), and then the CPU gives up: a triple
-        // fault, which KVM reports as KVM_EXIT_SHUTDOWN.
+        // A stack pointer into unmapped space: #BP faults (#PF), that faults
+        // (#DF), then a triple fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
     if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,tlb,balloon,none,exception,triplefault)", tests);

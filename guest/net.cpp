@@ -1,14 +1,12 @@
 // virtio-net driver, minimal IPv4 stack and the net-echo / net-ping /
 // net-bench test modes (see net.hpp). Section numbers are VIRTIO 1.2's.
 //
-// Buffers: the receive queue (queue 0) holds one 2 KiB buffer per
-// descriptor, always all posted; the transmit queue (queue 1) owns one 2 KiB
-// buffer per descriptor, taken from a free list and returned when the device
-// is done with it. Each buffer starts with the 12-byte struct virtio_net_hdr
-// (5.1.6; 12 bytes with VERSION_1, num_buffers included). With
-// VIRTIO_NET_F_MRG_RXBUF a packet may span num_buffers receive buffers; they
-// are gathered into one assembly buffer. Everything the wire or the device
-// says about lengths is checked before use.
+// Buffers: receive (queue 0) and transmit (queue 1) own one 2 KiB buffer per
+// descriptor, each starting with the 12-byte virtio_net_hdr (5.1.6, VERSION_1);
+// receive buffers are always all posted, transmit ones come from a free list.
+// With VIRTIO_NET_F_MRG_RXBUF a packet spanning num_buffers receive buffers is
+// gathered into one assembly buffer. Lengths from the wire or the device are
+// checked before use.
 #include "net.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
@@ -66,18 +64,14 @@ struct NetDev {
 NetDev dev;
 int g_init_state = 0;  // 0 not tried, 1 up, -1 failed
 
-// ---- byte order and checksums -------------------------------------------------
-
 inline u16 get16(const u8* p) { return u16((p[0] << 8) | p[1]); }
 inline u32 get32(const u8* p) { return (u32(p[0]) << 24) | (u32(p[1]) << 16) | (u32(p[2]) << 8) | p[3]; }
 inline void put16(u8* p, u16 v) { p[0] = u8(v >> 8); p[1] = u8(v); }
 inline void put32(u8* p, u32 v) { p[0] = u8(v >> 24); p[1] = u8(v >> 16); p[2] = u8(v >> 8); p[3] = u8(v); }
 
-// RFC 1071 ones' complement sum of big-endian 16-bit words, folded to 16
-// bits and added to `sum`. The data is summed eight bytes at a time in the
-// CPU's (little-endian) order and byte-swapped at the end, which RFC 1071
-// section 2(B) allows; p must start at an even offset of the checksummed
-// stream (every caller's regions do).
+// RFC 1071 ones' complement sum of big-endian 16-bit words, folded and added
+// to `sum`: summed eight bytes at a time in little-endian order and swapped at
+// the end (RFC 1071 2(B)). p must start at an even offset of the stream.
 typedef u64 __attribute__((may_alias, aligned(1))) u64_unaligned;
 typedef u16 __attribute__((may_alias, aligned(1))) u16_unaligned;
 u32 csum_add(u32 sum, const u8* p, u32 n) {
@@ -99,9 +93,8 @@ u16 csum_fold(u32 sum) {
     while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
     return u16(~sum);
 }
-// Packet copies and compares, eight bytes per step: on hosts where each
-// guest memory access is slow (an emulating hypervisor: PVM, TCG), rep movsb
-// and byte loops dominate a packet's cost.
+// Packet copies and compares, eight bytes per step: where each guest memory
+// access is slow (PVM, TCG), rep movsb and byte loops dominate a packet's cost.
 void copy(void* d, const void* s, usize n) {
     usize q = n / 8, r = n % 8;
     asm volatile("rep movsq; mov %3, %%rcx; rep movsb" : "+D"(d), "+S"(s), "+c"(q) : "r"(r) : "memory");
@@ -129,18 +122,13 @@ constexpr u16 ETH_IPV4 = 0x0800, ETH_ARP = 0x0806;
 constexpr u8 IP_ICMP = 1, IP_UDP = 17;
 constexpr u32 kEthLen = 14, kIpLen = 20, kUdpLen = 8, kIcmpLen = 8;
 
-// ---- interrupts and waiting ------------------------------------------------------
-
 void irq_rx(Frame*) { dev.irq_rx = dev.irq_rx + 1; lapic_eoi(); }
 void irq_tx(Frame*) { dev.irq_tx = dev.irq_tx + 1; lapic_eoi(); }
 void irq_config(Frame*) { dev.irq_config = dev.irq_config + 1; lapic_eoi(); }
-// A safety net, no longer known to be needed: while a wait is on, the timer
-// re-arms itself, so a halt always ends within one period whatever interrupt
-// went missing. It was added for guests seen halted for good in the nested
-// TCG sandbox (with QEMU's device as with kguest's), then put down to an
-// interrupt taken between `sti` and `hlt`; the cause found later was a lost
-// EOI (see lapic_eoi in cpu.hpp): the vector stayed in service and masked
-// every interrupt, this timer's included, so this could not help there.
+// A safety net, no longer known to be needed: during a wait the timer re-arms
+// itself, so a halt ends within one period whatever interrupt went missing.
+// (Added for guests seen halted for good in the nested TCG sandbox, whose
+// cause was a lost EOI, see lapic_eoi in cpu.hpp, which this could not help.)
 volatile u64 g_wait_rearm_tsc;  // 0 outside net_wait
 void irq_timer(Frame*) {
     if (g_wait_rearm_tsc) wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + g_wait_rearm_tsc);
@@ -148,61 +136,6 @@ void irq_timer(Frame*) {
 }
 
 u64 ns_to_tsc(u64 ns) { return u64((unsigned __int128)ns * dev.tsc_hz / 1000000000ull); }
-
-}  // namespace
-
-NetStats g_net_stats;
-void (*g_udp_handler)(const UdpPacket&);
-void (*g_echo_reply_handler)(u32, u16, u16, u64);
-
-void net_wait(u64 deadline_ns) {
-    // Without MSI-X nothing wakes us for a packet: poll every 100 µs.
-    u64 now = kvmclock_ns();
-    if (now >= deadline_ns) return;
-    if (dev.busy_poll) { cpu_relax(); return; }
-    // With MSI-X a halt still ends within 5 ms: a lost or late wake-up then
-    // costs 5 ms, not the rest of the test. (2.7.10: with EVENT_IDX a device
-    // interrupts once when the used index passes used_event, so one lost
-    // interrupt would otherwise stall the queue for good.)
-    u64 cap = dev.msix ? 5000000ull : 100000ull;
-    u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
-    if (!dev.tsc_deadline) {
-        if (!dev.msix || deadline_ns != ~0ull) {
-            cpu_relax();  // no timer to end a halt: spin
-            return;
-        }
-        until = ~0ull;  // halt until the interrupt
-    }
-    cli();
-    // 2.7.10: ask for an interrupt at the next used buffer, then re-check:
-    // one may have arrived since the last poll.
-    bool pending = dev.rx.enable_interrupts();
-    if (dev.tx_nfree == 0) pending |= dev.tx.enable_interrupts();
-    if (!pending) {
-        if (until != ~0ull) {
-            g_wait_rearm_tsc = ns_to_tsc(until - now);
-            wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + g_wait_rearm_tsc);
-        }
-        ++dev.halts;
-        u64 irqs = dev.irq_rx + dev.irq_tx;
-        sti_hlt();  // any interrupt ends it: the caller re-checks everything
-        cli();
-        if (until != ~0ull) {
-            g_wait_rearm_tsc = 0;
-            wrmsr(MSR_IA32_TSC_DEADLINE, 0);
-        }
-        // Woken by the timer with used buffers waiting: an interrupt was lost or late.
-        if (dev.irq_rx + dev.irq_tx == irqs && (dev.rx.has_used() || dev.tx.has_used())) ++dev.late_wakeups;
-    }
-    // Busy again: no interrupts until the next wait (NAPI-style).
-    dev.rx.disable_interrupts();
-    dev.tx.disable_interrupts();
-    sti();
-}
-
-namespace {
-
-// ---- transmit ----------------------------------------------------------------------
 
 void tx_reap() {
     u16 id;
@@ -377,8 +310,6 @@ void eth_input(const u8* f, u32 len) {
     else ++g_net_stats.dropped;
 }
 
-// ---- receive ----------------------------------------------------------------------------
-
 void asm_append(const u8* p, u32 n) {
     if (dev.asm_len + n > kAsmSize) { dev.asm_bad = true; return; }
     copy(rx_asm + dev.asm_len, p, n);
@@ -409,6 +340,52 @@ void rx_buffer(u16 id, u32 len) {
 
 }  // namespace
 
+NetStats g_net_stats;
+void (*g_udp_handler)(const UdpPacket&);
+void (*g_echo_reply_handler)(u32, u16, u16, u64);
+
+void net_wait(u64 deadline_ns) {
+    // Without MSI-X nothing wakes us for a packet: poll every 100 µs.
+    u64 now = kvmclock_ns();
+    if (now >= deadline_ns) return;
+    if (dev.busy_poll) { cpu_relax(); return; }
+    // With MSI-X a halt still ends within 5 ms, so a lost wake-up costs 5 ms,
+    // not the test (2.7.10: with EVENT_IDX one lost interrupt stalls a queue).
+    u64 cap = dev.msix ? 5000000ull : 100000ull;
+    u64 until = deadline_ns - now > cap ? now + cap : deadline_ns;
+    if (!dev.tsc_deadline) {
+        if (!dev.msix || deadline_ns != ~0ull) {
+            cpu_relax();  // no timer to end a halt: spin
+            return;
+        }
+        until = ~0ull;  // halt until the interrupt
+    }
+    cli();
+    // 2.7.10: ask for an interrupt at the next used buffer, then re-check.
+    bool pending = dev.rx.enable_interrupts();
+    if (dev.tx_nfree == 0) pending |= dev.tx.enable_interrupts();
+    if (!pending) {
+        if (until != ~0ull) {
+            g_wait_rearm_tsc = ns_to_tsc(until - now);
+            wrmsr(MSR_IA32_TSC_DEADLINE, rdtsc() + g_wait_rearm_tsc);
+        }
+        ++dev.halts;
+        u64 irqs = dev.irq_rx + dev.irq_tx;
+        sti_hlt();  // any interrupt ends it: the caller re-checks everything
+        cli();
+        if (until != ~0ull) {
+            g_wait_rearm_tsc = 0;
+            wrmsr(MSR_IA32_TSC_DEADLINE, 0);
+        }
+        // Woken by the timer with used buffers waiting: an interrupt was lost or late.
+        if (dev.irq_rx + dev.irq_tx == irqs && (dev.rx.has_used() || dev.tx.has_used())) ++dev.late_wakeups;
+    }
+    // Busy again: no interrupts until the next wait (NAPI-style).
+    dev.rx.disable_interrupts();
+    dev.tx.disable_interrupts();
+    sti();
+}
+
 bool net_poll() {
     bool did = false;
     u16 id;
@@ -436,8 +413,9 @@ bool net_resolve(u32 ip, u8 mac[6], u64 timeout_ms) {
         hop = dev.gw;
     }
     u64 end = kvmclock_ns() + timeout_ms * 1000000ull;
-    while (kvmclock_ns() < end) {
+    for (;;) {
         if (ArpEntry* e = arp_find(hop)) { memcpy(mac, e->mac, 6); return true; }
+        if (kvmclock_ns() >= end) return false;
         const u8 zero[6] = {};
         arp_send(1, kBroadcast, zero, hop);
         u64 retry = kvmclock_ns() + 200000000ull;  // ask again every 200 ms
@@ -445,8 +423,6 @@ bool net_resolve(u32 ip, u8 mac[6], u64 timeout_ms) {
         while (!arp_find(hop) && kvmclock_ns() < retry)
             if (!net_poll()) net_wait(retry);
     }
-    if (ArpEntry* e = arp_find(hop)) { memcpy(mac, e->mac, 6); return true; }
-    return false;
 }
 
 bool udp_send(const u8 dst_mac[6], u32 dst_ip, u16 src_port, u16 dst_port, const void* data, u32 len, u16 csum) {
@@ -500,15 +476,7 @@ bool parse_ipv4(const char* s, u32* ip, const char** end) {
 }
 
 void format_ipv4(u32 ip, char out[16]) {
-    char* p = out;
-    for (int i = 3; i >= 0; --i) {
-        u32 part = (ip >> (8 * i)) & 0xff;
-        if (part >= 100) *p++ = char('0' + part / 100);
-        if (part >= 10) *p++ = char('0' + part / 10 % 10);
-        *p++ = char('0' + part % 10);
-        if (i) *p++ = '.';
-    }
-    *p = 0;
+    format(out, 16, "%u.%u.%u.%u", ip >> 24, (ip >> 16) & 0xff, (ip >> 8) & 0xff, ip & 0xff);
 }
 
 // ---- device bring-up (3.1.1, 4.1.5, 5.1.5) --------------------------------------------------
@@ -537,9 +505,8 @@ static bool net_config(const char* cmdline) {
     return true;
 }
 
-// net_bars=reassign: forget the NIC's programmed memory BARs so that
-// pci_setup_bars() sizes and places them itself, the path firmware-less
-// VMMs rely on and QEMU's SeaBIOS never leaves to us.
+// net_bars=reassign: forget the NIC's memory BARs so that pci_setup_bars()
+// places them itself, as without firmware (QEMU's SeaBIOS never leaves that).
 static void forget_bars(PciAddr a) {
     pci_write16(a, PCI_COMMAND, u16(pci_read16(a, PCI_COMMAND) & ~PCI_CMD_MEMORY));
     for (unsigned i = 0; i < 6; ++i) {
@@ -656,28 +623,11 @@ void net_shutdown() {
     g_init_state = 0;
 }
 
-// ---- test modes -------------------------------------------------------------------------------
-
 namespace {
 
-void sort_u32(u32* a, u32 n) {
-    for (u32 gap = n / 2; gap > 0; gap /= 2)
-        for (u32 i = gap; i < n; ++i)
-            for (u32 j = i; j >= gap && a[j - gap] > a[j]; j -= gap) { u32 t = a[j]; a[j] = a[j - gap]; a[j - gap] = t; }
-}
-u32 percentile(const u32* sorted, u32 n, u32 pct) {
-    if (!n) return 0;
-    u32 i = u32(u64(n) * pct / 100);
-    return sorted[i < n ? i : n - 1];
-}
 u32 tsc_delta_ns(u64 t0, u64 t1) {
     u64 ns = kvmclock_ns_at(t1) - kvmclock_ns_at(t0);
     return u32(ns > 0xffffffffull ? 0xffffffffull : ns);
-}
-
-NetStats stats_since(const NetStats& s0) {
-    const NetStats& s = g_net_stats;
-    return {s.rx - s0.rx, s.tx - s0.tx, s.arp - s0.arp, s.icmp - s0.icmp, s.udp - s0.udp, s.dropped - s0.dropped};
 }
 
 // net-echo state.
@@ -710,6 +660,20 @@ template <typename Done> void run_until(u64 deadline, Done done) {
         if (!net_poll()) net_wait(deadline);
 }
 
+// net-bench state: the echo being waited for.
+u32 bench_seq, bench_size, bench_peer;
+u16 bench_peer_port, bench_port;
+bool bench_got, bench_bad;
+u64 bench_tsc;
+u8 bench_payload[2048];
+void bench_udp(const UdpPacket& p) {
+    if (p.src_ip != bench_peer || p.src_port != bench_peer_port || p.dst_port != bench_port) return;
+    if (p.len != bench_size || get32(p.data) != bench_seq) return;  // a late echo of an earlier one
+    if (!same(p.data, bench_payload, bench_size)) bench_bad = true;
+    bench_got = true;
+    bench_tsc = p.rx_tsc;
+}
+
 }  // namespace
 
 bool test_net_echo(const char* cmdline) {
@@ -731,7 +695,9 @@ bool test_net_echo(const char* cmdline) {
     u64 drain = kvmclock_ns() + 100000000ull;
     run_until(drain, [] { return dev.tx_nfree == dev.tx.size; });
     g_udp_handler = nullptr;
-    NetStats d = stats_since(s0);
+    const NetStats& s = g_net_stats;
+    NetStats d = {s.rx - s0.rx, s.tx - s0.tx, s.arp - s0.arp, s.icmp - s0.icmp, s.udp - s0.udp,
+                  s.dropped - s0.dropped};
     print("net-echo: %s, %lu halts (%lu ended by the timer with work waiting), %lu receive and %lu transmit interrupts, %lu kicks, %lu bad used entries\n",
           echo_stop ? "stopped by kguest-stop" : "net_ms elapsed", dev.halts, dev.late_wakeups, u64(dev.irq_rx), u64(dev.irq_tx),
           dev.rx.kicks + dev.tx.kicks, dev.rx.bad_used + dev.tx.bad_used);
@@ -778,22 +744,6 @@ bool test_net_ping(const char* cmdline) {
           ok ? 1 : 0);
     return ok;
 }
-
-namespace {
-// net-bench state: the echo being waited for.
-u32 bench_seq, bench_size, bench_peer;
-u16 bench_peer_port, bench_port;
-bool bench_got, bench_bad;
-u64 bench_tsc;
-u8 bench_payload[2048];
-void bench_udp(const UdpPacket& p) {
-    if (p.src_ip != bench_peer || p.src_port != bench_peer_port || p.dst_port != bench_port) return;
-    if (p.len != bench_size || get32(p.data) != bench_seq) return;  // a late echo of an earlier one
-    if (!same(p.data, bench_payload, bench_size)) bench_bad = true;
-    bench_got = true;
-    bench_tsc = p.rx_tsc;
-}
-}  // namespace
 
 bool test_net_bench(const char* cmdline) {
     u64 count = cmdline_u64(cmdline, "count", 1000, "net"), size = cmdline_u64(cmdline, "size", 64, "net");

@@ -1,10 +1,9 @@
 // The small guest's network path: a virtio-net driver (VIRTIO 1.2 section
-// 5.1) over the virtio-pci transport (virtio.hpp), and a minimal IPv4 stack
-// on top: Ethernet, ARP (answers for our address, resolves peers into a small
-// cache), IPv4 (no fragments, options skipped), ICMP echo (both ways) and UDP.
-// Single-threaded: everything runs on the CPU that called net_init(), and
-// waits halt with interrupts (MSI-X) plus a TSC-deadline timer for timeouts.
-// The test modes built on it (net-echo, net-ping, net-bench) are in net.cpp.
+// 5.1) over the virtio-pci transport (virtio.hpp), and a minimal IPv4 stack:
+// Ethernet, ARP (answers for us, resolves peers into a small cache), IPv4 (no
+// fragments, options skipped), ICMP echo (both ways) and UDP. Single-threaded:
+// everything runs on the CPU that called net_init(); waits halt with MSI-X
+// plus a TSC-deadline timer. The test modes built on it are in net.cpp.
 #pragma once
 
 #include "arch.hpp"
@@ -14,9 +13,8 @@ struct NetStats {
 };
 extern NetStats g_net_stats;
 
-// Finds and initialises the virtio-net device and reads ip=ADDR/PREFIX and
-// gw=ADDR from the command line; prints the RESULT net-init line. Later
-// calls return the first call's result.
+// Initialises the virtio-net device with ip=ADDR/PREFIX and gw=ADDR from the
+// command line; prints the RESULT net-init line. Later calls return the same.
 bool net_init(const char* cmdline);
 void net_shutdown();  // device reset, timer vector masked
 

@@ -46,15 +46,11 @@ u8 pci_cap_next(PciAddr a, u8 prev) {
     return p >= 0x40 && p != prev ? p : 0;
 }
 
-// ---- BARs ---------------------------------------------------------------------
-
-// Where unprogrammed BARs go: above every memory BAR already assigned on bus
-// 0, at least kWindowBase, below kWindowEnd (the IOAPIC/LAPIC area).
+// Where unprogrammed BARs go: above every BAR in use, in [kWindowBase, kWindowEnd).
 constexpr u64 kWindowBase = 0xd0000000, kWindowEnd = 0xfec00000;
 static u64 g_window_next;
 
-// Decodes BAR i of a type-0 header: address (with the upper half of a 64-bit
-// BAR), whether it is memory and 64-bit.
+// Decodes BAR i of a type-0 header (a 64-bit BAR with its upper half).
 struct BarRaw { u64 addr; bool mem, is64, ok; };
 static BarRaw bar_raw(PciAddr a, unsigned i) {
     u32 lo = pci_read32(a, PCI_BAR0 + 4 * i);
@@ -86,8 +82,7 @@ static u64 bar_size(PciAddr a, unsigned i, bool is64) {
     return mask ? ~mask + 1 : 0;
 }
 
-// The window starts past the end of every memory BAR already programmed in
-// [kWindowBase, kWindowEnd), so what we assign overlaps none of them.
+// Starts the window past every memory BAR already programmed in [kWindowBase, kWindowEnd).
 static void window_init() {
     if (g_window_next) return;
     g_window_next = kWindowBase;

@@ -1,11 +1,9 @@
-// PCI for the small guest: configuration mechanism #1 (ports 0xcf8 address /
-// 0xcfc-0xcff data, PCI Local Bus Spec 3.0 §3.2.2.3.2) on bus 0, finding a
-// function by vendor/device ID, walking its capability list (§6.7) and
-// making its memory BARs usable (§6.2.5.1): a BAR the firmware or the VMM
-// already programmed is kept (SeaBIOS under QEMU assigns them, kguest
-// pre-assigns them); an unprogrammed one is sized and placed in a window the
-// guest picks above every BAR already in use (0xd0000000 at the lowest),
-// size-aligned, below 4 GiB so the identity map reaches it.
+// PCI for the small guest: configuration mechanism #1 (PCI Local Bus Spec 3.0
+// §3.2.2.3.2) on bus 0, finding a function by ID, walking its capability list
+// (§6.7) and making its memory BARs usable (§6.2.5.1): a BAR already
+// programmed (by SeaBIOS, or pre-assigned by kguest) is kept; an unprogrammed
+// one is sized and placed, size-aligned, above every BAR in use (0xd0000000 at
+// the lowest) and below 4 GiB, where the identity map reaches it.
 #pragma once
 
 #include "arch.hpp"
@@ -15,8 +13,7 @@ struct PciAddr { u8 bus, slot, func; };
 // Type-0 header offsets and Command bits (PCI 3.0 §6.1, §6.2.2).
 enum : u32 { PCI_VENDOR = 0x00, PCI_COMMAND = 0x04, PCI_STATUS = 0x06, PCI_CLASS_REV = 0x08,
              PCI_HEADER_TYPE = 0x0e, PCI_BAR0 = 0x10, PCI_CAP_PTR = 0x34 };
-enum : u16 { PCI_CMD_IO = 1u << 0, PCI_CMD_MEMORY = 1u << 1, PCI_CMD_MASTER = 1u << 2,
-             PCI_CMD_INTX_DISABLE = 1u << 10 };
+enum : u16 { PCI_CMD_MEMORY = 1u << 1, PCI_CMD_MASTER = 1u << 2, PCI_CMD_INTX_DISABLE = 1u << 10 };
 constexpr u16 PCI_STATUS_CAP_LIST = 1u << 4;
 constexpr u8 PCI_CAP_ID_MSIX = 0x11, PCI_CAP_ID_VNDR = 0x09;
 
@@ -30,15 +27,14 @@ u32 pci_conf_read32(u32 bus, u32 slot, u32 reg);
 
 // The first function on bus 0 with this vendor/device ID; false if none.
 bool pci_find(u16 vendor, u16 device, PciAddr* out);
-// Capability offsets (§6.7): pass 0 for the first, then the previous offset.
-// Returns 0 at the end. The walk is bounded (48 steps) against loops.
+// Capability offsets (§6.7): pass 0 for the first, then the previous offset;
+// 0 at the end. Callers bound the walk (48 steps) against loops.
 u8 pci_cap_next(PciAddr a, u8 prev);
 
 struct PciBar {
     u64 addr;  // 0: not a usable memory BAR
     u64 size;
 };
-// Every memory BAR of the function made usable (kept or assigned, see above),
-// then Command = memory space + bus master (I/O space left as it was). bars[i]
-// describes BAR i; the upper half of a 64-bit BAR reads as unusable.
+// Makes every memory BAR usable (kept or assigned, see above) and turns on
+// memory space and bus master. bars[i] is BAR i (a 64-bit BAR's upper half: 0).
 void pci_setup_bars(PciAddr a, PciBar bars[6]);

@@ -1,7 +1,6 @@
 // The ticket lock's slow paths and kick (see spinlock.hpp), and test=spinlock:
-// every vCPU hammers one shared lock for a fixed time, and we report
-// acquisitions per second, fairness, and how often waiters halted and were
-// kicked.
+// every vCPU hammers one shared lock for a fixed time; we report acquisitions
+// per second, fairness, and how often waiters halted and were kicked.
 #include "spinlock.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
@@ -50,19 +49,16 @@ void pv_lock_wait(TicketLock& l, u32 ticket) {
             if (__atomic_load_n(&l.head, __ATOMIC_ACQUIRE) == ticket) return;
             cpu_relax();
         }
-        // Announce what we wait for, then (after the full barrier of the
-        // locked add) look once more. If the unlocker moved head before our
-        // announcement was visible, we see it here; if after, it sees
-        // `sleepers` and kicks us. A kick that lands before the HLT is not
-        // lost either: KVM keeps it (pv_unhalted) and HLT returns at once.
+        // Announce what we wait for, then (after the locked add's barrier) look
+        // once more: an unlock before the announcement shows here, one after it
+        // kicks us. A kick before the HLT is kept by KVM (pv_unhalted).
         bool irqs_on = irq_save();
         w.ticket = ticket;
         w.lock = &l;
         __atomic_add_fetch(&l.sleepers, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&l.head, __ATOMIC_ACQUIRE) != ticket) {
-            // As Linux's kvm_wait(): with interrupts on, STI;HLT (the STI
-            // shadow lets no interrupt in before the HLT); with them off, a
-            // bare HLT that only the kick (or an NMI) ends.
+            // As Linux's kvm_wait(): STI;HLT with interrupts on, else a bare
+            // HLT that only the kick (or an NMI) ends.
             ++w.halts;
             if (irqs_on) asm volatile("sti; hlt; cli" ::: "memory");
             else asm volatile("hlt" ::: "memory");
@@ -85,15 +81,10 @@ void pv_kick_waiter(TicketLock& l, u32 ticket) {
     }
 }
 
-// ---- test=spinlock -------------------------------------------------------------
-//
-// lock=native or lock=pv runs one flavour for spin_ms. lock=both alternates
-// them in rounds of round_ms inside the same boot, so that both see the same
-// host conditions (in the QEMU sandbox, speed drifts by ±10% between runs):
-// that is how the uncontended cost of the pv lock is measured. Each flavour
-// has its own lock and data, so a vCPU still finishing a batch of one round
-// never meets the other flavour's waiters (a native unlock cannot kick a
-// halted pv waiter).
+// test=spinlock: lock=native or lock=pv runs one flavour for spin_ms; lock=both
+// alternates them in rounds of round_ms in one boot, so both see the same host
+// conditions (the QEMU sandbox drifts ±10% between runs). Each flavour has its
+// own lock and data, so a native unlock never meets a halted pv waiter.
 
 struct alignas(64) Arena {
     TicketLock lock;

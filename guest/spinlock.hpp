@@ -1,21 +1,17 @@
 // A fair ticket spinlock in two flavours, chosen at boot (lock=native|pv).
 //
-// Native: take a ticket, spin until it is served. Fair, and fine on bare
-// metal, but in a VM it collapses under vCPU overcommit: when the host
-// preempts the vCPU whose ticket is next (or the holder), every other waiter
-// spins away its whole time slice (lock-holder and lock-waiter preemption).
+// Native: take a ticket, spin until it is served. In a VM it collapses under
+// vCPU overcommit: when the host preempts the holder or the next waiter, every
+// other waiter spins away its time slice.
 //
 // Paravirt (KVM_FEATURE_PV_UNHALT): a waiter spins a bounded number of times,
-// then says which lock and ticket it waits for and halts its vCPU, giving the
-// host CPU to the vCPUs that can make progress. The unlocker wakes the waiter
-// whose ticket is now served with the KVM_HC_KICK_CPU hypercall
+// then says which lock and ticket it waits for and halts. The unlocker wakes
+// the waiter whose ticket is now served with KVM_HC_KICK_CPU
 // (Documentation/virt/kvm/x86/hypercalls.rst: a0 = flags, a1 = APIC ID).
 //
-// The uncontended paths are inline and identical to the native ones except
-// unlock: the pv unlock is a locked add (a full barrier) followed by one load
-// of the sleeper count, the same price Linux's pv ticket locks paid
-// (arch/x86/include/asm/spinlock.h, 3.12-4.1). Only a contended lock leaves
-// the inline path.
+// The uncontended paths are inline; the pv unlock is a locked add (a full
+// barrier) plus one load of the sleeper count, the price Linux's pv ticket
+// locks paid (arch/x86/include/asm/spinlock.h, 3.12-4.1).
 #pragma once
 
 #include "arch.hpp"
@@ -41,9 +37,8 @@ inline void ticket_lock(TicketLock& l) {
 template <bool Pv>
 inline void ticket_unlock(TicketLock& l) {
     if constexpr (Pv) {
-        // Full barrier between publishing the new head and reading `sleepers`;
-        // a waiter does the reverse (announce, barrier, re-read head), so one
-        // of the two always sees the other: no lost wake-up.
+        // Full barrier between the new head and reading `sleepers`; a waiter
+        // does the reverse, so one of the two always sees the other.
         u32 next = __atomic_add_fetch(&l.head, 1, __ATOMIC_SEQ_CST);
         if (__builtin_expect(__atomic_load_n(&l.sleepers, __ATOMIC_RELAXED) != 0, 0)) pv_kick_waiter(l, next);
     } else {
@@ -52,6 +47,5 @@ inline void ticket_unlock(TicketLock& l) {
     }
 }
 
-// Is the pv lock usable (the hypervisor offers PV_UNHALT)? Also picks the
-// hypercall instruction for this CPU's vendor.
+// Is the pv lock usable (PV_UNHALT offered)? Also picks the hypercall instruction.
 bool pv_spinlock_init();

@@ -1,5 +1,5 @@
-// The guest's tests. Each prints `RESULT name key=value ...` lines (one
-// format, parsed by tests/ and scripts/) and returns true on success.
+// The guest's tests: each prints `RESULT name key=value ...` lines (parsed by
+// tests/ and scripts/) and returns true on success.
 #include "tests.hpp"
 #include "cpu.hpp"
 #include "lib.hpp"
@@ -7,8 +7,7 @@
 
 // ---- timer: kvmclock + LAPIC timer (TSC-deadline or one-shot) -------------------
 
-// TSC-deadline (default when offered), one-shot (re-armed each tick) or
-// periodic (armed once: no exit per tick to re-arm it) LAPIC timer.
+// TSC-deadline (default when offered), one-shot (re-armed each tick) or periodic LAPIC timer.
 enum class TimerMode { deadline, oneshot, periodic };
 static TimerMode tmode;
 static const char* tmode_name() {
@@ -16,9 +15,8 @@ static const char* tmode_name() {
 }
 static u64 g_tsc_hz, g_apic_per_ms;  // APIC timer counts per ms in one-shot mode
 static u64 g_hz = 100, g_ms = 1000;
-// A tick test fails beyond this drift (ppm); 0 = report drift, judge only the
-// tick count (drift_limit_ppm=0: with 64 vCPUs on the 2-CPU nested sandbox,
-// a migrated vCPU's kvmclock was seen to jump by ~18 ms within a run).
+// A tick test fails beyond this drift (ppm); 0 judges only the tick count (with
+// 64 vCPUs on the nested sandbox a vCPU's kvmclock was seen to jump ~18 ms).
 static u64 g_drift_limit = 10000;
 
 static void arm(u64 deadline_tsc) {
@@ -39,11 +37,9 @@ static void timer_isr(Frame*) {
         lapic_eoi();
         return;
     }
-    // A TSC-deadline or one-shot tick cannot come before its deadline (KVM
-    // waits out its timer advance before entering the guest). One more than
-    // an eighth of a period early is a second delivery of the same expiry,
-    // seen now and then in the nested sandbox: count it apart, do not let it
-    // advance the schedule.
+    // A TSC-deadline or one-shot tick cannot come before its deadline, so one
+    // over an eighth of a period early is a second delivery of the same expiry
+    // (seen now and then in the nested sandbox): counted apart, not a tick.
     if (tmode != TimerMode::periodic && now + c.period_tsc / 8 < c.next_deadline) {
         c.spurious = c.spurious + 1;
         lapic_eoi();
@@ -55,11 +51,9 @@ static void timer_isr(Frame*) {
         c.lat_ns[c.nsamples++] = u32(late_ns > 0xffffffffull ? 0xffffffff : late_ns);
     c.ticks = c.ticks + 1;
     if (c.ticks >= c.target_ticks) {
-        // When the last tick came, by kvmclock. TSC-deadline and one-shot
-        // ticks follow our TSC schedule, so we take when it was due (latency
-        // is reported on its own) and drift compares the TSC rate we derived
-        // from kvmclock with kvmclock itself. A periodic LAPIC timer runs on
-        // its own clock: its arrival time shows how far that clock drifts.
+        // When the last tick came, by kvmclock: when it was due for TSC
+        // schedules (drift then compares our TSC rate with kvmclock), its
+        // arrival for a periodic timer, which runs on its own clock.
         c.last_tick_ns = kvmclock_ns_at(now) - (tmode == TimerMode::periodic ? 0 : late_ns);
     } else {
         // Absolute schedule: deadline k = start + k * period, so latency does not accumulate.
@@ -69,14 +63,7 @@ static void timer_isr(Frame*) {
     lapic_eoi();
 }
 
-static void sort_u32(u32* a, u32 n) {
-    for (u32 gap = n / 2; gap > 0; gap /= 2)
-        for (u32 i = gap; i < n; ++i)
-            for (u32 j = i; j >= gap && a[j - gap] > a[j]; j -= gap) { u32 t = a[j]; a[j] = a[j - gap]; a[j - gap] = t; }
-}
-
-// Runs the periodic tick on this CPU: arm, HLT until all ticks arrived or a
-// timeout, disarm. Called on every CPU in parallel.
+// Runs the tick on this CPU (every CPU in parallel): arm, HLT until done or timed out, disarm.
 static void timer_run_local(unsigned) {
     PerCpu& c = this_cpu();
     c.ticks = 0;
@@ -112,7 +99,7 @@ static bool timer_report(unsigned cpu) {
     }
     sort_u32(c.lat_ns, c.nsamples);
     u32 n = c.nsamples;
-    u32 p50 = n ? c.lat_ns[n / 2] : 0, p99 = n ? c.lat_ns[(n * 99) / 100 < n ? (n * 99) / 100 : n - 1] : 0;
+    u32 p50 = percentile(c.lat_ns, n, 50), p99 = percentile(c.lat_ns, n, 99);
     u32 mx = n ? c.lat_ns[n - 1] : 0;
     i64 limit = i64(g_drift_limit);
     bool ok = c.ticks == expected && (limit == 0 || (drift_ppm < limit && drift_ppm > -limit));
@@ -136,8 +123,8 @@ static void timer_setup(const char* cmdline) {
         else if (str_eq(buf, "periodic", 9)) tmode = TimerMode::periodic;
     }
     if (tmode != TimerMode::deadline) {
-        // Calibrate the APIC timer against kvmclock over 50 ms (the exits
-        // around the window cost tens of µs: a short window skews the rate).
+        // Calibrate the APIC timer against kvmclock over 50 ms (a shorter window
+        // is skewed by the exits around it).
         lapic_write(LAPIC_TDCR, 0xb);  // divide by 1
         lapic_write(LAPIC_LVTT, (1u << 16) | kTimerVector);
         lapic_write(LAPIC_TMICT, 0xffffffff);
@@ -180,8 +167,6 @@ bool test_idle(const char* cmdline) {
     return percpu[0].ticks == g_hz * g_ms / 1000;
 }
 
-// ---- port 0x80 ------------------------------------------------------------------
-
 bool test_port80(const char* cmdline) {
     u64 n = cmdline_u64(cmdline, "port80_n", 10000, "port80");
     if (n < 1) n = 10000;
@@ -209,8 +194,6 @@ bool test_port80(const char* cmdline) {
     return bad_reads == 0;
 }
 
-// ---- SMP --------------------------------------------------------------------------
-
 bool test_smp(unsigned ncpus, unsigned online) {
     char ids[4 * kMaxCpus + 1];
     usize p = 0;
@@ -219,11 +202,8 @@ bool test_smp(unsigned ncpus, unsigned online) {
         if (i != 0 && !percpu[i].online) { ok = false; continue; }
         unsigned id = i == 0 ? apic_id() : percpu[i].apic_id;
         ok &= id == i;
-        char tmp[8];
-        int n = 0;
-        do { tmp[n++] = char('0' + id % 10); id /= 10; } while (id);
-        if (p) ids[p++] = ',';
-        while (n) ids[p++] = tmp[--n];
+        format(ids + p, sizeof ids - p, p ? ",%u" : "%u", id);
+        p += strlen(ids + p);
     }
     ids[p] = 0;
     print("RESULT smp cpus=%u online=%u apic_ids=%s ok=%d\n", ncpus, online, ids, ok ? 1 : 0);
@@ -266,10 +246,9 @@ bool test_hostile(const char* cmdline) {
     u64 pio = 0, mmio = 0;
     for (u64 i = 0; i < n; ++i) {
         u16 port = u16(rnd());
-        // Spare the ports that would end or break this test itself: the exit
-        // port, the serial console, the in-kernel PIC/PIT we rely on, the
-        // i8042 (0x64, below 0x70) and the ACPI sleep/reset registers
-        // (0x600-0x603), whose right values power off or reset the VM.
+        // Spare the ports that would end or break this test: the exit port,
+        // the console, the PIC/PIT, the i8042 (below 0x70) and the ACPI
+        // sleep/reset registers (0x600-0x603).
         if ((port >= 0xf4 && port <= 0xf7) || (port >= 0x3f8 && port <= 0x3ff) || port < 0x70 ||
             (port >= 0xa0 && port <= 0xa1) || (port >= 0x4d0 && port <= 0x4d1) || (port >= 0x600 && port <= 0x603))
             continue;

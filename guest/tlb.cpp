@@ -1,16 +1,12 @@
 // test=tlb: TLB-miss cost as a function of the working-set size.
 //
 // For each working-set size S (tlb_min, 2*tlb_min, ... up to tlb_max; with
-// tlb_mid=1 also the midpoints 1.5*2^k) the test builds a random cyclic
-// permutation over the S / 4 KiB pages of [base, base + S): one 64-byte slot
-// per 4 KiB page, at a pseudo-random line offset within its page (so the
-// slots spread over every cache set instead of aliasing into one), linked
-// into a single cycle by Sattolo's algorithm with a xorshift64* RNG. Every
-// access of the pointer chase therefore lands on a different page than the
-// previous one and depends on it (the address is the value just loaded), so
-// the CPU can neither overlap the loads nor predict them: once the pages
-// outnumber the TLB's entries, every access pays a TLB miss and a page walk.
-// The cache footprint is one line per page, S / 64 bytes.
+// tlb_mid=1 also the midpoints 1.5*2^k) the test links one 64-byte slot per
+// 4 KiB page of [base, base + S), at a pseudo-random line offset (so the slots
+// spread over every cache set), into one random cycle (Sattolo's algorithm,
+// xorshift64*). Each load of the pointer chase lands on another page and
+// depends on the last, so the CPU can neither overlap nor predict them: once
+// the pages outnumber the TLB's entries, every access pays a miss and a walk.
 //
 // After tlb_warmup passes over the cycle (at least 64Ki accesses), the chase
 // is timed with rdtsc in 4 rounds of tlb_accesses / 4 loads; the fastest round
@@ -18,19 +14,15 @@
 //
 //   RESULT tlb size=<bytes> accesses=N ns_per_access=X.XXX cycles_per_access=Y.Y pages=2m|4k
 //
-// pages= is read back from the page tables in force, not from the command
-// line. With pages=4k the guest maps only its first GiB with 4 KiB pages
-// (paging_use_4k); the test splits the remaining 2 MiB mappings that cover
-// its working set into 4 KiB ones, with page tables carved from RAM above the
-// largest working set. The working set starts at the first 2 MiB boundary
-// above the guest image and must end below the 32-bit MMIO hole (0xc0000000)
-// and inside RAM: sizes that do not fit are skipped with a
+// pages= is read back from the page tables. With pages=4k the test splits the
+// 2 MiB mappings of its working set past the first GiB, with page tables from
+// RAM above it. The working set starts at the first 2 MiB boundary above the
+// image and must end in RAM below 0xc0000000; sizes that do not fit get a
 // `RESULT tlb_skipped size=<bytes> room=<bytes>` line.
 //
 // Knobs: tlb_min= (default 16K), tlb_max= (default 1G), tlb_accesses= (per
 // size, default 2M), tlb_warmup= (passes, default 2), tlb_mid=1, tlb_seed=.
-// Sizes take K/M/G suffixes (powers of 1024). No floating point: the guest
-// is built with -mgeneral-regs-only, so the fractions are integer arithmetic.
+// Sizes take K/M/G suffixes (powers of 1024).
 #include "cpu.hpp"
 #include "lib.hpp"
 #include "tests.hpp"
@@ -80,16 +72,10 @@ u64 knob_size(const char* cmdline, const char* key, u64 def) {
 
 // "16K", "2M", "1G" or plain bytes, for the human-readable lines.
 const char* size_str(u64 v, char* buf) {
-    static const char units[] = "BKMG";
+    static const char* const units[] = {"", "K", "M", "G"};
     unsigned u = 0;
     while (u < 3 && v >= 1024 && (v & 1023) == 0) { v >>= 10; ++u; }
-    char tmp[24];
-    int n = 0;
-    do { tmp[n++] = char('0' + v % 10); v /= 10; } while (v);
-    int p = 0;
-    while (n) buf[p++] = tmp[--n];
-    if (u) buf[p++] = units[u];
-    buf[p] = 0;
+    format(buf, 24, "%lu%s", v, units[u]);
     return buf;
 }
 
@@ -104,9 +90,8 @@ u64 rng() {  // xorshift64*
 // The slot of page i: a 64-byte line at a pseudo-random offset in the page.
 inline u64 slot_addr(u64 base, u64 i) { return base + i * kPage + (((i * 0x9e3779b97f4a7c15ull) >> 58) << 6); }
 
-// Links the slots of [base, base + pages * 4 KiB) into one random cycle
-// (Sattolo's algorithm): first as page indices stored in the slots
-// themselves, then turned into addresses. Returns the first slot.
+// Links the slots of [base, base + pages * 4 KiB) into one random cycle (Sattolo's
+// algorithm), first as page indices, then as addresses. Returns the first slot.
 u64 build_ring(u64 base, u64 pages) {
     auto word = [base](u64 i) { return reinterpret_cast<volatile u64*>(slot_addr(base, i)); };
     for (u64 i = 0; i < pages; ++i) *word(i) = i;
@@ -148,9 +133,8 @@ u64 page_size_at(u64 va) {
     return (e & kPresent) ? kPage : 0;
 }
 
-// Splits every 2 MiB mapping of [lo, hi) into 512 4 KiB ones, with page
-// tables taken from `tables` onwards (identity-mapped RAM). Returns the
-// number of page tables used.
+// Splits every 2 MiB mapping of [lo, hi) into 4 KiB ones, with page tables
+// from `tables` on (identity-mapped RAM). Returns the page tables used.
 u64 split_to_4k(u64 lo, u64 hi, u64 tables) {
     u64 cr3;
     asm volatile("mov %%cr3, %0" : "=r"(cr3));
@@ -192,8 +176,7 @@ bool test_tlb(const char* cmdline) {
     min &= ~(kPage - 1);
     if (accesses < 4) accesses = 4;
 
-    // Where the working set may go: from the first 2 MiB boundary above the
-    // image to the end of that RAM region, capped at the MMIO hole.
+    // The working set: from the first 2 MiB boundary above the image to the end of its RAM region.
     u64 lo = (u64(__image_end) + kHuge - 1) & ~(kHuge - 1);
     u64 top = 0;
     for (u32 i = 0; i < g_nram; ++i)
@@ -202,9 +185,8 @@ bool test_tlb(const char* cmdline) {
     top &= ~(kPage - 1);
     u64 room = top > lo ? top - lo : 0;
 
-    // The sizes, and the largest that fits together with the page tables a
-    // 4 KiB mapping of it needs (the same rule with 2 MiB pages, so both
-    // page sizes measure the same list).
+    // The sizes, and the largest that fits with the page tables a 4 KiB mapping
+    // of it needs (with either page size, so both measure the same list).
     u64 sizes[128];
     unsigned nsizes = 0;
     for (u64 s = min; s <= max && nsizes < 126; s <<= 1) {

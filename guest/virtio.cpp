@@ -39,8 +39,7 @@ void Virtq::push(u16 id) {
 }
 
 void Virtq::publish() {
-    // 2.7.13.2: the ring entries before the index (x86 keeps stores in order;
-    // the compiler must too).
+    // 2.7.13.2: the ring entries before the index (x86 keeps stores in order).
     barrier();
     avail[1] = avail_idx;
     // 2.7.13.3 / 2.7.10: the index store before reading the device's
@@ -117,8 +116,7 @@ bool VirtioPci::probe(PciAddr a) {
             continue;
         }
         if (id != PCI_CAP_ID_VNDR) continue;
-        // 4.1.4 struct virtio_pci_cap: cap_len at 2, cfg_type at 3, bar at
-        // 4, offset at 8, length at 12; the notify cap adds its multiplier at 16.
+        // 4.1.4 virtio_pci_cap: cap_len 2, cfg_type 3, bar 4, offset 8, length 12; notify multiplier 16.
         u8 cap_len = pci_read8(a, c + 2), type = pci_read8(a, c + 3), bar = pci_read8(a, c + 4);
         u32 off = pci_read32(a, c + 8), len = pci_read32(a, c + 12);
         if (cap_len < 16 || bar > 5 || !bars[bar].addr) continue;  // 4.1.4.1: ignore unusable ones
@@ -127,7 +125,6 @@ bool VirtioPci::probe(PciAddr a) {
         // 4.1.4.1: the first capability of each type the driver can use.
         switch (type) {
         case CAP_COMMON: if (!common && len >= CC_SIZE) common = at; break;
-        case CAP_ISR: if (!isr && len >= 1) isr = at; break;
         case CAP_DEVICE: if (!device_cfg) { device_cfg = at; device_cfg_len = len; } break;
         case CAP_NOTIFY:
             if (!notify_base && cap_len >= 20 && len >= 2) {
@@ -174,8 +171,7 @@ bool VirtioPci::negotiate(u64 wanted) {
 bool VirtioPci::msix_route(u16 entry, u8 vector) {
     if (!msix_table || entry >= msix_size) return false;
     u64 e = msix_table + 16ull * entry;
-    // Message address: the LAPIC of this CPU (physical destination mode);
-    // data: fixed delivery, edge, the vector (Intel SDM vol. 3, 11.11).
+    // Address: this CPU's LAPIC (physical); data: fixed, edge, the vector (SDM vol. 3, 11.11).
     mmio_write<u32>(e + 0, 0xfee00000u | (apic_id() << 12));
     mmio_write<u32>(e + 4, 0);
     mmio_write<u32>(e + 8, vector);

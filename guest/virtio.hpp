@@ -1,10 +1,8 @@
 // virtio-pci modern transport and split virtqueues, driver side, for the small
 // guest (VIRTIO 1.2: 4.1 PCI transport, 3.1.1 initialisation, 2.7 split
-// virtqueues with VIRTIO_F_EVENT_IDX). One device at a time is enough here:
-// everything lives in static storage, addresses are identity-mapped (virt ==
-// phys), and interrupts arrive through MSI-X on vectors the caller registers.
-// The device is trusted to be a device, not to be correct: indexes and lengths
-// it writes are checked before use.
+// virtqueues with VIRTIO_F_EVENT_IDX). Everything lives in static storage,
+// addresses are identity-mapped, and interrupts arrive through MSI-X on vectors
+// the caller registers. Indexes and lengths the device writes are checked.
 #pragma once
 
 #include "arch.hpp"
@@ -23,10 +21,9 @@ enum : u16 { VIRTQ_DESC_F_NEXT = 1, VIRTQ_DESC_F_WRITE = 2 };
 struct VirtqUsedElem { u32 id, len; };
 constexpr u16 kMaxQueueSize = 256;
 
-// One split virtqueue. Descriptor i is permanently bound to the caller's
-// buffer i (set_buffer), so a buffer is made available by index and its
-// index comes back in the used ring: no descriptor free list needed. Plain
-// data (no constructors run in this guest): zero-initialise it.
+// One split virtqueue. Descriptor i is bound to the caller's buffer i
+// (set_buffer), so buffers go and come back by index: no descriptor free list.
+// Plain data (no constructors run in this guest): zero-initialise it.
 struct Virtq {
     u16 index, size;
     volatile VirtqDesc* desc;
@@ -48,18 +45,16 @@ struct Virtq {
     // The next used buffer, false when none. Rejects ids >= size (bad_used).
     bool pop(u16* id, u32* len);
     bool has_used() const;
-    // Asks for an interrupt at the next used buffer (used_event with
-    // EVENT_IDX, 2.7.10) and says whether one is already there, which the
-    // caller must process instead of sleeping.
+    // Asks for an interrupt at the next used buffer (2.7.10) and says whether
+    // one is already there, which the caller must process instead of sleeping.
     bool enable_interrupts();
-    // Asks for no interrupt soon (flags without EVENT_IDX; with it, used_event
-    // half the index space ahead).
+    // Asks for no interrupt soon (with EVENT_IDX, used_event half the ring ahead).
     void disable_interrupts();
 };
 
 struct VirtioPci {
     PciAddr pci;
-    u64 common, isr, device_cfg, notify_base;
+    u64 common, device_cfg, notify_base;
     u32 notify_mult, notify_len, device_cfg_len;
     u64 msix_table;  // 0: no MSI-X
     u16 msix_size;   // table entries

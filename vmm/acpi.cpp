@@ -156,23 +156,13 @@ Bytes aml_named(std::initializer_list<std::uint8_t> op, std::string_view name, c
 // set (a fixed aperture, §6.4.3.5 Table 6.44).
 constexpr std::uint8_t kWindowFlags = 0x0c;
 
-// §6.4.3.5.3 Word Address Space Descriptor. type: 1 I/O, 2 bus number range.
-void word_window(Bytes& b, std::uint8_t type, std::uint8_t type_flags, std::uint16_t min, std::uint16_t max) {
-    b.insert(b.end(), {0x88, 13, 0, type, kWindowFlags, type_flags});
-    put_le(b, 0, 2);                    // _GRA
-    put_le(b, min, 2);                  // _MIN
-    put_le(b, max, 2);                  // _MAX
-    put_le(b, 0, 2);                    // _TRA
-    put_le(b, max - min + 1u, 2);       // _LEN
-}
-// §6.4.3.5.2 DWord Address Space Descriptor, memory: non-cacheable, read-write.
-void dword_memory_window(Bytes& b, std::uint32_t min, std::uint32_t max) {
-    b.insert(b.end(), {0x87, 23, 0, 0 /* memory */, kWindowFlags, 0x01 /* _RW */});
-    put_le(b, 0, 4);
-    put_le(b, min, 4);
-    put_le(b, max, 4);
-    put_le(b, 0, 4);
-    put_le(b, max - min + 1u, 4);
+// §6.4.3.5.3 Word (n = 2) and §6.4.3.5.2 DWord (n = 4) Address Space
+// Descriptors. type: 0 memory, 1 I/O, 2 bus number range.
+void window(Bytes& b, unsigned n, std::uint8_t type, std::uint8_t type_flags, std::uint32_t min,
+            std::uint32_t max) {
+    const std::uint8_t tag = n == 4 ? 0x87 : 0x88, len = n == 4 ? 23 : 13;
+    b.insert(b.end(), {tag, len, 0, type, kWindowFlags, type_flags});
+    for (std::uint32_t v : {0u, min, max, 0u, max - min + 1u}) put_le(b, v, n);  // _GRA _MIN _MAX _TRA _LEN
 }
 // §6.4.2.5 I/O Port Descriptor, 16-bit decode.
 void io_port(Bytes& b, std::uint16_t port, std::uint8_t len) {
@@ -197,18 +187,16 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     append(t, aml_name("\\_S5_", aml_package({aml_int(AcpiPm::kSlpTypS5), aml_int(0), aml_int(0), aml_int(0)})));
 
     // The PCI root bridge (§6.1.5 _HID, §6.5.5 _BBN, §6.5.6 _SEG, §6.2.2 _CRS).
-    // Linux with ACPI scans PCI only under a PNP0A03/PNP0A08 device (its
-    // pci_legacy_init is skipped once pci_acpi_init succeeds), and then only
-    // inside the _CRS windows, so they must cover the BARs kguest assigns
-    // from pci_mmio_base.
+    // Linux with ACPI scans PCI only under a PNP0A03/PNP0A08 device and only
+    // inside its _CRS windows, which must cover the BARs kguest assigns.
     Bytes crs;
-    word_window(crs, 2, 0, 0, 0);                    // WordBusNumber: bus 0 only
+    window(crs, 2, 2, 0, 0, 0);                      // WordBusNumber: bus 0 only
     const PioDevice& config = pio_device(PioId::pci_config);   // mechanism #1, the bridge's own
     io_port(crs, config.port, static_cast<std::uint8_t>(config.len));
-    word_window(crs, 1, 0x03, 0x0000, 0x0cf7);       // WordIO, _RNG = entire range
-    word_window(crs, 1, 0x03, 0x0d00, 0xffff);
-    dword_memory_window(crs, static_cast<std::uint32_t>(cfg.pci_mmio_base),
-                        static_cast<std::uint32_t>(cfg.pci_mmio_base + cfg.pci_mmio_size - 1));
+    window(crs, 2, 1, 0x03, 0x0000, 0x0cf7);         // WordIO, _RNG = entire range
+    window(crs, 2, 1, 0x03, 0x0d00, 0xffff);
+    window(crs, 4, 0, 0x01 /* _RW, non-cacheable */, static_cast<std::uint32_t>(cfg.pci_mmio_base),
+           static_cast<std::uint32_t>(cfg.pci_mmio_base + cfg.pci_mmio_size - 1));
     crs.insert(crs.end(), {0x79, 0x00});             // §6.4.2.9 End Tag, checksum 0 = ignored
 
     // _HID PNP0A03 (conventional PCI) rather than PNP0A08: a PCIe root
@@ -219,10 +207,8 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     append(pci0, aml_name("_BBN", aml_int(0)));
     append(pci0, aml_name("_UID", aml_int(0)));
     append(pci0, aml_name("_CRS", aml_buffer(crs)));
-    // _PRT (§6.2.13): INTA# of every slot straight to its GSI (Source Zero,
-    // so the last field is a global interrupt), as pci::intx_gsi wires it.
-    // Drivers that do not enable MSI-X (Linux with pci=nomsi) fall back to
-    // it; without it Linux says "PCI INT A: no GSI".
+    // _PRT (§6.2.13): INTA# of every slot straight to its GSI (Source Zero), as
+    // pci::intx_gsi wires it, for drivers without MSI-X (Linux with pci=nomsi).
     std::vector<Bytes> prt;
     for (unsigned slot = 1; slot < PciHostBridge::kSlots; ++slot)
         prt.push_back(aml_package({aml_int((std::uint64_t{slot} << 16) | 0xffff), aml_int(0), aml_int(0),
@@ -231,8 +217,7 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
     Bytes sb = aml_named(kDeviceOp, "PCI0", pci0);
 
     // The ISA devices with interrupts, from the board table (vmm/board.hpp
-    // says why Linux needs them here). Without COM1 here, the 8250's
-    // request_irq(4) fails and user space writes to the console go nowhere.
+    // says why Linux needs them here).
     for (const PioDevice& dev : kPioDevices) {
         if (dev.acpi_name == nullptr) continue;
         Bytes res;
@@ -254,11 +239,9 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
 Bytes build_fadt(const AcpiConfig& cfg, std::uint64_t dsdt_gpa) {
     Bytes t = header("FACP", 6, "KGFACP");
     t.resize(276, 0);
-    // IA-PC Boot Architecture Flags (§5.2.9.3): only VGA Not Present (bit 2).
-    // 8042 (bit 1) clear: Linux then skips probing the i8042. NO_CMOS_RTC
-    // (bit 5) clear: we have the CMOS RTC at 0x70. MSI Not Supported (bit 3)
-    // clear: virtio-pci needs MSI-X. LEGACY_DEVICES (bit 0) clear: only
-    // tells Linux there is no PnP BIOS.
+    // IA-PC Boot Architecture Flags (§5.2.9.3): only VGA Not Present (bit 2);
+    // 8042 clear (Linux skips probing it), NO_CMOS_RTC clear (the RTC is at
+    // 0x70), MSI Not Supported clear.
     set_le(t, 109, 1u << 2, 2);
     // CENTURY: the CMOS index of the RTC's century byte (devices/rtc.cpp keeps
     // it at 0x32, as QEMU does); Linux's mc146818_get_time reads it from here.
@@ -289,12 +272,9 @@ Bytes build_madt(const AcpiConfig& cfg) {
         t.insert(t.end(), {0, 8, static_cast<std::uint8_t>(i), static_cast<std::uint8_t>(i)});
         put_le(t, 1, 4);
     }
-    // §5.2.12.3 I/O APIC, GSIs 0-23 (KVM's in-kernel IOAPIC has 24 pins). ID
-    // 0, as QEMU, Cloud Hypervisor and Firecracker use: it is the reset value
-    // of KVM's IOAPIC ID register, so table and hardware agree; 64-bit Linux
-    // only wants IOAPIC IDs unique among IOAPICs (io_apic_unique_id), and
-    // KVM delivers IOAPIC messages by destination, never by this ID, so
-    // sharing the number with the BSP's APIC ID 0 is harmless.
+    // §5.2.12.3 I/O APIC, GSIs 0-23 (KVM's has 24 pins). ID 0, as QEMU and
+    // Firecracker use: KVM's reset value; 64-bit Linux only wants IOAPIC IDs
+    // unique among IOAPICs, so sharing 0 with the BSP's APIC ID is harmless.
     t.insert(t.end(), {1, 12, 0, 0});
     put_le(t, kIoApicAddress, 4);
     put_le(t, 0, 4);  // Global System Interrupt Base

@@ -1,12 +1,9 @@
 // The ACPI tables kguest hands a stock Linux kernel: RSDP, XSDT, FADT, MADT and
-// a DSDT, built in memory and written into the BIOS area of guest RAM where
-// Linux also scans for the RSDP. The platform is hardware-reduced ACPI (FADT
-// flag HW_REDUCED_ACPI, ACPI 6.5 §4.1), as Cloud Hypervisor and Firecracker
-// do: no PM1 blocks, PM timer, SCI or GPEs, only the sleep control/status and
-// reset registers of devices/acpi_pm.hpp. The tables give Linux what it cannot
-// learn otherwise: the vCPUs and the IOAPIC (MADT), poweroff through S5
-// (\_S5_ plus the sleep registers), reset, and a PCI root bridge so that it
-// scans bus 0 (DSDT).
+// a DSDT, written into the BIOS area of guest RAM where Linux also scans for
+// the RSDP. The platform is hardware-reduced ACPI (ACPI 6.5 §4.1), as Cloud
+// Hypervisor and Firecracker do: only the sleep control/status and reset
+// registers of devices/acpi_pm.hpp. The tables give Linux the vCPUs and the
+// IOAPIC (MADT), poweroff through S5, reset, and a PCI root bridge (DSDT).
 //
 // Layout at kAcpiBase (vmm/board.hpp): RSDP, XSDT, FADT, MADT, DSDT, each
 // 16-byte aligned. The addresses, ports and IRQs come from the board table.
@@ -34,9 +31,8 @@ struct AcpiConfig {
 // std::invalid_argument for a config outside the limits above.
 std::vector<std::uint8_t> build_acpi_tables(const AcpiConfig& cfg);
 
-// Writes build_acpi_tables(cfg) at kAcpiBase and returns the RSDP's
-// guest-physical address. Throws std::runtime_error when the region is not
-// guest RAM.
+// Writes build_acpi_tables(cfg) at kAcpiBase and returns the RSDP's address.
+// Throws std::runtime_error when the region is not guest RAM.
 std::uint64_t write_acpi_tables(GuestMemory& mem, const AcpiConfig& cfg);
 
 } // namespace kguest

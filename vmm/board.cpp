@@ -25,13 +25,11 @@ LegacyDevices make_legacy_devices(const LegacyWiring& w) {
     });
     d.port80 = std::make_shared<Port80>();
     d.exit_port = std::make_shared<ExitPort>(w.stop);
-    // What Linux needs without a BIOS: the CMOS clock, the i8042's reset line
-    // (reboot=k) and the ACPI sleep/reset registers the FADT points at.
+    // What Linux needs without a BIOS: the CMOS clock, reset lines, ACPI sleep.
     d.rtc = std::make_shared<Rtc>(w.ram_below_4g, w.ram_above_4g);
     d.i8042 = std::make_shared<I8042>(w.reset);
     d.acpi_pm = std::make_shared<AcpiPm>(w.power_off, w.reset);
-    // PCI bus 0 (configuration mechanism #1) with its host bridge at 00:00.0;
-    // virtio-pci devices sit in the slots after it.
+    // PCI bus 0 with its host bridge at 00:00.0; virtio-pci devices follow it.
     d.pci = std::make_shared<PciHostBridge>();
     return d;
 }

@@ -1,11 +1,8 @@
 // The x86 board kguest presents, in one place: the legacy devices on the I/O
-// port bus (port range, ISA IRQ, and how the DSDT names them), the MMIO
-// windows of the 32-bit hole (PCI BARs, IOAPIC, LAPIC, KVM's own pages), the
-// ACPI tables' home in RAM and the vCPU limit. The machine inserts the legacy
-// devices from kPioDevices (insert_pio_devices) and vmm/acpi.cpp writes the
-// DSDT from the same table, so the two cannot drift apart; tests/board_test
-// checks it from the AML bytes. The RAM layout (kMmioHoleStart,
-// kHighRamStart) is GuestMemory's, in devices/base/guest_memory.hpp.
+// port bus (ports, ISA IRQ, DSDT name), the MMIO windows of the 32-bit hole,
+// the ACPI tables' home in RAM and the vCPU limit. The machine inserts the
+// legacy devices from kPioDevices and vmm/acpi.cpp writes the DSDT from the
+// same table, so the two cannot drift apart. The RAM layout is GuestMemory's.
 //
 // Constants and pure functions only; make_legacy_devices builds device models
 // that need no KVM (the caller passes the IRQ line), so tests can use it.
@@ -23,7 +20,6 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <span>
 
 namespace kguest {
 
@@ -41,9 +37,8 @@ struct MmioWindow {
 inline constexpr std::uint64_t kPciMmioBase = kMmioHoleStart;
 inline constexpr std::uint64_t kIoApicAddress = 0xfec00000;
 inline constexpr std::uint64_t kLocalApicAddress = 0xfee00000;
-// Pages KVM needs for itself on Intel (the real-mode TSS, three pages, and
-// the identity page table of hosts without unrestricted guest), below the
-// top of the hole, as QEMU and Firecracker place them.
+// Pages KVM needs on Intel (the real-mode TSS, three pages, and the identity
+// page table without unrestricted guest), where QEMU and Firecracker put them.
 inline constexpr std::uint64_t kIdentityMapAddr = 0xfffbc000;
 inline constexpr std::uint64_t kTssAddr = 0xfffbd000;
 inline constexpr MmioWindow kMmioWindows[] = {
@@ -54,9 +49,8 @@ inline constexpr MmioWindow kMmioWindows[] = {
     {"KVM TSS", kTssAddr, 0x3000},
 };
 
-// [0xe0000, 1 MiB): the RSDP must lie on a 16-byte boundary in the BIOS
-// read-only area for a guest that scans for it (ACPI 6.5 §5.2.5.1); the
-// loader reserves the range in E820 and passes the RSDP in boot_params.
+// [0xe0000, 1 MiB): the RSDP on a 16-byte boundary in the BIOS read-only area
+// for a guest that scans for it (ACPI 6.5 §5.2.5.1); reserved in E820.
 inline constexpr std::uint64_t kAcpiBase = 0xe0000;
 inline constexpr std::uint64_t kAcpiSize = 0x20000;
 
@@ -89,8 +83,7 @@ constexpr const PioDevice& pio_device(PioId id) {
     return kPioDevices[0];  // unreachable: every PioId has an entry
 }
 
-// The MMIO BAR of the virtio-pci device in PCI slot `slot` (1..31): one
-// VirtioPciDevice::kBarSize apart, a power of two, so naturally aligned.
+// The MMIO BAR of the virtio-pci device in slot 1..31, kBarSize (a power of two) apart.
 std::uint64_t virtio_bar(unsigned slot);
 
 // The legacy device models and how they reach the rest of the machine.

@@ -44,10 +44,9 @@ void setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported, cons
 }
 
 void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
-    // One GDT serves both boot protocols: PVH uses 0x08/0x10 (flat 32-bit
-    // code and data), Linux's 64-bit entry __BOOT_CS 0x10 / __BOOT_DS 0x18
-    // (boot.rst) -- hence two code descriptors. Written to guest memory too,
-    // so selectors stay meaningful until the kernel loads its own GDT.
+    // One GDT for both protocols: PVH uses 0x08/0x10 (flat 32-bit code and
+    // data), Linux's 64-bit entry __BOOT_CS 0x10 / __BOOT_DS 0x18 (boot.rst).
+    // In guest memory too, so selectors mean something until the kernel's GDT.
     const bool lm = boot.mode == BootPlan::Mode::linux64;
     const std::uint64_t gdt[5] = {
         0,
@@ -60,15 +59,9 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
 
     kvm_sregs s = vcpu.get_sregs();
     auto seg = [](std::uint16_t sel, std::uint8_t type, bool code_or_data) {
-        kvm_segment g{};
-        g.limit = 0xffffffff;
-        g.selector = sel;
-        g.type = type;
-        g.present = 1;
-        g.db = 1;
-        g.s = code_or_data ? 1 : 0;
-        g.g = 1;
-        return g;
+        return kvm_segment{.base = 0, .limit = 0xffffffff, .selector = sel, .type = type, .present = 1,
+                           .dpl = 0, .db = 1, .s = code_or_data, .l = 0, .g = 1, .avl = 0, .unusable = 0,
+                           .padding = 0};
     };
     s.tr = seg(0x20, 0xb, false);
     s.tr.limit = 0x67;
@@ -82,9 +75,8 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
     r.rip = boot.entry;
     r.rflags = 0x2;  // interrupts off
     if (lm) {
-        // Linux 64-bit boot protocol: long mode, paging on with the identity
-        // tables at kPml4Gpa, CS = __BOOT_CS (L=1), DS/ES/SS = __BOOT_DS, %rsi =
-        // boot_params.
+        // Linux 64-bit boot protocol: long mode with the identity tables at
+        // kPml4Gpa, CS = __BOOT_CS (L=1), DS/ES/SS = __BOOT_DS, %rsi = boot_params.
         s.cs = seg(0x10, 0xb, true);
         s.cs.l = 1;
         s.cs.db = 0;
@@ -95,9 +87,8 @@ void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot) {
         s.efer = 0x500;      // LMA | LME
         r.rsi = boot.arg;
     } else {
-        // PVH boot ABI: 32-bit protected mode, flat 4 GiB CS (execute/read)
-        // and DS/ES/SS (read/write), a 32-bit TSS in TR, CR0.PE=1 with paging
-        // off, CR4=0, %ebx = start_info.
+        // PVH boot ABI: 32-bit protected mode, flat CS and DS/ES/SS, a 32-bit
+        // TSS in TR, paging off, CR4=0, %ebx = start_info.
         s.cs = seg(0x08, 0xb, true);
         s.ds = s.es = s.fs = s.gs = s.ss = seg(0x10, 0x3, true);
         s.cr0 = 0x11;  // PE | ET

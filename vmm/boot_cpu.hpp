@@ -19,8 +19,7 @@ class GuestMemory;
 // hypercall-based ones on a host whose KVM is PVM.
 std::uint32_t pv_features_to_offer(bool pv_spinlocks);
 
-// CPUID from `supported` and `opt`, FPU reset values, LINT0 = ExtINT and
-// LINT1 = NMI. The APs then sit in wait-for-SIPI inside KVM.
+// CPUID from `supported` and `opt`, FPU reset values, LINT0 = ExtINT, LINT1 = NMI.
 void setup_vcpu(Vcpu& vcpu, const std::vector<kvm_cpuid_entry2>& supported, const CpuidOptions& opt);
 // The boot CPU's GDT (written at kBootGdtGpa), segments and registers.
 void setup_boot_cpu(Vcpu& vcpu, GuestMemory& mem, const BootPlan& boot);

@@ -1,9 +1,7 @@
-// What the guest sees in CPUID. We start from KVM_GET_SUPPORTED_CPUID (what
-// this host's KVM can virtualise) and adjust per vCPU: the APIC ID and
-// topology (one package, one thread per core, `cpus` cores), the hypervisor
-// bit, TSC-deadline when KVM emulates it, and the KVM paravirt leaves
-// 0x40000000 ("KVMKVMKVM") / 0x40000001 with the PV features kguest offers,
-// masked by what the host KVM reports (Documentation/virt/kvm/x86/cpuid.rst).
+// What the guest sees in CPUID: KVM_GET_SUPPORTED_CPUID adjusted per vCPU (the
+// APIC ID and topology, one thread per core, `cpus` cores; the hypervisor bit;
+// TSC-deadline) and the KVM leaves 0x40000000/0x40000001 with the PV features
+// kguest offers, masked by the host's (Documentation/virt/kvm/x86/cpuid.rst).
 #pragma once
 
 #include <cstdint>
@@ -43,8 +41,7 @@ inline constexpr std::uint32_t kHypercallPvFeatures =
     (1u << KVM_FEATURE_PV_UNHALT) | (1u << KVM_FEATURE_PV_SEND_IPI) | (1u << KVM_FEATURE_PV_SCHED_YIELD);
 
 struct CpuidOptions {
-    unsigned vcpu_id = 0;
-    unsigned cpus = 1;
+    unsigned vcpu_id = 0, cpus = 1;
     bool tsc_deadline = false;     // KVM_CAP_TSC_DEADLINE_TIMER and in-kernel LAPIC
     std::uint32_t pv_features = kWantedPvFeatures;  // further masked by the host
 };

@@ -14,9 +14,8 @@ DecodedExit decode_exit(kvm_run& run, std::size_t run_size) {
         e.addr = run.io.port;
         e.size = run.io.size;
         e.count = run.io.count;
-        // KVM batches `rep ins/outs` into one exit with count elements of
-        // data starting at data_offset; it never hands us more than fits the
-        // page, but we check instead of trusting.
+        // KVM batches `rep ins/outs` into one exit with count elements at
+        // data_offset; checked to fit the page rather than trusted.
         std::uint64_t bytes = std::uint64_t(e.size) * e.count;
         if ((e.size != 1 && e.size != 2 && e.size != 4) || run.io.data_offset > run_size ||
             bytes > run_size - run.io.data_offset) {
@@ -57,9 +56,7 @@ DecodedExit decode_exit(kvm_run& run, std::size_t run_size) {
     return e;
 }
 
-namespace {
-RateLimit unclaimed_pio_log, unclaimed_mmio_log, odd_exit_log;
-}
+static RateLimit unclaimed_pio_log, unclaimed_mmio_log, odd_exit_log;
 
 ExitOutcome handle_exit(const DecodedExit& e, const Bus& pio, const Bus& mmio, unsigned vcpu_id) {
     switch (e.kind) {
@@ -95,10 +92,9 @@ ExitOutcome handle_exit(const DecodedExit& e, const Bus& pio, const Bus& mmio, u
         log_msg("vCPU %u: guest triple fault (KVM_EXIT_SHUTDOWN); stopping the VM", vcpu_id);
         return {ExitOutcome::stop, 1};
     case ExitKind::system_event:
-        if (e.detail == KVM_SYSTEM_EVENT_SHUTDOWN || e.detail == KVM_SYSTEM_EVENT_RESET) {
-            // Like Firecracker, a reboot request ends the VM: nothing to reboot into.
+        // Like Firecracker, a reboot request ends the VM: nothing to reboot into.
+        if (e.detail == KVM_SYSTEM_EVENT_SHUTDOWN || e.detail == KVM_SYSTEM_EVENT_RESET)
             return {ExitOutcome::stop, 0};
-        }
         log_msg("vCPU %u: guest system event %llu (crash or unknown); stopping the VM", vcpu_id,
                 static_cast<unsigned long long>(e.detail));
         return {ExitOutcome::stop, 1};

@@ -1,7 +1,6 @@
-// Turning a KVM exit into work. decode_exit() reads the shared kvm_run page
-// into a plain struct and validates what the kernel (or a made-up exit in a
-// unit test) put there; handle_exit() is a plain function from that struct and
-// the buses to an outcome, so unit tests can drive it without KVM.
+// Turning a KVM exit into work. decode_exit() reads and validates the shared
+// kvm_run page into a plain struct; handle_exit() maps that struct and the
+// buses to an outcome, so unit tests can drive both without KVM.
 #pragma once
 
 #include "devices/base/bus.hpp"
@@ -35,8 +34,7 @@ struct DecodedExit {
     std::uint64_t detail = 0;   // suberror, hardware entry failure reason, event type
 };
 
-// `run_size` is the size of the kvm_run mapping (KVM_GET_VCPU_MMAP_SIZE):
-// I/O data must lie inside it.
+// `run_size` is the kvm_run mapping's size (KVM_GET_VCPU_MMAP_SIZE), which I/O data must fit.
 DecodedExit decode_exit(kvm_run& run, std::size_t run_size);
 
 struct ExitOutcome {
@@ -44,8 +42,7 @@ struct ExitOutcome {
     int status = 0;  // for stop: the VM's exit status
 };
 
-// Dispatches I/O and MMIO to the buses; unclaimed accesses are logged at a
-// limited rate. Never throws.
+// Dispatches I/O and MMIO to the buses, logging unclaimed accesses (rate-limited). Never throws.
 ExitOutcome handle_exit(const DecodedExit& exit, const Bus& pio, const Bus& mmio, unsigned vcpu_id);
 
 } // namespace kguest

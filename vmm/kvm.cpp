@@ -6,9 +6,16 @@
 #include <fcntl.h>
 #include <memory>
 #include <sys/ioctl.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 
 namespace kguest {
+
+Fd make_eventfd() {
+    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0) throw_errno("eventfd");
+    return Fd(fd);
+}
 
 namespace {
 
@@ -23,6 +30,11 @@ int xioctl(int fd, unsigned long req, const char* name, Arg arg) {
     return r;
 }
 
+int check_ext(int fd, long cap) {
+    int r = ::ioctl(fd, KVM_CHECK_EXTENSION, cap);
+    return r < 0 ? 0 : r;
+}
+
 // A KVM_GET_* ioctl that fills one struct.
 template <typename T>
 T xget(int fd, unsigned long req, const char* name) {
@@ -32,8 +44,6 @@ T xget(int fd, unsigned long req, const char* name) {
 }
 
 } // namespace
-
-// ---- Kvm -------------------------------------------------------------------
 
 Kvm::Kvm(const std::string& path) {
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
@@ -45,10 +55,7 @@ Kvm::Kvm(const std::string& path) {
                                  ", need " + std::to_string(KVM_API_VERSION));
 }
 
-int Kvm::check_extension(long cap) const {
-    int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
-    return r < 0 ? 0 : r;
-}
+int Kvm::check_extension(long cap) const { return check_ext(fd_.get(), cap); }
 
 void Kvm::require_extension(long cap, const char* name) const {
     if (check_extension(cap) <= 0)
@@ -80,21 +87,11 @@ Vm Kvm::create_vm() const {
     return Vm(std::move(owned), vcpu_mmap_size());
 }
 
-// ---- Vm --------------------------------------------------------------------
-
-int Vm::check_extension(long cap) const {
-    int r = ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap);
-    return r < 0 ? 0 : r;
-}
+int Vm::check_extension(long cap) const { return check_ext(fd_.get(), cap); }
 
 void Vm::set_user_memory_region(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
                                 void* host, std::uint32_t flags) {
-    kvm_userspace_memory_region r{};
-    r.slot = slot;
-    r.flags = flags;
-    r.guest_phys_addr = gpa;
-    r.memory_size = size;
-    r.userspace_addr = reinterpret_cast<std::uint64_t>(host);
+    kvm_userspace_memory_region r{slot, flags, gpa, size, reinterpret_cast<std::uint64_t>(host)};
     xioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", &r);
 }
 
@@ -124,9 +121,7 @@ int Vm::try_ioeventfd(const kvm_ioeventfd& spec) noexcept {
 }
 
 void Vm::irqfd(int eventfd, std::uint32_t gsi) {
-    kvm_irqfd spec{};
-    spec.fd = static_cast<std::uint32_t>(eventfd);
-    spec.gsi = gsi;
+    kvm_irqfd spec{static_cast<std::uint32_t>(eventfd), gsi, 0, 0, {}};
     xioctl(fd_.get(), KVM_IRQFD, "KVM_IRQFD", &spec);
 }
 
@@ -148,9 +143,7 @@ void Vm::register_coalesced_pio(std::uint16_t port, std::uint32_t len) {
 }
 
 int Vm::irq_line(std::uint32_t irq, bool level) noexcept {
-    kvm_irq_level l{};
-    l.irq = irq;
-    l.level = level ? 1 : 0;
+    kvm_irq_level l{{irq}, level ? 1u : 0u};
     return ::ioctl(fd_.get(), KVM_IRQ_LINE, &l) < 0 ? errno : 0;
 }
 
@@ -161,8 +154,6 @@ Vcpu Vm::create_vcpu(unsigned id) const {
     if (run == MAP_FAILED) throw_errno("mmap kvm_run");
     return Vcpu(std::move(owned), Mapping(run, vcpu_mmap_size_), id);
 }
-
-// ---- Vcpu ------------------------------------------------------------------
 
 int Vcpu::run() { return ::ioctl(fd_.get(), KVM_RUN, 0) < 0 ? errno : 0; }
 

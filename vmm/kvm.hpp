@@ -1,11 +1,10 @@
 // The KVM API in three owning types, as rust-vmm splits it: `Kvm` is the open
 // /dev/kvm (system ioctls), `Vm` is one virtual machine (VM ioctls), `Vcpu` is
-// one virtual CPU with its shared `kvm_run` page (vCPU ioctls). Each owns its
-// fd; a Vm outlives the Vcpus made from it only by convention of the caller
-// (the Machine owns both, the Vm declared before the vCPUs).
+// one virtual CPU with its shared `kvm_run` page (vCPU ioctls). A Vm outlives
+// its Vcpus by the caller's convention (the Machine declares it first).
 //
-// Every setup ioctl throws SysError naming the ioctl. `Vcpu::run` does not
-// throw: it is on the guest-driven path and returns the errno instead.
+// Every setup ioctl throws SysError naming the ioctl; guest-driven ones
+// (noexcept below, and `Vcpu::run`) return the errno instead.
 #pragma once
 
 #include "devices/base/fd.hpp"
@@ -19,6 +18,9 @@ namespace kguest {
 
 class Vm;
 class Vcpu;
+
+// A non-blocking, close-on-exec eventfd (ioeventfds, irqfds, wake-ups).
+Fd make_eventfd();
 
 class Kvm {
 public:
@@ -49,22 +51,18 @@ public:
     void set_identity_map_addr(std::uint64_t addr);
     void create_irqchip();
     void create_pit2();
-    // KVM_IOEVENTFD: a guest write matching (addr, len[, datamatch]) signals
-    // `eventfd` inside the kernel instead of exiting to userspace.
+    // KVM_IOEVENTFD: a matching guest write signals an eventfd instead of exiting.
     void ioeventfd(const kvm_ioeventfd& spec);
     // The same for guest-driven paths (a PCI BAR moved): the errno, or 0.
     int try_ioeventfd(const kvm_ioeventfd& spec) noexcept;
     // KVM_IRQFD: writing `eventfd` raises GSI `gsi` inside the kernel.
     void irqfd(int eventfd, std::uint32_t gsi);
     // KVM_SET_GSI_ROUTING: replaces the VM's whole GSI routing table
-    // (irqchip pins and MSI messages). Guest-driven (an MSI-X table write
-    // reaches it), so it returns the errno instead of throwing.
+    // (irqchip pins and MSI messages).
     int set_gsi_routing(const std::vector<kvm_irq_routing_entry>& entries) noexcept;
-    // KVM_REGISTER_COALESCED_MMIO with pio = 1: writes to ports
-    // [port, port+len) are queued in the coalesced ring, not exits.
+    // KVM_REGISTER_COALESCED_MMIO, pio = 1: port writes are queued in the ring, not exits.
     void register_coalesced_pio(std::uint16_t port, std::uint32_t len);
-    // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC. Device models call it on
-    // guest-driven paths, so it returns the errno instead of throwing.
+    // KVM_IRQ_LINE on the in-kernel PIC/IOAPIC.
     int irq_line(std::uint32_t irq, bool level) noexcept;
     Vcpu create_vcpu(unsigned id) const;
 
@@ -81,8 +79,7 @@ public:
     unsigned id() const { return id_; }
     kvm_run& run_state() const { return *static_cast<kvm_run*>(run_.get()); }
 
-    // KVM_RUN once. Returns 0 after an exit to decode in run_state(), or the
-    // errno (EINTR when a signal kicked us out: not an error). Never throws.
+    // KVM_RUN once: 0 after an exit to decode in run_state(), or the errno (EINTR: kicked).
     int run();
 
     kvm_regs get_regs() const;

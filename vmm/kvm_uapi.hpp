@@ -1,12 +1,9 @@
 // <linux/kvm.h>, made safe for C++. Hack: Linux 6.1's uapi headers (Debian
 // 12) declare flexible arrays with __DECLARE_FLEX_ARRAY, an anonymous struct
-// holding an empty struct; C++ gives an empty struct one byte, so in C++
-// struct kvm_cpuid2 is 12 bytes instead of 8, its entries move, and every
-// ioctl number derived from its size (KVM_GET_SUPPORTED_CPUID, KVM_SET_CPUID2,
-// KVM_SET_MSRS, KVM_SET_GSI_ROUTING...) is wrong, which KVM answers with
-// EINVAL. We define the macro as the plain zero-length array (a GNU extension
-// C++ compilers accept) before the kernel headers see it. Include this, never
-// <linux/kvm.h> directly.
+// holding an empty struct, which C++ sizes at one byte: kvm_cpuid2 becomes 12
+// bytes, not 8, and every ioctl number derived from such a size
+// (KVM_SET_CPUID2, KVM_SET_GSI_ROUTING...) is wrong (KVM answers EINVAL). We
+// define the macro as a zero-length array first. Never include <linux/kvm.h>.
 #pragma once
 
 #include <linux/stddef.h>

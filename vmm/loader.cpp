@@ -51,8 +51,7 @@ bool within(std::uint64_t off, std::uint64_t len, std::uint64_t size) {
 
 std::uint64_t align4(std::uint64_t v) { return (v + 3) & ~std::uint64_t(3); }
 
-// Calls fn(type, owner, desc) for each note in one note area; stops early
-// when fn returns true.
+// Calls fn(type, owner, desc) for each note in one note area until it returns true.
 template <typename F>
 void for_each_note(std::span<const std::uint8_t> notes, F fn) {
     std::uint64_t pos = 0;
@@ -100,15 +99,12 @@ bool has_linux_note(std::span<const std::uint8_t> notes) {
     return found;
 }
 
-} // namespace
-
-LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image) {
+// The program headers of a valid x86-64 executable ELF; throws naming what is wrong.
+std::vector<Elf64_Phdr> program_headers(std::span<const std::uint8_t> image) {
     Elf64_Ehdr eh;
     if (image.size() < sizeof eh) bad("too small to be an ELF file");
     std::memcpy(&eh, image.data(), sizeof eh);
-    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) {
-        bad("neither a PVH ELF file nor a bzImage (bad magic)");
-    }
+    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) bad("neither a PVH ELF file nor a bzImage (bad magic)");
     if (eh.e_ident[EI_CLASS] != ELFCLASS64) bad("not a 64-bit ELF file");
     if (eh.e_ident[EI_DATA] != ELFDATA2LSB) bad("not a little-endian ELF file");
     if (eh.e_machine != EM_X86_64) bad("not an x86-64 ELF file (e_machine " + std::to_string(eh.e_machine) + ")");
@@ -117,13 +113,55 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     if (eh.e_phnum == 0) bad("no program headers");
     if (!within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
         bad("program headers run past the end of the file");
+    std::vector<Elf64_Phdr> phs(eh.e_phnum);
+    std::memcpy(phs.data(), image.data() + eh.e_phoff, phs.size() * sizeof(Elf64_Phdr));
+    return phs;
+}
 
+// The E820 map of both boot paths: low RAM, the reserved BIOS area (which holds
+// the ACPI tables), then everything from 1 MiB in each RAM region.
+std::vector<HvmMemmapEntry> e820_map(const GuestMemory& mem) {
+    std::vector<HvmMemmapEntry> map{{0, kLowRamEnd, 1, 0}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2, 0}};
+    for (const auto& r : mem.regions()) {
+        std::uint64_t start = std::max(r.gpa.value(), kKernelMinGpa);
+        if (r.gpa.value() + r.size > start) map.push_back({start, r.gpa.value() + r.size - start, 1, 0});
+    }
+    return map;
+}
+
+// End of the RAM region that starts at 0 (below the 32-bit MMIO hole).
+std::uint64_t low_ram_end(const GuestMemory& mem) { return mem.regions().front().size; }
+
+void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t max_with_nul) {
+    if (cmdline.size() + 1 > max_with_nul)
+        throw UsageError("--cmdline is longer than " + std::to_string(max_with_nul - 1) + " bytes" +
+                         (max_with_nul < kCmdlineMax ? " (this kernel's cmdline_size)" : ""));
+    if (cmdline.find('\0') != std::string::npos) throw UsageError("--cmdline contains a NUL byte");
+    mem.write(Gpa(kCmdlineGpa), cmdline.c_str(), cmdline.size() + 1);
+}
+
+// Copies an initrd page-aligned as high as it goes in low RAM (boot.rst), below
+// `max_addr` and above `floor` (the end of what the kernel needs); returns its
+// address. Throws UsageError when it does not fit.
+std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
+                          std::uint64_t max_addr) {
+    const std::uint64_t top = std::min(low_ram_end(mem), max_addr + 1);
+    const std::uint64_t mib = 1 << 20;
+    if (initrd.size() > top || ((top - initrd.size()) & ~std::uint64_t(0xfff)) < floor)
+        throw UsageError("--initrd: " + std::to_string((initrd.size() + mib - 1) / mib) +
+                         " MiB does not fit in guest RAM beside the kernel (raise --memory)");
+    std::uint64_t gpa = (top - initrd.size()) & ~std::uint64_t(0xfff);
+    mem.write(Gpa(gpa), initrd.data(), initrd.size());
+    return gpa;
+}
+
+} // namespace
+
+LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image) {
     LoadedKernel k{0, UINT64_MAX, 0};
     std::uint64_t entry = 0;
     unsigned loads = 0;
-    for (unsigned i = 0; i < eh.e_phnum; ++i) {
-        Elf64_Phdr ph;
-        std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
+    for (const Elf64_Phdr& ph : program_headers(image)) {
         if (ph.p_type == PT_NOTE) {
             if (!within(ph.p_offset, ph.p_filesz, image.size())) bad("a PT_NOTE segment runs past the end of the file");
             std::uint64_t e = find_pvh_note(image.subspan(ph.p_offset, ph.p_filesz));
@@ -150,57 +188,10 @@ LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image)
     return k;
 }
 
-namespace {
-// The E820 map both boot paths hand over: low RAM below the EBDA/VGA/BIOS
-// area (which holds the ACPI tables and stays reserved), then everything from
-// 1 MiB in each RAM region.
-struct E820Entry {
-    std::uint64_t addr, size;
-    std::uint32_t type;  // 1 RAM, 2 reserved
-};
-std::vector<E820Entry> e820_map(const GuestMemory& mem) {
-    std::vector<E820Entry> map{{0, kLowRamEnd, 1}, {kLowRamEnd, kKernelMinGpa - kLowRamEnd, 2}};
-    for (const auto& r : mem.regions()) {
-        std::uint64_t start = std::max(r.gpa.value(), kKernelMinGpa);
-        if (r.gpa.value() + r.size > start) map.push_back({start, r.gpa.value() + r.size - start, 1});
-    }
-    return map;
-}
-
-// End of the RAM region that starts at 0 (below the 32-bit MMIO hole).
-std::uint64_t low_ram_end(const GuestMemory& mem) { return mem.regions().front().size; }
-
-void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t max_with_nul) {
-    if (cmdline.size() + 1 > max_with_nul)
-        throw UsageError("--cmdline is longer than " + std::to_string(max_with_nul - 1) + " bytes" +
-                         (max_with_nul < kCmdlineMax ? " (this kernel's cmdline_size)" : ""));
-    if (cmdline.find('\0') != std::string::npos) throw UsageError("--cmdline contains a NUL byte");
-    mem.write(Gpa(kCmdlineGpa), cmdline.c_str(), cmdline.size() + 1);
-}
-
-// Copies an initrd to the top of low RAM, below `max_addr` and above
-// `floor` (the end of what the kernel needs); returns its address. Throws
-// UsageError when it does not fit.
-std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd, std::uint64_t floor,
-                          std::uint64_t max_addr) {
-    // As high as it goes (boot.rst: "as high as possible"), page-aligned,
-    // so it stays clear of the kernel's decompression area below.
-    const std::uint64_t top = std::min(low_ram_end(mem), max_addr + 1);
-    const std::uint64_t mib = 1 << 20;
-    if (initrd.size() > top || ((top - initrd.size()) & ~std::uint64_t(0xfff)) < floor)
-        throw UsageError("--initrd: " + std::to_string((initrd.size() + mib - 1) / mib) +
-                         " MiB does not fit in guest RAM beside the kernel (raise --memory)");
-    std::uint64_t gpa = (top - initrd.size()) & ~std::uint64_t(0xfff);
-    mem.write(Gpa(gpa), initrd.data(), initrd.size());
-    return gpa;
-}
-} // namespace
-
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp,
                                    std::uint64_t initrd_gpa, std::uint64_t initrd_size) {
     write_cmdline(mem, cmdline, kCmdlineMax);
-    std::vector<HvmMemmapEntry> map;
-    for (const auto& e : e820_map(mem)) map.push_back({e.addr, e.size, e.type, 0});
+    const auto map = e820_map(mem);
     mem.write(Gpa(kMemmapGpa), map.data(), map.size() * sizeof(HvmMemmapEntry));
 
     HvmStartInfo si{};
@@ -246,8 +237,7 @@ constexpr unsigned kMaxE820 = 128;              // boot_params.e820_table[] entr
 std::string version_str(std::uint16_t v) { return std::to_string(v >> 8) + "." + std::to_string(v & 0xff); }
 
 // Identity map of the low 4 GiB with 2 MiB pages (boot.rst, 64-bit boot
-// protocol: "the range with setup_header.init_size ... must be identity
-// mapped"; the decompressor builds its own tables once running).
+// protocol: "the range with setup_header.init_size ... must be identity mapped").
 void write_identity_page_tables(GuestMemory& mem) {
     constexpr std::uint64_t kP = 1, kRw = 2, kPs = 0x80;
     const std::uint64_t pdpt = kPml4Gpa + 0x1000, pd = kPml4Gpa + 0x2000;
@@ -270,17 +260,8 @@ bool is_bzimage(std::span<const std::uint8_t> image) {
 
 bool is_linux_kernel(std::span<const std::uint8_t> image) {
     if (is_bzimage(image)) return true;
-    Elf64_Ehdr eh;
-    if (image.size() < sizeof eh) return false;
-    std::memcpy(&eh, image.data(), sizeof eh);
-    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0 || eh.e_ident[EI_CLASS] != ELFCLASS64 ||
-        eh.e_phentsize != sizeof(Elf64_Phdr) ||
-        !within(eh.e_phoff, std::uint64_t(eh.e_phnum) * sizeof(Elf64_Phdr), image.size()))
-        return false;
     try {
-        for (unsigned i = 0; i < eh.e_phnum; ++i) {
-            Elf64_Phdr ph;
-            std::memcpy(&ph, image.data() + eh.e_phoff + i * sizeof ph, sizeof ph);
+        for (const Elf64_Phdr& ph : program_headers(image)) {
             if (ph.p_type == PT_NOTE && within(ph.p_offset, ph.p_filesz, image.size()) &&
                 has_linux_note(image.subspan(ph.p_offset, ph.p_filesz)))
                 return true;
@@ -320,13 +301,15 @@ SetupHeader parse_setup_header(std::span<const std::uint8_t> image) {
 
 BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std::span<const std::uint8_t> initrd,
                      const std::string& cmdline, std::uint64_t rsdp) {
+    auto add_initrd = [&](BootPlan& plan, std::uint64_t floor, std::uint64_t max_addr) {
+        if (initrd.empty()) return;
+        plan.initrd_gpa = load_initrd(mem, initrd, floor, max_addr);
+        plan.initrd_size = initrd.size();
+    };
     if (!is_bzimage(image)) {
         LoadedKernel k = load_pvh_elf(mem, image);
         BootPlan plan{BootPlan::Mode::pvh32, k.entry, 0};
-        if (!initrd.empty()) {
-            plan.initrd_gpa = load_initrd(mem, initrd, k.image_end, UINT32_MAX);
-            plan.initrd_size = initrd.size();
-        }
+        add_initrd(plan, k.image_end, UINT32_MAX);
         plan.arg = write_pvh_start_info(mem, cmdline, rsdp, plan.initrd_gpa, plan.initrd_size);
         return plan;
     }
@@ -341,10 +324,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
     mem.write(Gpa(kBzLoadGpa), kernel.data(), kernel.size());
 
     BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa};
-    if (!initrd.empty()) {
-        plan.initrd_gpa = load_initrd(mem, initrd, need, h.initrd_addr_max);
-        plan.initrd_size = initrd.size();
-    }
+    add_initrd(plan, need, h.initrd_addr_max);
     write_cmdline(mem, cmdline, std::min<std::uint64_t>(kCmdlineMax, std::uint64_t(h.cmdline_size) + 1));
 
     // The zero page (zero-page.rst): the setup header as the file has it

@@ -1,18 +1,14 @@
 // Loading a kernel: a PVH ELF (our guest, or Linux's vmlinux) or a Linux
-// bzImage. PVH first. The image is an ELF whose PT_NOTE segments carry
-// XEN_ELFNOTE_PHYS32_ENTRY (type 18, owner "Xen"): the physical address of a
-// 32-bit entry point. Per the PVH boot ABI (xen/include/public/arch-x86/hvm/
-// start_info.h, Linux's Documentation/x86/boot.rst "PVH") the loader copies
-// the PT_LOAD segments to their physical addresses, writes struct
-// hvm_start_info (with the command line and an E820-style memory map), and
-// starts the BSP in 32-bit protected mode, paging off, with %ebx = the
-// start_info address; an initrd goes in as the one module.
+// bzImage. A PVH ELF's PT_NOTE segments carry XEN_ELFNOTE_PHYS32_ENTRY (type
+// 18, owner "Xen"), a 32-bit entry point. Per the PVH boot ABI
+// (xen/include/public/arch-x86/hvm/start_info.h) the PT_LOAD segments go to
+// their physical addresses, struct hvm_start_info gets the command line, an
+// E820-style memory map and the initrd as the one module, and the BSP starts
+// in 32-bit protected mode, paging off, with %ebx = start_info.
 //
 // A bzImage follows the Linux x86 boot protocol (Documentation/arch/x86/
-// boot.rst): the real-mode setup code is skipped, the protected-mode kernel is
-// loaded at 1 MiB and entered at its 64-bit entry point (load address +
-// 0x200) in long mode, with %rsi = boot_params (the "zero page") carrying
-// the setup header, E820 map, command line and initrd (zero-page.rst).
+// boot.rst): the protected-mode kernel is loaded at 1 MiB and entered at
+// load address + 0x200 in long mode, %rsi = boot_params (zero-page.rst).
 //
 // Everything in the files is untrusted: every offset and size is checked,
 // and a malformed image is refused with one clear message.
@@ -41,32 +37,22 @@ inline constexpr std::uint64_t kKernelMinGpa = 0x100000;
 // 2 MiB pages (PML4, PDPT, four PDs), then the zero page.
 inline constexpr std::uint64_t kPml4Gpa = 0x9000;
 inline constexpr std::uint64_t kZeroPageGpa = 0x10000;
-// The BIOS area [0x9fc00, 1 MiB) is reserved in the E820 map; the ACPI
-// tables (vmm/acpi.hpp) live in it.
+// The BIOS area [0x9fc00, 1 MiB), reserved in E820, holds the ACPI tables.
 inline constexpr std::uint64_t kLowRamEnd = 0x9fc00;
 
 inline constexpr std::uint32_t XEN_ELFNOTE_PHYS32_ENTRY = 18;
 inline constexpr std::uint32_t XEN_HVM_START_MAGIC_VALUE = 0x336ec578;
 
 struct HvmStartInfo {
-    std::uint32_t magic;
-    std::uint32_t version;
-    std::uint32_t flags;
-    std::uint32_t nr_modules;
-    std::uint64_t modlist_paddr;
-    std::uint64_t cmdline_paddr;
-    std::uint64_t rsdp_paddr;
-    std::uint64_t memmap_paddr;
-    std::uint32_t memmap_entries;
-    std::uint32_t reserved;
+    std::uint32_t magic, version, flags, nr_modules;
+    std::uint64_t modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    std::uint32_t memmap_entries, reserved;
 };
 static_assert(sizeof(HvmStartInfo) == 56);
 
 struct HvmMemmapEntry {
-    std::uint64_t addr;
-    std::uint64_t size;
-    std::uint32_t type;  // E820 types: 1 RAM, 2 reserved
-    std::uint32_t reserved;
+    std::uint64_t addr, size;
+    std::uint32_t type, reserved;  // E820 types: 1 RAM, 2 reserved
 };
 
 struct LoadedKernel {
@@ -101,9 +87,8 @@ bool is_linux_kernel(std::span<const std::uint8_t> image);
 // Validates the header; throws UsageError naming what is wrong.
 SetupHeader parse_setup_header(std::span<const std::uint8_t> image);
 
-// A whole file's bytes (kernel, initrd) in an anonymous mapping of their
-// own: freed with munmap, so a multi-MiB image leaves the VMM's RSS once
-// loaded (a heap buffer would stay in the heap, past malloc's trim threshold).
+// A whole file's bytes in an anonymous mapping of their own, so a multi-MiB
+// image leaves the VMM's RSS once loaded (a heap buffer would stay).
 class FileImage {
 public:
     FileImage(Mapping m, std::size_t size) : m_(std::move(m)), size_(size) {}
@@ -120,9 +105,8 @@ FileImage read_file(const std::string& path, std::uint64_t max_size);
 // Validates and loads; throws UsageError("...") naming what is wrong.
 LoadedKernel load_pvh_elf(GuestMemory& mem, std::span<const std::uint8_t> image);
 
-// Writes hvm_start_info, the memory map and the command line; returns the
-// start_info address (for %ebx). Throws UsageError if the cmdline is too long.
-// `rsdp` (0 for none) and an initrd already in guest RAM go in too.
+// Writes hvm_start_info (with `rsdp`, 0 for none, and an initrd already in RAM), the memory
+// map and the command line (UsageError when too long); returns the start_info address (%ebx).
 std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline, std::uint64_t rsdp = 0,
                                    std::uint64_t initrd_gpa = 0, std::uint64_t initrd_size = 0);
 

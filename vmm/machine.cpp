@@ -1,10 +1,7 @@
-// Building a VM (see machine.hpp). The story in order: read and load the
-// kernel, open KVM and check what we rely on, create the VM with its in-kernel
-// interrupt controllers and PIT, map guest RAM, plug the board's legacy
-// devices and the virtio devices into the buses, and create and set up the
-// vCPUs. Running them is vmm/vcpu_loop.cpp's job.
+// Building a VM (see machine.hpp), in order: load the kernel, open KVM and
+// check what we rely on, create the VM with its in-kernel irqchip and PIT, map
+// guest RAM, plug the devices into the buses, and set up the vCPUs.
 #include "vmm/machine.hpp"
-#include "balloon/balloon.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
 #include "devices/virtio_net.hpp"
@@ -17,7 +14,6 @@
 #include <cstring>
 #include <fcntl.h>
 #include <optional>
-#include <sys/mman.h>
 #include <unistd.h>
 
 namespace kguest {
@@ -75,26 +71,22 @@ Machine::Machine(const VmConfig& cfg)
     for (const auto& r : mem_.regions())
         vm_.set_user_memory_region(slot++, r.gpa.value(), r.size, mem_.host_address_for_kvm(r));
 
-    // The legacy devices, from the board table; the serial console writes to
-    // stdout, a file, or nowhere.
-    int console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
-    if (cfg.console == VmConfig::Console::file) {
-        int fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd < 0) throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
-        console_file_ = Fd(fd);
-        console_fd = fd;
-    }
+    // The legacy devices, from the board table; the console goes to stdout, a file, or nowhere.
     LegacyWiring wiring;
-    wiring.console_fd = console_fd;
+    wiring.console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
+    if (cfg.console == VmConfig::Console::file) {
+        wiring.console_fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (wiring.console_fd < 0)
+            throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
+        console_file_ = Fd(wiring.console_fd);
+    }
     wiring.irq_line = [this](unsigned irq, bool level) { return vm_.irq_line(irq, level); };
     wiring.stop = [this](int status) { loop_.request_stop(status); };
     wiring.power_off = [this] {
         log_msg("guest powered off (ACPI S5)");
         loop_.request_stop(0);
     };
-    wiring.reset = [this] {
-        // kguest does not restart guests (nor do Firecracker and kvmtool): a
-        // reset ends the VM. Status 0, since `reboot` is a clean request too.
+    wiring.reset = [this] {   // kguest, like Firecracker, does not restart guests
         log_msg("guest reset the machine (reboot); ending the VM");
         loop_.request_stop(0);
     };

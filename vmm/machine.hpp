@@ -1,13 +1,10 @@
-// A Machine is one VM: KVM objects, guest RAM, the buses and devices, and
-// the vCPU threads (vmm/vcpu_loop.hpp). Building it (the constructor) does all
-// host setup and may throw; start() runs the vCPUs, and wait() returns the VM's
-// exit status once the guest ends it (exit port, triple fault, system event,
-// ACPI poweroff, reset), every vCPU has halted without an in-kernel LAPIC, or
-// request_stop() was called. The application (vmm/app/run.cpp) adds the
-// console input, the control API and signals around it.
+// A Machine is one VM: KVM objects, guest RAM, the buses and devices, and the
+// vCPU threads (vmm/vcpu_loop.hpp, whose controls loop() exposes). The
+// constructor does all host setup and may throw. The application
+// (vmm/app/run.cpp) adds the console input, the control API and signals.
 //
-// Threading: request_stop, pause, resume and the accessors may be used from
-// any thread; start and wait from the thread that owns the Machine.
+// Threading: the loop's controls and the accessors may be used from any
+// thread; start and wait from the thread that owns the Machine.
 #pragma once
 
 #include "devices/base/bus.hpp"
@@ -32,16 +29,12 @@ class VirtioNet;
 class VirtioBalloon;
 class GsiRouter;
 
-// The command line a Linux kernel gets before --cmdline: the console on COM1,
-// reboot through the i8042 reset line (devices/i8042.hpp), and a panic that
-// ends the VM (reboot after 1 s) instead of hanging it, as kvmtool and
-// Firecracker do.
+// What a Linux kernel gets before --cmdline: the console on COM1, reboot
+// through the i8042 reset line, and a panic that ends the VM (as kvmtool does).
 #define KGUEST_LINUX_CMDLINE "console=ttyS0 reboot=k panic=1"
 
 struct VmConfig {
-    std::string kernel;
-    std::string initrd;
-    std::string cmdline;
+    std::string kernel, initrd, cmdline;
     bool default_cmdline = true;   // Linux kernels: KGUEST_LINUX_CMDLINE first
     std::string name = "kguest";
     unsigned cpus = 1;
@@ -50,18 +43,12 @@ struct VmConfig {
     enum class Console { stdio, none, file } console = Console::stdio;
     std::string console_path;
     enum class Port80Mode { kernel, exit } port80 = Port80Mode::kernel;
-    // Hide KVM_FEATURE_PV_UNHALT (like Linux's `nopvspin`): guests fall back to
-    // native spinlocks, for pv/native comparisons from the command line.
-    bool pv_spinlocks = true;
-    // virtio-net devices (--net), in PCI slot order.
-    std::vector<NetConfig> nets;
-    // A virtio-balloon device (--balloon), after the network devices.
-    bool balloon = false;
+    bool pv_spinlocks = true;         // false hides KVM_FEATURE_PV_UNHALT (like Linux's `nopvspin`)
+    std::vector<NetConfig> nets;      // virtio-net devices (--net), in PCI slot order
+    bool balloon = false;             // a virtio-balloon device, after the network devices
     BalloonOptions balloon_options;   // the features it offers (--balloon=...)
-    // The control API's socket: "" picks socket_for(name), "none" has none.
-    std::string api_socket;
-    // Fault all guest RAM in before boot (MADV_POPULATE_WRITE, --prefault).
-    bool prefault = false;
+    std::string api_socket;           // "" picks socket_for(name), "none" has none
+    bool prefault = false;            // fault all guest RAM in before boot (MADV_POPULATE_WRITE)
 };
 
 inline constexpr std::uint64_t kMinMemory = 8ull << 20;
@@ -94,9 +81,8 @@ private:
     // Puts a virtio device in the next free PCI slot, BAR pre-assigned.
     VirtioPciSlot& add_virtio(std::shared_ptr<VirtioDevice> dev, std::uint32_t class_code);
 
-    // Declaration order is construction order: everything the user supplies
-    // (flags, image, command line) is checked before /dev/kvm is opened, so
-    // bad input is a usage error even on a host without KVM.
+    // Declaration order is construction order: the user's input is checked
+    // before /dev/kvm is opened, so it is a usage error even without KVM.
     VmConfig cfg_;
     GuestMemory mem_;
     BootPlan boot_;

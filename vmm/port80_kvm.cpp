@@ -5,7 +5,6 @@
 #include "devices/base/log.hpp"
 #include "vmm/kvm.hpp"
 
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 namespace kguest {
@@ -30,13 +29,11 @@ bool Port80Absorber::absorb(const Kvm& kvm, Vm& vm, const Vcpu& vcpu) {
             log_msg("port 0x80: coalesced PIO unavailable (%s); using an ioeventfd", e.what());
         }
     }
-    int efd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (efd < 0) throw_errno("eventfd");
-    Fd fd(efd);
+    Fd fd = make_eventfd();
     kvm_ioeventfd spec{};
     spec.addr = Port80::kPort;
     spec.len = 0;  // any width (KVM_CAP_IOEVENTFD_ANY_LENGTH)
-    spec.fd = efd;
+    spec.fd = fd.get();
     spec.flags = KVM_IOEVENTFD_FLAG_PIO;
     try {
         vm.ioeventfd(spec);

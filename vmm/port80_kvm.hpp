@@ -1,11 +1,9 @@
 // Port 0x80's in-kernel write path (devices/port80.hpp has the device and
-// why): the KVM side, kept out of the device model. Port80Absorber registers
-// coalesced PIO (preferred) or an ioeventfd for port 0x80 and feeds what KVM
-// absorbed into the Port80's counters.
+// why): Port80Absorber registers coalesced PIO (preferred) or an ioeventfd
+// for port 0x80 and feeds what KVM absorbed into the Port80's counters.
 //
-// Threading: drain() and sync() from any thread (vCPU threads after each
-// exit, the control API and the exit report through Port80::writes()); one
-// mutex keeps the ring's consumer index and the eventfd read in order.
+// Threading: drain() and sync() from any thread; one mutex keeps the ring's
+// consumer index and the eventfd read in order.
 #pragma once
 
 #include "devices/base/fd.hpp"
@@ -26,11 +24,9 @@ public:
     Port80Absorber(const Port80Absorber&) = delete;
     Port80Absorber& operator=(const Port80Absorber&) = delete;
 
-    // Registers an in-kernel write path: coalesced PIO, read from the ring
-    // page of `vcpu`'s mapping, when the host has it and KVM accepts the
-    // zone, else an ioeventfd. False (and nothing changes) when the host KVM
-    // refuses both; the userspace path then serves every write. On success
-    // the port's writes() syncs through us.
+    // Registers coalesced PIO (the ring page of `vcpu`'s mapping) when the
+    // host has it, else an ioeventfd. False (nothing changes) when KVM refuses
+    // both; userspace exits then serve every write.
     bool absorb(const Kvm& kvm, Vm& vm, const Vcpu& vcpu);
     // Reads writes from `ring` from now on (absorb does this after KVM
     // accepted the zone; unit tests hand it a made-up ring page).

@@ -4,10 +4,8 @@
 // signal (SIGUSR1, whose handler does nothing: KVM_RUN returns EINTR).
 //
 // Threading: request_stop, pause, resume and the queries may be called from
-// any thread (device callbacks on vCPU threads, the control API, the main
-// thread); the first request_stop wins. start and wait belong to the thread
-// that owns the loop. pause waits (at most 5 s) for the vCPUs to park; no
-// vCPU thread ever waits for another thread except while parked.
+// any thread; start and wait belong to the thread that owns the loop. No vCPU
+// thread ever waits for another thread except while parked.
 #pragma once
 
 #include "devices/base/fd.hpp"
@@ -39,9 +37,8 @@ public:
     void start();
     // Stops the VM with `status` (the first request wins).
     void request_stop(int status);
-    // Parks every vCPU thread outside KVM_RUN and returns once all are parked
-    // (false if the VM is stopping or they did not park within 5 s);
-    // resume() lets them go on.
+    // Parks every vCPU thread outside KVM_RUN; false if the VM is stopping or
+    // they did not park within 5 s. resume() lets them go on.
     bool pause();
     void resume();
     bool paused() const { return paused_.load(); }
@@ -73,8 +70,7 @@ private:
 };
 
 // Where a vCPU stands, for the log when the VM is stopped from outside: RIP,
-// the multiprocessing state and the highest LAPIC vectors in service and
-// pending.
+// the MP state and the highest LAPIC vectors in service and pending.
 std::string describe_vcpu(const Vcpu& v);
 // The KVM paravirt MSRs the guest enabled on `v`, space-separated ("none").
 std::string pv_msrs_enabled(const Vcpu& v);

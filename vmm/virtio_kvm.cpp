@@ -1,20 +1,14 @@
 // virtio-pci devices wired to KVM: MSI routes with irqfds, ioeventfd kicks and
 // the BAR on the MMIO bus. See virtio_kvm.hpp for the design.
 #include "vmm/virtio_kvm.hpp"
-
-#include "devices/base/error.hpp"
 #include "vmm/board.hpp"
-
-#include <sys/eventfd.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <unistd.h>
 
 namespace kguest {
-
-// ---- GsiRouter ----------------------------------------------------------------
 
 std::uint32_t GsiRouter::alloc_msi_gsi() {
     std::lock_guard lock(mu_);
@@ -60,8 +54,6 @@ int GsiRouter::set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t d
     return EINVAL;
 }
 
-// ---- interrupts ---------------------------------------------------------------
-
 // VirtioInterrupts backed by irqfds (MSI-X) and KVM_IRQ_LINE (INTx). Called
 // under the transport's interrupt lock, from vCPU and device threads.
 class VirtioPciSlot::Irqs : public VirtioInterrupts {
@@ -69,11 +61,9 @@ public:
     Irqs(Vm& vm, GsiRouter& router, std::uint16_t vectors, std::uint32_t intx_gsi)
         : vm_(vm), router_(router), intx_gsi_(intx_gsi) {
         for (std::uint16_t v = 0; v < vectors; ++v) {
-            int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-            if (fd < 0) throw_errno("eventfd");
-            fds_.emplace_back(fd);
+            fds_.push_back(make_eventfd());
             gsis_.push_back(router_.alloc_msi_gsi());
-            vm_.irqfd(fd, gsis_.back());
+            vm_.irqfd(fds_.back().get(), gsis_.back());
         }
     }
 
@@ -110,8 +100,6 @@ private:
     RateLimit limit_{5};
 };
 
-// ---- the slot -----------------------------------------------------------------
-
 VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& mem, PciHostBridge& bridge,
                              std::shared_ptr<VirtioDevice> device, std::uint32_t class_code, unsigned slot,
                              std::uint64_t bar_gpa)
@@ -127,10 +115,8 @@ VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& 
     std::vector<Fd> fds;
     std::vector<int> raw;
     for (std::uint16_t q = 0; q < queues; ++q) {
-        int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        if (fd < 0) throw_errno("eventfd");
-        fds.emplace_back(fd);
-        raw.push_back(fd);
+        fds.push_back(make_eventfd());
+        raw.push_back(fds.back().get());
     }
     if (dev->take_notify_fds(raw)) notify_fds_ = std::move(fds);
     ioeventfd_any_length_ = vm.check_extension(KVM_CAP_IOEVENTFD_ANY_LENGTH) > 0;
@@ -175,8 +161,7 @@ void VirtioPciSlot::map_bar(std::uint64_t gpa, bool decode) noexcept {
     if (!decode || gpa == 0 || mapped_ == gpa) return;
     const std::uint64_t size = VirtioPciDevice::kBarSize;
     // Refuse what would shadow RAM or the LAPIC/IOAPIC range (0xfec00000 up
-    // to 4 GiB), or wrap; sizing writes (all-ones) land here while decode is
-    // usually off, so only log with decode on.
+    // to 4 GiB), or wrap.
     bool bad = gpa + size < gpa || (gpa < 0x100000000ull && gpa + size > kIoApicAddress);
     for (const auto& r : mem_.regions()) bad |= gpa < r.gpa.value() + r.size && r.gpa.value() < gpa + size;
     if (!bad) {

@@ -1,18 +1,14 @@
 // Where a virtio-pci device (devices/virtio_pci.hpp, which knows nothing of
 // KVM) meets KVM, so that its data path needs no exit to userspace:
 //
-//   - interrupts: each MSI-X vector gets a GSI with an MSI route and an irqfd;
-//     raising it is one eventfd write from the device's thread. The route is
-//     (re)programmed lazily, when a vector fires with a message that differs
-//     from the one KVM has, so an MSI-X table write costs nothing until used.
-//     INTx (drivers that leave MSI-X off) is a level on an IOAPIC pin, 16-23.
-//   - kicks: each queue's notify address gets a KVM_IOEVENTFD, when the
-//     device takes the eventfds (VirtioDevice::take_notify_fds); otherwise a
-//     kick is an MMIO exit that the transport forwards.
+//   - interrupts: each MSI-X vector gets a GSI with an MSI route and an irqfd.
+//     The route is (re)programmed lazily, when a vector fires with a message
+//     KVM does not have yet. INTx is a level on an IOAPIC pin, 16-23.
+//   - kicks: each queue's notify address gets a KVM_IOEVENTFD when the device
+//     takes the eventfds; otherwise a kick is an MMIO exit.
 //   - the BAR: inserted on the MMIO bus wherever the guest puts it (kguest
-//     pre-assigns it, as Firecracker and kvmtool do, since no firmware runs),
-//     with the ioeventfds moved along. A BAR over guest RAM, the LAPIC/IOAPIC
-//     page range or another device is refused with a log line, not mapped.
+//     pre-assigns it, as no firmware runs), the ioeventfds moved along. A BAR
+//     over guest RAM, the LAPIC/IOAPIC range or another device is not mapped.
 #pragma once
 
 #include "devices/virtio_pci.hpp"
@@ -29,18 +25,15 @@
 
 namespace kguest {
 
-// The VM's GSI routing table. KVM_SET_GSI_ROUTING replaces the whole table,
-// so we keep it here: KVM's default irqchip routes (GSI 0-15 to the PIC and
-// IOAPIC, 16-23 to the IOAPIC, as virt/kvm/irq_comm.c sets them up) plus one
-// MSI route per allocated GSI.
+// The VM's GSI routing table, kept whole for KVM_SET_GSI_ROUTING: KVM's
+// default irqchip routes (virt/kvm/irq_comm.c) plus one MSI route per GSI.
 class GsiRouter {
 public:
     static constexpr std::uint32_t kFirstMsiGsi = 24;
     explicit GsiRouter(Vm& vm) : vm_(vm) {}
     // Setup time: a fresh GSI for an MSI route (no route until set_msi).
     std::uint32_t alloc_msi_gsi();
-    // Points `gsi` at an MSI message and commits the table. Guest-driven:
-    // returns the errno (0 on success), never throws.
+    // Points `gsi` at an MSI message and commits the table; the errno, or 0.
     int set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t data) noexcept;
 
 private:

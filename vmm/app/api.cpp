@@ -1,11 +1,10 @@
 // The API server (see api.hpp): socket setup with plain syscalls, so every
 // failure names its call and errno; then one thread running an Asio
 // io_context with one Session per client. A Session reads one request at a
-// time under a deadline (idle wait, request, response write each have their
-// own), answers it through api_dispatch() and either waits for the next one
-// (keep-alive) or closes. Deadlines are one steady_timer per session that
-// cancels the socket; a generation counter makes a late timer harmless. This is
-// the only translation unit of the server that includes Beast.
+// time under a deadline (idle wait, request, response write), answers it
+// through api_dispatch() and waits for the next one (keep-alive) or closes.
+// A deadline is a steady_timer that cancels the socket; a generation counter
+// makes a late timer harmless.
 #include "vmm/app/api.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
@@ -19,7 +18,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <optional>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -34,7 +32,6 @@ namespace http = beast::http;
 using json = nlohmann::json;
 using Socket = asio::local::stream_protocol::socket;
 
-// ---------------------------------------------------------------------------
 // Routing, independent of sockets.
 
 namespace {
@@ -84,8 +81,7 @@ json counters_json(const VmCounters& c) {
                   {"bad_chains", bc.bad_chains}};
         const BalloonStats& st = c.balloon->stats;
         if (st.valid) {
-            // libvirt's virDomainMemoryStatTags names and units (KiB), as
-            // `virsh dommemstat` prints them.
+            // libvirt's virDomainMemoryStatTags names and units (KiB), as `virsh dommemstat`.
             json s;
             for (const auto& v : st.values) s[v.name] = v.libvirt_value;
             s["last_update"] = st.last_update_unix_s;
@@ -178,7 +174,6 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
     }
 }
 
-// ---------------------------------------------------------------------------
 // The server.
 
 struct ApiServer::Impl {
@@ -317,8 +312,7 @@ private:
     bool timed_out_ = false;
 };
 
-// Answers a client over the connection limit without giving it a Session:
-// one non-blocking send, then close.
+// Answers a client over the connection limit: one non-blocking send, then close.
 void refuse_busy(Socket& s) {
     static const std::string response = [] {
         std::string body = dump(json{{"error", "too many API connections"}});
@@ -330,9 +324,8 @@ void refuse_busy(Socket& s) {
     s.close(ignored);
 }
 
-// mkdir -p with mode 0700 for what is missing; refuses a directory that
-// belongs to someone else (another user could otherwise pre-create
-// /tmp/kguest-$UID and watch or replace our socket).
+// mkdir -p with mode 0700; refuses a directory that belongs to someone else
+// (who could pre-create /tmp/kguest-$UID and watch or replace our socket).
 void make_socket_dir(const std::string& dir) {
     if (dir.empty()) return;
     for (std::size_t pos = 1; pos <= dir.size(); ++pos) {
@@ -357,8 +350,7 @@ sockaddr_un socket_address(const std::string& path) {
     return addr;
 }
 
-// Removes `path` if it is a socket nobody listens on; throws if a server
-// answers there or if it is not a socket at all.
+// Removes `path` if it is a socket nobody listens on; throws if served or not a socket.
 void remove_stale_socket(const std::string& path, const sockaddr_un& addr) {
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) {
@@ -451,7 +443,5 @@ ApiServer::~ApiServer() {
         ::unlink(impl_->path.c_str());
     // impl_'s destruction closes the remaining client connections.
 }
-
-const std::string& ApiServer::path() const { return impl_->path; }
 
 } // namespace kguest

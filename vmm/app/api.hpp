@@ -1,25 +1,18 @@
 // The VM control API: HTTP/1.1 + JSON on a UNIX socket, in the style of Cloud
 // Hypervisor's API (`curl --unix-socket SOCK http://localhost/api/v1/vm.info`).
-// The VMM implements the small typed VmControl interface (structs and an
-// error enum; the JSON is made here, in api.cpp); ApiServer owns the socket
-// and one thread running Boost.Asio/Beast, and calls VmControl on that thread
-// only. The server never blocks the VM: a slow or malicious client holds at
-// most its own connection (bounded in number, time and size), and vCPU threads
-// never wait on the API thread (the VmControl implementation must keep it that
-// way: hand requests to the VM through atomics or queues, never take a lock a
-// vCPU holds across a guest exit). Beast stays inside api.cpp.
+// The VMM implements the typed VmControl interface; ApiServer owns the socket
+// and one thread running Boost.Asio/Beast (inside api.cpp only), and calls
+// VmControl on that thread only. A slow or malicious client holds at most its
+// own connection (bounded in number, time and size), and vCPU threads never
+// wait on the API thread (VmControl must hand requests to the VM through
+// atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
-// Routes (all under /api/v1/):
-//   GET vmm.ping     200 {"version": "0.1.0", "pid": N}
-//   GET vm.info      200 VmControl::info() as JSON (keys: VmInfo's fields)
-//   GET vm.counters  200 VmControl::counters() as JSON: "port80", "net0"...,
-//                    "balloon" (with "stats" once the guest sent a sample)
-//   PUT vm.resize    {"desired_balloon": BYTES} or {"desired_ram": BYTES}  -> 204
-//   PUT vm.pause / vm.resume / vm.shutdown                                -> 204
-// Errors carry {"error": "message"}: 400 bad JSON or fields, 404 unknown path,
-// 405 wrong method, 408 request not complete in time, 409 the VM refused
-// (VmControl returned a ControlError), 413 body over the limit, 500 an exception,
-// 503 too many connections.
+// Routes under /api/v1/: GET vmm.ping ({"version", "pid"}), vm.info (VmInfo),
+// vm.counters ("port80", "net0"..., "balloon" with "stats" once sampled); PUT
+// vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}), vm.pause,
+// vm.resume, vm.shutdown (204). Errors carry {"error": "message"}: 400 bad JSON
+// or fields, 404, 405, 408 too slow, 409 refused (a ControlError), 413 body too
+// large, 431, 500 an exception, 503 too many connections.
 #pragma once
 
 #include "balloon/balloon.hpp"
@@ -74,17 +67,15 @@ struct VmCounters {
 enum class ControlError { none, already_paused, not_paused, pause_failed, no_balloon, balloon_too_large };
 const char* control_message(ControlError e);
 
-// Implemented by the VMM; every call comes from the API thread, one at a time.
-// Calls must be quick: while one runs, no other client is served. They must
-// also never make a vCPU wait for them (post the request, do not join).
+// Implemented by the VMM; every call comes from the API thread, one at a time,
+// and must be quick (no other client is served meanwhile).
 struct VmControl {
     virtual ~VmControl() = default;
     virtual VmInfo info() = 0;
     virtual VmCounters counters() = 0;
     // How much the balloon should hold, in bytes. Must not wait for the guest.
     virtual ControlError resize(std::uint64_t desired_balloon_bytes) = 0;
-    // shutdown() only requests the stop: it must not destroy the ApiServer
-    // from inside the call.
+    // shutdown() only requests the stop (it must not destroy the ApiServer).
     virtual ControlError pause() = 0;
     virtual ControlError resume() = 0;
     virtual ControlError shutdown() = 0;
@@ -103,8 +94,7 @@ struct ApiLimits {
     std::chrono::milliseconds write_timeout{5000};    // a client that does not read its response
 };
 
-// One HTTP exchange, without sockets: what the server answers `method target`
-// with `body`. status 204 means no body. Exposed for tests.
+// One HTTP exchange without sockets (exposed for tests); status 204 has no body.
 struct ApiReply {
     unsigned status = 200;
     nlohmann::json body;  // null for 204
@@ -116,15 +106,12 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
 class ApiServer {
 public:
     // Creates the socket's directory if missing (mode 0700), replaces a stale
-    // socket file (one nobody listens on), refuses a path another process
-    // serves, binds, chmods the socket 0600 and starts the API thread.
-    // Throws SysError naming the call and the path on failure.
+    // socket file, refuses a path another process serves, binds, chmods the
+    // socket 0600 and starts the API thread. Throws naming the call and path.
     ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits limits = {});
     ~ApiServer();  // stops and joins the thread, closes all clients, unlinks the socket
     ApiServer(const ApiServer&) = delete;
     ApiServer& operator=(const ApiServer&) = delete;
-
-    const std::string& path() const;
 
     struct Impl;
 

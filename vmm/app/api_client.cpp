@@ -1,12 +1,9 @@
 // The API client and the control subcommands (see api_client.hpp). A request
 // runs as an async chain (connect, write, read) on a private io_context for at
-// most the client's timeout, so a hung VM cannot hang the CLI. The CLI part
-// parses its flags, calls the API and prints either the JSON or aligned
-// "key: value" lines with sizes in MiB. This is the only translation unit of
-// the client that includes Beast.
+// most the client's timeout, so a hung VM cannot hang the CLI. The CLI prints
+// the JSON or aligned "key: value" lines with sizes in MiB.
 #include "vmm/app/api_client.hpp"
 #include "vmm/app/api.hpp"
-#include "devices/base/error.hpp"
 #include "devices/base/size.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -21,13 +18,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <dirent.h>
-#include <optional>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <thread>
 #include <unistd.h>
 #include <utility>
-#include <vector>
 
 namespace kguest {
 
@@ -126,7 +121,6 @@ std::string socket_for(const std::string& name) {
     return default_socket_dir() + "/" + name + ".sock";
 }
 
-// ---------------------------------------------------------------------------
 // The subcommands.
 
 namespace {
@@ -378,13 +372,10 @@ int cmd_balloon(const CliOptions& o) {
             std::fflush(stdout);
         }
         last = actual;
-        if (reached) {
-            if (o.json) print_json(info);
-            return 0;
-        }
         auto now = Clock::now();
-        if (now >= deadline) {
+        if (reached || now >= deadline) {
             if (o.json) print_json(info);
+            if (reached) return 0;
             std::fflush(stdout);
             std::fprintf(stderr, "kguest: %s: balloon holds %s, not %s, after %g s\n", t.label.c_str(),
                          mib(actual).c_str(), mib(goal).c_str(), o.timeout_s.value_or(60.0));
@@ -440,14 +431,10 @@ const char* cli_usage() { return kCliUsage; }
 int cli_main(int argc, char** argv) {
     try {
         return run_cli(argc, argv);
-    } catch (const UsageError& e) {
-        std::fflush(stdout);
-        std::fprintf(stderr, "kguest: %s\n", e.what());
-        return 2;
     } catch (const std::exception& e) {
         std::fflush(stdout);
         std::fprintf(stderr, "kguest: %s\n", e.what());
-        return 1;
+        return dynamic_cast<const UsageError*>(&e) ? 2 : 1;
     }
 }
 

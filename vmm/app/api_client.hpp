@@ -1,17 +1,9 @@
 // The client side of the VM control API (see api.hpp): ApiClient makes one
 // HTTP request per connection on a VM's UNIX socket, under a deadline, and
-// cli_main() implements the control subcommands of the kguest binary:
-//
-//   kguest list                                   running VMs: NAME STATE MEMORY
-//   kguest info NAME                              vm.info
-//   kguest stats NAME                             vm.counters
-//   kguest balloon NAME --target SIZE [--wait] [--timeout SECONDS]
-//   kguest pause|resume|stop NAME
-//
-// NAME picks socket_for(NAME); `--api-socket PATH` names a socket instead and
-// `--json` prints the server's JSON as is. Exit status: 0 done, 1 the VM could
-// not be reached, refused, or (balloon --wait) did not get there in time,
-// 2 bad usage. Beast stays inside api_client.cpp.
+// cli_main() implements the control subcommands of the kguest binary (list,
+// info, stats, balloon, pause, resume, stop; see cli_usage()). Exit status: 0
+// done, 1 the VM could not be reached, refused, or (balloon --wait) did not
+// get there in time, 2 bad usage. Beast stays inside api_client.cpp.
 #pragma once
 
 #include "devices/base/error.hpp"
@@ -20,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -40,23 +33,17 @@ public:
 
     // `endpoint` is "vm.info" (put under /api/v1/) or a full "/api/v1/..." path.
     // Throws SysError naming the call and the socket when the VM cannot be
-    // reached ("connect /run/kguest/vm.sock: Connection refused (errno 111)")
-    // or the exchange does not finish in time (ETIMEDOUT); any HTTP status is
-    // returned, not thrown.
+    // reached or does not answer in time (ETIMEDOUT); any HTTP status is returned.
     ApiResponse request(std::string_view method, std::string_view endpoint,
                         const nlohmann::json& body = nullptr) const;
     ApiResponse get(std::string_view endpoint) const { return request("GET", endpoint); }
-    ApiResponse put(std::string_view endpoint, const nlohmann::json& body = nullptr) const {
-        return request("PUT", endpoint, body);
-    }
 
 private:
     std::string path_;
     std::chrono::milliseconds timeout_;
 };
 
-// Where VMs put their sockets: $XDG_RUNTIME_DIR/kguest when set, else
-// /run/kguest for root, else /tmp/kguest-$UID.
+// Where VMs put their sockets: $XDG_RUNTIME_DIR/kguest, /run/kguest for root, or /tmp/kguest-$UID.
 std::string default_socket_dir();
 // default_socket_dir() + "/NAME.sock"; throws UsageError for a name with '/'.
 std::string socket_for(const std::string& name);
@@ -78,20 +65,12 @@ public:
         return a;
     }
     std::string value(const std::string& flag) {
-        if (pending_) {
-            std::string v = *pending_;
-            pending_.reset();
-            return v;
-        }
+        if (pending_) return *std::exchange(pending_, std::nullopt);
         if (done()) throw UsageError(prefix_ + flag + " needs a value");
         return v_[i_++];
     }
     // The `=VALUE` of `--flag=VALUE`, for flags whose value is optional.
-    std::optional<std::string> optional_value() {
-        std::optional<std::string> v;
-        v.swap(pending_);
-        return v;
-    }
+    std::optional<std::string> optional_value() { return std::exchange(pending_, std::nullopt); }
     void no_value(const std::string& flag) {
         if (pending_) throw UsageError(prefix_ + flag + " takes no value");
     }
@@ -106,8 +85,7 @@ private:
 // The usage lines of these subcommands, for `kguest --help`.
 const char* cli_usage();
 
-// argv[1] is the subcommand (list, info, balloon, stats, pause, resume, stop).
-// Prints errors itself as one line; returns the exit status.
+// argv[1] is the subcommand. Prints errors itself as one line; returns the exit status.
 int cli_main(int argc, char** argv);
 
 } // namespace kguest

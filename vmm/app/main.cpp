@@ -44,8 +44,7 @@ constexpr const char* kUsage =
     "                            /run/kguest/NAME.sock for root)\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n";
 
-// --balloon=KEY=on|off,...: the features the balloon offers (all by default),
-// named as Cloud Hypervisor's --balloon names them.
+// --balloon=KEY=on|off,...: the features the balloon offers, in Cloud Hypervisor's names.
 BalloonOptions parse_balloon_options(const std::string& spec) {
     BalloonOptions o;
     std::size_t pos = 0;
@@ -139,11 +138,10 @@ int cmd_run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     using namespace kguest;
-    // Threads (vCPUs, the API server, device loops) get 1 MiB stacks instead
-    // of glibc's 8 MiB: none needs more, and a stack mapping smaller than
-    // 2 MiB can never be given a transparent huge page on hosts with THP
-    // "always" (Debian's default), which added 2 MiB of RSS per thread now
-    // and then (seen in scripts/linux-boot-bench).
+    // 1 MiB thread stacks instead of glibc's 8 MiB: none needs more, and a
+    // mapping under 2 MiB never gets a transparent huge page with THP "always"
+    // (Debian's default), which added 2 MiB of RSS per thread now and then
+    // (seen in scripts/linux-boot-bench).
     pthread_attr_t attr;
     if (pthread_attr_init(&attr) == 0) {
         if (pthread_attr_setstacksize(&attr, 1 << 20) == 0) pthread_setattr_default_np(&attr);
@@ -153,9 +151,7 @@ int main(int argc, char** argv) {
         if (argc < 2) throw UsageError("no command given (see kguest --help)");
         std::string cmd = argv[1];
         if (cmd == "--help" || cmd == "-h" || cmd == "help") {
-            std::fputs(kUsage, stdout);
-            std::fputs("\ncontrol commands (through a running VM's API socket):\n", stdout);
-            std::fputs(cli_usage(), stdout);
+            std::printf("%s\ncontrol commands (through a running VM's API socket):\n%s", kUsage, cli_usage());
             return 0;
         }
         if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
@@ -167,11 +163,8 @@ int main(int argc, char** argv) {
         }
         if (cmd == "run") return cmd_run(argc, argv);
         throw UsageError("unknown command '" + cmd + "' (see kguest --help)");
-    } catch (const UsageError& e) {
-        std::fprintf(stderr, "kguest: %s\n", e.what());
-        return 2;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "kguest: %s\n", e.what());
-        return 1;
+        return dynamic_cast<const UsageError*>(&e) ? 2 : 1;
     }
 }

@@ -1,6 +1,5 @@
 // The `--net` option of `kguest run`: parses its value into the NetConfig
-// the machine opens a backend from (devices/net_backend.hpp). Application
-// layer: the device model knows nothing of the command line.
+// the machine opens a backend from (devices/net_backend.hpp).
 #pragma once
 
 #include "devices/net_backend.hpp"
@@ -9,10 +8,9 @@
 
 namespace kguest {
 
-// Parses `tap=IFNAME[,mac=XX:XX:XX:XX:XX:XX][,queues=N]` or
-// `stream=PATH[,mac=...]`. Without mac=, the MAC is 52:54:00:12:34:56 plus
-// `index` (the device's index among the --net options). Throws UsageError
-// with one line naming the problem.
+// Parses `tap=IFNAME[,mac=XX:XX:XX:XX:XX:XX][,queues=N]` or `stream=PATH[,mac=...]`.
+// Without mac=, the MAC is 52:54:00:12:34:56 plus `index` (among the --net
+// options). Throws UsageError naming the problem.
 NetConfig parse_net_spec(std::string_view spec, unsigned index = 0);
 
 } // namespace kguest

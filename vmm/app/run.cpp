@@ -1,8 +1,7 @@
 // Running a VM (see run.hpp): the console input, the stop signals, the exit
-// report, and MachineControl, the control API's typed view of the Machine.
-// The API thread calls MachineControl; its pause() waits for the vCPUs to
-// park (they never wait for the API thread), everything else is atomics or
-// the devices' own locks. The rest runs on the thread that called run_vm.
+// report, and MachineControl, the control API's view of the Machine, called on
+// the API thread (its pause() waits for the vCPUs to park; the rest is atomics
+// or the devices' own locks). The rest runs on the thread that called run_vm.
 #include "vmm/app/run.hpp"
 #include "balloon/balloon.hpp"
 #include "devices/base/error.hpp"
@@ -102,10 +101,9 @@ private:
 };
 
 // The serial console's input for `--console stdio`: the terminal in raw-ish
-// mode (ISIG stays on, so Ctrl-C is SIGINT and stops the VM cleanly; output
-// processing stays on) and a thread that feeds stdin to COM1. The thread ends
-// at EOF or once `stop_fd` is readable (the VM stopped); the destructor joins
-// it, so the VM must be stopping by then, and restores the terminal.
+// mode (ISIG and output processing stay on, so Ctrl-C stops the VM cleanly)
+// and a thread that feeds stdin to COM1 until EOF or `stop_fd` is readable.
+// The destructor joins it (the VM must be stopping) and restores the terminal.
 class ConsoleInput {
 public:
     ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
@@ -150,8 +148,8 @@ private:
     std::thread thread_;
 };
 
-// Blocks the stop signals in this thread (and so in every thread started
-// after it) and reads them from a signalfd; restores the mask on destruction.
+// Blocks the stop signals in this thread (and the threads it starts) and reads
+// them from a signalfd; restores the mask on destruction.
 class StopSignals {
 public:
     StopSignals() {
@@ -177,15 +175,13 @@ private:
     Fd fd_;
 };
 
-// Until the VM has stopped, leaving run_vm (an exception) stops it first, so
-// that the console thread and the vCPU threads end and can be joined.
+// Leaving run_vm by an exception stops the VM first, so its threads can be joined.
 struct StopOnExit {
     Machine& m;
     ~StopOnExit() { m.loop().request_stop(1); }
 };
 
-// Waits in the calling thread for the VM to stop or a stop signal to arrive;
-// true when a signal stopped it.
+// Waits for the VM to stop or a stop signal; true when a signal stopped it.
 bool wait_for_stop(Machine& m, int signal_fd) {
     pollfd fds[2] = {{signal_fd, POLLIN, 0}, {m.loop().stop_fd(), POLLIN, 0}};
     for (;;) {
@@ -211,18 +207,17 @@ void exit_report(Machine& m, int status, bool signalled) {
     if (signalled)   // stopped from outside: where each vCPU was
         for (const auto& v : m.vcpus()) log_msg("vCPU %u: %s", v.id(), describe_vcpu(v).c_str());
     log_msg("vCPU 0 PV MSRs enabled by the guest: %s", pv_msrs_enabled(m.vcpus()[0]).c_str());
+    auto ull = [](std::uint64_t v) { return static_cast<unsigned long long>(v); };
     Port80& p = m.port80();
     log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
-            m.config().name.c_str(), status, static_cast<unsigned long long>(p.writes()),
-            p.absorbed() ? "in-kernel" : "userspace", static_cast<unsigned long long>(p.reads()), p.last_code());
+            m.config().name.c_str(), status, ull(p.writes()), p.absorbed() ? "in-kernel" : "userspace",
+            ull(p.reads()), p.last_code());
     std::size_t i = 0;
     for (const NetDevice& n : m.nets()) {
         NetCounters c = n.dev->counters();
         log_msg("virtio-net %zu: rx %llu packets (%llu dropped), tx %llu packets (%llu dropped); %llu MSI-X, %llu INTx interrupts",
-                i++, static_cast<unsigned long long>(c.rx_packets), static_cast<unsigned long long>(c.rx_dropped),
-                static_cast<unsigned long long>(c.tx_packets), static_cast<unsigned long long>(c.tx_dropped),
-                static_cast<unsigned long long>(n.slot->msi_count()),
-                static_cast<unsigned long long>(n.slot->intx_count()));
+                i++, ull(c.rx_packets), ull(c.rx_dropped), ull(c.tx_packets), ull(c.tx_dropped),
+                ull(n.slot->msi_count()), ull(n.slot->intx_count()));
     }
 }
 
@@ -234,9 +229,7 @@ int run_vm(const VmConfig& cfg) {
     bool signalled = false;
     {
         StopSignals signals;
-        // The control API on its own thread (a client can never make a vCPU
-        // wait), started before any other thread so a socket error needs no
-        // cleanup.
+        // The control API first, so a socket error needs no thread cleanup.
         MachineControl control(m);
         std::unique_ptr<ApiServer> api;
         if (cfg.api_socket != "none")

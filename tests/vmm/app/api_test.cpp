@@ -262,23 +262,23 @@ TEST_F(ApiServerTest, EveryRouteThroughClient) {
     EXPECT_EQ(r.status, 200u);
     EXPECT_EQ(r.body["port80"]["writes"], 42);
 
-    r = c.put("vm.resize", json{{"desired_balloon", 32 * MiB}});
+    r = c.request("PUT", "vm.resize", json{{"desired_balloon", 32 * MiB}});
     EXPECT_EQ(r.status, 204u);
     EXPECT_TRUE(r.body.is_null());
     EXPECT_EQ(vm_.target(), 32 * MiB);
-    r = c.put("vm.resize", json{{"desired_ram", 200 * MiB}});
+    r = c.request("PUT", "vm.resize", json{{"desired_ram", 200 * MiB}});
     EXPECT_EQ(r.status, 204u);
     EXPECT_EQ(vm_.target(), 56 * MiB);
 
-    EXPECT_EQ(c.put("vm.pause").status, 204u);
+    EXPECT_EQ(c.request("PUT", "vm.pause").status, 204u);
     EXPECT_TRUE(vm_.paused());
-    r = c.put("vm.pause");
+    r = c.request("PUT", "vm.pause");
     EXPECT_EQ(r.status, 409u);
     EXPECT_EQ(r.error(), "already paused");
     EXPECT_EQ(c.get("vm.info").body["state"], "paused");
-    EXPECT_EQ(c.put("vm.resume").status, 204u);
+    EXPECT_EQ(c.request("PUT", "vm.resume").status, 204u);
     EXPECT_FALSE(vm_.paused());
-    EXPECT_EQ(c.put("vm.shutdown").status, 204u);
+    EXPECT_EQ(c.request("PUT", "vm.shutdown").status, 204u);
     EXPECT_TRUE(vm_.stopped_);
 }
 
