@@ -8,34 +8,12 @@
 #include <cstring>
 #include <ctime>
 
-// Only the VIR_DOMAIN_MEMORY_STAT_* enum is used (nothing is linked).
-#if __has_include(<libvirt/libvirt.h>)
-#include <libvirt/libvirt.h>
-#define KGUEST_HAVE_LIBVIRT_H 1
-#endif
-
 namespace kguest {
 
 namespace {
 
-// libvirt's virDomainMemoryStatTags (libvirt-domain.h). The values are
-// libvirt's stable ABI, so without the header the same numbers serve.
-#ifdef KGUEST_HAVE_LIBVIRT_H
-constexpr int kVirSwapIn = VIR_DOMAIN_MEMORY_STAT_SWAP_IN, kVirSwapOut = VIR_DOMAIN_MEMORY_STAT_SWAP_OUT,
-              kVirMajorFault = VIR_DOMAIN_MEMORY_STAT_MAJOR_FAULT,
-              kVirMinorFault = VIR_DOMAIN_MEMORY_STAT_MINOR_FAULT, kVirUnused = VIR_DOMAIN_MEMORY_STAT_UNUSED,
-              kVirAvailable = VIR_DOMAIN_MEMORY_STAT_AVAILABLE, kVirUsable = VIR_DOMAIN_MEMORY_STAT_USABLE,
-              kVirDiskCaches = VIR_DOMAIN_MEMORY_STAT_DISK_CACHES,
-              kVirHugetlbPgalloc = VIR_DOMAIN_MEMORY_STAT_HUGETLB_PGALLOC,
-              kVirHugetlbPgfail = VIR_DOMAIN_MEMORY_STAT_HUGETLB_PGFAIL;
-#else
-constexpr int kVirSwapIn = 0, kVirSwapOut = 1, kVirMajorFault = 2, kVirMinorFault = 3, kVirUnused = 4,
-              kVirAvailable = 5, kVirUsable = 8, kVirDiskCaches = 10, kVirHugetlbPgalloc = 11,
-              kVirHugetlbPgfail = 12;
-#endif
-
 struct StatName {
-    int libvirt_tag;
+    int libvirt_tag;       // virDomainMemoryStatTags (libvirt-domain.h; stable ABI)
     const char* name;      // as virsh dommemstat / virDomainMemoryStats users know it
     std::uint64_t divisor; // virtio unit → libvirt unit (bytes → KiB for sizes)
 };
@@ -44,37 +22,22 @@ struct StatName {
 // in libvirt's qemuMonitorJSONGetMemoryStats ("stat-total-memory" →
 // VIR_DOMAIN_MEMORY_STAT_AVAILABLE, "stat-available-memory" → _USABLE).
 constexpr StatName kStatNames[VIRTIO_BALLOON_S_NR] = {
-    {kVirSwapIn, "swap_in", 1024},          // VIRTIO_BALLOON_S_SWAP_IN (bytes)
-    {kVirSwapOut, "swap_out", 1024},        // VIRTIO_BALLOON_S_SWAP_OUT (bytes)
-    {kVirMajorFault, "major_fault", 1},     // VIRTIO_BALLOON_S_MAJFLT
-    {kVirMinorFault, "minor_fault", 1},     // VIRTIO_BALLOON_S_MINFLT
-    {kVirUnused, "unused", 1024},           // VIRTIO_BALLOON_S_MEMFREE
-    {kVirAvailable, "available", 1024},     // VIRTIO_BALLOON_S_MEMTOT
-    {kVirUsable, "usable", 1024},           // VIRTIO_BALLOON_S_AVAIL
-    {kVirDiskCaches, "disk_caches", 1024},  // VIRTIO_BALLOON_S_CACHES
-    {kVirHugetlbPgalloc, "hugetlb_pgalloc", 1},   // VIRTIO_BALLOON_S_HTLB_PGALLOC
-    {kVirHugetlbPgfail, "hugetlb_pgfail", 1},     // VIRTIO_BALLOON_S_HTLB_PGFAIL
+    {0, "swap_in", 1024},           // VIRTIO_BALLOON_S_SWAP_IN (bytes)
+    {1, "swap_out", 1024},          // VIRTIO_BALLOON_S_SWAP_OUT (bytes)
+    {2, "major_fault", 1},          // VIRTIO_BALLOON_S_MAJFLT
+    {3, "minor_fault", 1},          // VIRTIO_BALLOON_S_MINFLT
+    {4, "unused", 1024},            // VIRTIO_BALLOON_S_MEMFREE
+    {5, "available", 1024},         // VIRTIO_BALLOON_S_MEMTOT
+    {8, "usable", 1024},            // VIRTIO_BALLOON_S_AVAIL
+    {10, "disk_caches", 1024},      // VIRTIO_BALLOON_S_CACHES
+    {11, "hugetlb_pgalloc", 1},     // VIRTIO_BALLOON_S_HTLB_PGALLOC
+    {12, "hugetlb_pgfail", 1},      // VIRTIO_BALLOON_S_HTLB_PGFAIL
 };
 
-const char* role_name(BalloonQueue r) {
-    switch (r) {
-    case BalloonQueue::inflate: return "inflateq";
-    case BalloonQueue::deflate: return "deflateq";
-    case BalloonQueue::stats: return "statsq";
-    case BalloonQueue::reporting: return "reporting_vq";
-    case BalloonQueue::none: break;
-    }
-    return "unused queue";
-}
+// Indexed by BalloonQueue.
+constexpr const char* kRoleNames[] = {"unused queue", "inflateq", "deflateq", "statsq", "reporting_vq"};
 
 } // namespace
-
-bool balloon_stat_libvirt(std::uint16_t tag, int& libvirt_tag, const char*& name) {
-    if (tag >= VIRTIO_BALLOON_S_NR) return false;
-    libvirt_tag = kStatNames[tag].libvirt_tag;
-    name = kStatNames[tag].name;
-    return true;
-}
 
 VirtioBalloon::VirtioBalloon(GuestMemory& mem, BalloonOptions options)
     : mem_(mem), options_(options), tracker_(mem) {
@@ -91,12 +54,8 @@ std::uint64_t VirtioBalloon::device_features() const {
     return f;
 }
 
-// ---- Configuration space (5.5.4) ----
-//
-//   0  le32 num_pages              device → driver: the target
-//   4  le32 actual                 driver → device
-//   8  le32 free_page_hint_cmd_id  (FREE_PAGE_HINT, not offered: reads 0)
-//  12  le32 poison_val             (PAGE_POISON, not offered: reads 0)
+// ---- Configuration space (5.5.4): le32 num_pages, le32 actual, then
+// free_page_hint_cmd_id and poison_val (features not offered: read 0) ----
 
 void VirtioBalloon::read_config(std::uint64_t offset, std::span<std::uint8_t> data) {
     std::array<std::uint8_t, kConfigSize> img{};
@@ -110,8 +69,7 @@ void VirtioBalloon::read_config(std::uint64_t offset, std::span<std::uint8_t> da
 }
 
 void VirtioBalloon::write_config(std::uint64_t offset, std::span<const std::uint8_t> data) {
-    // 5.5.4: only `actual` is driver-writable (poison_val too, with
-    // PAGE_POISON, which is not offered). Any width is applied byte-wise.
+    // 5.5.4: only `actual` is driver-writable (PAGE_POISON is not offered).
     std::lock_guard lock(mu_);
     for (std::size_t i = 0; i < data.size(); ++i) {
         const std::uint64_t o = offset + i;
@@ -124,9 +82,7 @@ void VirtioBalloon::set_target_pages(std::uint32_t pages) {
         std::lock_guard lock(mu_);
         num_pages_ = pages;
     }
-    // 2.5.1: configuration change notification (the transport bumps
-    // config_generation first).
-    notify_config_changed();
+    notify_config_changed();   // 2.5.1
 }
 
 std::uint32_t VirtioBalloon::target_pages() const {
@@ -210,9 +166,7 @@ bool VirtioBalloon::service(std::uint16_t q) {
     if (q >= queues_.size() || !queues_[q].ready()) return false;
     Virtqueue& vq = queues_[q];
     const BalloonQueue role = role_of(q, loop_features_, true);
-    // A queue of a feature that was not negotiated: nothing to do; its
-    // buffers stay where they are.
-    if (role == BalloonQueue::none) return false;
+    if (role == BalloonQueue::none) return false;   // feature not negotiated: buffers stay
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
         if (role == BalloonQueue::stats)
             take_stats(vq, q, chain);
@@ -228,7 +182,7 @@ bool VirtioBalloon::service(std::uint16_t q) {
             std::lock_guard lock(mu_);
             stats_held_ = false;
         }
-        fail_queue(role_name(role), vq.error());
+        fail_queue(kRoleNames[static_cast<int>(role)], vq.error());
     }
     if (role != BalloonQueue::stats) {   // the stats buffer is used on request only
         publish();
@@ -288,13 +242,11 @@ void VirtioBalloon::take_report(Virtqueue& vq, const DescChain& chain) {
 }
 
 void VirtioBalloon::take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& chain) {
-    // 5.5.6.3: the driver makes one device-readable buffer of
-    // virtio_balloon_stat entries available; the device keeps it until it
-    // wants fresh values, then uses it (length 0) and the driver refills and
-    // re-adds it.
+    // 5.5.6.3: the device keeps the one stats buffer until it wants fresh
+    // values, then uses it (length 0) and the driver refills and re-adds it.
     if (stats_head_) {
-        // A second buffer while we hold one: the driver broke the
-        // protocol. Give the old one back and keep the newest.
+        // A second buffer while we hold one breaks the protocol: give the old
+        // one back and keep the newest.
         vq.push_used(*stats_head_, 0);
         if (vq.needs_notification()) notify_used(q);
     }
