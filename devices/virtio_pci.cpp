@@ -1,10 +1,7 @@
 // The virtio-pci modern transport (see virtio_pci.hpp). The BAR is decoded by
-// region; within a region only the widths and offsets the spec gives a driver
-// are honoured (4.1.3.1: "the driver MUST access each field using the natural
-// width"), plus 8-byte accesses to the 64-bit queue addresses and MSI-X table
-// entries. Everything else reads all-ones and is dropped on write, so a
-// hostile guest can neither confuse the state machine nor reach past the
-// transport's arrays.
+// region; within a region only the natural widths and offsets are honoured
+// (4.1.3.1), plus 8-byte accesses to the 64-bit queue addresses and MSI-X
+// table entries. Everything else reads all-ones and is dropped on write.
 #include "devices/virtio_pci.hpp"
 
 #include <algorithm>
@@ -19,9 +16,7 @@ namespace {
 constexpr std::uint16_t kVirtioPciVendor = 0x1af4;
 constexpr std::uint16_t kVirtioPciModernBase = 0x1040;   // 4.1.2.1
 
-// Features this transport cannot honour, whatever the device offers:
-// packed rings, notification data, ring reset, SR-IOV (the split Virtqueue
-// and a single function are all there is).
+// Features this transport cannot honour, whatever the device offers.
 constexpr std::uint64_t kTransportUnsupported =
     virtio_bit(VIRTIO_F_RING_PACKED) | virtio_bit(VIRTIO_F_SR_IOV) |
     virtio_bit(VIRTIO_F_NOTIFICATION_DATA) | virtio_bit(VIRTIO_F_NOTIF_CONFIG_DATA) |
@@ -119,9 +114,7 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemo
 }
 
 VirtioPciDevice::~VirtioPciDevice() {
-    // A device with its own thread must stop using the queues (and us)
-    // before we go: reset() guarantees that (virtio.hpp).
-    device_->reset();
+    device_->reset();   // the device stops using the queues (and us)
     device_->attach(nullptr);
 }
 
@@ -191,10 +184,8 @@ void VirtioPciDevice::mmio_write(std::uint64_t offset, std::span<const std::uint
         return;
     }
     case kNotifyOffset: {
-        // 4.1.4.4: queue q's notify address is queue_notify_off(q) *
-        // notify_off_multiplier = 4q; the written value (the queue index
-        // without VIRTIO_F_NOTIFICATION_DATA) is ignored. No lock: the
-        // device gets the kick on this thread.
+        // 4.1.4.4: queue q's notify address is 4q; the value written is
+        // ignored. No lock: the device gets the kick on this thread.
         if (off % kNotifyOffMultiplier != 0 || n > kNotifyOffMultiplier) return;
         const std::uint64_t q = off / kNotifyOffMultiplier;
         const std::uint8_t st = status_.load();
@@ -254,8 +245,8 @@ bool VirtioPciDevice::common_read(std::uint64_t off, std::size_t size, std::uint
 }
 
 bool VirtioPciDevice::queue_setup_allowed(std::uint16_t q) const {
-    // 3.1.1 step 7 / 4.1.4.3.2: queues are set up after FEATURES_OK and
-    // before DRIVER_OK, while not enabled (no VIRTIO_F_RING_RESET).
+    // 3.1.1 step 7 / 4.1.4.3.2: after FEATURES_OK, before DRIVER_OK, while
+    // not enabled.
     const std::uint8_t st = status_.load();
     return q < qregs_.size() && (st & VIRTIO_CONFIG_S_FEATURES_OK) != 0 &&
            (st & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) == 0 &&
@@ -285,8 +276,7 @@ void VirtioPciDevice::common_write(std::uint64_t off, std::size_t size, std::uin
     } else if (is(VIRTIO_PCI_COMMON_Q_SELECT, 2)) {
         queue_select_ = static_cast<std::uint16_t>(v);
     } else if (is(VIRTIO_PCI_COMMON_Q_SIZE, 2)) {
-        // 2.7: a split queue's size is a power of 2; the driver may only
-        // lower it from the maximum.
+        // 2.7: a power of 2, at most the maximum.
         if (queue_setup_allowed(qs) && v != 0 && std::has_single_bit(v) && v <= qregs_[qs].max)
             qregs_[qs].size = static_cast<std::uint16_t>(v);
     } else if (is(VIRTIO_PCI_COMMON_Q_MSIX, 2)) {
@@ -308,8 +298,7 @@ void VirtioPciDevice::common_write(std::uint64_t off, std::size_t size, std::uin
         else if (off % 8 == 0) a = (a & ~std::uint64_t{0xffffffff}) | (v & 0xffffffff);
         else a = (a & 0xffffffff) | (v & 0xffffffff) << 32;
     }
-    // Read-only fields (device_feature, num_queues, config_generation,
-    // queue_notify_off, ...) and odd accesses: dropped.
+    // Read-only fields and odd accesses: dropped.
 }
 
 void VirtioPciDevice::write_status(std::uint8_t v) {
@@ -317,14 +306,13 @@ void VirtioPciDevice::write_status(std::uint8_t v) {
         reset_locked();
         return;
     }
-    // 2.1.2: the driver never clears a bit (only a reset does) and never sets
-    // DEVICE_NEEDS_RESET; such bits in the write are ignored.
+    // 2.1.2: the driver never clears a bit nor sets DEVICE_NEEDS_RESET.
     const std::uint8_t cur = status_.load();
     std::uint8_t add = static_cast<std::uint8_t>(v & ~cur & ~VIRTIO_CONFIG_S_NEEDS_RESET);
     const std::uint8_t next = cur | add;
     if ((add & VIRTIO_CONFIG_S_FEATURES_OK) != 0) {
-        // 3.1.1 step 5 / 6.1: only offered features, VERSION_1 required for a
-        // modern device, and after ACKNOWLEDGE and DRIVER.
+        // 3.1.1 step 5 / 6.1: offered features with VERSION_1, after
+        // ACKNOWLEDGE and DRIVER.
         const std::uint64_t drv = driver_features_.load();
         const bool ok = (next & VIRTIO_CONFIG_S_ACKNOWLEDGE) != 0 && (next & VIRTIO_CONFIG_S_DRIVER) != 0 &&
                         (drv & ~offered_) == 0 && (drv & virtio_bit(VIRTIO_F_VERSION_1)) != 0 &&
@@ -342,8 +330,7 @@ void VirtioPciDevice::write_status(std::uint8_t v) {
 }
 
 void VirtioPciDevice::reset_locked() {
-    // 2.4 / 4.1.4.3.1: the device stops, then every queue and every
-    // negotiation register returns to its initial value.
+    // 2.4 / 4.1.4.3.1: the device stops, then everything is back to initial.
     device_->reset();
     for (std::size_t i = 0; i < queues_.size(); ++i) {
         queues_[i].reset();
@@ -399,8 +386,7 @@ void VirtioPciDevice::interrupt_config() {
 }
 
 void VirtioPciDevice::needs_reset() {
-    // 2.1.2: set DEVICE_NEEDS_RESET, then a configuration change
-    // notification (sent here whether or not DRIVER_OK is set yet).
+    // 2.1.2: a configuration change notification, even before DRIVER_OK.
     const std::uint8_t old = status_.fetch_or(VIRTIO_CONFIG_S_NEEDS_RESET);
     if ((old & VIRTIO_CONFIG_S_NEEDS_RESET) != 0) return;
     std::lock_guard lock(irq_mu_);
@@ -516,11 +502,9 @@ void VirtioPciDevice::on_config_write(unsigned offset, unsigned size) {
 }
 
 void VirtioPciDevice::pci_cfg_window(unsigned offset, unsigned size) {
-    // 4.1.4.9: the driver picks a BAR, offset and length (1, 2 or 4, with the
-    // offset a multiple of it); a write to pci_cfg_data writes that many bytes
-    // there. We cannot see config reads, so after every write to the
-    // capability the data field is refreshed from the BAR, without the read
-    // side effect (the ISR is not cleared through the window).
+    // 4.1.4.9: the driver picks a BAR, offset and length (1, 2 or 4); a write
+    // to pci_cfg_data writes there. Config reads are invisible to us, so every
+    // write refreshes the data field from the BAR (without clearing the ISR).
     const unsigned cap = pci_cfg_cap_, data_off = cap + 16;
     const std::uint32_t bar = config_read(cap + 4, 1);
     const std::uint32_t off = config_read(cap + 8, 4);
