@@ -1,10 +1,9 @@
-// The split virtqueue (see virtqueue.hpp). Ring layout (2.7, all fields
-// little-endian): avail = { flags, idx, ring[size], used_event }, used =
-// { flags, idx, { id, len }[size], avail_event }. The indexes the two sides
-// publish (avail->idx, used->idx) are accessed atomically, with acquire on the
-// read of the driver's index and release on the write of ours (2.7.13.3,
-// 2.7.8); everything else is copied once into host variables before use, so a
-// guest changing the rings under us can give us garbage but never a bad access.
+// The split virtqueue (see virtqueue.hpp). Ring layout (2.7, little-endian):
+// avail = { flags, idx, ring[size], used_event }, used = { flags, idx,
+// { id, len }[size], avail_event }. avail->idx is read with acquire, used->idx
+// written with release (2.7.13.3, 2.7.8); everything else is copied once
+// before use, so a guest changing the rings under us gives garbage, never a
+// bad access.
 #include "devices/virtqueue.hpp"
 
 #include <algorithm>
@@ -15,9 +14,8 @@ namespace kguest {
 
 namespace {
 
-// Walks [offset, offset+len) of the readable (or writable) part of a chain,
-// calling fn(gpa, pos, n) for each piece; false, without calling fn, when the
-// range runs past the end of that part.
+// Calls fn(gpa, pos, n) for each piece of [offset, offset+len) of the readable
+// (or writable) part of a chain; false, calling nothing, past its end.
 template <typename Fn>
 bool for_each_piece(const DescChain& chain, bool writable, std::uint64_t offset, std::uint64_t len,
                     Fn&& fn) {
@@ -183,8 +181,7 @@ PopStatus Virtqueue::pop(DescChain& out) {
 
 bool Virtqueue::push_used(std::uint16_t head, std::uint32_t written) {
     if (!ready_ || failed_ || head >= size_) return false;
-    // 2.7.8: fill the element, then publish the index with release so the
-    // driver never sees the index before the element.
+    // 2.7.8: the element, then the index (release).
     const std::uint64_t elem = 4 + 8 * (used_idx_ & (size_ - 1));
     used_.store_le32(elem, head);
     used_.store_le32(elem + 4, written);
@@ -195,8 +192,7 @@ bool Virtqueue::push_used(std::uint16_t head, std::uint32_t written) {
 
 bool Virtqueue::needs_notification() {
     if (!ready_) return false;
-    // Our used->idx store must be visible before we read the driver's
-    // suppression state, or both sides may decide not to act.
+    // Our used->idx store before the driver's suppression state is read.
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (!event_idx_)   // 2.7.7.2
         return (avail_.load_le16(0) & kVirtqAvailFNoInterrupt) == 0;
@@ -215,8 +211,8 @@ void Virtqueue::set_avail_event() {
 }
 
 void Virtqueue::disable_notifications() {
-    // With EVENT_IDX the driver ignores used->flags (2.7.10); leaving
-    // avail_event where it is suppresses notifications once it is passed.
+    // With EVENT_IDX the driver ignores used->flags (2.7.10); an avail_event
+    // left behind suppresses notifications.
     if (ready_ && !event_idx_) used_.store_le16(0, kVirtqUsedFNoNotify);
 }
 
@@ -226,8 +222,7 @@ bool Virtqueue::enable_notifications() {
         set_avail_event();
     else
         used_.store_le16(0, 0);
-    // The store above must be visible before we re-read avail->idx: a driver
-    // that added a buffer just before reading it would not notify us.
+    // The store must be visible before avail->idx is re-read.
     std::atomic_thread_fence(std::memory_order_seq_cst);
     return avail_idx() != last_avail_;
 }
