@@ -79,7 +79,6 @@ TEST(PciHostBridge, LinuxType1Probe) {
     EXPECT_EQ(f.g.in(0xcf8, 4), 0u);
     f.g.out(0xcf8, 4, 0x80000000u);
     EXPECT_EQ(f.g.in(0xcf8, 4), 0x80000000u);
-    EXPECT_EQ(f.bridge.address(), 0x80000000u);
     // pci_sanity_check: some slot 0..31 has a host-bridge/VGA class or Intel/Compaq vendor.
     bool sane = false;
     for (unsigned slot = 0; slot < 32; ++slot) {
@@ -172,7 +171,6 @@ TEST(PciBar, Mem32Sizing) {
     EXPECT_EQ(f.g.cfg_read(3, 0x10), 0xfffff000u);
     f.g.cfg_write(3, 0x14, 4, 0xffffffff);
     EXPECT_EQ(f.g.cfg_read(3, 0x14), 0xfff00008u);  // prefetchable
-    EXPECT_EQ(f.fn->bar_size(0), 0x1000u);
     EXPECT_THROW(f.fn->set_bar(0, 0x1000, Kind::kMem32), std::invalid_argument);  // taken
     EXPECT_THROW(f.fn->set_bar(2, 8, Kind::kMem32), std::invalid_argument);
     EXPECT_THROW(f.fn->set_bar(2, 0x3000, Kind::kMem32), std::invalid_argument);
