@@ -102,41 +102,34 @@ void VirtioBalloon::activate(std::span<Virtqueue> queues, GuestMemory& /*mem*/) 
     loop_->run_and_wait([this, queues, features] {
         {
             std::lock_guard lock(mu_);
-            active_ = !queues.empty();
-            features_ = features;
             stats_held_ = stats_requested_ = false;
         }
         queues_ = queues;
-        loop_features_ = features;
+        features_ = features;
         stats_head_.reset();
         stats_queue_ = 0;
         for (std::uint16_t q = 0; q < queues_.size(); ++q)
-            if (role_of(q, features, true) == BalloonQueue::stats) stats_queue_ = q;
-        // Linux primes statsq with its first buffer and kicks it in probe,
-        // before it sets DRIVER_OK, and the transport drops kicks before
-        // DRIVER_OK: pick that buffer up now, or the stats would never start.
-        if (!queues_.empty() && role_of(stats_queue_, features, true) == BalloonQueue::stats && service(stats_queue_))
+            if (role_of(q, features) == BalloonQueue::stats) stats_queue_ = q;
+        // Linux adds and kicks the first stats buffer before DRIVER_OK, and
+        // the transport drops that kick: pick it up now.
+        if (!queues_.empty() && role_of(stats_queue_, features) == BalloonQueue::stats && service(stats_queue_))
             loop_->mark(stats_queue_);
     });
 }
 
 void VirtioBalloon::reset() {
-    // 2.4: stop touching the queues; the transport resets them after us.
-    // The stats buffer belongs to the old rings: drop it without pushing.
+    // 2.4: stop touching the queues; the stats buffer goes without a push.
     loop_->run_and_wait([this] {
         queues_ = {};
-        loop_features_ = 0;
+        features_ = 0;
         stats_head_.reset();
         std::lock_guard lock(mu_);
-        active_ = false;
-        features_ = 0;
         stats_held_ = stats_requested_ = false;
         actual_ = 0;
     });
 }
 
-BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features, bool active) {
-    if (!active) return BalloonQueue::none;
+BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features) {
     const bool stats = (features & virtio_bit(VIRTIO_BALLOON_F_STATS_VQ)) != 0;
     const bool reporting = (features & virtio_bit(VIRTIO_BALLOON_F_REPORTING)) != 0;
     switch (q) {
@@ -150,8 +143,10 @@ BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features, boo
 }
 
 BalloonQueue VirtioBalloon::queue_role(std::uint16_t q) const {
-    std::lock_guard lock(mu_);
-    return role_of(q, features_, active_);
+    auto role = std::make_shared<std::atomic<BalloonQueue>>(BalloonQueue::none);
+    loop_->run_and_wait(
+        [this, role, q] { role->store(queues_.empty() ? BalloonQueue::none : role_of(q, features_)); });
+    return role->load();
 }
 
 bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
@@ -165,7 +160,7 @@ bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
 bool VirtioBalloon::service(std::uint16_t q) {
     if (q >= queues_.size() || !queues_[q].ready()) return false;
     Virtqueue& vq = queues_[q];
-    const BalloonQueue role = role_of(q, loop_features_, true);
+    const BalloonQueue role = role_of(q, features_);
     if (role == BalloonQueue::none) return false;   // feature not negotiated: buffers stay
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
         if (role == BalloonQueue::stats)
@@ -206,8 +201,7 @@ void VirtioBalloon::fail_queue(const char* what, GuestError e) {
 }
 
 void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate) {
-    // 5.5.6.1: each buffer is an array of le32 PFNs (4 KiB frames),
-    // device-readable; any device-writable part is ignored (used length 0).
+    // 5.5.6.1: device-readable le32 PFNs (4 KiB frames); used length 0.
     constexpr std::uint64_t kChunk = 1024;   // PFNs read at a time
     std::uint32_t raw[kChunk];
     std::uint64_t n_pfns = chain.readable_len() / 4;
@@ -231,9 +225,8 @@ void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflat
 }
 
 void VirtioBalloon::take_report(Virtqueue& vq, const DescChain& chain) {
-    // 5.5.6.4: each device-writable buffer is a free range of guest memory;
-    // the device may discard it and returns the chain with length 0. The
-    // pages stay the guest's (not ballooned): nothing is tracked.
+    // 5.5.6.4: each device-writable buffer is a free range the device may
+    // discard; used length 0.
     for (const DescChainElem& e : chain.elems())
         if (e.write) tracker_.report_free(e.addr, e.len);
     vq.push_used(chain.head(), 0);
@@ -255,9 +248,8 @@ void VirtioBalloon::take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& 
 }
 
 void VirtioBalloon::parse_stats(const DescChain& chain) {
-    // 5.5.6.3: struct virtio_balloon_stat { le16 tag; le64 val; } packed,
-    // 10 bytes each. A trailing partial entry is ignored; so is what lies
-    // past kMaxStatsEntries (Linux sends one entry per known tag).
+    // 5.5.6.3: packed { le16 tag; le64 val; } entries; a partial entry and
+    // what lies past kMaxStatsEntries are ignored.
     constexpr std::size_t kEntry = 10;
     std::uint64_t n = chain.readable_len() / kEntry;
     const bool odd = chain.readable_len() % kEntry != 0, truncated = n > kMaxStatsEntries;

@@ -138,8 +138,8 @@ public:
     BalloonStats stats() const;
 
     BalloonCounters counters() const;
-    // For tests: queue q's role (none before activation), whether page `pfn`
-    // is in the balloon (asks the loop), and waiting for the loop to settle.
+    // For tests (they ask the loop): queue q's role (none while inactive),
+    // whether page `pfn` is in the balloon, and waiting for the loop to settle.
     BalloonQueue queue_role(std::uint16_t q) const;
     bool page_inflated(std::uint64_t pfn) const;
     bool settle() { return loop_->wait_idle(); }
@@ -158,7 +158,7 @@ public:
     bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
 
 private:
-    static BalloonQueue role_of(std::uint16_t q, std::uint64_t features, bool active);
+    static BalloonQueue role_of(std::uint16_t q, std::uint64_t features);
     // On the loop.
     bool service(std::uint16_t q);
     void take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate);
@@ -174,8 +174,6 @@ private:
 
     // Shared with the API threads (mu_, never held across guest-driven work).
     mutable std::mutex mu_;
-    bool active_ = false;
-    std::uint64_t features_ = 0;    // negotiated, at activate()
     std::uint32_t num_pages_ = 0;
     std::uint32_t actual_ = 0;
     bool stats_held_ = false;       // the loop holds a stats buffer
@@ -191,7 +189,7 @@ private:
     // Loop thread only.
     BalloonTracker tracker_;
     std::span<Virtqueue> queues_;   // empty while not active
-    std::uint64_t loop_features_ = 0;
+    std::uint64_t features_ = 0;    // negotiated, at activate()
     std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
     std::uint16_t stats_queue_ = 0;
     std::vector<std::uint64_t> pfn_buf_;
