@@ -36,14 +36,6 @@ void PciFunction::set_class(std::uint32_t class_code, std::uint8_t revision) {
     set_config(pci::kClassProg + 1, 2, (class_code >> 8) & 0xffff);
 }
 
-void PciFunction::set_subsystem(std::uint16_t vendor, std::uint16_t id) {
-    set_config(pci::kSubsystemVendor, 2, vendor);
-    set_config(pci::kSubsystemId, 2, id);
-}
-
-void PciFunction::set_header_type(std::uint8_t type) { set_config(pci::kHeaderType, 1, type); }
-void PciFunction::set_interrupt_pin(std::uint8_t pin) { set_config(pci::kInterruptPin, 1, pin); }
-
 std::uint8_t PciFunction::add_capability(std::uint8_t id, std::span<const std::uint8_t> body,
                                          std::span<const std::uint8_t> writable) {
     if (!writable.empty() && writable.size() != body.size())

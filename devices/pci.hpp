@@ -57,9 +57,6 @@ public:
     // Identity (read-only to the guest).
     void set_ids(std::uint16_t vendor, std::uint16_t device);
     void set_class(std::uint32_t class_code, std::uint8_t revision = 0);  // 24-bit base/sub/prog-if
-    void set_subsystem(std::uint16_t vendor, std::uint16_t id);
-    void set_header_type(std::uint8_t type);
-    void set_interrupt_pin(std::uint8_t pin);  // 1 = INTA# .. 4 = INTD#, 0 = none
 
     // Appends a capability (spec §6.7): `body` follows the ID and Next bytes;
     // `writable` (same length or empty) is its guest-writable mask. Returns

@@ -34,6 +34,12 @@ void store_le(std::span<std::uint8_t> d, std::uint64_t v) {
 
 bool natural(std::size_t size) { return size == 1 || size == 2 || size == 4 || size == 8; }
 
+// 4.1.4.3: the 64-bit queue addresses, whole or as two 32-bit halves.
+bool queue_address(std::uint64_t off, std::size_t size) {
+    return off >= VIRTIO_PCI_COMMON_Q_DESCLO && off < VIRTIO_PCI_COMMON_Q_NDATA &&
+           (size == 8 ? off % 8 == 0 : size == 4 && off % 4 == 0);
+}
+
 // 4.1.4: struct virtio_pci_cap after cap_vndr/cap_next: cap_len, cfg_type,
 // bar, id, padding[2], offset, length, then `extra` (notify_off_multiplier
 // or pci_cfg_data).
@@ -79,9 +85,9 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemo
     // 4.1.2: identity.
     set_ids(kVirtioPciVendor, static_cast<std::uint16_t>(kVirtioPciModernBase + device_->device_id()));
     set_class(class_code, 1);
-    set_subsystem(kVirtioPciVendor, kSubsystemId);
-    set_header_type(0);
-    set_interrupt_pin(1);
+    set_config(pci::kSubsystemVendor, 2, kVirtioPciVendor);
+    set_config(pci::kSubsystemId, 2, kSubsystemId);
+    set_config(pci::kInterruptPin, 1, 1);   // INTA#; header type 0
     set_bar(kBar, kBarSize, BarKind::kMem64);
 
     // 4.1.4: the virtio capabilities, then MSI-X.
@@ -208,7 +214,7 @@ void VirtioPciDevice::mmio_write(std::uint64_t offset, std::span<const std::uint
 bool VirtioPciDevice::common_read(std::uint64_t off, std::size_t size, std::uint64_t& v) {
     auto is = [&](unsigned field, std::size_t width) { return off == field && size == width; };
     const std::uint16_t qs = queue_select_;
-    const QueueRegs* q = qs < qregs_.size() ? &qregs_[qs] : nullptr;
+    QueueRegs* q = qs < qregs_.size() ? &qregs_[qs] : nullptr;
     const std::uint64_t drv = driver_features_.load();
     if (is(VIRTIO_PCI_COMMON_DFSELECT, 4)) v = dfselect_;
     else if (is(VIRTIO_PCI_COMMON_DF, 4)) v = dfselect_ < 2 ? static_cast<std::uint32_t>(offered_ >> (32 * dfselect_)) : 0;
@@ -229,14 +235,8 @@ bool VirtioPciDevice::common_read(std::uint64_t off, std::size_t size, std::uint
     } else if (is(VIRTIO_PCI_COMMON_Q_ENABLE, 2)) v = q ? q->enabled : 0;
     else if (is(VIRTIO_PCI_COMMON_Q_NOFF, 2)) v = q ? qs : 0;
     else if (is(VIRTIO_PCI_COMMON_Q_NDATA, 2) || is(VIRTIO_PCI_COMMON_Q_RESET, 2)) v = 0;
-    else if (off >= VIRTIO_PCI_COMMON_Q_DESCLO && off < VIRTIO_PCI_COMMON_Q_NDATA &&
-             (size == 8 ? off % 8 == 0 : size == 4 && off % 4 == 0)) {
-        // 64-bit queue addresses, whole or as two 32-bit halves.
-        const std::uint64_t field = off & ~7ull;
-        const std::uint64_t a = !q ? 0
-                                : field == VIRTIO_PCI_COMMON_Q_DESCLO  ? q->desc
-                                : field == VIRTIO_PCI_COMMON_Q_AVAILLO ? q->driver
-                                                                       : q->device;
+    else if (queue_address(off, size)) {
+        const std::uint64_t a = q ? q->address(off) : 0;
         v = size == 8 ? a : static_cast<std::uint32_t>(a >> (off % 8 == 0 ? 0 : 32));
     } else {
         return false;
@@ -286,14 +286,9 @@ void VirtioPciDevice::common_write(std::uint64_t off, std::size_t size, std::uin
     } else if (is(VIRTIO_PCI_COMMON_Q_ENABLE, 2)) {
         // Writing 0 is not allowed without VIRTIO_F_RING_RESET: ignored.
         if (v == 1 && queue_setup_allowed(qs)) enable_queue(qs);
-    } else if (off >= VIRTIO_PCI_COMMON_Q_DESCLO && off < VIRTIO_PCI_COMMON_Q_NDATA &&
-               (size == 8 ? off % 8 == 0 : size == 4 && off % 4 == 0)) {
+    } else if (queue_address(off, size)) {
         if (!queue_setup_allowed(qs)) return;
-        const std::uint64_t field = off & ~7ull;
-        QueueRegs& q = qregs_[qs];
-        std::uint64_t& a = field == VIRTIO_PCI_COMMON_Q_DESCLO  ? q.desc
-                           : field == VIRTIO_PCI_COMMON_Q_AVAILLO ? q.driver
-                                                                  : q.device;
+        std::uint64_t& a = qregs_[qs].address(off);
         if (size == 8) a = v;
         else if (off % 8 == 0) a = (a & ~std::uint64_t{0xffffffff}) | (v & 0xffffffff);
         else a = (a & 0xffffffff) | (v & 0xffffffff) << 32;

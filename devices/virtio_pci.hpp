@@ -142,6 +142,9 @@ private:
         std::uint16_t size = 0;
         bool enabled = false;
         std::uint64_t desc = 0, driver = 0, device = 0;
+        std::uint64_t& address(std::uint64_t off) {   // of the field at common-cfg offset `off`
+            return off < VIRTIO_PCI_COMMON_Q_AVAILLO ? desc : off < VIRTIO_PCI_COMMON_Q_USEDLO ? driver : device;
+        }
     };
 
     // Region handlers; `size` is 1..8. Reads return false for "all-ones".

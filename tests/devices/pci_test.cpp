@@ -57,8 +57,9 @@ struct TestFn : PciFunction {
     TestFn() {
         set_ids(0x1af4, 0x1041);  // virtio-net, modern (VIRTIO 1.2 §4.1.2.1)
         set_class(0x020000, 0x01);
-        set_subsystem(0x1af4, 0x1100);
-        set_interrupt_pin(1);
+        set_config(pci::kSubsystemVendor, 2, 0x1af4);
+        set_config(pci::kSubsystemId, 2, 0x1100);
+        set_config(pci::kInterruptPin, 1, 1);
     }
     void on_bar_moved(unsigned i, std::uint64_t o, std::uint64_t n) override { moves.emplace_back(i, o, n); }
     void on_command_write(std::uint16_t o, std::uint16_t n) override { cmds.emplace_back(o, n); }
