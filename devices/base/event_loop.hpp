@@ -69,8 +69,6 @@ public:
     // One pass over queue q; true when the budget ran out with work left.
     using Service = std::function<bool(std::uint16_t q)>;
 
-    static constexpr std::chrono::milliseconds kDefaultTimeout{2000};
-
     // Starts the loop thread; `name` prefixes log lines. Throws SysError.
     EventLoop(std::string name, std::uint16_t queues, Service service);
     ~EventLoop();   // stop()
@@ -82,11 +80,11 @@ public:
     void post(std::function<void()> fn);
     // Runs fn on the loop (at once when called from it) and waits; false on
     // timeout (fn still runs later, so it must own what it captures).
-    bool run_and_wait(std::function<void()> fn, std::chrono::milliseconds timeout = kDefaultTimeout);
+    bool run_and_wait(std::function<void()> fn, std::chrono::milliseconds timeout = std::chrono::seconds(2));
     // Watches one eventfd per queue (fds[q] kicks q); the first call wins.
     bool watch_queues(std::span<const int> fds);
     // Waits until a pass ends with no queue left to service (tests, settling).
-    bool wait_idle(std::chrono::milliseconds timeout = kDefaultTimeout);
+    bool wait_idle(std::chrono::milliseconds timeout = std::chrono::seconds(2));
     // Cancels the I/O in flight, waits for it, and joins the thread. Idempotent.
     void stop();
 
