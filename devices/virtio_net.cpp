@@ -144,14 +144,9 @@ void VirtioNet::queue_notify(std::uint16_t q) { loop_->kick(q); }
 bool VirtioNet::take_notify_fds(std::span<const int> fds) { return loop_->watch_queues(fds); }
 
 NetCounters VirtioNet::counters() const {
-    NetCounters c;
-    c.rx_packets = rx_packets_.load(std::memory_order_relaxed);
-    c.rx_bytes = rx_bytes_.load(std::memory_order_relaxed);
-    c.rx_dropped = rx_dropped_.load(std::memory_order_relaxed);
-    c.tx_packets = tx_packets_.load(std::memory_order_relaxed);
-    c.tx_bytes = tx_bytes_.load(std::memory_order_relaxed);
-    c.tx_dropped = tx_dropped_.load(std::memory_order_relaxed);
-    return c;
+    constexpr auto o = std::memory_order_relaxed;
+    return {rx_packets_.load(o), rx_bytes_.load(o), rx_dropped_.load(o),
+            tx_packets_.load(o), tx_bytes_.load(o), tx_dropped_.load(o)};
 }
 
 // ---- On the loop ----
@@ -251,12 +246,13 @@ void VirtioNet::set_active_pairs(unsigned n) {
     for (unsigned p = 0; p < n; ++p) loop_->mark(static_cast<std::uint16_t>(2 * p));
 }
 
-void VirtioNet::queue_error(std::uint16_t q, GuestError e) {
+bool VirtioNet::queue_error(std::uint16_t q, GuestError e) {
     // 2.1.2: a broken ring: DEVICE_NEEDS_RESET, and hands off until reset.
     if (!logged_error_) log_msg("virtio-net: queue %u: %s; device needs reset", static_cast<unsigned>(q), e.reason);
     logged_error_ = true;
     broken_ = true;
     fail();
+    return false;
 }
 
 void VirtioNet::backend_closed(unsigned p, int err) {
@@ -435,14 +431,8 @@ bool VirtioNet::tx_frame(unsigned p, const DescChain& c) {
     Pair& s = *pair_[p];
     // 5.1.6.2: header then frame, in the readable part.
     const std::uint64_t len = c.readable_len();
-    if (len < kVnetHdrLen) {
-        queue_error(q, {"transmit chain shorter than the virtio-net header"});
-        return false;
-    }
-    if (len > kMaxPacketLen) {
-        queue_error(q, {"transmit frame larger than 65562 bytes"});
-        return false;
-    }
+    if (len < kVnetHdrLen) return queue_error(q, {"transmit chain shorter than the virtio-net header"});
+    if (len > kMaxPacketLen) return queue_error(q, {"transmit frame larger than 65562 bytes"});
     if (closed_) {
         tx_dropped_.fetch_add(1, std::memory_order_relaxed);
         queues_[q].push_used(c.head(), 0);
@@ -504,10 +494,8 @@ bool VirtioNet::ctrl_pump() {
     const std::uint16_t used_before = vq.used_idx();
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& c) {
         // 5.1.6.5: class, command, data (readable); ack (writable).
-        if (c.readable_len() < 2 || c.writable_len() < 1) {
-            queue_error(q, {"malformed control command"});
-            return false;
-        }
+        if (c.readable_len() < 2 || c.writable_len() < 1)
+            return queue_error(q, {"malformed control command"});
         const std::uint8_t ack = ctrl_command(c);
         c.write(*mem_, 0, &ack, 1);
         vq.push_used(c.head(), 1);

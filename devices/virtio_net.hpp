@@ -120,7 +120,7 @@ private:
     bool ctrl_pump();
     std::uint8_t ctrl_command(const DescChain& chain);
     void set_active_pairs(unsigned n);
-    void queue_error(std::uint16_t q, GuestError e);
+    bool queue_error(std::uint16_t q, GuestError e);   // false, for `return queue_error(...)`
     void backend_closed(unsigned p, int err);
     void maybe_notify(std::uint16_t q);
 

@@ -64,22 +64,18 @@ bool Virtqueue::configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint6
                           std::uint64_t used_gpa) {
     ready_ = false;
     if (failed_) return false;   // only reset() clears an error, keeping its reason
-    if (size == 0 || size > kVirtqMaxSize || !std::has_single_bit(size)) {
-        reason_ = "queue size is not a power of 2 in 1..32768";
+    auto refuse = [this](const char* why) {
+        reason_ = why;
         return false;
-    }
+    };
+    if (size == 0 || size > kVirtqMaxSize || !std::has_single_bit(size))
+        return refuse("queue size is not a power of 2 in 1..32768");
     // 2.7: alignment 16 / 2 / 4; sizes 16*size, 6+2*size, 6+8*size bytes.
-    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0) {
-        reason_ = "misaligned ring address";
-        return false;
-    }
+    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0) return refuse("misaligned ring address");
     auto desc = mem_.range(Gpa(desc_gpa), 16ull * size);
     auto avail = mem_.range(Gpa(avail_gpa), 6 + 2ull * size);
     auto used = mem_.range(Gpa(used_gpa), 6 + 8ull * size);
-    if (!desc || !avail || !used) {
-        reason_ = "ring not entirely in guest RAM";
-        return false;
-    }
+    if (!desc || !avail || !used) return refuse("ring not entirely in guest RAM");
     size_ = size;
     desc_ = *desc;
     avail_ = *avail;
@@ -108,25 +104,19 @@ std::uint16_t Virtqueue::avail_idx() const {
     return avail_.load_le16(2, std::memory_order_acquire);
 }
 
-bool Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total) {
+PopStatus Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total) {
     bool writable = (d.flags & kVirtqDescFWrite) != 0;
     // 2.7.4.2: the driver MUST place device-writable buffers after readable ones.
-    if (!writable && !out.elems_.empty() && out.elems_.back().write) {
-        fail("device-readable descriptor after a device-writable one");
-        return false;
-    }
-    if (!mem_.contains(Gpa(d.addr), d.len)) {   // a zero-length buffer must still point at RAM
-        fail("buffer not entirely in guest RAM");
-        return false;
-    }
+    if (!writable && !out.elems_.empty() && out.elems_.back().write)
+        return fail("device-readable descriptor after a device-writable one");
+    // A zero-length buffer must still point at RAM.
+    if (!mem_.contains(Gpa(d.addr), d.len)) return fail("buffer not entirely in guest RAM");
     total += d.len;
-    if (total > UINT32_MAX) {   // 2.7.5.2 caps a chain at 2^32 bytes; used->len has 32 bits
-        fail("chain longer than 4 GiB");
-        return false;
-    }
+    // 2.7.5.2 caps a chain at 2^32 bytes; used->len has 32 bits.
+    if (total > UINT32_MAX) return fail("chain longer than 4 GiB");
     out.elems_.push_back({Gpa(d.addr), d.len, writable});
     (writable ? out.writable_len_ : out.readable_len_) += d.len;
-    return true;
+    return PopStatus::ok;
 }
 
 PopStatus Virtqueue::pop(DescChain& out) {
@@ -170,7 +160,7 @@ PopStatus Virtqueue::pop(DescChain& out) {
         // 2.7.5.3.1: no chain longer than the queue size, indirect buffers
         // included. This also ends any loop through `next`.
         if (++buffers > size_) return fail("descriptor chain loops or is longer than the queue size");
-        if (!add_buffer(out, d, total)) return PopStatus::error;
+        if (add_buffer(out, d, total) != PopStatus::ok) return PopStatus::error;
         if (!(d.flags & kVirtqDescFNext)) break;
         if (d.next >= table_len) return fail("next index out of range");
         idx = d.next;

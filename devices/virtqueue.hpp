@@ -134,7 +134,7 @@ public:
 private:
     PopStatus fail(const char* reason);
     std::uint16_t avail_idx() const;   // acquire load of avail->idx
-    bool add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total);
+    PopStatus add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total);
 
     GuestMemory& mem_;
     bool event_idx_ = false;
