@@ -124,13 +124,9 @@ VirtioPciDevice::~VirtioPciDevice() {
     device_->attach(nullptr);
 }
 
-std::shared_ptr<BusDevice> VirtioPciDevice::bar_device() {
-    return std::shared_ptr<BusDevice>(shared_from_this(), &bar_region_);
-}
-
 // ---- BAR dispatch ----
 
-void VirtioPciDevice::mmio_read(std::uint64_t offset, std::span<std::uint8_t> data) {
+void VirtioPciDevice::read(std::uint64_t offset, std::span<std::uint8_t> data) {
     bar_read(offset, data, true);
 }
 
@@ -172,7 +168,7 @@ void VirtioPciDevice::bar_read(std::uint64_t offset, std::span<std::uint8_t> dat
     }
 }
 
-void VirtioPciDevice::mmio_write(std::uint64_t offset, std::span<const std::uint8_t> data) {
+void VirtioPciDevice::write(std::uint64_t offset, std::span<const std::uint8_t> data) {
     const std::size_t n = data.size();
     if (!natural(n) || offset >= kBarSize || n > kRegionSize - offset % kRegionSize) return;
     const std::uint64_t region = offset - offset % kRegionSize, off = offset % kRegionSize;
@@ -508,7 +504,7 @@ void VirtioPciDevice::pci_cfg_window(unsigned offset, unsigned size) {
     std::array<std::uint8_t, 4> buf{};
     if (offset < data_off + 4 && offset + size > data_off) {
         store_le(buf, config_read(data_off, 4));
-        mmio_write(off, std::span<const std::uint8_t>(buf.data(), len));
+        write(off, std::span<const std::uint8_t>(buf.data(), len));
     }
     buf.fill(0);
     bar_read(off, std::span(buf.data(), len), false);

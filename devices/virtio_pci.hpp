@@ -1,7 +1,7 @@
 // The virtio-pci modern transport (VIRTIO 1.2 section 4.1): one PCI function
 // wrapping one VirtioDevice. It knows nothing of KVM; interrupts leave through
 // VirtioInterrupts (irqfds / KVM MSI routes in the VMM) and the BAR is reached
-// through mmio_read/mmio_write or bar_device().
+// as a BusDevice (read/write, or bar_device()).
 //
 // PCI identity (4.1.2): vendor 0x1AF4, device 0x1040 + virtio device ID,
 // revision 1, subsystem 0x1AF4/0x1100 (as QEMU), INTA#. One 64-bit memory
@@ -83,6 +83,7 @@ struct VirtioInterrupts {
 
 class VirtioPciDevice : public PciFunction,
                         public VirtioTransport,
+                        public BusDevice,
                         public std::enable_shared_from_this<VirtioPciDevice> {
 public:
     static constexpr unsigned kBar = 4;
@@ -101,11 +102,10 @@ public:
                     std::shared_ptr<VirtioInterrupts> irq, std::uint32_t class_code);
     ~VirtioPciDevice() override;
 
-    // The BAR region, offsets relative to the BAR base; bar_device() is a
-    // BusDevice forwarding to them that shares ownership of this object.
-    void mmio_read(std::uint64_t offset, std::span<std::uint8_t> data);
-    void mmio_write(std::uint64_t offset, std::span<const std::uint8_t> data);
-    std::shared_ptr<BusDevice> bar_device();
+    // The BAR region, offsets relative to the BAR base.
+    void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
+    std::shared_ptr<BusDevice> bar_device() { return shared_from_this(); }
 
     // VirtioTransport.
     void interrupt_queue(std::uint16_t q) override;
@@ -126,17 +126,6 @@ protected:
     void on_config_write(unsigned offset, unsigned size) override;
 
 private:
-    class BarRegion : public BusDevice {
-    public:
-        explicit BarRegion(VirtioPciDevice& owner) : owner_(owner) {}
-        void read(std::uint64_t offset, std::span<std::uint8_t> data) override { owner_.mmio_read(offset, data); }
-        void write(std::uint64_t offset, std::span<const std::uint8_t> data) override {
-            owner_.mmio_write(offset, data);
-        }
-
-    private:
-        VirtioPciDevice& owner_;
-    };
     struct QueueRegs {
         std::uint16_t max = 0;
         std::uint16_t size = 0;
@@ -203,7 +192,6 @@ private:
     std::atomic<std::uint64_t> bar_gpa_{0};
     std::function<void(std::uint64_t, bool)> bar_hook_;
     RateLimit log_limit_{5};
-    BarRegion bar_region_{*this};
 };
 
 } // namespace kguest

@@ -165,7 +165,7 @@ protected:
     // device_status straight from the BAR, wherever the guest moved it.
     std::uint8_t raw_status() {
         std::array<std::uint8_t, 1> b{};
-        pci->mmio_read(VirtioPciDevice::kCommonOffset + VIRTIO_PCI_COMMON_STATUS, b);
+        pci->read(VirtioPciDevice::kCommonOffset + VIRTIO_PCI_COMMON_STATUS, b);
         return b[0];
     }
     std::uint8_t isr() { return static_cast<std::uint8_t>(rd(caps[VIRTIO_PCI_CAP_ISR_CFG].offset, 1)); }
@@ -574,11 +574,11 @@ TEST_F(VirtioPciTest, OddAccessesToCommonCfg) {
     EXPECT_EQ(common(VIRTIO_PCI_COMMON_NUMQ, 2), 2u);
     // Three bytes, sixteen bytes, a straddle into the ISR region.
     std::array<std::uint8_t, 16> b{};
-    pci->mmio_read(0, std::span(b.data(), 3));
+    pci->read(0, std::span(b.data(), 3));
     EXPECT_EQ(b[0], 0xff);
-    pci->mmio_read(0, std::span(b.data(), 16));
+    pci->read(0, std::span(b.data(), 16));
     EXPECT_EQ(b[15], 0xff);
-    pci->mmio_read(VirtioPciDevice::kIsrOffset - 2, std::span(b.data(), 4));
+    pci->read(VirtioPciDevice::kIsrOffset - 2, std::span(b.data(), 4));
     EXPECT_EQ(b[3], 0xff);
     // Device config: in range, past the end.
     EXPECT_EQ(rd(VirtioPciDevice::kDeviceOffset + 4, 4), 0x08070605u);
@@ -663,14 +663,14 @@ TEST_F(VirtioPciTest, HostileRandomAccessesDoNotCrash) {
         case 1: {
             // Mostly the interesting low part of every region.
             const std::uint64_t region = (r >> 16) % 9 * VirtioPciDevice::kRegionSize;
-            pci->mmio_write(region + (r >> 24) % 0x48, std::span<const std::uint8_t>(buf.data(), n));
+            pci->write(region + (r >> 24) % 0x48, std::span<const std::uint8_t>(buf.data(), n));
             break;
         }
         case 2:
-            pci->mmio_write(rng() % (VirtioPciDevice::kBarSize + 0x100), std::span<const std::uint8_t>(buf.data(), n));
+            pci->write(rng() % (VirtioPciDevice::kBarSize + 0x100), std::span<const std::uint8_t>(buf.data(), n));
             break;
         case 3:
-            pci->mmio_read(rng() % (VirtioPciDevice::kBarSize + 0x100), std::span(buf.data(), n));
+            pci->read(rng() % (VirtioPciDevice::kBarSize + 0x100), std::span(buf.data(), n));
             break;
         case 4: {
             // Config space, except the BAR and Command registers half the time.
@@ -703,7 +703,7 @@ TEST_F(VirtioPciTest, HostileRandomAccessesDoNotCrash) {
     }
     // Still drivable afterwards.
     const std::array<std::uint8_t, 1> zero{0};
-    pci->mmio_write(VIRTIO_PCI_COMMON_STATUS, zero);
+    pci->write(VIRTIO_PCI_COMMON_STATUS, zero);
     pci->config_write(msix_pos + 2, 2, 0);
     EXPECT_EQ(raw_status(), 0);
     EXPECT_EQ(cfg(msix_pos + 2, 2) & PCI_MSIX_FLAGS_ENABLE, 0u);
