@@ -36,8 +36,6 @@ public:
     std::shared_ptr<BusDevice> data_port() { return share(data_); }
     std::shared_ptr<BusDevice> command_port() { return share(command_); }
 
-    std::uint64_t resets() const;  // reset requests so far
-
 private:
     // One port; a wider access uses its first byte, other bytes read all ones.
     class PortDevice : public BusDevice {
@@ -64,7 +62,6 @@ private:
     std::uint8_t out_ = 0;              // output buffer: the last byte produced
     bool out_full_ = false;
     std::uint8_t pending_ = 0;          // command waiting for its data byte on 0x60 (0: none)
-    std::uint64_t resets_ = 0;
     RateLimit log_limit_;
 };
 
