@@ -7,9 +7,8 @@
 //  - Backing::off (4 KiB pages): every inflated page is discarded at once
 //    (runs of consecutive PFNs in one madvise).
 //  - Backing::thp / hugetlbfs: a region is discarded only when all 512 of
-//    its pages are inflated: discarding 4 KiB of a transparent huge page
-//    would split it (losing the 2 MiB backing in the host and KVM's stage-2
-//    map), and a hugetlb page cannot be split at all.
+//    its pages are inflated: discarding part of a transparent huge page
+//    splits it (in the host and KVM's stage-2 map); a hugetlb page cannot split.
 // Deflating a page clears its bit (a discarded page refaults as zeroes) and
 // un-releases its region. Free page reporting (5.5.6.4, report_free) discards
 // too, but tracks nothing: the pages stay the guest's.
@@ -54,8 +53,6 @@ public:
     // 5.5.6.1: the driver put these pages into the balloon / took them out.
     void inflate(std::span<const std::uint64_t> pfns);
     void deflate(std::span<const std::uint64_t> pfns);
-    void inflate(std::uint64_t pfn) { inflate(std::span<const std::uint64_t>(&pfn, 1)); }
-    void deflate(std::uint64_t pfn) { deflate(std::span<const std::uint64_t>(&pfn, 1)); }
 
     // 5.5.6.4: [gpa, gpa+len) is free in the guest: discards the whole
     // release_granule() units inside it. Returns the bytes discarded.
