@@ -27,8 +27,7 @@
 // loop takes only to publish counters and samples.
 //
 // Reset (2.4) forgets the queues and the stats buffer and sets `actual` to 0
-// but keeps the tracker: pages inflated before a driver reset stay released
-// until deflated (Linux deflates everything before it resets the device).
+// but keeps the tracker: inflated pages stay released until deflated.
 //
 // The guest is hostile: bad PFNs are counted and skipped, odd buffer lengths
 // are truncated to whole entries, chains are capped in what is read from
@@ -116,8 +115,7 @@ public:
     static constexpr std::uint16_t kNumQueues = 5;
     static constexpr std::uint16_t kQueueSize = 256;   // reporting needs >= 32 (Linux)
     static constexpr std::size_t kConfigSize = 16;
-    // Linux sends at most 256 PFNs per buffer; a chain with more is read up
-    // to this many and counted as truncated (bounds the work of one chain).
+    // Linux sends at most 256 PFNs per buffer; a longer chain is cut (counted).
     static constexpr std::uint64_t kMaxPfnsPerChain = 1u << 16;
     static constexpr std::size_t kMaxStatsEntries = 64;
     static constexpr int kBudget = 4;   // chains per service pass

@@ -78,11 +78,10 @@ public:
     // Whether frames carry a 12-byte virtio_net_hdr_v1 in front, both ways.
     virtual bool has_vnet_hdr() const = 0;
 
-    // Receive. read_frame() hands out, one per call, the frames completed
-    // reads brought in (with any vnet header) into `buf` (kMaxPacketLen
-    // bytes; larger frames are dropped). On `again` the caller posts the read
-    // read_op() describes (one per queue at most) and passes its result
-    // (bytes or -errno) to read_done().
+    // Receive. read_frame() hands out one received frame (with any vnet
+    // header) per call into `buf` (kMaxPacketLen bytes). On `again` the caller
+    // posts the read read_op() describes (one per queue) and passes its
+    // result (bytes or -errno) to read_done().
     virtual NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) = 0;
     virtual IoOp read_op(unsigned q) = 0;
     virtual void read_done(unsigned q, int res) = 0;

@@ -26,7 +26,6 @@ public:
     // that start at 0x80 count.
     static constexpr std::uint16_t kPort = 0x80;
     static constexpr std::uint64_t kLen = 4;
-    static constexpr std::uint8_t kReadValue = 0xff;
 
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;

@@ -44,11 +44,9 @@ constexpr std::uint64_t virtio_bit(unsigned feature) { return std::uint64_t{1} <
 // What a device may ask of its transport. Safe from any thread.
 class VirtioTransport {
 public:
-    // 2.3 / 2.7.7.2: used buffers in queue `q` (the device checked
-    // needs_notification()). Dropped before DRIVER_OK or for a bad queue.
+    // 2.3 / 2.7.7.2: used buffers in queue `q`; dropped before DRIVER_OK.
     virtual void interrupt_queue(std::uint16_t q) = 0;
-    // 2.5.1 / 4.1.4.3: the configuration changed: bumps config_generation
-    // and notifies.
+    // 2.5.1 / 4.1.4.3: bumps config_generation and notifies.
     virtual void interrupt_config() = 0;
     // 2.1.2: an unrecoverable error: sets DEVICE_NEEDS_RESET and notifies.
     virtual void needs_reset() = 0;
@@ -65,11 +63,9 @@ public:
 
     // 5: the virtio device ID (1 network, 5 balloon, ...).
     virtual std::uint16_t device_id() const = 0;
-    // Feature bits offered; the transport adds VERSION_1 and removes what it
-    // does not implement.
+    // Offered features (the transport adds VERSION_1, removes what it lacks).
     virtual std::uint64_t device_features() const = 0;
-    // 3.1.1 step 5: a last check of the driver's selection; false refuses
-    // FEATURES_OK.
+    // 3.1.1 step 5: a last check of the driver's choice; false refuses FEATURES_OK.
     virtual bool accept_features(std::uint64_t /*features*/) { return true; }
 
     // Queue count (fixed for the device's lifetime) and each queue's maximum
@@ -85,8 +81,7 @@ public:
     // 3.1.1 step 8: the driver set DRIVER_OK. `queues` holds every queue;
     // those the driver enabled are ready() (and stay valid until reset()).
     virtual void activate(std::span<Virtqueue> queues, GuestMemory& mem) = 0;
-    // 2.4: the driver wrote 0 to device_status (also before any activate).
-    // The device must stop touching the queues before it returns.
+    // 2.4: device_status 0 (also before any activate): stop touching the queues.
     virtual void reset() = 0;
     // 2.9 / 4.1.5.2: the driver kicked queue `q` (only after DRIVER_OK).
     virtual void queue_notify(std::uint16_t q) = 0;

@@ -96,8 +96,7 @@ public:
     static constexpr std::uint16_t kMaxQueues = 255;   // table (queues + 1) fits 4 KiB
     static constexpr std::uint16_t kSubsystemId = 0x1100;
 
-    // Throws std::invalid_argument on null arguments, 0 or more than kMaxQueues
-    // queues, a bad max_queue_size or a device config over 4 KiB.
+    // Throws std::invalid_argument on bad arguments or a device that cannot fit.
     VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemory& mem,
                     std::shared_ptr<VirtioInterrupts> irq, std::uint32_t class_code);
     ~VirtioPciDevice() override;
@@ -132,7 +131,8 @@ private:
         bool enabled = false;
         std::uint64_t desc = 0, driver = 0, device = 0;
         std::uint64_t& address(std::uint64_t off) {   // of the field at common-cfg offset `off`
-            return off < VIRTIO_PCI_COMMON_Q_AVAILLO ? desc : off < VIRTIO_PCI_COMMON_Q_USEDLO ? driver : device;
+            if (off < VIRTIO_PCI_COMMON_Q_AVAILLO) return desc;
+            return off < VIRTIO_PCI_COMMON_Q_USEDLO ? driver : device;
         }
     };
 

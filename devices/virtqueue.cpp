@@ -71,7 +71,8 @@ bool Virtqueue::configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint6
     if (size == 0 || size > kVirtqMaxSize || !std::has_single_bit(size))
         return refuse("queue size is not a power of 2 in 1..32768");
     // 2.7: alignment 16 / 2 / 4; sizes 16*size, 6+2*size, 6+8*size bytes.
-    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0) return refuse("misaligned ring address");
+    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0)
+        return refuse("misaligned ring address");
     auto desc = mem_.range(Gpa(desc_gpa), 16ull * size);
     auto avail = mem_.range(Gpa(avail_gpa), 6 + 2ull * size);
     auto used = mem_.range(Gpa(used_gpa), 6 + 8ull * size);
@@ -122,8 +123,7 @@ PopStatus Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64
 PopStatus Virtqueue::pop(DescChain& out) {
     if (failed_) return PopStatus::error;
     if (!ready_) return PopStatus::empty;
-    // 2.7.6: avail->idx is where the driver will put the next entry; it may
-    // only be up to `size` entries ahead of what we have consumed.
+    // 2.7.6: avail->idx may be at most `size` entries ahead of what we consumed.
     auto pending = static_cast<std::uint16_t>(avail_idx() - last_avail_);
     if (pending == 0) return PopStatus::empty;
     if (pending > size_) return fail("avail idx more than queue size ahead");
@@ -157,8 +157,7 @@ PopStatus Virtqueue::pop(DescChain& out) {
             idx = 0;
             continue;
         }
-        // 2.7.5.3.1: no chain longer than the queue size, indirect buffers
-        // included. This also ends any loop through `next`.
+        // 2.7.5.3.1: no chain longer than the queue size (this ends any loop too).
         if (++buffers > size_) return fail("descriptor chain loops or is longer than the queue size");
         if (add_buffer(out, d, total) != PopStatus::ok) return PopStatus::error;
         if (!(d.flags & kVirtqDescFNext)) break;

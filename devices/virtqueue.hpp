@@ -77,9 +77,8 @@ public:
     void set_event_idx(bool on) { event_idx_ = on; }         // VIRTIO_F_EVENT_IDX (2.7.10)
     void set_indirect(bool on) { indirect_ = on; }           // VIRTIO_F_INDIRECT_DESC (2.7.5.3)
 
-    // The driver enabled the queue: checks the size, the alignment and that
-    // each ring lies in guest RAM. On success the queue is ready with both
-    // indexes at 0; otherwise error() says why.
+    // The driver enabled the queue: checks size, alignment and that the rings
+    // lie in guest RAM; ready with both indexes at 0, or error() says why.
     bool configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint64_t avail_gpa,
                    std::uint64_t used_gpa);
     void reset();   // not ready, no error, no features
@@ -95,12 +94,10 @@ public:
     // ready); `error`: a malformed ring or chain, and every call until reset().
     PopStatus pop(DescChain& out);
 
-    // 2.7.8: hands chain `head` back with `written` bytes and publishes the
-    // used index (release). False if not usable or `head` is out of range.
+    // 2.7.8: hands chain `head` back with `written` bytes; false if unusable.
     bool push_used(std::uint16_t head, std::uint32_t written);
 
-    // 2.7.7.2 / 2.7.10: whether the driver wants an interrupt for the used
-    // buffers pushed since the previous call.
+    // 2.7.7.2 / 2.7.10: whether the driver wants an interrupt for the pushes since.
     bool needs_notification();
 
     // Driver → device notification suppression (2.7.7.1 / 2.7.10).

@@ -4,10 +4,9 @@
 //
 // Threads:
 //   - The loop thread (one per device) waits in one io_uring for its wake
-//     eventfd, the watched eventfds (KVM ioeventfds) and the device's I/O.
-//     It runs the completions, the posted requests, then one service pass
-//     for each queue with work. Only it touches the device's queues, guest
-//     memory and backend.
+//     eventfd, the watched eventfds and the device's I/O, then runs one
+//     service pass per queue with work. Only it touches the device's queues,
+//     guest memory and backend.
 //   - Any other thread may only kick() a queue, post() work, or
 //     run_and_wait() work on the loop with a timeout. None waits on anything
 //     a guest controls: a service pass is bounded by the device's budget

@@ -123,16 +123,14 @@ struct MemoryRegion {
 
 class GuestMemory {
 public:
-    // Maps `size` bytes (rounded up to 2 MiB). Throws SysError or
-    // std::runtime_error (with a hint for hugetlbfs).
+    // Maps `size` bytes (rounded up to 2 MiB). Throws on failure.
     GuestMemory(std::uint64_t size, Backing backing);
 
     std::uint64_t size() const { return mapping_.size(); }
     Backing backing() const { return backing_; }
     const std::vector<MemoryRegion>& regions() const { return regions_; }
 
-    // The view of [gpa, gpa+len) when all of it is guest RAM in one region;
-    // nullopt otherwise (including len overflow). len 0 is checked as 1 byte.
+    // The view of [gpa, gpa+len) when it is RAM in one region (len 0: 1 byte).
     std::optional<GuestRange> range(Gpa gpa, std::uint64_t len) {
         std::uint8_t* p = find(gpa, len);
         if (p == nullptr) return std::nullopt;
@@ -140,16 +138,14 @@ public:
     }
     bool contains(Gpa gpa, std::uint64_t len) const { return find(gpa, len) != nullptr; }
 
-    // Copies; false, with nothing copied, unless [gpa, gpa+len) is RAM in one
-    // region (len 0 always succeeds).
+    // Copies; false, copying nothing, unless it is all RAM in one region.
     bool read(Gpa gpa, void* dst, std::uint64_t len) const { return len == 0 || view(gpa, len).read(0, dst, len); }
     bool write(Gpa gpa, const void* src, std::uint64_t len) { return len == 0 || view(gpa, len).write(0, src, len); }
 
     // Audited escape 1 of 2, for I/O requests: appends the host iovec of
     // [gpa, gpa+len) when it is RAM in one region (len 0 appends nothing).
     bool append_iovec(Gpa gpa, std::uint64_t len, std::vector<iovec>& out);
-    // Audited escape 2 of 2: the host address of one of regions(), for
-    // KVM_SET_USER_MEMORY_REGION. Nothing else may use it.
+    // Audited escape 2 of 2, for KVM_SET_USER_MEMORY_REGION only.
     void* host_address_for_kvm(const MemoryRegion& r) const { return host_base() + r.offset; }
     // Faults every page in now (MADV_POPULATE_WRITE, Linux 5.14), so that a
     // benchmark does not measure first touches. Throws SysError.
@@ -161,13 +157,11 @@ public:
     // hugetlbfs), len non-zero; false, with nothing done, otherwise or when
     // madvise fails. Part of a THP huge page splits it.
     bool discard(Gpa gpa, std::uint64_t len);
-    // Bytes of the RAM mapping (or of [gpa, gpa+len), one region) resident in
-    // host memory, from mincore(2).
+    // Resident host bytes of the mapping (or of [gpa, gpa+len)), from mincore(2).
     std::uint64_t resident_bytes() const;
     std::uint64_t resident_bytes(Gpa gpa, std::uint64_t len) const;
-    // Bytes of the RAM mapping backed by 2 MiB pages: AnonHugePages in
-    // /proc/self/smaps over our VMAs (hugetlbfs: every resident byte); 0 when
-    // smaps cannot be read.
+    // Bytes backed by 2 MiB pages: AnonHugePages of our VMAs in smaps
+    // (hugetlbfs: every resident byte); 0 when smaps cannot be read.
     std::uint64_t huge_backed_bytes() const;
 
     template <typename T>
