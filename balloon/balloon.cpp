@@ -8,34 +8,12 @@
 #include <cstring>
 #include <ctime>
 
-// Only the VIR_DOMAIN_MEMORY_STAT_* enum is used (nothing is linked).
-#if __has_include(<libvirt/libvirt.h>)
-#include <libvirt/libvirt.h>
-#define KGUEST_HAVE_LIBVIRT_H 1
-#endif
-
 namespace kguest {
 
 namespace {
 
-// libvirt's virDomainMemoryStatTags (libvirt-domain.h). The values are
-// libvirt's stable ABI, so without the header the same numbers serve.
-#ifdef KGUEST_HAVE_LIBVIRT_H
-constexpr int kVirSwapIn = VIR_DOMAIN_MEMORY_STAT_SWAP_IN, kVirSwapOut = VIR_DOMAIN_MEMORY_STAT_SWAP_OUT,
-              kVirMajorFault = VIR_DOMAIN_MEMORY_STAT_MAJOR_FAULT,
-              kVirMinorFault = VIR_DOMAIN_MEMORY_STAT_MINOR_FAULT, kVirUnused = VIR_DOMAIN_MEMORY_STAT_UNUSED,
-              kVirAvailable = VIR_DOMAIN_MEMORY_STAT_AVAILABLE, kVirUsable = VIR_DOMAIN_MEMORY_STAT_USABLE,
-              kVirDiskCaches = VIR_DOMAIN_MEMORY_STAT_DISK_CACHES,
-              kVirHugetlbPgalloc = VIR_DOMAIN_MEMORY_STAT_HUGETLB_PGALLOC,
-              kVirHugetlbPgfail = VIR_DOMAIN_MEMORY_STAT_HUGETLB_PGFAIL;
-#else
-constexpr int kVirSwapIn = 0, kVirSwapOut = 1, kVirMajorFault = 2, kVirMinorFault = 3, kVirUnused = 4,
-              kVirAvailable = 5, kVirUsable = 8, kVirDiskCaches = 10, kVirHugetlbPgalloc = 11,
-              kVirHugetlbPgfail = 12;
-#endif
-
 struct StatName {
-    int libvirt_tag;
+    int libvirt_tag;       // virDomainMemoryStatTags (libvirt-domain.h; stable ABI)
     const char* name;      // as virsh dommemstat / virDomainMemoryStats users know it
     std::uint64_t divisor; // virtio unit → libvirt unit (bytes → KiB for sizes)
 };
@@ -44,37 +22,22 @@ struct StatName {
 // in libvirt's qemuMonitorJSONGetMemoryStats ("stat-total-memory" →
 // VIR_DOMAIN_MEMORY_STAT_AVAILABLE, "stat-available-memory" → _USABLE).
 constexpr StatName kStatNames[VIRTIO_BALLOON_S_NR] = {
-    {kVirSwapIn, "swap_in", 1024},          // VIRTIO_BALLOON_S_SWAP_IN (bytes)
-    {kVirSwapOut, "swap_out", 1024},        // VIRTIO_BALLOON_S_SWAP_OUT (bytes)
-    {kVirMajorFault, "major_fault", 1},     // VIRTIO_BALLOON_S_MAJFLT
-    {kVirMinorFault, "minor_fault", 1},     // VIRTIO_BALLOON_S_MINFLT
-    {kVirUnused, "unused", 1024},           // VIRTIO_BALLOON_S_MEMFREE
-    {kVirAvailable, "available", 1024},     // VIRTIO_BALLOON_S_MEMTOT
-    {kVirUsable, "usable", 1024},           // VIRTIO_BALLOON_S_AVAIL
-    {kVirDiskCaches, "disk_caches", 1024},  // VIRTIO_BALLOON_S_CACHES
-    {kVirHugetlbPgalloc, "hugetlb_pgalloc", 1},   // VIRTIO_BALLOON_S_HTLB_PGALLOC
-    {kVirHugetlbPgfail, "hugetlb_pgfail", 1},     // VIRTIO_BALLOON_S_HTLB_PGFAIL
+    {0, "swap_in", 1024},           // VIRTIO_BALLOON_S_SWAP_IN (bytes)
+    {1, "swap_out", 1024},          // VIRTIO_BALLOON_S_SWAP_OUT (bytes)
+    {2, "major_fault", 1},          // VIRTIO_BALLOON_S_MAJFLT
+    {3, "minor_fault", 1},          // VIRTIO_BALLOON_S_MINFLT
+    {4, "unused", 1024},            // VIRTIO_BALLOON_S_MEMFREE
+    {5, "available", 1024},         // VIRTIO_BALLOON_S_MEMTOT
+    {8, "usable", 1024},            // VIRTIO_BALLOON_S_AVAIL
+    {10, "disk_caches", 1024},      // VIRTIO_BALLOON_S_CACHES
+    {11, "hugetlb_pgalloc", 1},     // VIRTIO_BALLOON_S_HTLB_PGALLOC
+    {12, "hugetlb_pgfail", 1},      // VIRTIO_BALLOON_S_HTLB_PGFAIL
 };
 
-const char* role_name(BalloonQueue r) {
-    switch (r) {
-    case BalloonQueue::inflate: return "inflateq";
-    case BalloonQueue::deflate: return "deflateq";
-    case BalloonQueue::stats: return "statsq";
-    case BalloonQueue::reporting: return "reporting_vq";
-    case BalloonQueue::none: break;
-    }
-    return "unused queue";
-}
+// Indexed by BalloonQueue.
+constexpr const char* kRoleNames[] = {"unused queue", "inflateq", "deflateq", "statsq", "reporting_vq"};
 
 } // namespace
-
-bool balloon_stat_libvirt(std::uint16_t tag, int& libvirt_tag, const char*& name) {
-    if (tag >= VIRTIO_BALLOON_S_NR) return false;
-    libvirt_tag = kStatNames[tag].libvirt_tag;
-    name = kStatNames[tag].name;
-    return true;
-}
 
 VirtioBalloon::VirtioBalloon(GuestMemory& mem, BalloonOptions options)
     : mem_(mem), options_(options), tracker_(mem) {
@@ -91,12 +54,8 @@ std::uint64_t VirtioBalloon::device_features() const {
     return f;
 }
 
-// ---- Configuration space (5.5.4) ----
-//
-//   0  le32 num_pages              device → driver: the target
-//   4  le32 actual                 driver → device
-//   8  le32 free_page_hint_cmd_id  (FREE_PAGE_HINT, not offered: reads 0)
-//  12  le32 poison_val             (PAGE_POISON, not offered: reads 0)
+// ---- Configuration space (5.5.4): le32 num_pages, le32 actual, then
+// free_page_hint_cmd_id and poison_val (features not offered: read 0) ----
 
 void VirtioBalloon::read_config(std::uint64_t offset, std::span<std::uint8_t> data) {
     std::array<std::uint8_t, kConfigSize> img{};
@@ -110,8 +69,7 @@ void VirtioBalloon::read_config(std::uint64_t offset, std::span<std::uint8_t> da
 }
 
 void VirtioBalloon::write_config(std::uint64_t offset, std::span<const std::uint8_t> data) {
-    // 5.5.4: only `actual` is driver-writable (poison_val too, with
-    // PAGE_POISON, which is not offered). Any width is applied byte-wise.
+    // 5.5.4: only `actual` is driver-writable (PAGE_POISON is not offered).
     std::lock_guard lock(mu_);
     for (std::size_t i = 0; i < data.size(); ++i) {
         const std::uint64_t o = offset + i;
@@ -124,9 +82,7 @@ void VirtioBalloon::set_target_pages(std::uint32_t pages) {
         std::lock_guard lock(mu_);
         num_pages_ = pages;
     }
-    // 2.5.1: configuration change notification (the transport bumps
-    // config_generation first).
-    notify_config_changed();
+    notify_config_changed();   // 2.5.1
 }
 
 std::uint32_t VirtioBalloon::target_pages() const {
@@ -146,41 +102,34 @@ void VirtioBalloon::activate(std::span<Virtqueue> queues, GuestMemory& /*mem*/) 
     loop_->run_and_wait([this, queues, features] {
         {
             std::lock_guard lock(mu_);
-            active_ = !queues.empty();
-            features_ = features;
             stats_held_ = stats_requested_ = false;
         }
         queues_ = queues;
-        loop_features_ = features;
+        features_ = features;
         stats_head_.reset();
         stats_queue_ = 0;
         for (std::uint16_t q = 0; q < queues_.size(); ++q)
-            if (role_of(q, features, true) == BalloonQueue::stats) stats_queue_ = q;
-        // Linux primes statsq with its first buffer and kicks it in probe,
-        // before it sets DRIVER_OK, and the transport drops kicks before
-        // DRIVER_OK: pick that buffer up now, or the stats would never start.
-        if (!queues_.empty() && role_of(stats_queue_, features, true) == BalloonQueue::stats && service(stats_queue_))
+            if (role_of(q, features) == BalloonQueue::stats) stats_queue_ = q;
+        // Linux adds and kicks the first stats buffer before DRIVER_OK, and
+        // the transport drops that kick: pick it up now.
+        if (!queues_.empty() && role_of(stats_queue_, features) == BalloonQueue::stats && service(stats_queue_))
             loop_->mark(stats_queue_);
     });
 }
 
 void VirtioBalloon::reset() {
-    // 2.4: stop touching the queues; the transport resets them after us.
-    // The stats buffer belongs to the old rings: drop it without pushing.
+    // 2.4: stop touching the queues; the stats buffer goes without a push.
     loop_->run_and_wait([this] {
         queues_ = {};
-        loop_features_ = 0;
+        features_ = 0;
         stats_head_.reset();
         std::lock_guard lock(mu_);
-        active_ = false;
-        features_ = 0;
         stats_held_ = stats_requested_ = false;
         actual_ = 0;
     });
 }
 
-BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features, bool active) {
-    if (!active) return BalloonQueue::none;
+BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features) {
     const bool stats = (features & virtio_bit(VIRTIO_BALLOON_F_STATS_VQ)) != 0;
     const bool reporting = (features & virtio_bit(VIRTIO_BALLOON_F_REPORTING)) != 0;
     switch (q) {
@@ -194,8 +143,10 @@ BalloonQueue VirtioBalloon::role_of(std::uint16_t q, std::uint64_t features, boo
 }
 
 BalloonQueue VirtioBalloon::queue_role(std::uint16_t q) const {
-    std::lock_guard lock(mu_);
-    return role_of(q, features_, active_);
+    auto role = std::make_shared<std::atomic<BalloonQueue>>(BalloonQueue::none);
+    loop_->run_and_wait(
+        [this, role, q] { role->store(queues_.empty() ? BalloonQueue::none : role_of(q, features_)); });
+    return role->load();
 }
 
 bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
@@ -209,10 +160,8 @@ bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
 bool VirtioBalloon::service(std::uint16_t q) {
     if (q >= queues_.size() || !queues_[q].ready()) return false;
     Virtqueue& vq = queues_[q];
-    const BalloonQueue role = role_of(q, loop_features_, true);
-    // A queue of a feature that was not negotiated: nothing to do; its
-    // buffers stay where they are.
-    if (role == BalloonQueue::none) return false;
+    const BalloonQueue role = role_of(q, features_);
+    if (role == BalloonQueue::none) return false;   // feature not negotiated: buffers stay
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
         if (role == BalloonQueue::stats)
             take_stats(vq, q, chain);
@@ -228,7 +177,7 @@ bool VirtioBalloon::service(std::uint16_t q) {
             std::lock_guard lock(mu_);
             stats_held_ = false;
         }
-        fail_queue(role_name(role), vq.error());
+        fail_queue(kRoleNames[static_cast<int>(role)], vq.error());
     }
     if (role != BalloonQueue::stats) {   // the stats buffer is used on request only
         publish();
@@ -252,8 +201,7 @@ void VirtioBalloon::fail_queue(const char* what, GuestError e) {
 }
 
 void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate) {
-    // 5.5.6.1: each buffer is an array of le32 PFNs (4 KiB frames),
-    // device-readable; any device-writable part is ignored (used length 0).
+    // 5.5.6.1: device-readable le32 PFNs (4 KiB frames); used length 0.
     constexpr std::uint64_t kChunk = 1024;   // PFNs read at a time
     std::uint32_t raw[kChunk];
     std::uint64_t n_pfns = chain.readable_len() / 4;
@@ -277,9 +225,8 @@ void VirtioBalloon::take_pfns(Virtqueue& vq, const DescChain& chain, bool inflat
 }
 
 void VirtioBalloon::take_report(Virtqueue& vq, const DescChain& chain) {
-    // 5.5.6.4: each device-writable buffer is a free range of guest memory;
-    // the device may discard it and returns the chain with length 0. The
-    // pages stay the guest's (not ballooned): nothing is tracked.
+    // 5.5.6.4: each device-writable buffer is a free range the device may
+    // discard; used length 0.
     for (const DescChainElem& e : chain.elems())
         if (e.write) tracker_.report_free(e.addr, e.len);
     vq.push_used(chain.head(), 0);
@@ -288,13 +235,11 @@ void VirtioBalloon::take_report(Virtqueue& vq, const DescChain& chain) {
 }
 
 void VirtioBalloon::take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& chain) {
-    // 5.5.6.3: the driver makes one device-readable buffer of
-    // virtio_balloon_stat entries available; the device keeps it until it
-    // wants fresh values, then uses it (length 0) and the driver refills and
-    // re-adds it.
+    // 5.5.6.3: the device keeps the one stats buffer until it wants fresh
+    // values, then uses it (length 0) and the driver refills and re-adds it.
     if (stats_head_) {
-        // A second buffer while we hold one: the driver broke the
-        // protocol. Give the old one back and keep the newest.
+        // A second buffer while we hold one breaks the protocol: give the old
+        // one back and keep the newest.
         vq.push_used(*stats_head_, 0);
         if (vq.needs_notification()) notify_used(q);
     }
@@ -303,9 +248,8 @@ void VirtioBalloon::take_stats(Virtqueue& vq, std::uint16_t q, const DescChain& 
 }
 
 void VirtioBalloon::parse_stats(const DescChain& chain) {
-    // 5.5.6.3: struct virtio_balloon_stat { le16 tag; le64 val; } packed,
-    // 10 bytes each. A trailing partial entry is ignored; so is what lies
-    // past kMaxStatsEntries (Linux sends one entry per known tag).
+    // 5.5.6.3: packed { le16 tag; le64 val; } entries; a partial entry and
+    // what lies past kMaxStatsEntries are ignored.
     constexpr std::size_t kEntry = 10;
     std::uint64_t n = chain.readable_len() / kEntry;
     const bool odd = chain.readable_len() % kEntry != 0, truncated = n > kMaxStatsEntries;

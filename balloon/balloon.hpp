@@ -1,53 +1,37 @@
-// virtio-balloon (VIRTIO 1.2 section 5.5), the device half: the host asks
-// the guest to give back memory by raising num_pages in the configuration
-// space; the guest's driver allocates pages, puts their PFNs on the inflate
-// queue and the device returns their host memory (BalloonTracker decides
-// when, so that THP and hugetlbfs backing is never split); deflating hands
-// pages back to the guest. The device also collects the guest's memory
-// statistics (5.5.6.3) and discards the free page ranges the guest reports
-// (5.5.6.4).
+// virtio-balloon (VIRTIO 1.2 section 5.5), the device half: the host raises
+// num_pages in the configuration space; the driver puts pages' PFNs on the
+// inflate queue and the device returns their host memory (BalloonTracker
+// decides when, never splitting THP or hugetlbfs backing); deflating hands
+// pages back. The device also collects the guest's memory statistics
+// (5.5.6.3) and discards the free page ranges the guest reports (5.5.6.4).
 //
-// Features offered: VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-// VIRTIO_BALLOON_F_REPORTING (each can be turned off in BalloonOptions), plus
-// VIRTIO_F_INDIRECT_DESC and VIRTIO_F_EVENT_IDX. Not offered:
-// VIRTIO_BALLOON_F_MUST_TELL_HOST (so deflate is a notification only),
-// FREE_PAGE_HINT (migration only) and PAGE_POISON.
+// Features offered: STATS_VQ, DEFLATE_ON_OOM, REPORTING (each can be turned
+// off in BalloonOptions), INDIRECT_DESC and EVENT_IDX. Not offered:
+// MUST_TELL_HOST (so deflate is a notification only), FREE_PAGE_HINT
+// (migration only) and PAGE_POISON.
 //
-// Queues (5.5.2). The spec gives fixed indexes (0 inflateq, 1 deflateq,
-// 2 statsq, 3 free_page_vq, 4 reporting_vq), but Linux (and QEMU, which
-// creates only the queues of offered features) number the queues of
-// negotiated features consecutively. This device offers five queues and
-// assigns their roles at DRIVER_OK from the negotiated features, so both
-// layouts work:
+// Queues (5.5.2): the spec gives fixed indexes (0 inflateq, 1 deflateq,
+// 2 statsq, 3 free_page_vq, 4 reporting_vq), but Linux and QEMU number the
+// queues of negotiated features consecutively. The device offers five queues
+// and assigns their roles at DRIVER_OK from the negotiated features:
 //   0 inflateq, 1 deflateq,
 //   2 statsq if STATS_VQ was negotiated, else reporting_vq if REPORTING was,
 //   3 reporting_vq if STATS_VQ and REPORTING were (Linux's layout),
 //   4 reporting_vq if REPORTING was (the spec's fixed layout).
 //
-// Activation: the statsq buffer Linux adds (and kicks) before DRIVER_OK is
-// picked up in activate(), since the transport drops kicks before DRIVER_OK.
+// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp).
+// Only the loop thread touches the queues and the tracker (madvise included);
+// a kick only flags the queue, and each pass handles at most kBudget chains.
+// The host-side calls (set_target_pages ... counters) may come from any
+// thread and never wait for the loop: they use a short lock (mu_) that the
+// loop takes only to publish counters and samples.
 //
-// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp
-// documents the model). Inflate, deflate, reporting and the stats buffer
-// (the madvise calls among them) run on the loop thread, which alone touches
-// the queues and the tracker; a vCPU's kick (queue_notify, or the ioeventfds
-// the device takes) only flags the queue and wakes the loop, and each pass
-// handles at most kBudget chains. set_target_pages, target_pages,
-// actual_pages, request_stats, stats and counters may be called from any
-// thread (the control API) and never wait for the loop: they read and write
-// state under a short lock (mu_) that the loop takes only to publish
-// counters and samples, never across guest-driven work. request_stats hands
-// the stats buffer back on the loop, after it returns.
-//
-// Reset (2.4): reset() forgets the queues and the stats buffer and sets
-// `actual` to 0, but keeps the tracker: pages inflated before a driver reset
-// stay released until deflated (Linux deflates everything before it resets
-// the device on unload).
+// Reset (2.4) forgets the queues and the stats buffer and sets `actual` to 0
+// but keeps the tracker: inflated pages stay released until deflated.
 //
 // The guest is hostile: bad PFNs are counted and skipped, odd buffer lengths
 // are truncated to whole entries, chains are capped in what is read from
-// them, and a malformed chain (PopStatus::error) sets DEVICE_NEEDS_RESET,
-// logged through a RateLimit. Nothing on these paths throws.
+// them, and a malformed chain sets DEVICE_NEEDS_RESET (logged, rate-limited).
 #pragma once
 
 #include "balloon/tracker.hpp"
@@ -91,10 +75,7 @@ inline constexpr std::uint16_t VIRTIO_BALLOON_S_NR = 10;
 // The queue roles (see the layout above).
 enum class BalloonQueue { none, inflate, deflate, stats, reporting };
 
-// One statistic as libvirt names it. libvirt's QEMU driver maps QEMU's
-// "stat-total-memory" (MEMTOT) to VIR_DOMAIN_MEMORY_STAT_AVAILABLE and
-// "stat-available-memory" (AVAIL) to VIR_DOMAIN_MEMORY_STAT_USABLE
-// (src/qemu/qemu_monitor_json.c, qemuMonitorJSONGetMemoryStats); we do the same.
+// One statistic as libvirt names it (see kStatNames in balloon.cpp).
 struct BalloonStat {
     std::uint16_t tag;          // virtio tag (5.5.6.3)
     int libvirt_tag;            // VIR_DOMAIN_MEMORY_STAT_*
@@ -129,50 +110,36 @@ struct BalloonOptions {
     bool reporting = true;         // VIRTIO_BALLOON_F_REPORTING
 };
 
-// Looks up the libvirt tag and name of a virtio statistics tag; false for
-// tags libvirt has no name for (newer ones, or garbage).
-bool balloon_stat_libvirt(std::uint16_t tag, int& libvirt_tag, const char*& name);
-
 class VirtioBalloon : public VirtioDevice {
 public:
     static constexpr std::uint16_t kNumQueues = 5;
     static constexpr std::uint16_t kQueueSize = 256;   // reporting needs >= 32 (Linux)
     static constexpr std::size_t kConfigSize = 16;
-    // Linux sends at most 256 PFNs per buffer; a chain with more is read up
-    // to this many and counted as truncated (bounds the work of one chain).
+    // Linux sends at most 256 PFNs per buffer; a longer chain is cut (counted).
     static constexpr std::uint64_t kMaxPfnsPerChain = 1u << 16;
     static constexpr std::size_t kMaxStatsEntries = 64;
-    // Chains per queue service pass: up to 4 * kMaxPfnsPerChain PFNs (and
-    // as many madvise calls at worst) before the loop turns to other work.
-    static constexpr int kBudget = 4;
+    static constexpr int kBudget = 4;   // chains per service pass
 
-    // `mem` is the guest RAM the tracker releases (the same object the
-    // transport hands to activate()). Starts the loop; throws SysError when
-    // it cannot be set up.
+    // `mem`: the guest RAM the tracker releases. Starts the loop; throws SysError.
     explicit VirtioBalloon(GuestMemory& mem, BalloonOptions options = {});
     ~VirtioBalloon() override;
 
-    // The host's side of the configuration space (5.5.4).
-    // Sets num_pages (4 KiB pages the guest should give up) and sends a
-    // configuration change notification.
+    // 5.5.4: num_pages (4 KiB pages the guest should give up; setting it
+    // sends a configuration change notification) and the driver's `actual`.
     void set_target_pages(std::uint32_t pages);
     std::uint32_t target_pages() const;
-    // What the driver last wrote to `actual`.
     std::uint32_t actual_pages() const;
 
-    // 5.5.6.3: hands the stats buffer back to the driver so it refills it.
-    // False (nothing sent) when the device holds no buffer: the driver has
-    // not given one yet, or a request is still unanswered.
+    // 5.5.6.3: hands the stats buffer back (on the loop) so the driver
+    // refills it; false when the device holds none (none yet, or unanswered).
     bool request_stats();
     BalloonStats stats() const;
 
     BalloonCounters counters() const;
-    // Which role queue `q` plays under the negotiated features (none before
-    // activation).
+    // For tests (they ask the loop): queue q's role (none while inactive),
+    // whether page `pfn` is in the balloon, and waiting for the loop to settle.
     BalloonQueue queue_role(std::uint16_t q) const;
-    // Whether page `pfn` is in the balloon (diagnostics, tests; asks the loop).
     bool page_inflated(std::uint64_t pfn) const;
-    // Waits until the loop has serviced every kick made so far (tests).
     bool settle() { return loop_->wait_idle(); }
 
     // VirtioDevice.
@@ -189,7 +156,7 @@ public:
     bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
 
 private:
-    static BalloonQueue role_of(std::uint16_t q, std::uint64_t features, bool active);
+    static BalloonQueue role_of(std::uint16_t q, std::uint64_t features);
     // On the loop.
     bool service(std::uint16_t q);
     void take_pfns(Virtqueue& vq, const DescChain& chain, bool inflate);
@@ -205,8 +172,6 @@ private:
 
     // Shared with the API threads (mu_, never held across guest-driven work).
     mutable std::mutex mu_;
-    bool active_ = false;
-    std::uint64_t features_ = 0;    // negotiated, at activate()
     std::uint32_t num_pages_ = 0;
     std::uint32_t actual_ = 0;
     bool stats_held_ = false;       // the loop holds a stats buffer
@@ -222,7 +187,7 @@ private:
     // Loop thread only.
     BalloonTracker tracker_;
     std::span<Virtqueue> queues_;   // empty while not active
-    std::uint64_t loop_features_ = 0;
+    std::uint64_t features_ = 0;    // negotiated, at activate()
     std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
     std::uint16_t stats_queue_ = 0;
     std::vector<std::uint64_t> pfn_buf_;

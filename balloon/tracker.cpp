@@ -2,8 +2,6 @@
 // backing-aware release policy (see tracker.hpp).
 #include "balloon/tracker.hpp"
 
-#include <algorithm>
-
 namespace kguest {
 
 BalloonTracker::BalloonTracker(GuestMemory& mem)
@@ -79,9 +77,8 @@ void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
 }
 
 void BalloonTracker::deflate(std::span<const std::uint64_t> pfns) {
-    // 5.5.6.2: without VIRTIO_BALLOON_F_MUST_TELL_HOST (not offered) the
-    // guest may already be using the pages; nothing to do host-side but
-    // bookkeeping: a discarded page refaults as zeroes when touched.
+    // 5.5.6.2: without MUST_TELL_HOST the guest may already use the pages:
+    // bookkeeping only (a discarded page refaults as zeroes).
     for (std::uint64_t pfn : pfns) {
         Gpa gpa;
         std::uint64_t off = 0;
@@ -113,8 +110,7 @@ void BalloonTracker::deflate(std::span<const std::uint64_t> pfns) {
 std::uint64_t BalloonTracker::report_free(Gpa gpa, std::uint64_t len) {
     if (len == 0) return 0;
     if (gpa.value() > UINT64_MAX - len || !mem_.contains(gpa, len)) {
-        // The virtqueue already checked each buffer against RAM; this is
-        // the last line of defence.
+        // The virtqueue checked it already: the last line of defence.
         counters_.bad_pfns += (len + kBalloonPageSize - 1) / kBalloonPageSize;
         return 0;
     }

@@ -1,31 +1,21 @@
 // Host-side bookkeeping for the virtio balloon (VIRTIO 1.2 section 5.5):
 // which 4 KiB guest pages the driver has put into the balloon, and when their
-// host memory goes back to the host. Guest RAM is split into 2 MiB host
-// regions (guest-physical and host-virtual addresses are congruent mod 2 MiB,
-// see guest_memory.hpp); each region the driver has touched gets a 512-bit
-// bitmap, a count and a "released" flag.
+// host memory goes back to the host. Each 2 MiB host region of guest RAM the
+// driver has touched gets a 512-bit bitmap, a count and a "released" flag.
 //
 // The release policy follows the RAM backing:
 //  - Backing::off (4 KiB pages): every inflated page is discarded at once
 //    (runs of consecutive PFNs in one madvise).
 //  - Backing::thp / hugetlbfs: a region is discarded only when all 512 of
-//    its pages are inflated. Discarding 4 KiB of a transparent huge page
-//    would split it (and the rest of the region would lose its 2 MiB
-//    backing, in the host page tables and in KVM's stage-2 map); a hugetlb
-//    page cannot be split at all. A partly inflated region keeps its memory.
-// Deflating a page clears its bit: the guest may use it again (a discarded
-// page refaults as zeroes), and a released region is no longer "released"
-// (the rest of it stays discarded; inflating the page again discards the
-// whole region once more, which costs only the refaulted page).
+//    its pages are inflated: discarding part of a transparent huge page
+//    splits it (in the host and KVM's stage-2 map); a hugetlb page cannot split.
+// Deflating a page clears its bit (a discarded page refaults as zeroes) and
+// un-releases its region. Free page reporting (5.5.6.4, report_free) discards
+// too, but tracks nothing: the pages stay the guest's.
 //
-// Free page reporting (5.5.6.4) also goes through here (report_free): the
-// range is discarded, whole aligned 2 MiB chunks only unless the backing is
-// 4 KiB, and nothing is tracked: the pages stay the guest's.
-//
-// The guest is hostile: PFNs outside RAM (or in the MMIO hole), a second
-// inflate of a page already in the balloon and a deflate of a page that is
-// not in it are counted and ignored. Not thread-safe: VirtioBalloon calls it
-// from its event loop only.
+// The guest is hostile: PFNs outside RAM (or in the MMIO hole), double
+// inflates and stray deflates are counted and ignored. Not thread-safe:
+// VirtioBalloon calls it from its event loop only.
 #pragma once
 
 #include "devices/base/guest_memory.hpp"
@@ -46,8 +36,7 @@ inline constexpr std::uint64_t kBalloonPagesPerRegion = kHugePageSize / kBalloon
 struct BalloonTrackerCounters {
     std::uint64_t inflated_pages = 0;     // pages in the balloon now
     std::uint64_t regions_released = 0;   // 2 MiB regions with all 512 pages in the balloon now
-    std::uint64_t bytes_released = 0;     // host memory given back now for ballooned pages:
-                                          // inflated pages * 4 KiB (off), released regions * 2 MiB (thp, hugetlbfs)
+    std::uint64_t bytes_released = 0;     // host memory given back now for ballooned pages
     std::uint64_t bytes_discarded = 0;    // total bytes ever discarded (balloon and free page reporting)
     std::uint64_t bad_pfns = 0;           // outside guest RAM or in the MMIO hole
     std::uint64_t double_inflates = 0;    // inflate of a page already in the balloon
@@ -64,19 +53,13 @@ public:
     // 5.5.6.1: the driver put these pages into the balloon / took them out.
     void inflate(std::span<const std::uint64_t> pfns);
     void deflate(std::span<const std::uint64_t> pfns);
-    void inflate(std::uint64_t pfn) { inflate(std::span<const std::uint64_t>(&pfn, 1)); }
-    void deflate(std::uint64_t pfn) { deflate(std::span<const std::uint64_t>(&pfn, 1)); }
 
-    // 5.5.6.4: [gpa, gpa+len) is free in the guest: discard what can be
-    // discarded without splitting a huge page (the 4 KiB pages inside it
-    // with 4 KiB backing, the aligned 2 MiB chunks inside it otherwise).
-    // Parts outside RAM count as bad. Returns the bytes discarded.
+    // 5.5.6.4: [gpa, gpa+len) is free in the guest: discards the whole
+    // release_granule() units inside it. Returns the bytes discarded.
     std::uint64_t report_free(Gpa gpa, std::uint64_t len);
 
     bool inflated(std::uint64_t pfn) const;
-    // Whether the 2 MiB region holding guest-physical `gpa` has all its
-    // pages in the balloon (and, with THP/hugetlbfs, was discarded).
-    bool region_released(Gpa gpa) const;
+    bool region_released(Gpa gpa) const;   // all 512 pages of gpa's region inflated
     // The smallest unit given back to the host: 4 KiB or 2 MiB.
     std::uint64_t release_granule() const { return per_page_ ? kBalloonPageSize : kHugePageSize; }
     const BalloonTrackerCounters& counters() const { return counters_; }

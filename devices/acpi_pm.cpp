@@ -3,10 +3,8 @@
 
 namespace kguest {
 
-// Byte lanes: byte i of an access is register offset + i. The bus keeps
-// accesses inside [0, kLen), but bytes outside it (or an offset near 2^64 that
-// would wrap) are ignored here too, so no access can reach a register it
-// does not cover.
+// Byte lanes: byte i of an access is register offset + i; bytes outside
+// [0, kLen) (or an offset that would wrap) are ignored.
 static bool in_range(std::uint64_t offset, std::size_t i) {
     return offset < AcpiPm::kLen && i < AcpiPm::kLen - offset;
 }
@@ -31,9 +29,8 @@ void AcpiPm::write_reg(std::uint64_t reg, std::uint8_t v) {
             if (power_off_) power_off_();
             return;
         }
-        // The DSDT offers only \_S5_, so Linux never asks for another state.
-        // Anything else "wakes" at once: setting WAK_STS ends OSPM's wait
-        // loop (acpi_hw_extended_sleep polls it) instead of hanging a vCPU.
+        // Only \_S5_ is offered; anything else "wakes" at once: WAK_STS ends
+        // acpi_hw_extended_sleep's wait instead of hanging a vCPU.
         KGUEST_LOG_LIMITED(log_limit_, "acpi: ignoring sleep request SLP_TYP=%u (only S5 is supported)", typ);
         status_.fetch_or(WAK_STS, std::memory_order_relaxed);
         return;

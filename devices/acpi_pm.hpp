@@ -1,14 +1,11 @@
 // The ACPI power-management registers of a hardware-reduced ACPI platform
-// (ACPI 6.5 §4.1): instead of the PM1 blocks, the FADT points OSPM at a sleep
-// control register, a sleep status register (§4.8.3.7, §4.8.3.8) and a reset
-// register (§4.8.3.6), all byte-wide in system I/O space. vmm/acpi.cpp writes
-// their ports into the FADT. This is how Linux powers the VM off: `poweroff`
-// ends in acpi_hw_extended_sleep(), which writes SLP_TYP (from \_S5_) and
-// SLP_EN to the sleep control register. A bare HLT with interrupts off, what
-// poweroff does without ACPI, is invisible to a VMM.
+// (ACPI 6.5 §4.1): a sleep control register, a sleep status register
+// (§4.8.3.7, §4.8.3.8) and a reset register (§4.8.3.6), byte-wide in I/O
+// space, which vmm/acpi.cpp puts in the FADT. Linux's `poweroff` ends in
+// acpi_hw_extended_sleep(), writing SLP_TYP (from \_S5_) and SLP_EN to the
+// sleep control register (a bare HLT, without ACPI, is invisible to a VMM).
 //
-// Ports kBase + 0..3 (byte lanes: a wider access touches the following
-// registers, as it would on an ISA device):
+// Ports kBase + 0..3 (byte lanes: a wider access touches the next registers):
 //   +0 sleep control (write-only): SLP_TYP bits 4:2, SLP_EN bit 5
 //   +1 sleep status: WAK_STS bit 7, write 1 to clear
 //   +2 reset (write-only): kResetValue resets the VM

@@ -60,14 +60,8 @@ void I8042::write_port(bool command, std::uint8_t v) {
             // A byte for the keyboard, and there is none: dropped.
             KGUEST_LOG_LIMITED(log_limit_, "i8042: keyboard byte 0x%02x dropped (no keyboard)", v);
         }
-        if (reset) ++resets_;
     }
-    if (reset && reset_) reset_();  // unlocked: the callback may stop vCPUs or read resets()
-}
-
-std::uint64_t I8042::resets() const {
-    std::lock_guard lock(mu_);
-    return resets_;
+    if (reset && reset_) reset_();  // unlocked: the callback may stop vCPUs or access us
 }
 
 } // namespace kguest

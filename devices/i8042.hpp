@@ -1,20 +1,13 @@
 // A minimal 8042 keyboard controller: just enough for a guest to reset the
-// machine the PC/AT way (IBM PC AT Technical Reference, "Keyboard Controller":
-// command 0xFE pulses the output port's reset line). Linux's reboot=k
-// (arch/x86/kernel/reboot.c, BOOT_KBD) polls status bit 1 until the input
-// buffer is empty, then writes 0xFE to port 0x64; some kernels and loaders
-// instead write the output port (0xD1) with bit 0 (system reset) clear. Both
-// call `reset`. The controller also answers self-test (0xAA → 0x55) and keeps
-// its command byte (0x20 / 0x60), so that a probing driver sees a controller.
-// There is no keyboard or mouse behind it and it raises no IRQ 1 or 12.
+// machine the PC/AT way (IBM PC AT Technical Reference, "Keyboard Controller").
+// Linux's reboot=k (arch/x86/kernel/reboot.c, BOOT_KBD) writes 0xFE (pulse
+// reset) to port 0x64; others write the output port (0xD1) with bit 0 clear.
+// Both call `reset`. It also answers self-test (0xAA → 0x55) and keeps its
+// command byte (0x20 / 0x60), so a probing driver sees a controller. No
+// keyboard or mouse is behind it and it raises no IRQ.
 //
-// Port 0x60 (data) and 0x64 (status/command) are not contiguous, and 0x61 is
-// the in-kernel PIT's speaker port, so the controller is two bus devices of
-// one port each:
-//
-//   auto kbc = std::make_shared<I8042>([&] { request_reset(); });
-//   pio.insert(I8042::kDataPort, I8042::kPortLen, kbc->data_port());
-//   pio.insert(I8042::kCommandPort, I8042::kPortLen, kbc->command_port());
+// Ports 0x60 and 0x64 are not contiguous (0x61 is the in-kernel PIT's), so
+// the controller is two bus devices, data_port() and command_port().
 #pragma once
 
 #include "devices/base/bus.hpp"
@@ -33,24 +26,18 @@ public:
     static constexpr std::uint16_t kCommandPort = 0x64;  // status on read, command on write
     static constexpr std::uint64_t kPortLen = 1;
 
-    // `reset` runs on the vCPU thread that asked for it, without the
-    // controller's lock held, once per request: Linux sends 0xFE up to ten
-    // times in a row, so it must be idempotent.
+    // `reset` runs on the requesting vCPU thread, unlocked, once per request:
+    // Linux sends 0xFE up to ten times, so it must be idempotent.
     explicit I8042(std::function<void()> reset) : reset_(std::move(reset)) {}
     I8042(const I8042&) = delete;
     I8042& operator=(const I8042&) = delete;
 
-    // The bus devices for port 0x60 and port 0x64. When the controller is
-    // owned by a shared_ptr (make_shared), they share that ownership;
-    // otherwise they are valid only as long as the controller.
+    // They share the controller's ownership when it is owned by a shared_ptr.
     std::shared_ptr<BusDevice> data_port() { return share(data_); }
     std::shared_ptr<BusDevice> command_port() { return share(command_); }
 
-    std::uint64_t resets() const;  // reset requests so far
-
 private:
-    // One port on the bus. Byte registers: a wider access uses its first
-    // byte; other bytes and offsets read all ones and are not written.
+    // One port; a wider access uses its first byte, other bytes read all ones.
     class PortDevice : public BusDevice {
     public:
         PortDevice(I8042& ctl, bool command) : ctl_(ctl), command_(command) {}
@@ -75,7 +62,6 @@ private:
     std::uint8_t out_ = 0;              // output buffer: the last byte produced
     bool out_full_ = false;
     std::uint8_t pending_ = 0;          // command waiting for its data byte on 0x60 (0: none)
-    std::uint64_t resets_ = 0;
     RateLimit log_limit_;
 };
 

@@ -1,26 +1,18 @@
 // Packet backends for virtio-net (see net_backend.hpp): the TAP interface,
-// the length-prefixed UNIX stream of QEMU's `-netdev stream` / passt, and
-// the factory.
+// the length-prefixed UNIX stream, and the factory.
 //
-// All packet I/O is io_uring requests the device's loop submits: a READ (TAP)
-// or RECV (stream) waits in the kernel until data comes, and a WRITE or SEND
-// completes once the kernel has taken it, so the loop never polls and never
+// All packet I/O is io_uring requests the device's loop submits: a READ or
+// RECV waits in the kernel until data comes, so the loop never polls or
 // blocks. Seen on Linux 6.1 and 6.18: both kinds of fd are waited on by
-// io_uring's internal poll, with no io-wq worker thread.
+// io_uring's internal poll, with no io-wq worker thread. Registered buffers
+// (READ_FIXED) were tried and dropped: no gain within noise (UDP echo, 3 runs
+// each: 9,052-10,163 packets/s against 9,121-10,313 without).
 //
-// Registered buffers (READ_FIXED into the TAP's receive buffers) were tried
-// and dropped: no gain within noise (UDP echo in the sandbox, 3 runs each in
-// one boot: 9,052-10,163 packets/s against 9,121-10,313 without).
-//
-// Frames are copied into the backend on the way out (write_frame), so the
-// guest's buffer is returned at once and no request points into guest RAM.
-// A TAP queue has kTapTxSlots such frames; the stream a byte queue of up to
-// kStreamMaxQueued. When they are full write_frame refuses new frames
-// (`again`), the device's cue to stop taking TX chains: backpressure.
-//
-// Partial I/O on the stream: received bytes are reassembled in a buffer (a
-// length prefix or a frame may arrive in any number of pieces); a SEND the
-// socket takes only in part is followed by one for the rest.
+// Frames are copied into the backend on the way out, so the guest's buffer is
+// returned at once and no request points into guest RAM. A full TAP queue
+// (kTapTxSlots frames) or stream queue (kStreamMaxQueued bytes) refuses new
+// frames (`again`): the device's TX backpressure. The stream reassembles
+// received bytes in a buffer and follows a short SEND with one for the rest.
 #include "devices/net_backend.hpp"
 
 #include "devices/base/error.hpp"
@@ -71,8 +63,7 @@ TapBackend::TapBackend(const std::string& ifname, unsigned queues) {
 }
 
 namespace {
-// A completion that moved nothing and says nothing about the channel: the
-// request is simply made again.
+// A completion that moved nothing and says nothing about the channel.
 bool retry(int res) { return res == -EINTR || res == -EAGAIN || res == -ECANCELED; }
 } // namespace
 
@@ -129,8 +120,8 @@ IoOp TapBackend::write_op(unsigned q, unsigned& slot) {
     Queue& s = queues_[q];
     slot = s.ready.front();
     s.ready.erase(s.ready.begin());
-    // Not linked: io_uring issues a batch's writes in submission order and
-    // tun takes each one whole, on the spot, so frames leave in order.
+    // Not linked: io_uring issues a batch's writes in order and tun takes
+    // each whole, on the spot, so frames leave in order.
     return {IoOp::Kind::write, fds_[q].get(), s.out[slot].data(), s.out[slot].size()};
 }
 
@@ -140,9 +131,7 @@ NetIo TapBackend::write_done(unsigned q, unsigned slot, int res, unsigned& lost)
     if (slot >= kTapTxSlots) return NetIo::ok;
     s.free.push_back(slot);
     if (res >= 0) return NetIo::ok;   // tun takes a frame whole
-    lost = 1;
-    // EIO (interface down), EINVAL (bad vnet header from the guest),
-    // ENOMEM...: this frame is lost, the next may pass.
+    lost = 1;   // EIO (interface down), EINVAL (bad vnet header)...: the next may pass
     return res == -EBADF || res == -EBADFD ? NetIo::closed : NetIo::drop;
 }
 
@@ -176,8 +165,7 @@ StreamBackend::StreamBackend(const std::string& path) : name_(path) {
     std::memcpy(sa.sun_path, path.data(), path.size());
     fd_ = Fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd_.valid()) throw_errno("socket");
-    // A blocking connect (a UNIX socket connects at once or fails), then
-    // non-blocking for the data path.
+    // A blocking connect (a UNIX socket connects at once or fails), then init().
     int rc;
     do rc = ::connect(fd_.get(), reinterpret_cast<const sockaddr*>(&sa), sizeof sa);
     while (rc != 0 && errno == EINTR);
@@ -234,8 +222,7 @@ NetIoResult StreamBackend::read_frame(unsigned, std::span<std::uint8_t> buf) {
 }
 
 IoOp StreamBackend::read_op(unsigned) {
-    // Compact, then receive as much as fits (a whole frame always does:
-    // kStreamInBuf holds several of the largest).
+    // Compact, then receive as much as fits (always a whole frame).
     if (in_head_ > 0) {
         std::memmove(in_.data(), in_.data() + in_head_, in_tail_ - in_head_);
         in_tail_ -= in_head_;

@@ -1,30 +1,22 @@
 // Packet backends for virtio-net (devices/virtio_net.hpp): where the guest's
 // Ethernet frames go on the host. A NetBackend is one or more packet channels
-// ("queues", one per virtqueue pair), each an fd whose reads and writes run on
-// the device's event loop (devices/base/event_loop.hpp): the backend
-// describes the request it wants (IoOp: read into this buffer, write these
-// bytes) and takes back its result; the loop turns it into an io_uring
-// request and submits them in batches. Nothing in the data path makes a
-// system call or blocks.
-// Two kinds:
+// ("queues", one per virtqueue pair), each an fd whose I/O runs on the
+// device's event loop (devices/base/event_loop.hpp): the backend describes
+// the request it wants (IoOp) and takes back its result. Nothing in the data
+// path makes a system call or blocks. Two kinds:
 //
-//   TapBackend     a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI|
-//                  IFF_VNET_HDR, IFF_MULTI_QUEUE for several queues): every
-//                  frame carries a 12-byte struct virtio_net_hdr_v1 (VIRTIO 1.2
-//                  5.1.6), so checksum and segmentation offloads pass through.
-//                  One READ is one frame, one WRITE is one frame.
+//   TapBackend     a Linux TAP interface (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR,
+//                  IFF_MULTI_QUEUE for several queues): every frame carries a
+//                  12-byte struct virtio_net_hdr_v1 (VIRTIO 1.2 5.1.6), so
+//                  offloads pass through. One READ or WRITE is one frame.
 //   StreamBackend  a connected UNIX stream socket speaking QEMU's
-//                  `-netdev stream` / passt framing: a 4-byte big-endian length,
-//                  then the frame. No vnet header. RECVs fill a reassembly
-//                  buffer, SENDs drain a byte queue.
+//                  `-netdev stream` / passt framing: a 4-byte big-endian
+//                  length, then the frame. No vnet header.
 //
-// Setup (constructors, open_backend) throws SysError or UsageError; the
-// data path reports through return values (`--net` parsing lives in the
-// application, vmm/app/net_options.hpp). A backend is used by one thread at
-// a time (the device's loop), so it has no locks of its own.
-// The buffers an IoOp points at belong to the backend and stay put until its
-// completion has been handed back: the ring must be drained (or gone) before
-// the backend is destroyed.
+// Setup throws SysError or UsageError; the data path reports through return
+// values. A backend is used by one thread at a time (the device's loop), so
+// it has no locks. The buffers an IoOp points at belong to the backend and
+// must outlive the request: drain the ring before destroying the backend.
 #pragma once
 
 #include "devices/base/event_loop.hpp"
@@ -43,9 +35,8 @@ namespace kguest {
 
 // 5.1.6: struct virtio_net_hdr_v1 (VERSION_1 always has num_buffers).
 inline constexpr std::size_t kVnetHdrLen = 12;
-// Largest frame (Ethernet header included, vnet header excluded) either way:
-// a 64 KiB GSO packet plus its Ethernet header, i.e. 65562 bytes with the
-// vnet header, as QEMU's NET_BUFSIZE.
+// Largest frame (Ethernet header included, vnet header excluded): a 64 KiB
+// GSO packet plus its Ethernet header (QEMU's NET_BUFSIZE with the header).
 inline constexpr std::size_t kMaxFrameLen = 65550;
 inline constexpr std::size_t kMaxPacketLen = kVnetHdrLen + kMaxFrameLen;   // 65562
 
@@ -67,9 +58,8 @@ std::string format_mac(const MacAddress& mac);
 // The outcome of one frame transfer.
 enum class NetIo {
     ok,       // a whole frame moved; `len` bytes (vnet header included if any)
-    again,    // nothing moved: read: no complete frame received yet (post a
-              // read); write: the output queue is full (wait for a write's
-              // completion)
+    again,    // nothing moved: no complete frame yet (post a read) / the
+              // output queue is full (wait for a write's completion)
     drop,     // this frame was lost (too big, transient error); carry on
     closed,   // the channel is gone for good (peer hung up, fatal error)
 };
@@ -85,60 +75,47 @@ public:
 
     // Packet channels (1 unless a multi-queue TAP); q below is < num_queues().
     virtual unsigned num_queues() const = 0;
-    virtual int fd(unsigned q = 0) const = 0;
     // Whether frames carry a 12-byte virtio_net_hdr_v1 in front, both ways.
     virtual bool has_vnet_hdr() const = 0;
 
-    // Receive. read_frame() hands out, one per call, the frames that
-    // completed reads brought in (with the vnet header if has_vnet_hdr())
-    // into `buf`, which should hold kMaxPacketLen bytes; larger frames are
-    // dropped. On `again` the caller posts a read: read_op() describes it
-    // (at most one read per queue in flight) and read_done() takes the
-    // completion's result (bytes or -errno).
+    // Receive. read_frame() hands out one received frame (with any vnet
+    // header) per call into `buf` (kMaxPacketLen bytes). On `again` the caller
+    // posts the read read_op() describes (one per queue) and passes its
+    // result (bytes or -errno) to read_done().
     virtual NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) = 0;
     virtual IoOp read_op(unsigned q) = 0;
     virtual void read_done(unsigned q, int res) = 0;
 
-    // Transmit. write_frame() takes a frame given as pieces (with its vnet
-    // header if has_vnet_hdr()) into the backend's output queue: all of it
-    // (ok, the caller may reuse the pieces at once), or none (again: the
-    // queue is full until a write completes), or it is lost (drop, closed).
-    // While wants_write(), write_op() describes a write of queued output and
-    // names it with a slot number below write_slots(), the most writes one
-    // queue has in flight; write_done(q, slot, result, lost)
-    // answers ok, drop or closed, and counts in `lost` the accepted frames
-    // that will never leave (a TAP write: its frame; a failed stream SEND:
-    // every frame not yet wholly sent).
+    // Transmit. write_frame() copies a frame (with any vnet header) into the
+    // output queue: ok, again (full until a write completes) or lost (drop,
+    // closed). While wants_write(), write_op() describes a write of queued
+    // output in slot < write_slots() (the most writes in flight per queue);
+    // write_done() answers ok, drop or closed and counts in `lost` the
+    // accepted frames that will never leave.
     virtual NetIoResult write_frame(unsigned q, std::span<const iovec> frame) = 0;
     virtual bool wants_write(unsigned q) const = 0;
     virtual IoOp write_op(unsigned q, unsigned& slot) = 0;
     virtual unsigned write_slots() const = 0;
     virtual NetIo write_done(unsigned q, unsigned slot, int res, unsigned& lost) = 0;
 
-    // TUN_F_* offloads the guest can take on received frames (TUNSETOFFLOAD);
-    // 0 or an errno. Backends without a vnet header ignore it.
+    // TUN_F_* offloads the guest takes on received frames (TUNSETOFFLOAD),
+    // and attaching or detaching channel q (TUNSETQUEUE): 0 or an errno.
     virtual int set_offloads(unsigned /*tun_flags*/) { return 0; }
-    // Multi-queue TAP: attach or detach channel q (TUNSETQUEUE), so the kernel
-    // steers no traffic to queue pairs the guest does not use. 0 or an errno.
     virtual int set_queue_enabled(unsigned /*q*/, bool /*enabled*/) { return 0; }
 
     // For messages: "tap kgb0", "stream /run/passt.sock".
     virtual std::string describe() const = 0;
 };
 
-// Frames a TAP queue holds for writing (copied in by write_frame, out by
-// one WRITE each): the device's TX backpressure point.
-inline constexpr unsigned kTapTxSlots = 64;
+inline constexpr unsigned kTapTxSlots = 64;   // frames a TAP queue holds for writing
 
 class TapBackend final : public NetBackend {
 public:
-    // Opens (creating it when missing, which needs CAP_NET_ADMIN) the TAP
-    // interface `ifname` with `queues` channels. Throws SysError naming the
-    // failing call ("open /dev/net/tun", "TUNSETIFF kgb0", ...).
+    // Opens (creating it when missing: CAP_NET_ADMIN) the TAP interface
+    // `ifname` with `queues` channels. Throws SysError naming the failing call.
     explicit TapBackend(const std::string& ifname, unsigned queues = 1);
 
     unsigned num_queues() const override { return static_cast<unsigned>(fds_.size()); }
-    int fd(unsigned q = 0) const override { return fds_[q].get(); }
     bool has_vnet_hdr() const override { return true; }
     NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
     IoOp read_op(unsigned q) override;
@@ -151,7 +128,6 @@ public:
     int set_offloads(unsigned tun_flags) override;
     int set_queue_enabled(unsigned q, bool enabled) override;
     std::string describe() const override { return "tap " + name_; }
-    const std::string& ifname() const { return name_; }
 
 private:
     struct Queue {
@@ -166,19 +142,16 @@ private:
     std::vector<Queue> queues_;
 };
 
-// Output queued past this many bytes makes write_frame answer `again`.
-inline constexpr std::size_t kStreamMaxQueued = 1 << 20;
+inline constexpr std::size_t kStreamMaxQueued = 1 << 20;   // output bytes before `again`
 
 class StreamBackend final : public NetBackend {
 public:
-    // Connects to the UNIX stream socket at `path`; throws SysError
-    // ("socket", "connect PATH") or UsageError (path too long).
+    // Connects to the UNIX stream socket at `path`; throws SysError or UsageError.
     explicit StreamBackend(const std::string& path);
     // Takes a connected stream socket, e.g. one end of a socketpair.
     explicit StreamBackend(Fd connected, std::string name = "socket");
 
     unsigned num_queues() const override { return 1; }
-    int fd(unsigned = 0) const override { return fd_.get(); }
     bool has_vnet_hdr() const override { return false; }
     NetIoResult read_frame(unsigned q, std::span<std::uint8_t> buf) override;
     IoOp read_op(unsigned q) override;
@@ -195,16 +168,15 @@ private:
 
     Fd fd_;
     std::string name_;
-    // Receive side: bytes received but not yet returned live in in_[in_head_,
-    // in_tail_); skip_ counts the rest of an oversized frame being discarded.
+    // Received bytes not yet returned: in_[in_head_, in_tail_); skip_: the
+    // rest of an oversized frame being discarded.
     std::vector<std::uint8_t> in_;
     std::size_t in_head_ = 0, in_tail_ = 0;
     std::size_t skip_ = 0, asked_ = 0;
     bool eof_ = false;
     int err_ = 0;
-    // Send side: out_[out_head_, size()) is being sent (the kernel may be
-    // reading it, so it never grows meanwhile); frames accepted since wait
-    // in next_.
+    // out_[out_head_, size()) is being sent (so it never grows meanwhile);
+    // frames accepted since wait in next_.
     std::vector<std::uint8_t> out_, next_;
     std::vector<std::size_t> out_ends_, next_ends_;   // where each frame ends in out_ / next_, in order
     std::size_t out_head_ = 0;

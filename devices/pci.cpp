@@ -10,18 +10,16 @@ namespace kguest {
 
 namespace {
 constexpr std::uint32_t kConf1Enable = 0x80000000u;
-// Bits 27:24 are where Linux's PCI_CONF1_EXT_ADDRESS puts register bits 11:8
-// (AMD's IO ECS); we have no extended space, so such accesses read all-ones
-// instead of aliasing the header.
+// Linux's PCI_CONF1_EXT_ADDRESS register bits 11:8 (AMD's IO ECS): no such
+// space here, so such accesses read all-ones instead of aliasing the header.
 constexpr std::uint32_t kConf1ExtReg = 0x0f000000u;
 
 unsigned bar_offset(unsigned index) { return pci::kBar0 + 4 * index; }
 } // namespace
 
 PciFunction::PciFunction() {
-    // Command: bus master and INTx disable are always writable; the decode
-    // enables become writable with a BAR of that kind (spec §6.2.2: bits for
-    // unsupported functions are hardwired to 0).
+    // Command: the decode enables become writable with a BAR of that kind
+    // (spec §6.2.2).
     set_writable(pci::kCommand, 2, pci::kCommandMaster | pci::kCommandIntxDisable);
     set_writable(pci::kCacheLine, 1, 0xff);
     set_writable(pci::kInterruptLine, 1, 0xff);
@@ -38,20 +36,10 @@ void PciFunction::set_class(std::uint32_t class_code, std::uint8_t revision) {
     set_config(pci::kClassProg + 1, 2, (class_code >> 8) & 0xffff);
 }
 
-void PciFunction::set_subsystem(std::uint16_t vendor, std::uint16_t id) {
-    set_config(pci::kSubsystemVendor, 2, vendor);
-    set_config(pci::kSubsystemId, 2, id);
-}
-
-void PciFunction::set_header_type(std::uint8_t type) { set_config(pci::kHeaderType, 1, type); }
-void PciFunction::set_interrupt_pin(std::uint8_t pin) { set_config(pci::kInterruptPin, 1, pin); }
-
 std::uint8_t PciFunction::add_capability(std::uint8_t id, std::span<const std::uint8_t> body,
                                          std::span<const std::uint8_t> writable) {
     if (!writable.empty() && writable.size() != body.size())
         throw std::invalid_argument("pci: capability write mask length differs from its body");
-    // Capabilities are dword aligned: the bottom two bits of every pointer are
-    // reserved (spec §6.7).
     const unsigned off = cap_end_;
     if (off + 2 + body.size() > pci::kConfigSize)
         throw std::invalid_argument("pci: capability " + std::to_string(id) + " does not fit");
@@ -62,7 +50,7 @@ std::uint8_t PciFunction::add_capability(std::uint8_t id, std::span<const std::u
     config_[last_cap_ == 0 ? pci::kCapPtr : last_cap_ + 1u] = static_cast<std::uint8_t>(off);
     set_config(pci::kStatus, 2, config_read(pci::kStatus, 2) | pci::kStatusCapList);
     last_cap_ = static_cast<std::uint8_t>(off);
-    cap_end_ = (off + 2 + static_cast<unsigned>(body.size()) + 3) & ~3u;
+    cap_end_ = (off + 2 + static_cast<unsigned>(body.size()) + 3) & ~3u;   // dword aligned (§6.7)
     return last_cap_;
 }
 
@@ -77,9 +65,8 @@ void PciFunction::set_bar(unsigned index, std::uint64_t size, BarKind kind, bool
                                                : false) &&
                     slot_free(index) && (!is64 || slot_free(index + 1));
     if (!ok) throw std::invalid_argument("pci: bad BAR " + std::to_string(index));
-    // Spec §6.2.5.1: the low bits give the type and are read-only; the
-    // address bits below the size are hardwired to 0 as well, so writing
-    // all-ones and reading back gives ~(size-1) | type bits.
+    // Spec §6.2.5.1: the type bits and the address bits below the size are
+    // read-only, so sizing reads back ~(size-1) | type.
     const std::uint64_t mask = ~(size - 1);
     std::uint32_t type = 0;
     if (kind == BarKind::kIo) {
@@ -159,9 +146,8 @@ void PciFunction::config_write(unsigned offset, unsigned size, std::uint32_t val
 }
 
 PciHostBridge::PciHostBridge() {
-    // 00:00.0: an i440FX-like host bridge (Intel 82441FX, as on QEMU's pc
-    // machine). Linux's pci_sanity_check (direct.c) wants a host bridge or
-    // VGA class, or an Intel/Compaq vendor, in slot 0..31 before it trusts conf1.
+    // 00:00.0: an i440FX host bridge (as QEMU's pc), which Linux's
+    // pci_sanity_check (direct.c) wants before it trusts conf1.
     auto host = std::make_shared<PciFunction>();
     host->set_ids(0x8086, 0x1237);
     host->set_class(0x060000, 0x02);
@@ -173,11 +159,6 @@ void PciHostBridge::add_function(unsigned slot, std::shared_ptr<PciFunction> fn)
     if (slot == 0 || slot >= kSlots || !fn || slots_[slot])
         throw std::invalid_argument("pci: cannot place a function at 00:" + std::to_string(slot) + ".0");
     slots_[slot] = std::move(fn);
-}
-
-std::uint32_t PciHostBridge::address() const {
-    std::lock_guard lock(mu_);
-    return address_;
 }
 
 PciFunction* PciHostBridge::selected(unsigned& reg) const {

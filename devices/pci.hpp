@@ -1,22 +1,18 @@
 // PCI bus 0 behind configuration mechanism #1 (PCI Local Bus Spec 3.0 §3.2.2.3.2,
-// ports 0xcf8 address / 0xcfc-0xcff data), the way Linux's
-// arch/x86/pci/direct.c probes and uses it. It will host virtio-pci devices
-// (VIRTIO 1.2 §4.1); it knows nothing of KVM.
+// ports 0xcf8 address / 0xcfc-0xcff data), as Linux's arch/x86/pci/direct.c
+// uses it. It knows nothing of KVM.
 //
 // A PciFunction owns a type-0 header (spec §6.1): 256 bytes of configuration
-// space plus a per-bit write mask saying what the guest may change. Every
-// guest write goes bytewise through that mask, so identity registers, the
-// capability chain and the BAR size/type bits cannot be altered whatever the
-// offset, width or alignment. The guest is hostile: nothing on the access path
-// throws, and odd accesses read all-ones or are dropped. Setup calls (set_bar,
-// add_capability, add_function) throw std::invalid_argument on misuse.
+// space plus a per-bit write mask. Every guest write goes bytewise through
+// that mask, so identity registers, the capability chain and the BAR
+// size/type bits cannot be altered. Nothing on the access path throws; odd
+// accesses read all-ones or are dropped. Setup calls throw
+// std::invalid_argument on misuse.
 //
 // Hooks (on_bar_moved, on_command_write, on_config_write) run on the vCPU
 // thread that did the config write, under the host bridge's lock and inside
-// the PIO bus dispatch (which holds that Bus's shared lock): they must not
-// touch the bridge, and must not insert into the PIO bus synchronously.
-// The config space is guarded by that lock alone: outside the hooks, read it
-// (bar_address, command, config_read) only before the VM runs.
+// the PIO bus dispatch: they must not touch the bridge or insert into the PIO
+// bus. Outside the hooks, read the config space only before the VM runs.
 #pragma once
 
 #include "devices/base/bus.hpp"
@@ -40,9 +36,8 @@ inline constexpr std::uint16_t kCommandIo = 1u << 0, kCommandMemory = 1u << 1,
                                kCommandMaster = 1u << 2, kCommandIntxDisable = 1u << 10;
 inline constexpr std::uint16_t kStatusCapList = 1u << 4;
 inline constexpr unsigned kConfigSize = 256, kNumBars = 6, kCapStart = 0x40;
-// Where INTA# of a bus-0 slot goes: IOAPIC pin 16 + (slot - 1) % 8. PCI
-// interrupts are level-triggered and shareable, and pins 16-23 carry no ISA
-// device. The wiring (vmm/virtio_kvm.cpp) and the ACPI _PRT both use this.
+// Where INTA# of a bus-0 slot goes: IOAPIC pin 16 + (slot - 1) % 8 (pins
+// 16-23 carry no ISA device). The wiring and the ACPI _PRT both use this.
 constexpr std::uint32_t intx_gsi(unsigned slot) { return 16 + (slot - 1) % 8; }
 } // namespace pci
 
@@ -62,26 +57,19 @@ public:
     // Identity (read-only to the guest).
     void set_ids(std::uint16_t vendor, std::uint16_t device);
     void set_class(std::uint32_t class_code, std::uint8_t revision = 0);  // 24-bit base/sub/prog-if
-    void set_subsystem(std::uint16_t vendor, std::uint16_t id);
-    void set_header_type(std::uint8_t type);
-    void set_interrupt_pin(std::uint8_t pin);  // 1 = INTA# .. 4 = INTD#, 0 = none
 
-    // Appends a capability (spec §6.7): `body` is what follows the ID and Next
-    // bytes; `writable` (same length or empty) is the guest-writable bit mask
-    // for the body. Links it into the list at 0x34 and sets Status bit 4.
-    // Returns its offset; throws when it does not fit in 0x40..0xff.
+    // Appends a capability (spec §6.7): `body` follows the ID and Next bytes;
+    // `writable` (same length or empty) is its guest-writable mask. Returns
+    // its offset; throws when it does not fit.
     std::uint8_t add_capability(std::uint8_t id, std::span<const std::uint8_t> body,
                                 std::span<const std::uint8_t> writable = {});
 
-    // Declares BAR `index` (spec §6.2.5.1). Memory BARs are >= 16 bytes, I/O
-    // BARs 4..256 bytes and decode 16-bit port addresses only; sizes are
-    // powers of two. A 64-bit BAR also takes slot index + 1.
+    // Declares BAR `index` (spec §6.2.5.1): memory >= 16 bytes, I/O 4..256
+    // bytes, powers of two. A 64-bit BAR also takes slot index + 1.
     void set_bar(unsigned index, std::uint64_t size, BarKind kind, bool prefetchable = false);
     BarAddress bar_address(unsigned index) const;
-    std::uint64_t bar_size(unsigned index) const { return index < pci::kNumBars ? bars_[index].size : 0; }
 
-    // Guest accesses, as routed by the host bridge: `size` bytes at `offset`
-    // (little-endian); bytes past 0xff read 0xff / are dropped.
+    // Guest accesses (little-endian); bytes past 0xff read 0xff / are dropped.
     std::uint32_t config_read(unsigned offset, unsigned size) const;
     void config_write(unsigned offset, unsigned size, std::uint32_t value);
 
@@ -91,13 +79,12 @@ public:
     std::uint16_t command() const { return static_cast<std::uint16_t>(config_read(pci::kCommand, 2)); }
 
 protected:
-    // A BAR's address changed (including sizing writes of all-ones; a 64-bit
-    // BAR reports once per half written). Check bar_address().decode.
+    // A BAR's address changed (sizing writes included; once per half of a
+    // 64-bit BAR).
     virtual void on_bar_moved(unsigned /*index*/, std::uint64_t /*old_addr*/, std::uint64_t /*new_addr*/) {}
     // Any write touching the Command register.
     virtual void on_command_write(std::uint16_t /*old_cmd*/, std::uint16_t /*new_cmd*/) {}
-    // Every guest write, after it was applied and after the hooks above
-    // (e.g. a writable capability field changed).
+    // Every guest write, after it was applied and after the hooks above.
     virtual void on_config_write(unsigned /*offset*/, unsigned /*size*/) {}
 
 private:
@@ -115,11 +102,9 @@ private:
     unsigned cap_end_ = pci::kCapStart;
 };
 
-// The conf1 ports, inserted on the PIO bus at kBase..kBase+kLen-1. Slot 0 holds
-// the bridge's own host-bridge function (00:00.0, i440FX IDs, class 0x060000
-// so Linux's pci_sanity_check accepts the mechanism). Only function 0 of each
-// slot exists. Port 0xcf9 (PIIX reset control) falls in this range and is
-// ignored like the other byte ports of the address register.
+// The conf1 ports at kBase..kBase+kLen-1. Slot 0 holds the host bridge itself
+// (00:00.0, i440FX IDs). Only function 0 of each slot exists. Port 0xcf9
+// (PIIX reset control) is ignored like the other byte ports of 0xcf8.
 class PciHostBridge : public BusDevice {
 public:
     static constexpr std::uint16_t kBase = 0xcf8;
@@ -130,7 +115,6 @@ public:
 
     // Places `fn` at 00:slot.0. Throws on slot 0, slot >= 32, a taken slot or null.
     void add_function(unsigned slot, std::shared_ptr<PciFunction> fn);
-    std::uint32_t address() const;
 
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;

@@ -7,7 +7,7 @@ namespace kguest {
 
 void Port80::read(std::uint64_t offset, std::span<std::uint8_t> data) {
     if (offset == 0) reads_.fetch_add(1, std::memory_order_relaxed);
-    std::memset(data.data(), kReadValue, data.size());
+    std::memset(data.data(), 0xff, data.size());
 }
 
 void Port80::write(std::uint64_t offset, std::span<const std::uint8_t> data) {

@@ -1,9 +1,7 @@
 // The MC146818 register model (see rtc.hpp). Register numbers and bits are
-// those of Linux's include/linux/mc146818rtc.h; the update protocol is the one
-// drivers/rtc/rtc-mc146818-lib.c follows (mc146818_get_time waits while UIP is
-// set; mc146818_set_time sets SET in status B, writes the time registers, then
-// restores status B). The clock is the host's plus `offset_`, so the guest's
-// time keeps running between reads without any timer of ours.
+// those of Linux's include/linux/mc146818rtc.h; the update protocol that of
+// drivers/rtc/rtc-mc146818-lib.c (set SET in status B, write the time, restore
+// status B). The clock is the host's plus `offset_`: no timer of ours.
 #include "devices/rtc.hpp"
 
 #include <algorithm>
@@ -43,9 +41,8 @@ Rtc::Rtc(std::uint64_t ram_below_4g, std::uint64_t ram_above_4g, std::function<s
         cmos_[reg] = static_cast<std::uint8_t>(v);
         cmos_[reg + 1] = static_cast<std::uint8_t>(v >> 8);
     };
-    // QEMU hw/i386/pc.c pc_cmos_init: base memory in KiB (at most 640),
-    // extended memory above 1 MiB in KiB (at most 64 MiB), RAM between 16 MiB
-    // and 4 GiB in 64 KiB units, RAM above 4 GiB in 64 KiB units (3 bytes).
+    // QEMU pc_cmos_init: base memory and memory above 1 MiB in KiB, RAM above
+    // 16 MiB and above 4 GiB (3 bytes) in 64 KiB units.
     set16(0x15, std::min<std::uint64_t>(ram_below_4g / KiB, 640));
     std::uint64_t ext = ram_below_4g > MiB ? (ram_below_4g - MiB) / KiB : 0;
     set16(0x17, ext);
@@ -146,9 +143,7 @@ void Rtc::write_reg(unsigned reg, std::uint8_t v) {
     }
     switch (reg) {
     case REG_A:
-        // UIP is read-only. Divider-chain resets (rtc-mc146818-lib.c writes
-        // RTC_DIV_RESET2 around a set) are kept but do not stop the clock;
-        // SET alone freezes it.
+        // UIP is read-only; divider resets do not stop the clock (SET does).
         cmos_[REG_A] = v & ~RTC_UIP;
         return;
     case REG_B: {

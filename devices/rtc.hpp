@@ -1,13 +1,10 @@
 // The PC's CMOS real-time clock, a minimal MC146818 at ports 0x70 (index) and
-// 0x71 (data). Linux reads it at boot for the wall clock (mach_get_cmos_time,
-// drivers/rtc/rtc-cmos.c) and `hwclock -w` writes it. The time registers come
-// from the host's CLOCK_REALTIME (UTC) plus an offset the guest moves by
-// writing them; status B's DM (binary/BCD), 24/12h and SET bits are honoured.
-// Status A never shows UIP, so a reader waiting for an update to end never
-// waits. No interrupts: alarm, periodic and update-ended interrupts are not
-// emulated and IRQ 8 is never raised (status C reads 0). The other bytes are
-// CMOS RAM, filled at construction with the memory sizes QEMU's pc machine
-// stores there (hw/i386/pc.c pc_cmos_init), which some firmware and tools read.
+// 0x71 (data), which Linux reads at boot for the wall clock and `hwclock -w`
+// writes. The time registers are the host's CLOCK_REALTIME (UTC) plus an
+// offset the guest moves by writing them; status B's DM, 24/12h and SET bits
+// are honoured. Status A never shows UIP. No interrupts (status C reads 0).
+// The other bytes are CMOS RAM, with the memory sizes QEMU's pc machine
+// stores there (hw/i386/pc.c pc_cmos_init).
 #pragma once
 
 #include "devices/base/bus.hpp"
@@ -24,14 +21,12 @@ public:
     static constexpr std::uint16_t kBase = 0x70;  // 0x70 index, 0x71 data
     static constexpr std::uint64_t kLen = 2;
 
-    // `ram_below_4g` / `ram_above_4g`: guest RAM below and above 4 GiB, in
-    // bytes, for the CMOS memory-size bytes. `now_unix_seconds` is the host
-    // clock (default: CLOCK_REALTIME); tests pass a fake one.
+    // Guest RAM below and above 4 GiB in bytes; `now_unix_seconds`: the host
+    // clock (default: CLOCK_REALTIME).
     Rtc(std::uint64_t ram_below_4g, std::uint64_t ram_above_4g,
         std::function<std::int64_t()> now_unix_seconds = {});
 
-    // A multi-byte access is split into byte accesses at consecutive ports,
-    // as the ISA bus does (an `outw` to 0x70 writes the index, then the data).
+    // A multi-byte access is split into byte accesses at consecutive ports.
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
 

@@ -23,8 +23,7 @@ Serial::Serial(int out_fd, std::function<void(bool)> set_irq)
 
 void Serial::read(std::uint64_t offset, std::span<std::uint8_t> data) {
     std::lock_guard lock(mu_);
-    // Byte registers; a wider access reads the first register and fills the
-    // rest with ones (hostile guests may try any width).
+    // Byte registers; a wider access fills the rest with ones.
     data[0] = offset < 8 ? read_reg(static_cast<unsigned>(offset)) : 0xff;
     for (std::size_t i = 1; i < data.size(); ++i) data[i] = 0xff;
 }
@@ -115,8 +114,7 @@ void Serial::write_reg(unsigned reg, std::uint8_t v) {
 void Serial::transmit(std::uint8_t b) {
     ++tx_bytes_;
     if (out_fd_ < 0) return;
-    // The console is the guest's only voice; on EAGAIN (a slow pipe) we drop
-    // rather than block a vCPU. Other errors lose the byte likewise.
+    // On EAGAIN (a slow pipe) or another error the byte is lost: never block a vCPU.
     ssize_t r;
     do {
         r = ::write(out_fd_, &b, 1);
@@ -125,8 +123,7 @@ void Serial::transmit(std::uint8_t b) {
 
 void Serial::update_irq() {
     bool level = ((ier_ & IER_RDI) && !rx_.empty()) || ((ier_ & IER_THRI) && thre_pending_);
-    // A real PC gates the line with MCR.OUT2; like QEMU we do not, so a guest
-    // that forgets OUT2 still gets its interrupts.
+    // Not gated by MCR.OUT2 (as QEMU), so a guest forgetting OUT2 still gets interrupts.
     if (level != irq_level_) {
         irq_level_ = level;
         if (set_irq_) set_irq_(level);

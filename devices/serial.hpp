@@ -1,10 +1,8 @@
 // A 16550A UART, the PC's COM1 at port 0x3f8 with IRQ 4: the guest console.
-// Bytes the guest transmits go straight to the console fd (no baud-rate
-// pacing); bytes from the host land in a receive FIFO and raise the "data
-// available" interrupt. Registers follow the National Semiconductor PC16550D
-// data sheet: RBR/THR, IER, IIR/FCR, LCR, MCR, LSR, MSR, SCR, and the divisor
-// latch behind LCR.DLAB; loopback mode (MCR bit 4) works, as Linux's 8250
-// driver may probe it.
+// Transmitted bytes go straight to the console fd (no baud-rate pacing); host
+// bytes land in a receive FIFO and raise the "data available" interrupt.
+// Registers follow the PC16550D data sheet, loopback mode (MCR bit 4)
+// included, as Linux's 8250 driver may probe it.
 #pragma once
 
 #include "devices/base/bus.hpp"
@@ -21,8 +19,8 @@ public:
     static constexpr std::uint16_t kCom1Base = 0x3f8;
     static constexpr unsigned kCom1Irq = 4;
 
-    // `out_fd` receives transmitted bytes (-1: discard). `set_irq(level)` drives
-    // the interrupt line; it is called only when the level changes.
+    // `out_fd` receives transmitted bytes (-1: discard); `set_irq(level)` is
+    // called when the interrupt level changes.
     Serial(int out_fd, std::function<void(bool)> set_irq);
 
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;

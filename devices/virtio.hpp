@@ -1,20 +1,15 @@
 // The transport-independent half of a virtio device (VIRTIO 1.2 sections 2
-// and 3). A VirtioDevice (virtio-net, virtio-balloon, ...) describes what it
-// offers (device type, feature bits, queues, device-specific configuration
-// space) and does the work once the driver has set DRIVER_OK; a transport
-// (virtio-pci, section 4.1, in virtio_pci.hpp) owns everything the driver
-// negotiates through: device status, feature negotiation, queue setup and
-// interrupts. The device reaches its transport only through the small
-// VirtioTransport interface, so the same device model can later sit behind
-// another transport (virtio-mmio, 4.2) unchanged.
+// and 3). A VirtioDevice (virtio-net, virtio-balloon) describes what it
+// offers (device type, features, queues, configuration space) and does the
+// work once the driver has set DRIVER_OK; a transport (virtio-pci, 4.1)
+// owns device status, feature negotiation, queue setup and interrupts, and is
+// reached only through the small VirtioTransport interface.
 //
 // Threading: the transport calls activate/reset/read_config/write_config/
 // accept_features under its control lock, on the vCPU thread doing the
 // access; queue_notify runs on the kicking vCPU thread with no transport lock
-// held (so a device may call interrupt_queue from it). A device with work of
-// its own does it on an EventLoop (devices/base/event_loop.hpp): its
-// queue_notify only kicks the loop. The VirtioTransport calls are safe from
-// any thread, including from inside those callbacks.
+// held. The VirtioTransport calls are safe from any thread, including from
+// inside those callbacks.
 #pragma once
 
 #include "devices/virtqueue.hpp"
@@ -38,10 +33,7 @@ inline constexpr std::uint8_t VIRTIO_CONFIG_S_FAILED = 128;
 inline constexpr unsigned VIRTIO_F_INDIRECT_DESC = 28;
 inline constexpr unsigned VIRTIO_F_EVENT_IDX = 29;
 inline constexpr unsigned VIRTIO_F_VERSION_1 = 32;
-inline constexpr unsigned VIRTIO_F_ACCESS_PLATFORM = 33;
 inline constexpr unsigned VIRTIO_F_RING_PACKED = 34;
-inline constexpr unsigned VIRTIO_F_IN_ORDER = 35;
-inline constexpr unsigned VIRTIO_F_ORDER_PLATFORM = 36;
 inline constexpr unsigned VIRTIO_F_SR_IOV = 37;
 inline constexpr unsigned VIRTIO_F_NOTIFICATION_DATA = 38;
 inline constexpr unsigned VIRTIO_F_NOTIF_CONFIG_DATA = 39;
@@ -52,15 +44,11 @@ constexpr std::uint64_t virtio_bit(unsigned feature) { return std::uint64_t{1} <
 // What a device may ask of its transport. Safe from any thread.
 class VirtioTransport {
 public:
-    // 2.3 / 2.7.7.2: used buffers are in queue `q` and the driver wants to
-    // hear of it (the device checked Virtqueue::needs_notification()).
-    // Dropped before DRIVER_OK and for an out-of-range queue.
+    // 2.3 / 2.7.7.2: used buffers in queue `q`; dropped before DRIVER_OK.
     virtual void interrupt_queue(std::uint16_t q) = 0;
-    // 2.5.1 / 4.1.4.3: the device-specific configuration changed: bumps
-    // config_generation, then sends a configuration change notification.
+    // 2.5.1 / 4.1.4.3: bumps config_generation and notifies.
     virtual void interrupt_config() = 0;
-    // 2.1.2: the device hit an error it cannot recover from (e.g. a malformed
-    // ring): sets DEVICE_NEEDS_RESET and notifies the driver.
+    // 2.1.2: an unrecoverable error: sets DEVICE_NEEDS_RESET and notifies.
     virtual void needs_reset() = 0;
     // The features the driver accepted (valid once FEATURES_OK is set).
     virtual std::uint64_t driver_features() const = 0;
@@ -75,11 +63,9 @@ public:
 
     // 5: the virtio device ID (1 network, 5 balloon, ...).
     virtual std::uint16_t device_id() const = 0;
-    // Feature bits the device offers. The transport adds VIRTIO_F_VERSION_1
-    // and removes the ones it does not implement (see virtio_pci.hpp).
+    // Offered features (the transport adds VERSION_1, removes what it lacks).
     virtual std::uint64_t device_features() const = 0;
-    // 3.1.1 step 5: a last device-specific check of the driver's selection
-    // (already a subset of the offer, with VERSION_1); false refuses FEATURES_OK.
+    // 3.1.1 step 5: a last check of the driver's choice; false refuses FEATURES_OK.
     virtual bool accept_features(std::uint64_t /*features*/) { return true; }
 
     // Queue count (fixed for the device's lifetime) and each queue's maximum
@@ -87,8 +73,7 @@ public:
     virtual std::uint16_t num_queues() const = 0;
     virtual std::uint16_t max_queue_size(std::uint16_t q) const = 0;
 
-    // 4.1.4.6: the device-specific configuration space. The transport only
-    // passes accesses lying wholly inside [0, config_size()).
+    // 4.1.4.6: the transport only passes accesses inside [0, config_size()).
     virtual std::size_t config_size() const = 0;
     virtual void read_config(std::uint64_t offset, std::span<std::uint8_t> data) = 0;
     virtual void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) = 0;
@@ -96,20 +81,14 @@ public:
     // 3.1.1 step 8: the driver set DRIVER_OK. `queues` holds every queue;
     // those the driver enabled are ready() (and stay valid until reset()).
     virtual void activate(std::span<Virtqueue> queues, GuestMemory& mem) = 0;
-    // 2.4: the driver wrote 0 to device_status (also sent at probe, before
-    // any activate). The device must stop touching the queues before it
-    // returns: the transport resets them right after.
+    // 2.4: device_status 0 (also before any activate): stop touching the queues.
     virtual void reset() = 0;
     // 2.9 / 4.1.5.2: the driver kicked queue `q` (only after DRIVER_OK).
     virtual void queue_notify(std::uint16_t q) = 0;
     // KVM_IOEVENTFD: before the VM runs, the VMM may offer one eventfd per
-    // queue (fds[q]) that KVM signals when the driver writes queue q's notify
-    // address, so a kick costs no exit to userspace. A device that returns
-    // true reads them itself (from its own thread or event loop) and treats a
-    // signal like queue_notify(q); it must ignore signals while not active.
-    // queue_notify() stays valid either way (the VMM falls back to the MMIO
-    // exit when an ioeventfd cannot be registered). The fds stay owned by
-    // the VMM and live as long as the device.
+    // queue (fds[q], signalled on a write to q's notify address, owned by the
+    // VMM). A device that returns true reads them itself and treats a signal
+    // like queue_notify(q), which stays valid either way; the first call wins.
     virtual bool take_notify_fds(std::span<const int> /*fds*/) { return false; }
 
     // Called by the transport that hosts the device (null to detach).

@@ -1,15 +1,11 @@
 // virtio-net (see virtio_net.hpp): configuration space, feature negotiation,
 // the control queue, and the queue services the device's EventLoop runs.
 //
-// Packet I/O is requests on the loop: per queue pair one read from the
-// backend (a TAP READ, a stream RECV) while the device wants frames, and the
-// backend's writes for whatever frames the guest sent; every frame of a TX
-// pass goes to the kernel in the loop's one io_uring_submit of that
-// iteration. Not posting a read while the guest has no receive buffers is
-// the RX backpressure: frames wait in the backend (the kernel's TAP queue,
-// the socket) and nothing wakes the loop until the guest adds buffers and
-// kicks. Each service pass handles at most kBudget chains and then yields to
-// the other queues.
+// Per queue pair, one backend read is in flight while the device wants
+// frames; a TX pass's frames reach the kernel in the loop's next
+// io_uring_submit. Posting no read while the guest has no receive buffers is
+// the RX backpressure: frames wait in the backend until the guest adds
+// buffers and kicks. Each service pass handles at most kBudget chains.
 #include "devices/virtio_net.hpp"
 
 #include "devices/base/error.hpp"
@@ -64,8 +60,7 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
     if (pairs_ < 1 || pairs_ > kMaxNetQueuePairs) throw std::invalid_argument("virtio-net: bad queue pair count");
     num_queues_ = static_cast<std::uint16_t>(2 * pairs_ + (pairs_ > 1 ? 1 : 0));
 
-    // 5.1.3. INDIRECT_DESC: virtio-pci passes it through and Virtqueue
-    // implements it; EVENT_IDX likewise.
+    // 5.1.3.
     features_ = virtio_bit(VIRTIO_NET_F_MAC) | virtio_bit(VIRTIO_NET_F_STATUS) | virtio_bit(VIRTIO_NET_F_MTU) |
                 virtio_bit(VIRTIO_NET_F_MRG_RXBUF) | virtio_bit(VIRTIO_F_EVENT_IDX) |
                 virtio_bit(VIRTIO_F_INDIRECT_DESC);
@@ -93,9 +88,7 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
 }
 
 VirtioNet::~VirtioNet() {
-    // Deactivate on the loop, then stop it: it cancels the backend's I/O
-    // in flight and waits for it, since those requests point into the
-    // backend's buffers.
+    // stop() also cancels and waits for the backend's I/O in flight.
     loop_->run_and_wait([this] {
         if (active_) do_deactivate();
     });
@@ -126,8 +119,7 @@ void VirtioNet::read_config(std::uint64_t offset, std::span<std::uint8_t> data) 
 }
 
 void VirtioNet::write_config(std::uint64_t offset, std::span<const std::uint8_t> data) {
-    // 5.1.4.2: the driver MUST NOT write the configuration (the legacy MAC
-    // write is not supported): ignored.
+    // 5.1.4.2: the driver MUST NOT write the configuration: ignored.
     KGUEST_LOG_LIMITED(log_limit_, "virtio-net: ignored %zu-byte config write at %llu", data.size(),
                        static_cast<unsigned long long>(offset));
 }
@@ -152,14 +144,9 @@ void VirtioNet::queue_notify(std::uint16_t q) { loop_->kick(q); }
 bool VirtioNet::take_notify_fds(std::span<const int> fds) { return loop_->watch_queues(fds); }
 
 NetCounters VirtioNet::counters() const {
-    NetCounters c;
-    c.rx_packets = rx_packets_.load(std::memory_order_relaxed);
-    c.rx_bytes = rx_bytes_.load(std::memory_order_relaxed);
-    c.rx_dropped = rx_dropped_.load(std::memory_order_relaxed);
-    c.tx_packets = tx_packets_.load(std::memory_order_relaxed);
-    c.tx_bytes = tx_bytes_.load(std::memory_order_relaxed);
-    c.tx_dropped = tx_dropped_.load(std::memory_order_relaxed);
-    return c;
+    constexpr auto o = std::memory_order_relaxed;
+    return {rx_packets_.load(o), rx_bytes_.load(o), rx_dropped_.load(o),
+            tx_packets_.load(o), tx_bytes_.load(o), tx_dropped_.load(o)};
 }
 
 // ---- On the loop ----
@@ -222,8 +209,7 @@ void VirtioNet::do_activate(std::span<Virtqueue> queues, GuestMemory& mem, std::
     logged_error_ = false;
     active_ = true;
     if (backend_->has_vnet_hdr()) {
-        // 5.1.6.4: the guest takes partially checksummed / GSO frames only
-        // if it negotiated the GUEST_* features: tell the TAP (TUNSETOFFLOAD).
+        // 5.1.6.4: partially checksummed / GSO frames only with GUEST_*.
         unsigned off = 0;
         if (has(negotiated_, VIRTIO_NET_F_GUEST_CSUM)) off |= TUN_F_CSUM;
         if (has(negotiated_, VIRTIO_NET_F_GUEST_TSO4)) off |= TUN_F_TSO4;
@@ -260,12 +246,13 @@ void VirtioNet::set_active_pairs(unsigned n) {
     for (unsigned p = 0; p < n; ++p) loop_->mark(static_cast<std::uint16_t>(2 * p));
 }
 
-void VirtioNet::queue_error(std::uint16_t q, GuestError e) {
+bool VirtioNet::queue_error(std::uint16_t q, GuestError e) {
     // 2.1.2: a broken ring: DEVICE_NEEDS_RESET, and hands off until reset.
     if (!logged_error_) log_msg("virtio-net: queue %u: %s; device needs reset", static_cast<unsigned>(q), e.reason);
     logged_error_ = true;
     broken_ = true;
     fail();
+    return false;
 }
 
 void VirtioNet::backend_closed(unsigned p, int err) {
@@ -333,8 +320,7 @@ VirtioNet::Rx VirtioNet::rx_deliver(unsigned p, int& budget) {
         c.write(*mem_, 0, pkt, total);
         vq.push_used(c.head(), static_cast<std::uint32_t>(total));
     } else {
-        // 5.1.6.4.2: spread the frame over as many buffers as it takes, the
-        // count in the first header's num_buffers.
+        // 5.1.6.4.2: as many buffers as it takes, counted in num_buffers.
         std::vector<DescChain>& got = s.scratch;
         got.clear();
         std::uint64_t room = 0;
@@ -445,14 +431,8 @@ bool VirtioNet::tx_frame(unsigned p, const DescChain& c) {
     Pair& s = *pair_[p];
     // 5.1.6.2: header then frame, in the readable part.
     const std::uint64_t len = c.readable_len();
-    if (len < kVnetHdrLen) {
-        queue_error(q, {"transmit chain shorter than the virtio-net header"});
-        return false;
-    }
-    if (len > kMaxPacketLen) {
-        queue_error(q, {"transmit frame larger than 65562 bytes"});
-        return false;
-    }
+    if (len < kVnetHdrLen) return queue_error(q, {"transmit chain shorter than the virtio-net header"});
+    if (len > kMaxPacketLen) return queue_error(q, {"transmit frame larger than 65562 bytes"});
     if (closed_) {
         tx_dropped_.fetch_add(1, std::memory_order_relaxed);
         queues_[q].push_used(c.head(), 0);
@@ -514,10 +494,8 @@ bool VirtioNet::ctrl_pump() {
     const std::uint16_t used_before = vq.used_idx();
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& c) {
         // 5.1.6.5: class, command, data (readable); ack (writable).
-        if (c.readable_len() < 2 || c.writable_len() < 1) {
-            queue_error(q, {"malformed control command"});
-            return false;
-        }
+        if (c.readable_len() < 2 || c.writable_len() < 1)
+            return queue_error(q, {"malformed control command"});
         const std::uint8_t ack = ctrl_command(c);
         c.write(*mem_, 0, &ack, 1);
         vq.push_used(c.head(), 1);

@@ -1,23 +1,18 @@
 // virtio-net (VIRTIO 1.2 section 5.1), the device half: moves Ethernet frames
-// between the guest's receive/transmit virtqueues and a NetBackend (TAP or a
-// UNIX stream, net_backend.hpp). Queues are rx0, tx0, rx1, tx1, ..., then the
-// control queue when there is more than one pair (5.1.2). Every frame in
-// either direction is preceded by a 12-byte struct virtio_net_hdr_v1
-// (5.1.6); for backends without one the device writes a zero header on RX and
-// strips the header on TX.
+// between the guest's receive/transmit virtqueues and a NetBackend
+// (net_backend.hpp). Queues are rx0, tx0, rx1, tx1, ..., then the control
+// queue when there is more than one pair (5.1.2). Every frame is preceded by
+// a 12-byte struct virtio_net_hdr_v1 (5.1.6); for backends without one the
+// device writes a zero header on RX and strips the header on TX.
 //
-// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp,
-// which documents the model): the loop thread waits on the notify eventfds
-// handed over by take_notify_fds() (KVM ioeventfds) and on the backend's
-// reads and writes, and runs one budgeted service pass per queue with work;
-// only it touches the queues, guest memory and the backend after
-// construction. queue_notify() (vCPU threads) only kicks the loop.
+// Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp
+// documents the model); only the loop thread touches the queues, guest memory
+// and the backend after construction. queue_notify() only kicks the loop;
 // activate(), reset() and take_notify_fds() run their part on the loop and
-// wait for it (with a timeout), so when reset() returns the loop no longer
-// touches the queues. counters() is safe from any thread.
-// No exceptions leave the guest-driven paths; a malformed ring or an
-// oversized TX frame sets DEVICE_NEEDS_RESET (fail()) and the device stops
-// touching its queues until reset.
+// wait for it, so when reset() returns the loop no longer touches the queues.
+// counters() is safe from any thread. Nothing on the guest-driven paths
+// throws; a malformed ring or an oversized TX frame sets DEVICE_NEEDS_RESET
+// and the device leaves its queues alone until reset.
 #pragma once
 
 #include "devices/net_backend.hpp"
@@ -35,26 +30,21 @@ namespace kguest {
 // 5.1.3: feature bits.
 inline constexpr unsigned VIRTIO_NET_F_CSUM = 0;
 inline constexpr unsigned VIRTIO_NET_F_GUEST_CSUM = 1;
-inline constexpr unsigned VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 2;
 inline constexpr unsigned VIRTIO_NET_F_MTU = 3;
 inline constexpr unsigned VIRTIO_NET_F_MAC = 5;
 inline constexpr unsigned VIRTIO_NET_F_GUEST_TSO4 = 7;
 inline constexpr unsigned VIRTIO_NET_F_GUEST_TSO6 = 8;
 inline constexpr unsigned VIRTIO_NET_F_GUEST_ECN = 9;
-inline constexpr unsigned VIRTIO_NET_F_GUEST_UFO = 10;
 inline constexpr unsigned VIRTIO_NET_F_HOST_TSO4 = 11;
 inline constexpr unsigned VIRTIO_NET_F_HOST_TSO6 = 12;
 inline constexpr unsigned VIRTIO_NET_F_HOST_ECN = 13;
-inline constexpr unsigned VIRTIO_NET_F_HOST_UFO = 14;
 inline constexpr unsigned VIRTIO_NET_F_MRG_RXBUF = 15;
 inline constexpr unsigned VIRTIO_NET_F_STATUS = 16;
 inline constexpr unsigned VIRTIO_NET_F_CTRL_VQ = 17;
-inline constexpr unsigned VIRTIO_NET_F_CTRL_RX = 18;
 inline constexpr unsigned VIRTIO_NET_F_MQ = 22;
 // 5.1.4: status field.
 inline constexpr std::uint16_t VIRTIO_NET_S_LINK_UP = 1;
-// 5.1.6: virtio_net_hdr flags and gso_type.
-inline constexpr std::uint8_t VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
+// 5.1.6: virtio_net_hdr gso_type.
 inline constexpr std::uint8_t VIRTIO_NET_HDR_GSO_NONE = 0;
 // 5.1.6.5: control queue.
 inline constexpr std::uint8_t VIRTIO_NET_OK = 0;
@@ -85,9 +75,8 @@ public:
     static constexpr std::uint16_t kQueueSize = 256;
     static constexpr std::uint16_t kDefaultMtu = 1500;
 
-    // Queue pairs = backend->num_queues(). Starts the event loop (idle until
-    // activate()). Throws SysError when the loop cannot be set up,
-    // std::invalid_argument on a null backend or too many queues.
+    // Queue pairs = backend->num_queues(). Starts the event loop. Throws
+    // SysError, or std::invalid_argument on a null backend or too many queues.
     VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac, std::uint16_t mtu = kDefaultMtu);
     ~VirtioNet() override;   // stops and joins the loop
 
@@ -106,8 +95,6 @@ public:
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
     void queue_notify(std::uint16_t q) override;
-    // Takes one eventfd per queue (fds.size() == num_queues()); the first call
-    // wins, later ones return false. The loop reads them from then on.
     bool take_notify_fds(std::span<const int> fds) override;
 
     NetCounters counters() const;
@@ -133,7 +120,7 @@ private:
     bool ctrl_pump();
     std::uint8_t ctrl_command(const DescChain& chain);
     void set_active_pairs(unsigned n);
-    void queue_error(std::uint16_t q, GuestError e);
+    bool queue_error(std::uint16_t q, GuestError e);   // false, for `return queue_error(...)`
     void backend_closed(unsigned p, int err);
     void maybe_notify(std::uint16_t q);
 

@@ -1,10 +1,7 @@
 // The virtio-pci modern transport (see virtio_pci.hpp). The BAR is decoded by
-// region; within a region only the widths and offsets the spec gives a driver
-// are honoured (4.1.3.1: "the driver MUST access each field using the natural
-// width"), plus 8-byte accesses to the 64-bit queue addresses and MSI-X table
-// entries. Everything else reads all-ones and is dropped on write, so a
-// hostile guest can neither confuse the state machine nor reach past the
-// transport's arrays.
+// region; within a region only the natural widths and offsets are honoured
+// (4.1.3.1), plus 8-byte accesses to the 64-bit queue addresses and MSI-X
+// table entries. Everything else reads all-ones and is dropped on write.
 #include "devices/virtio_pci.hpp"
 
 #include <algorithm>
@@ -19,9 +16,7 @@ namespace {
 constexpr std::uint16_t kVirtioPciVendor = 0x1af4;
 constexpr std::uint16_t kVirtioPciModernBase = 0x1040;   // 4.1.2.1
 
-// Features this transport cannot honour, whatever the device offers:
-// packed rings, notification data, ring reset, SR-IOV (the split Virtqueue
-// and a single function are all there is).
+// Features this transport cannot honour, whatever the device offers.
 constexpr std::uint64_t kTransportUnsupported =
     virtio_bit(VIRTIO_F_RING_PACKED) | virtio_bit(VIRTIO_F_SR_IOV) |
     virtio_bit(VIRTIO_F_NOTIFICATION_DATA) | virtio_bit(VIRTIO_F_NOTIF_CONFIG_DATA) |
@@ -38,6 +33,12 @@ void store_le(std::span<std::uint8_t> d, std::uint64_t v) {
 }
 
 bool natural(std::size_t size) { return size == 1 || size == 2 || size == 4 || size == 8; }
+
+// 4.1.4.3: the 64-bit queue addresses, whole or as two 32-bit halves.
+bool queue_address(std::uint64_t off, std::size_t size) {
+    return off >= VIRTIO_PCI_COMMON_Q_DESCLO && off < VIRTIO_PCI_COMMON_Q_NDATA &&
+           (size == 8 ? off % 8 == 0 : size == 4 && off % 4 == 0);
+}
 
 // 4.1.4: struct virtio_pci_cap after cap_vndr/cap_next: cap_len, cfg_type,
 // bar, id, padding[2], offset, length, then `extra` (notify_off_multiplier
@@ -84,9 +85,9 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemo
     // 4.1.2: identity.
     set_ids(kVirtioPciVendor, static_cast<std::uint16_t>(kVirtioPciModernBase + device_->device_id()));
     set_class(class_code, 1);
-    set_subsystem(kVirtioPciVendor, kSubsystemId);
-    set_header_type(0);
-    set_interrupt_pin(1);
+    set_config(pci::kSubsystemVendor, 2, kVirtioPciVendor);
+    set_config(pci::kSubsystemId, 2, kSubsystemId);
+    set_config(pci::kInterruptPin, 1, 1);   // INTA#; header type 0
     set_bar(kBar, kBarSize, BarKind::kMem64);
 
     // 4.1.4: the virtio capabilities, then MSI-X.
@@ -119,19 +120,13 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemo
 }
 
 VirtioPciDevice::~VirtioPciDevice() {
-    // A device with its own thread must stop using the queues (and us)
-    // before we go: reset() guarantees that (virtio.hpp).
-    device_->reset();
+    device_->reset();   // the device stops using the queues (and us)
     device_->attach(nullptr);
-}
-
-std::shared_ptr<BusDevice> VirtioPciDevice::bar_device() {
-    return std::shared_ptr<BusDevice>(shared_from_this(), &bar_region_);
 }
 
 // ---- BAR dispatch ----
 
-void VirtioPciDevice::mmio_read(std::uint64_t offset, std::span<std::uint8_t> data) {
+void VirtioPciDevice::read(std::uint64_t offset, std::span<std::uint8_t> data) {
     bar_read(offset, data, true);
 }
 
@@ -173,7 +168,7 @@ void VirtioPciDevice::bar_read(std::uint64_t offset, std::span<std::uint8_t> dat
     }
 }
 
-void VirtioPciDevice::mmio_write(std::uint64_t offset, std::span<const std::uint8_t> data) {
+void VirtioPciDevice::write(std::uint64_t offset, std::span<const std::uint8_t> data) {
     const std::size_t n = data.size();
     if (!natural(n) || offset >= kBarSize || n > kRegionSize - offset % kRegionSize) return;
     const std::uint64_t region = offset - offset % kRegionSize, off = offset % kRegionSize;
@@ -191,10 +186,8 @@ void VirtioPciDevice::mmio_write(std::uint64_t offset, std::span<const std::uint
         return;
     }
     case kNotifyOffset: {
-        // 4.1.4.4: queue q's notify address is queue_notify_off(q) *
-        // notify_off_multiplier = 4q; the written value (the queue index
-        // without VIRTIO_F_NOTIFICATION_DATA) is ignored. No lock: the
-        // device gets the kick on this thread.
+        // 4.1.4.4: queue q's notify address is 4q; the value written is
+        // ignored. No lock: the device gets the kick on this thread.
         if (off % kNotifyOffMultiplier != 0 || n > kNotifyOffMultiplier) return;
         const std::uint64_t q = off / kNotifyOffMultiplier;
         const std::uint8_t st = status_.load();
@@ -217,7 +210,7 @@ void VirtioPciDevice::mmio_write(std::uint64_t offset, std::span<const std::uint
 bool VirtioPciDevice::common_read(std::uint64_t off, std::size_t size, std::uint64_t& v) {
     auto is = [&](unsigned field, std::size_t width) { return off == field && size == width; };
     const std::uint16_t qs = queue_select_;
-    const QueueRegs* q = qs < qregs_.size() ? &qregs_[qs] : nullptr;
+    QueueRegs* q = qs < qregs_.size() ? &qregs_[qs] : nullptr;
     const std::uint64_t drv = driver_features_.load();
     if (is(VIRTIO_PCI_COMMON_DFSELECT, 4)) v = dfselect_;
     else if (is(VIRTIO_PCI_COMMON_DF, 4)) v = dfselect_ < 2 ? static_cast<std::uint32_t>(offered_ >> (32 * dfselect_)) : 0;
@@ -238,14 +231,8 @@ bool VirtioPciDevice::common_read(std::uint64_t off, std::size_t size, std::uint
     } else if (is(VIRTIO_PCI_COMMON_Q_ENABLE, 2)) v = q ? q->enabled : 0;
     else if (is(VIRTIO_PCI_COMMON_Q_NOFF, 2)) v = q ? qs : 0;
     else if (is(VIRTIO_PCI_COMMON_Q_NDATA, 2) || is(VIRTIO_PCI_COMMON_Q_RESET, 2)) v = 0;
-    else if (off >= VIRTIO_PCI_COMMON_Q_DESCLO && off < VIRTIO_PCI_COMMON_Q_NDATA &&
-             (size == 8 ? off % 8 == 0 : size == 4 && off % 4 == 0)) {
-        // 64-bit queue addresses, whole or as two 32-bit halves.
-        const std::uint64_t field = off & ~7ull;
-        const std::uint64_t a = !q ? 0
-                                : field == VIRTIO_PCI_COMMON_Q_DESCLO  ? q->desc
-                                : field == VIRTIO_PCI_COMMON_Q_AVAILLO ? q->driver
-                                                                       : q->device;
+    else if (queue_address(off, size)) {
+        const std::uint64_t a = q ? q->address(off) : 0;
         v = size == 8 ? a : static_cast<std::uint32_t>(a >> (off % 8 == 0 ? 0 : 32));
     } else {
         return false;
@@ -254,8 +241,8 @@ bool VirtioPciDevice::common_read(std::uint64_t off, std::size_t size, std::uint
 }
 
 bool VirtioPciDevice::queue_setup_allowed(std::uint16_t q) const {
-    // 3.1.1 step 7 / 4.1.4.3.2: queues are set up after FEATURES_OK and
-    // before DRIVER_OK, while not enabled (no VIRTIO_F_RING_RESET).
+    // 3.1.1 step 7 / 4.1.4.3.2: after FEATURES_OK, before DRIVER_OK, while
+    // not enabled.
     const std::uint8_t st = status_.load();
     return q < qregs_.size() && (st & VIRTIO_CONFIG_S_FEATURES_OK) != 0 &&
            (st & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED)) == 0 &&
@@ -285,8 +272,7 @@ void VirtioPciDevice::common_write(std::uint64_t off, std::size_t size, std::uin
     } else if (is(VIRTIO_PCI_COMMON_Q_SELECT, 2)) {
         queue_select_ = static_cast<std::uint16_t>(v);
     } else if (is(VIRTIO_PCI_COMMON_Q_SIZE, 2)) {
-        // 2.7: a split queue's size is a power of 2; the driver may only
-        // lower it from the maximum.
+        // 2.7: a power of 2, at most the maximum.
         if (queue_setup_allowed(qs) && v != 0 && std::has_single_bit(v) && v <= qregs_[qs].max)
             qregs_[qs].size = static_cast<std::uint16_t>(v);
     } else if (is(VIRTIO_PCI_COMMON_Q_MSIX, 2)) {
@@ -296,20 +282,14 @@ void VirtioPciDevice::common_write(std::uint64_t off, std::size_t size, std::uin
     } else if (is(VIRTIO_PCI_COMMON_Q_ENABLE, 2)) {
         // Writing 0 is not allowed without VIRTIO_F_RING_RESET: ignored.
         if (v == 1 && queue_setup_allowed(qs)) enable_queue(qs);
-    } else if (off >= VIRTIO_PCI_COMMON_Q_DESCLO && off < VIRTIO_PCI_COMMON_Q_NDATA &&
-               (size == 8 ? off % 8 == 0 : size == 4 && off % 4 == 0)) {
+    } else if (queue_address(off, size)) {
         if (!queue_setup_allowed(qs)) return;
-        const std::uint64_t field = off & ~7ull;
-        QueueRegs& q = qregs_[qs];
-        std::uint64_t& a = field == VIRTIO_PCI_COMMON_Q_DESCLO  ? q.desc
-                           : field == VIRTIO_PCI_COMMON_Q_AVAILLO ? q.driver
-                                                                  : q.device;
+        std::uint64_t& a = qregs_[qs].address(off);
         if (size == 8) a = v;
         else if (off % 8 == 0) a = (a & ~std::uint64_t{0xffffffff}) | (v & 0xffffffff);
         else a = (a & 0xffffffff) | (v & 0xffffffff) << 32;
     }
-    // Read-only fields (device_feature, num_queues, config_generation,
-    // queue_notify_off, ...) and odd accesses: dropped.
+    // Read-only fields and odd accesses: dropped.
 }
 
 void VirtioPciDevice::write_status(std::uint8_t v) {
@@ -317,14 +297,13 @@ void VirtioPciDevice::write_status(std::uint8_t v) {
         reset_locked();
         return;
     }
-    // 2.1.2: the driver never clears a bit (only a reset does) and never sets
-    // DEVICE_NEEDS_RESET; such bits in the write are ignored.
+    // 2.1.2: the driver never clears a bit nor sets DEVICE_NEEDS_RESET.
     const std::uint8_t cur = status_.load();
     std::uint8_t add = static_cast<std::uint8_t>(v & ~cur & ~VIRTIO_CONFIG_S_NEEDS_RESET);
     const std::uint8_t next = cur | add;
     if ((add & VIRTIO_CONFIG_S_FEATURES_OK) != 0) {
-        // 3.1.1 step 5 / 6.1: only offered features, VERSION_1 required for a
-        // modern device, and after ACKNOWLEDGE and DRIVER.
+        // 3.1.1 step 5 / 6.1: offered features with VERSION_1, after
+        // ACKNOWLEDGE and DRIVER.
         const std::uint64_t drv = driver_features_.load();
         const bool ok = (next & VIRTIO_CONFIG_S_ACKNOWLEDGE) != 0 && (next & VIRTIO_CONFIG_S_DRIVER) != 0 &&
                         (drv & ~offered_) == 0 && (drv & virtio_bit(VIRTIO_F_VERSION_1)) != 0 &&
@@ -342,8 +321,7 @@ void VirtioPciDevice::write_status(std::uint8_t v) {
 }
 
 void VirtioPciDevice::reset_locked() {
-    // 2.4 / 4.1.4.3.1: the device stops, then every queue and every
-    // negotiation register returns to its initial value.
+    // 2.4 / 4.1.4.3.1: the device stops, then everything is back to initial.
     device_->reset();
     for (std::size_t i = 0; i < queues_.size(); ++i) {
         queues_[i].reset();
@@ -399,8 +377,7 @@ void VirtioPciDevice::interrupt_config() {
 }
 
 void VirtioPciDevice::needs_reset() {
-    // 2.1.2: set DEVICE_NEEDS_RESET, then a configuration change
-    // notification (sent here whether or not DRIVER_OK is set yet).
+    // 2.1.2: a configuration change notification, even before DRIVER_OK.
     const std::uint8_t old = status_.fetch_or(VIRTIO_CONFIG_S_NEEDS_RESET);
     if ((old & VIRTIO_CONFIG_S_NEEDS_RESET) != 0) return;
     std::lock_guard lock(irq_mu_);
@@ -516,11 +493,9 @@ void VirtioPciDevice::on_config_write(unsigned offset, unsigned size) {
 }
 
 void VirtioPciDevice::pci_cfg_window(unsigned offset, unsigned size) {
-    // 4.1.4.9: the driver picks a BAR, offset and length (1, 2 or 4, with the
-    // offset a multiple of it); a write to pci_cfg_data writes that many bytes
-    // there. We cannot see config reads, so after every write to the
-    // capability the data field is refreshed from the BAR, without the read
-    // side effect (the ISR is not cleared through the window).
+    // 4.1.4.9: the driver picks a BAR, offset and length (1, 2 or 4); a write
+    // to pci_cfg_data writes there. Config reads are invisible to us, so every
+    // write refreshes the data field from the BAR (without clearing the ISR).
     const unsigned cap = pci_cfg_cap_, data_off = cap + 16;
     const std::uint32_t bar = config_read(cap + 4, 1);
     const std::uint32_t off = config_read(cap + 8, 4);
@@ -529,7 +504,7 @@ void VirtioPciDevice::pci_cfg_window(unsigned offset, unsigned size) {
     std::array<std::uint8_t, 4> buf{};
     if (offset < data_off + 4 && offset + size > data_off) {
         store_le(buf, config_read(data_off, 4));
-        mmio_write(off, std::span<const std::uint8_t>(buf.data(), len));
+        write(off, std::span<const std::uint8_t>(buf.data(), len));
     }
     buf.fill(0);
     bar_read(off, std::span(buf.data(), len), false);

@@ -1,13 +1,11 @@
 // The virtio-pci modern transport (VIRTIO 1.2 section 4.1): one PCI function
 // wrapping one VirtioDevice. It knows nothing of KVM; interrupts leave through
-// VirtioInterrupts (which the VMM backs with irqfds / KVM MSI routes) and the
-// BAR is reached through mmio_read/mmio_write (or bar_device(), a BusDevice
-// the VMM inserts on its MMIO bus at bar_gpa()).
+// VirtioInterrupts (irqfds / KVM MSI routes in the VMM) and the BAR is reached
+// as a BusDevice (read/write, or bar_device()).
 //
 // PCI identity (4.1.2): vendor 0x1AF4, device 0x1040 + virtio device ID,
-// revision 1, subsystem 0x1AF4/0x1100 (as QEMU), header type 0, INTA#, class
-// code from the caller. One 64-bit memory BAR, BAR 4 (kBarSize bytes), holds
-// every region, each at a 4 KiB boundary:
+// revision 1, subsystem 0x1AF4/0x1100 (as QEMU), INTA#. One 64-bit memory
+// BAR, BAR 4, holds every region, each at a 4 KiB boundary:
 //
 //   0x0000 common configuration (4.1.4.3)        cfg_type 1
 //   0x1000 ISR status (4.1.4.5)                  cfg_type 3
@@ -17,19 +15,16 @@
 //   0x5000 MSI-X PBA
 //
 // Capabilities: the five virtio vendor capabilities (cfg_type 1..5, the last
-// being the PCI configuration access window of 4.1.4.9) and MSI-X (ID 0x11,
-// Message Control enable and function mask writable).
+// the PCI configuration access window of 4.1.4.9) and MSI-X.
 //
 // The guest is hostile: accesses of the wrong width, alignment or offset read
-// all-ones and are dropped, and nothing on a guest path throws. Queue errors
-// set DEVICE_NEEDS_RESET and raise a configuration interrupt (2.1.2).
+// all-ones and are dropped, and nothing on a guest path throws.
 //
-// Locking: a control lock serialises the common/device configuration (status,
-// negotiation, queue setup); an interrupt lock guards ISR, vectors and the
-// MSI-X table/PBA, and is taken after the control lock when both are needed.
-// VirtioInterrupts is called under the interrupt lock: it must not call
-// back into this object. Config-space hooks (BAR moves,
-// Message Control) run under the host bridge's lock (see pci.hpp).
+// Locking: a control lock serialises the common/device configuration; an
+// interrupt lock guards ISR, vectors and the MSI-X table/PBA, taken after the
+// control lock when both are needed. VirtioInterrupts is called under the
+// interrupt lock and must not call back into this object. Config-space hooks
+// run under the host bridge's lock (see pci.hpp).
 #pragma once
 
 #include "devices/pci.hpp"
@@ -78,18 +73,17 @@ inline constexpr std::uint8_t PCI_CAP_ID_MSIX = 0x11;
 inline constexpr std::uint8_t PCI_CAP_ID_VNDR = 0x09;
 inline constexpr std::uint16_t PCI_MSIX_FLAGS_ENABLE = 0x8000, PCI_MSIX_FLAGS_MASKALL = 0x4000;
 
-// Where the transport's interrupts go; the VMM implements it with irqfds.
-// Called under the transport's interrupt lock, from any thread.
+// Where the transport's interrupts go. Called under the interrupt lock.
 struct VirtioInterrupts {
     virtual ~VirtioInterrupts() = default;
-    // MSI-X enabled and the vector unmasked: send the message the guest
-    // programmed into table entry `vector` (PCI 3.0 §6.8.2).
+    // Send the message of MSI-X table entry `vector` (PCI 3.0 §6.8.2).
     virtual void msix(std::uint16_t vector, std::uint64_t address, std::uint32_t data) = 0;
     virtual void intx(bool level) = 0;             // INTA# level (MSI-X disabled)
 };
 
 class VirtioPciDevice : public PciFunction,
                         public VirtioTransport,
+                        public BusDevice,
                         public std::enable_shared_from_this<VirtioPciDevice> {
 public:
     static constexpr unsigned kBar = 4;
@@ -102,18 +96,15 @@ public:
     static constexpr std::uint16_t kMaxQueues = 255;   // table (queues + 1) fits 4 KiB
     static constexpr std::uint16_t kSubsystemId = 0x1100;
 
-    // Throws std::invalid_argument on null arguments, 0 or more than kMaxQueues
-    // queues, a bad max_queue_size or a device config over 4 KiB.
+    // Throws std::invalid_argument on bad arguments or a device that cannot fit.
     VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemory& mem,
                     std::shared_ptr<VirtioInterrupts> irq, std::uint32_t class_code);
     ~VirtioPciDevice() override;
 
     // The BAR region, offsets relative to the BAR base.
-    void mmio_read(std::uint64_t offset, std::span<std::uint8_t> data);
-    void mmio_write(std::uint64_t offset, std::span<const std::uint8_t> data);
-    // A BusDevice forwarding to mmio_read/mmio_write that shares ownership of
-    // this object; needs the object to be owned by a std::shared_ptr.
-    std::shared_ptr<BusDevice> bar_device();
+    void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
+    std::shared_ptr<BusDevice> bar_device() { return shared_from_this(); }
 
     // VirtioTransport.
     void interrupt_queue(std::uint16_t q) override;
@@ -121,16 +112,11 @@ public:
     void needs_reset() override;
     std::uint64_t driver_features() const override { return driver_features_.load(); }
 
-    // State the VMM (and tests) query.
-    std::uint8_t device_status() const { return status_.load(); }
-    std::uint64_t offered_features() const { return offered_; }
-    std::uint16_t num_queues() const { return static_cast<std::uint16_t>(queues_.size()); }
     std::uint64_t bar_gpa() const { return bar_gpa_.load(); }
 
-    // The VMM's hook, set before the VM runs: it gets the BAR's address and
-    // whether memory decode is on, after every move or Command write changing
-    // either (under the bridge lock: it may remap the MMIO bus but must not
-    // touch the PIO bus or the bridge).
+    // The VMM's hook, set before the VM runs: gets the BAR's address and
+    // memory decode after every change of either (under the bridge lock: it
+    // may remap the MMIO bus but not touch the PIO bus or the bridge).
     void set_bar_hook(std::function<void(std::uint64_t gpa, bool decode)> hook) { bar_hook_ = std::move(hook); }
 
 protected:
@@ -139,22 +125,15 @@ protected:
     void on_config_write(unsigned offset, unsigned size) override;
 
 private:
-    class BarRegion : public BusDevice {
-    public:
-        explicit BarRegion(VirtioPciDevice& owner) : owner_(owner) {}
-        void read(std::uint64_t offset, std::span<std::uint8_t> data) override { owner_.mmio_read(offset, data); }
-        void write(std::uint64_t offset, std::span<const std::uint8_t> data) override {
-            owner_.mmio_write(offset, data);
-        }
-
-    private:
-        VirtioPciDevice& owner_;
-    };
     struct QueueRegs {
         std::uint16_t max = 0;
         std::uint16_t size = 0;
         bool enabled = false;
         std::uint64_t desc = 0, driver = 0, device = 0;
+        std::uint64_t& address(std::uint64_t off) {   // of the field at common-cfg offset `off`
+            if (off < VIRTIO_PCI_COMMON_Q_AVAILLO) return desc;
+            return off < VIRTIO_PCI_COMMON_Q_USEDLO ? driver : device;
+        }
     };
 
     // Region handlers; `size` is 1..8. Reads return false for "all-ones".
@@ -213,7 +192,6 @@ private:
     std::atomic<std::uint64_t> bar_gpa_{0};
     std::function<void(std::uint64_t, bool)> bar_hook_;
     RateLimit log_limit_{5};
-    BarRegion bar_region_{*this};
 };
 
 } // namespace kguest

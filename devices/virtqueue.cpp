@@ -1,10 +1,9 @@
-// The split virtqueue (see virtqueue.hpp). Ring layout (2.7, all fields
-// little-endian): avail = { flags, idx, ring[size], used_event }, used =
-// { flags, idx, { id, len }[size], avail_event }. The indexes the two sides
-// publish (avail->idx, used->idx) are accessed atomically, with acquire on the
-// read of the driver's index and release on the write of ours (2.7.13.3,
-// 2.7.8); everything else is copied once into host variables before use, so a
-// guest changing the rings under us can give us garbage but never a bad access.
+// The split virtqueue (see virtqueue.hpp). Ring layout (2.7, little-endian):
+// avail = { flags, idx, ring[size], used_event }, used = { flags, idx,
+// { id, len }[size], avail_event }. avail->idx is read with acquire, used->idx
+// written with release (2.7.13.3, 2.7.8); everything else is copied once
+// before use, so a guest changing the rings under us gives garbage, never a
+// bad access.
 #include "devices/virtqueue.hpp"
 
 #include <algorithm>
@@ -15,9 +14,8 @@ namespace kguest {
 
 namespace {
 
-// Walks [offset, offset+len) of the readable (or writable) part of a chain,
-// calling fn(gpa, pos, n) for each piece; false, without calling fn, when the
-// range runs past the end of that part.
+// Calls fn(gpa, pos, n) for each piece of [offset, offset+len) of the readable
+// (or writable) part of a chain; false, calling nothing, past its end.
 template <typename Fn>
 bool for_each_piece(const DescChain& chain, bool writable, std::uint64_t offset, std::uint64_t len,
                     Fn&& fn) {
@@ -66,22 +64,19 @@ bool Virtqueue::configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint6
                           std::uint64_t used_gpa) {
     ready_ = false;
     if (failed_) return false;   // only reset() clears an error, keeping its reason
-    if (size == 0 || size > kVirtqMaxSize || !std::has_single_bit(size)) {
-        reason_ = "queue size is not a power of 2 in 1..32768";
+    auto refuse = [this](const char* why) {
+        reason_ = why;
         return false;
-    }
+    };
+    if (size == 0 || size > kVirtqMaxSize || !std::has_single_bit(size))
+        return refuse("queue size is not a power of 2 in 1..32768");
     // 2.7: alignment 16 / 2 / 4; sizes 16*size, 6+2*size, 6+8*size bytes.
-    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0) {
-        reason_ = "misaligned ring address";
-        return false;
-    }
+    if (desc_gpa % 16 != 0 || avail_gpa % 2 != 0 || used_gpa % 4 != 0)
+        return refuse("misaligned ring address");
     auto desc = mem_.range(Gpa(desc_gpa), 16ull * size);
     auto avail = mem_.range(Gpa(avail_gpa), 6 + 2ull * size);
     auto used = mem_.range(Gpa(used_gpa), 6 + 8ull * size);
-    if (!desc || !avail || !used) {
-        reason_ = "ring not entirely in guest RAM";
-        return false;
-    }
+    if (!desc || !avail || !used) return refuse("ring not entirely in guest RAM");
     size_ = size;
     desc_ = *desc;
     avail_ = *avail;
@@ -110,32 +105,25 @@ std::uint16_t Virtqueue::avail_idx() const {
     return avail_.load_le16(2, std::memory_order_acquire);
 }
 
-bool Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total) {
+PopStatus Virtqueue::add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total) {
     bool writable = (d.flags & kVirtqDescFWrite) != 0;
     // 2.7.4.2: the driver MUST place device-writable buffers after readable ones.
-    if (!writable && !out.elems_.empty() && out.elems_.back().write) {
-        fail("device-readable descriptor after a device-writable one");
-        return false;
-    }
-    if (!mem_.contains(Gpa(d.addr), d.len)) {   // a zero-length buffer must still point at RAM
-        fail("buffer not entirely in guest RAM");
-        return false;
-    }
+    if (!writable && !out.elems_.empty() && out.elems_.back().write)
+        return fail("device-readable descriptor after a device-writable one");
+    // A zero-length buffer must still point at RAM.
+    if (!mem_.contains(Gpa(d.addr), d.len)) return fail("buffer not entirely in guest RAM");
     total += d.len;
-    if (total > UINT32_MAX) {   // 2.7.5.2 caps a chain at 2^32 bytes; used->len has 32 bits
-        fail("chain longer than 4 GiB");
-        return false;
-    }
+    // 2.7.5.2 caps a chain at 2^32 bytes; used->len has 32 bits.
+    if (total > UINT32_MAX) return fail("chain longer than 4 GiB");
     out.elems_.push_back({Gpa(d.addr), d.len, writable});
     (writable ? out.writable_len_ : out.readable_len_) += d.len;
-    return true;
+    return PopStatus::ok;
 }
 
 PopStatus Virtqueue::pop(DescChain& out) {
     if (failed_) return PopStatus::error;
     if (!ready_) return PopStatus::empty;
-    // 2.7.6: avail->idx is where the driver will put the next entry; it may
-    // only be up to `size` entries ahead of what we have consumed.
+    // 2.7.6: avail->idx may be at most `size` entries ahead of what we consumed.
     auto pending = static_cast<std::uint16_t>(avail_idx() - last_avail_);
     if (pending == 0) return PopStatus::empty;
     if (pending > size_) return fail("avail idx more than queue size ahead");
@@ -169,10 +157,9 @@ PopStatus Virtqueue::pop(DescChain& out) {
             idx = 0;
             continue;
         }
-        // 2.7.5.3.1: no chain longer than the queue size, indirect buffers
-        // included. This also ends any loop through `next`.
+        // 2.7.5.3.1: no chain longer than the queue size (this ends any loop too).
         if (++buffers > size_) return fail("descriptor chain loops or is longer than the queue size");
-        if (!add_buffer(out, d, total)) return PopStatus::error;
+        if (add_buffer(out, d, total) != PopStatus::ok) return PopStatus::error;
         if (!(d.flags & kVirtqDescFNext)) break;
         if (d.next >= table_len) return fail("next index out of range");
         idx = d.next;
@@ -183,8 +170,7 @@ PopStatus Virtqueue::pop(DescChain& out) {
 
 bool Virtqueue::push_used(std::uint16_t head, std::uint32_t written) {
     if (!ready_ || failed_ || head >= size_) return false;
-    // 2.7.8: fill the element, then publish the index with release so the
-    // driver never sees the index before the element.
+    // 2.7.8: the element, then the index (release).
     const std::uint64_t elem = 4 + 8 * (used_idx_ & (size_ - 1));
     used_.store_le32(elem, head);
     used_.store_le32(elem + 4, written);
@@ -195,8 +181,7 @@ bool Virtqueue::push_used(std::uint16_t head, std::uint32_t written) {
 
 bool Virtqueue::needs_notification() {
     if (!ready_) return false;
-    // Our used->idx store must be visible before we read the driver's
-    // suppression state, or both sides may decide not to act.
+    // Our used->idx store before the driver's suppression state is read.
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (!event_idx_)   // 2.7.7.2
         return (avail_.load_le16(0) & kVirtqAvailFNoInterrupt) == 0;
@@ -215,8 +200,8 @@ void Virtqueue::set_avail_event() {
 }
 
 void Virtqueue::disable_notifications() {
-    // With EVENT_IDX the driver ignores used->flags (2.7.10); leaving
-    // avail_event where it is suppresses notifications once it is passed.
+    // With EVENT_IDX the driver ignores used->flags (2.7.10); an avail_event
+    // left behind suppresses notifications.
     if (ready_ && !event_idx_) used_.store_le16(0, kVirtqUsedFNoNotify);
 }
 
@@ -226,8 +211,7 @@ bool Virtqueue::enable_notifications() {
         set_avail_event();
     else
         used_.store_le16(0, 0);
-    // The store above must be visible before we re-read avail->idx: a driver
-    // that added a buffer just before reading it would not notify us.
+    // The store must be visible before avail->idx is re-read.
     std::atomic_thread_fence(std::memory_order_seq_cst);
     return avail_idx() != last_avail_;
 }

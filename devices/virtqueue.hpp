@@ -1,15 +1,11 @@
-// The split virtqueue (VIRTIO 1.2 section 2.7), device side, shared by the
-// virtio-pci devices. The driver lays out three rings in guest RAM: the
-// descriptor table, the available ring (driver → device) and the used ring
-// (device → driver). pop() takes the next available descriptor chain and
-// validates all of it before the device sees any of it: indexes, loops,
-// indirect tables, buffer bounds and the order of readable and writable
-// buffers. Everything the guest wrote is hostile input, so a malformed chain
-// never crashes or hangs the host; it puts the queue into an error state that
-// lasts until reset(), and the device logs the reason once and sets
-// DEVICE_NEEDS_RESET. Guest RAM is reached only through GuestMemory; the three
-// rings are resolved to GuestRange views once, with their full length checked,
-// when the driver enables the queue.
+// The split virtqueue (VIRTIO 1.2 section 2.7), device side: the descriptor
+// table, the available ring (driver → device) and the used ring (device →
+// driver) in guest RAM. pop() validates a whole chain before the device sees
+// any of it: indexes, loops, indirect tables, buffer bounds and the order of
+// readable and writable buffers. A malformed chain puts the queue into an
+// error state until reset(); the device logs it and sets DEVICE_NEEDS_RESET.
+// The rings are resolved to GuestRange views, fully checked, when the driver
+// enables the queue.
 #pragma once
 
 #include "devices/base/error.hpp"
@@ -56,9 +52,8 @@ public:
     std::uint64_t readable_len() const { return readable_len_; }
     std::uint64_t writable_len() const { return writable_len_; }
 
-    // Gather `len` bytes at `offset` of the readable part into `dst`, or
-    // scatter `src` into the writable part. False, with nothing copied, when
-    // [offset, offset+len) runs past the end of that part.
+    // Gather from the readable part, or scatter into the writable part;
+    // false, with nothing copied, when the range runs past its end.
     bool read(const GuestMemory& mem, std::uint64_t offset, void* dst, std::uint64_t len) const;
     bool write(GuestMemory& mem, std::uint64_t offset, const void* src, std::uint64_t len) const;
 
@@ -78,20 +73,15 @@ class Virtqueue {
 public:
     explicit Virtqueue(GuestMemory& mem) : mem_(mem) {}
 
-    // Negotiated features that change the ring format or rules; set them
-    // before configure(). reset() clears them.
+    // Negotiated features; set before configure(), cleared by reset().
     void set_event_idx(bool on) { event_idx_ = on; }         // VIRTIO_F_EVENT_IDX (2.7.10)
     void set_indirect(bool on) { indirect_ = on; }           // VIRTIO_F_INDIRECT_DESC (2.7.5.3)
 
-    // The driver enabled the queue (queue_enable = 1): check the size (a power
-    // of 2, 1..32768), the alignment of each ring (2.7: desc 16, avail 2,
-    // used 4) and that each ring lies entirely in guest RAM. On success the
-    // queue is ready with both indexes at 0; on failure it stays not ready and
-    // error() says why. A failed queue refuses until reset().
+    // The driver enabled the queue: checks size, alignment and that the rings
+    // lie in guest RAM; ready with both indexes at 0, or error() says why.
     bool configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint64_t avail_gpa,
                    std::uint64_t used_gpa);
-    // Back to the state after construction: not ready, no error, no features.
-    void reset();
+    void reset();   // not ready, no error, no features
 
     bool ready() const { return ready_; }
     bool failed() const { return failed_; }
@@ -100,41 +90,29 @@ public:
     std::uint16_t last_avail_idx() const { return last_avail_; }
     std::uint16_t used_idx() const { return used_idx_; }
 
-    // Takes the next available chain into `out`. `empty` when the driver has
-    // made nothing new available (or the queue is not ready); `error` on a
-    // malformed ring or chain (`out` then holds nothing useful), and on every
-    // call after that until reset().
+    // Takes the next available chain into `out`. `empty`: nothing new (or not
+    // ready); `error`: a malformed ring or chain, and every call until reset().
     PopStatus pop(DescChain& out);
 
-    // 2.7.8: hands chain `head` back with `written` bytes written into it and
-    // publishes the new used index (release). False if the queue is not
-    // usable or `head` is out of range.
+    // 2.7.8: hands chain `head` back with `written` bytes; false if unusable.
     bool push_used(std::uint16_t head, std::uint32_t written);
 
-    // 2.7.7.2 / 2.7.10: whether the driver wants an interrupt for the used
-    // buffers pushed since the previous call.
+    // 2.7.7.2 / 2.7.10: whether the driver wants an interrupt for the pushes since.
     bool needs_notification();
 
-    // Driver → device notification suppression (2.7.7.1 / 2.7.10). While
-    // processing, disable_notifications(); when pop() runs dry,
-    // enable_notifications(), which returns true if buffers arrived in the
-    // meantime (the caller must pop again, closing the race).
+    // Driver → device notification suppression (2.7.7.1 / 2.7.10).
+    // enable_notifications() returns true if buffers arrived meanwhile.
     void disable_notifications();
     bool enable_notifications();
-    // The step every queue service uses: pop(); when the queue is empty,
-    // re-enable notifications and re-check once (2.7.10: a buffer made
-    // available before the driver saw the re-enabled notifications would
-    // otherwise wait for a kick that never comes), disabling them again when
-    // something did arrive. `empty` leaves notifications enabled.
+    // pop(); when empty, re-enable notifications and re-check once, so a
+    // buffer added meanwhile is not left waiting for a kick that never comes.
+    // `empty` leaves notifications enabled.
     PopStatus pop_or_enable_notifications(DescChain& out);
 
-    // One service pass, the shape of every queue handler: with driver
-    // notifications off, hands up to `budget` chains to handle(chain) in
-    // ring order. `more`: the budget ran out (come back after the other
-    // queues, so a guest that keeps republishing buffers cannot pin the
-    // thread); `done`: the ring ran dry (notifications re-enabled, race-free);
-    // `stopped`: handle() returned false (it reported why); `error`: a
-    // malformed ring (error() says why).
+    // One service pass: with notifications off, hands up to `budget` chains
+    // to handle(chain). `more`: the budget ran out; `done`: the ring ran dry
+    // (notifications re-enabled); `stopped`: handle() returned false;
+    // `error`: a malformed ring.
     enum class Pass { done, more, stopped, error };
     template <typename Fn>
     Pass service(int budget, Fn&& handle) {
@@ -147,14 +125,13 @@ public:
         }
         return Pass::more;
     }
-    // With EVENT_IDX: avail_event = last_avail_idx, i.e. "notify me when you
-    // make the next buffer available".
+    // With EVENT_IDX: avail_event = last_avail_idx.
     void set_avail_event();
 
 private:
     PopStatus fail(const char* reason);
     std::uint16_t avail_idx() const;   // acquire load of avail->idx
-    bool add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total);
+    PopStatus add_buffer(DescChain& out, const Descriptor& d, std::uint64_t& total);
 
     GuestMemory& mem_;
     bool event_idx_ = false;

@@ -1,11 +1,10 @@
 // A Bus maps address ranges (I/O ports or guest-physical MMIO) to devices, as
-// in rust-vmm's vm-device. Devices see offsets into their own range, never the
-// absolute address. Inserting a range that overlaps another is a setup error;
-// an access that is not wholly inside one device's range is "unclaimed": reads
-// return all ones (what a PC's floating bus gives) and writes are dropped.
+// in rust-vmm's vm-device; devices see offsets into their own range. An access
+// not wholly inside one device's range is unclaimed: reads return all ones
+// (a PC's floating bus) and writes are dropped.
 //
 // Lookups take a shared lock, so vCPU threads dispatch in parallel; inserts
-// (setup, later PCI BAR moves) take it exclusively.
+// and removals (setup, PCI BAR moves) take it exclusively.
 #pragma once
 
 #include <cstdint>
@@ -38,8 +37,6 @@ public:
     // False when unclaimed (data is then filled with 0xff / dropped).
     bool read(std::uint64_t addr, std::span<std::uint8_t> data) const;
     bool write(std::uint64_t addr, std::span<const std::uint8_t> data) const;
-
-    const std::string& name() const { return name_; }
 
 private:
     struct Range {

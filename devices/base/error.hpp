@@ -22,9 +22,8 @@ private:
 // Throws SysError(call, errno). Use right after a failed syscall or ioctl.
 [[noreturn]] void throw_errno(const std::string& call);
 
-// The one error of guest-driven paths (a malformed ring or chain, a frame
-// the device cannot take): never thrown; the device logs `reason`
-// (rate-limited) and sets DEVICE_NEEDS_RESET. `reason` is a static string.
+// The one error of guest-driven paths: never thrown; the device logs the
+// static `reason` (rate-limited) and sets DEVICE_NEEDS_RESET.
 struct GuestError {
     const char* reason = "";
 };

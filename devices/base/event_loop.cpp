@@ -1,8 +1,6 @@
 // The device event loop (see event_loop.hpp). Every io_uring request carries
-// a pointer to its Completion as user data: the wake eventfd and each
-// watched eventfd have one (a READ of the 8-byte counter both waits for and
-// drains it), a device's I/O brings its own. The cancel request sent at
-// stop carries none.
+// its Completion as user data (the cancel request sent at stop carries none).
+// An eventfd is watched by a READ of its counter, which also drains it.
 #include "devices/base/event_loop.hpp"
 
 #include "devices/base/error.hpp"
@@ -30,8 +28,7 @@ struct EventLoop::Ring {
     }
 };
 
-// An eventfd the loop keeps a READ on: a signal kicks queue q (the wake fd
-// has none) and the READ is made again.
+// An eventfd the loop keeps a READ on: a signal kicks queue q (if any).
 struct EventLoop::FdWatch final : Completion {
     FdWatch(EventLoop& l, int f, std::uint16_t queue) : loop(l), fd(f), q(queue) {}
     void complete(int res) override {
@@ -159,8 +156,7 @@ void EventLoop::submit(const IoOp& op, Completion& done) {
 bool EventLoop::busy() const { return std::find(dirty_.begin(), dirty_.end(), true) != dirty_.end(); }
 
 void EventLoop::drain() {
-    // Cancel everything still in flight and wait until the kernel is done
-    // with the buffers those requests point at.
+    // Cancel what is in flight and wait until the kernel is done with it.
     stopped_ = true;
     io_uring& ring = ring_->ring;
     if (io_uring_sqe* sqe = io_uring_get_sqe(&ring)) {

@@ -2,32 +2,23 @@
 // work of their own (virtio-net, virtio-balloon). A device gives the loop a
 // queue service function and nothing else runs its guest-driven work.
 //
-// Threads and what runs where:
-//   - The loop thread (one per device, started by the constructor) waits in
-//     one io_uring for everything: its wake eventfd, the watched eventfds
-//     (KVM ioeventfds: a guest kick costs no exit), and the I/O the device
-//     submits (a backend's reads and writes). It runs the completions, the
-//     posted requests, then one service pass for each queue with work. Only
-//     this thread touches the device's queues, guest memory and backend.
-//   - Any other thread (vCPUs, the control API) may only kick() a queue (a
-//     flag and a wake-up), post() work without waiting, or run_and_wait()
-//     work on the loop with a timeout (activate, reset, setup). None of them
-//     waits on anything a guest controls: a service pass is bounded by the
-//     device's work budget (a number of chains per pass, after which the
-//     service returns `true` and the loop comes back to the queue after
-//     giving every other queue and request its turn), so a guest that keeps
-//     republishing buffers can neither pin the loop nor starve a caller.
-// Locks: one mutex for the request list (held only to queue or take a
-// request); the kick flags are atomics. Devices keep what the API reads
-// (counters, configuration) in atomics or under their own short lock, never
-// one held across guest-driven work.
+// Threads:
+//   - The loop thread (one per device) waits in one io_uring for its wake
+//     eventfd, the watched eventfds and the device's I/O, then runs one
+//     service pass per queue with work. Only it touches the device's queues,
+//     guest memory and backend.
+//   - Any other thread may only kick() a queue, post() work, or
+//     run_and_wait() work on the loop with a timeout. None waits on anything
+//     a guest controls: a service pass is bounded by the device's budget
+//     (it returns `true` and the queue gets another turn after the others),
+//     so a guest can neither pin the loop nor starve a caller.
+// Locks: one mutex for the request list; the kick flags are atomics. Devices
+// keep what the API reads in atomics or under their own short lock.
 //
-// I/O: a device describes a request (IoOp: read/recv this fd into this
-// buffer, write/send these bytes) with a Completion, a typed handler called
-// on the loop thread with the result (cqe->res). Requests made during an
-// iteration reach the kernel together in one io_uring_submit. Buffers and
-// Completions must stay alive until the completion ran or stop() returned:
-// stop() cancels what is in flight and waits for it.
+// I/O: a device describes a request (IoOp) with a Completion called on the
+// loop thread with the result (cqe->res). An iteration's requests reach the
+// kernel in one io_uring_submit. Buffers and Completions must stay alive until
+// the completion ran or stop() returned (it cancels and waits).
 #pragma once
 
 #include "devices/base/fd.hpp"
@@ -60,8 +51,7 @@ struct IoOp {
     int flags = 0;   // recv/send flags (MSG_*)
 };
 
-// Fills an io_uring submission entry for `op` (the loop's submit(); also
-// for tests that drive a backend's requests themselves).
+// Fills an io_uring submission entry for `op` (also for tests).
 void prep_sqe(io_uring_sqe* sqe, const IoOp& op);
 
 class EventLoop {
@@ -75,14 +65,10 @@ public:
         ~Completion() = default;
     };
 
-    // One pass over queue q; true when the budget ran out with work left
-    // (the loop calls again after the other queues had their turn).
+    // One pass over queue q; true when the budget ran out with work left.
     using Service = std::function<bool(std::uint16_t q)>;
 
-    static constexpr std::chrono::milliseconds kDefaultTimeout{2000};
-
-    // Starts the loop thread. `name` prefixes log lines ("virtio-net").
-    // Throws SysError when io_uring or the eventfd cannot be set up.
+    // Starts the loop thread; `name` prefixes log lines. Throws SysError.
     EventLoop(std::string name, std::uint16_t queues, Service service);
     ~EventLoop();   // stop()
     EventLoop(const EventLoop&) = delete;
@@ -91,15 +77,13 @@ public:
     // Any thread.
     void kick(std::uint16_t q);
     void post(std::function<void()> fn);
-    // Runs fn on the loop (at once when called from it) and waits for it;
-    // false if it did not run within `timeout` (it still runs later, so fn
-    // must own what it captures).
-    bool run_and_wait(std::function<void()> fn, std::chrono::milliseconds timeout = kDefaultTimeout);
-    // Watches one eventfd per queue (fds[q] kicks q; VirtioDevice::
-    // take_notify_fds): the first call wins, later ones return false.
+    // Runs fn on the loop (at once when called from it) and waits; false on
+    // timeout (fn still runs later, so it must own what it captures).
+    bool run_and_wait(std::function<void()> fn, std::chrono::milliseconds timeout = std::chrono::seconds(2));
+    // Watches one eventfd per queue (fds[q] kicks q); the first call wins.
     bool watch_queues(std::span<const int> fds);
     // Waits until a pass ends with no queue left to service (tests, settling).
-    bool wait_idle(std::chrono::milliseconds timeout = kDefaultTimeout);
+    bool wait_idle(std::chrono::milliseconds timeout = std::chrono::seconds(2));
     // Cancels the I/O in flight, waits for it, and joins the thread. Idempotent.
     void stop();
 

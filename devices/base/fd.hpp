@@ -1,8 +1,6 @@
-// Owning wrappers for the two host resources a VMM juggles most: file
-// descriptors and memory mappings. Every fd kguest opens (/dev/kvm, the VM, each
-// vCPU, eventfds, TAP devices...) lives in an `Fd`; every mmap in a `Mapping`.
-// Both are move-only, so ownership is always obvious and nothing leaks on an
-// exception path.
+// Move-only owners of the two host resources a VMM juggles most: every fd
+// kguest opens lives in an `Fd`, every mmap in a `Mapping`, so nothing leaks
+// on an exception path.
 #pragma once
 
 #include <cstddef>

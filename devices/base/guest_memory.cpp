@@ -18,30 +18,15 @@
 
 namespace kguest {
 
-std::optional<Backing> parse_backing(std::string_view name) {
-    if (name == "thp") return Backing::thp;
-    if (name == "hugetlbfs") return Backing::hugetlbfs;
-    if (name == "off") return Backing::off;
-    return std::nullopt;
-}
-
-const char* backing_name(Backing b) {
-    switch (b) {
-    case Backing::thp: return "thp";
-    case Backing::hugetlbfs: return "hugetlbfs";
-    case Backing::off: return "off";
-    }
-    return "?";
-}
-
 namespace {
+
+constexpr const char* kBackingNames[] = {"thp", "hugetlbfs", "off"};   // by Backing
 
 Mapping map_ram(std::uint64_t size, Backing backing) {
     const int prot = PROT_READ | PROT_WRITE;
     if (backing == Backing::hugetlbfs) {
-        // hugetlb mappings are aligned to their page size by the kernel. No
-        // MAP_NORESERVE here: reserving at mmap time turns "not enough huge
-        // pages" into ENOMEM now instead of SIGBUS when the guest touches RAM.
+        // Aligned by the kernel. No MAP_NORESERVE: too few huge pages is ENOMEM
+        // now instead of SIGBUS when the guest touches RAM.
         void* p = ::mmap(nullptr, size, prot,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0);
         if (p == MAP_FAILED) {
@@ -54,9 +39,8 @@ Mapping map_ram(std::uint64_t size, Backing backing) {
         }
         return Mapping(p, size);
     }
-    // Over-allocate by 2 MiB and trim both ends so the start is 2 MiB-aligned:
-    // THP can only back 2 MiB-aligned virtual ranges, and matching guest-
-    // physical alignment lets KVM map them with 2 MiB stage-2 pages.
+    // Over-allocate by 2 MiB and trim both ends so the start is 2 MiB-aligned,
+    // as THP (and KVM's 2 MiB stage-2 mappings) need.
     std::uint64_t span = size + kHugePageSize;
     void* p = ::mmap(nullptr, span, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw_errno("mmap guest RAM");
@@ -73,6 +57,14 @@ Mapping map_ram(std::uint64_t size, Backing backing) {
 }
 
 } // namespace
+
+std::optional<Backing> parse_backing(std::string_view name) {
+    for (int i = 0; i < 3; ++i)
+        if (name == kBackingNames[i]) return static_cast<Backing>(i);
+    return std::nullopt;
+}
+
+const char* backing_name(Backing b) { return kBackingNames[static_cast<int>(b)]; }
 
 GuestMemory::GuestMemory(std::uint64_t size, Backing backing) : backing_(backing) {
     if (size == 0) throw std::runtime_error("guest RAM size is zero");
@@ -120,9 +112,7 @@ bool GuestMemory::discard(Gpa gpa, std::uint64_t len) {
     if (len == 0 || gpa.value() % grain != 0 || len % grain != 0) return false;
     std::uint8_t* p = find(gpa, len);
     if (p == nullptr) return false;
-    // Private anonymous memory (THP, 4 KiB or hugetlb): MADV_DONTNEED drops
-    // the pages now. MADV_REMOVE would be the call for a shared mapping;
-    // ours is private, where it fails.
+    // Private anonymous memory: MADV_DONTNEED (MADV_REMOVE fails on it).
     return ::madvise(p, len, MADV_DONTNEED) == 0;
 }
 
@@ -168,8 +158,7 @@ std::uint64_t GuestMemory::huge_backed_bytes() const {
     std::size_t cap = 0;
     while (::getline(&line, &cap, f) > 0) {
         std::uintmax_t lo = 0, hi = 0, kb = 0;
-        // A VMA header "start-end perms ..." starts with lower-case hex; the
-        // field lines ("Rss:", "AnonHugePages:") with an upper-case name.
+        // VMA headers start with lower-case hex, field lines with a capital.
         const char c = line[0];
         const bool header = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
         if (header && std::sscanf(line, "%jx-%jx ", &lo, &hi) == 2) {

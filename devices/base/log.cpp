@@ -9,9 +9,8 @@
 namespace kguest {
 
 void log_msg(const char* fmt, ...) {
-    // Format into one buffer and write(2) it whole, so lines from vCPU threads
-    // never interleave mid-line. "\r\n" keeps lines tidy when the terminal is
-    // in raw mode for the serial console.
+    // One write(2) per line, so threads never interleave mid-line; "\r\n" for
+    // a terminal in raw mode.
     char buf[1024];
     int n = std::snprintf(buf, sizeof buf, "kguest: ");
     va_list ap;

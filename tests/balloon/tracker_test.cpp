@@ -31,6 +31,9 @@ bool all_bytes(const GuestMemory& mem, std::uint64_t gpa, std::uint64_t len, std
     return true;
 }
 
+void inflate_one(BalloonTracker& t, std::uint64_t pfn) { t.inflate(std::span<const std::uint64_t>(&pfn, 1)); }
+void deflate_one(BalloonTracker& t, std::uint64_t pfn) { t.deflate(std::span<const std::uint64_t>(&pfn, 1)); }
+
 std::vector<std::uint64_t> pfn_range(std::uint64_t gpa, std::uint64_t pages) {
     std::vector<std::uint64_t> v;
     for (std::uint64_t i = 0; i < pages; ++i) v.push_back(gpa / kPage + i);
@@ -45,7 +48,7 @@ TEST(BalloonTracker, FourKiBBackingReleasesEachPageAtOnce) {
     touch(mem, r2, kRegion, 0x5a);
     ASSERT_EQ(mem.resident_bytes(Gpa(r2), kRegion), kRegion);
 
-    t.inflate(r2 / kPage);
+    inflate_one(t, r2 / kPage);
     EXPECT_TRUE(t.inflated(r2 / kPage));
     EXPECT_EQ(mem.resident_bytes(Gpa(r2), kPage), 0u);
     EXPECT_EQ(mem.resident_bytes(Gpa(r2 + kPage), kRegion - kPage), kRegion - kPage);
@@ -95,7 +98,7 @@ TEST(BalloonTracker, ThpBackingReleasesOnlyFullRegions) {
     EXPECT_EQ(mem.huge_backed_bytes(), huge_before);
 
     // The 512th: the whole region goes at once.
-    t.inflate((r2 + kRegion - kPage) / kPage);
+    inflate_one(t, (r2 + kRegion - kPage) / kPage);
     EXPECT_TRUE(t.region_released(Gpa(r2)));
     EXPECT_EQ(t.counters().regions_released, 1u);
     EXPECT_EQ(t.counters().bytes_released, kRegion);
@@ -119,17 +122,17 @@ TEST(BalloonTracker, ThpBackingReleasesOnlyFullRegions) {
 TEST(BalloonTracker, DoubleInflateAndStrayDeflateAreCountedAndIgnored) {
     GuestMemory mem(16 << 20, Backing::off);
     BalloonTracker t(mem);
-    t.inflate(0x400);
-    t.inflate(0x400);
+    inflate_one(t, 0x400);
+    inflate_one(t, 0x400);
     EXPECT_EQ(t.counters().double_inflates, 1u);
     EXPECT_EQ(t.counters().inflated_pages, 1u);
     EXPECT_EQ(t.counters().bytes_discarded, kPage);
-    t.deflate(0x401);   // never inflated, region has a bitmap
-    t.deflate(0x800);   // never inflated, no bitmap at all
+    deflate_one(t, 0x401);   // never inflated, region has a bitmap
+    deflate_one(t, 0x800);   // never inflated, no bitmap at all
     EXPECT_EQ(t.counters().stray_deflates, 2u);
     EXPECT_EQ(t.counters().inflated_pages, 1u);
-    t.deflate(0x400);
-    t.deflate(0x400);
+    deflate_one(t, 0x400);
+    deflate_one(t, 0x400);
     EXPECT_EQ(t.counters().stray_deflates, 3u);
     EXPECT_EQ(t.counters().inflated_pages, 0u);
     EXPECT_EQ(t.counters().bytes_released, 0u);
@@ -150,9 +153,9 @@ TEST(BalloonTracker, PfnsBeyondRamAndInTheHoleAreRejected) {
     EXPECT_EQ(t.counters().bad_pfns, 2 * std::size(bad));
     EXPECT_EQ(t.counters().inflated_pages, 0u);
     // The last page below the hole and the first and last above it are RAM.
-    t.inflate(hole - 1);
-    t.inflate(high);
-    t.inflate(high + 2 * kBalloonPagesPerRegion - 1);
+    inflate_one(t, hole - 1);
+    inflate_one(t, high);
+    inflate_one(t, high + 2 * kBalloonPagesPerRegion - 1);
     EXPECT_EQ(t.counters().inflated_pages, 3u);
     EXPECT_TRUE(t.inflated(high));
     EXPECT_FALSE(t.inflated(hole));
@@ -193,7 +196,7 @@ TEST(BalloonTracker, DeflateAfterReleaseMakesPagesUsable) {
     t.deflate(pfn_range(r4, kBalloonPagesPerRegion));
     EXPECT_EQ(t.counters().inflated_pages, 0u);
     EXPECT_FALSE(t.inflated(r4 / kPage));
-    t.inflate(r4 / kPage);
+    inflate_one(t, r4 / kPage);
     EXPECT_EQ(t.counters().double_inflates, 0u);
 }
 
@@ -244,7 +247,7 @@ TEST(BalloonTracker, HugetlbfsBackingWhenAvailable) {
     touch(*mem, kRegion, kRegion, 1);
     t.inflate(pfn_range(kRegion, kBalloonPagesPerRegion - 1));
     EXPECT_EQ(t.counters().bytes_discarded, 0u);
-    t.inflate((2 * kRegion - kPage) / kPage);
+    inflate_one(t, (2 * kRegion - kPage) / kPage);
     // MADV_DONTNEED on hugetlb needs Linux 5.18; older kernels count an error.
     EXPECT_EQ(t.counters().bytes_discarded + t.counters().discard_errors * kRegion, kRegion);
     if (t.counters().discard_errors == 0) {

@@ -125,7 +125,7 @@ TEST(NetBackendStream, HangupMidFrameDropsThenCloses) {
 TEST(NetBackendStream, PartialWritesQueueAndFlushInOrder) {
     StreamPair s;
     const int small = 4096;
-    ASSERT_EQ(::setsockopt(s.b->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+    ASSERT_EQ(::setsockopt(s.b->read_op(0).fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
     // Write frames until the backend refuses one; all accepted ones must
     // come out intact and in order.
     std::vector<std::vector<std::uint8_t>> sent;
@@ -264,7 +264,7 @@ TEST(NetBackendTap, FramesBothWaysThroughARealTap) {
     bool skipped;
     auto tap = open_tap_or_skip("kgbtest0", skipped);
     if (skipped) GTEST_SKIP() << "no /dev/net/tun access here";
-    EXPECT_EQ(tap->ifname(), "kgbtest0");
+    EXPECT_EQ(tap->describe(), "tap kgbtest0");
     EXPECT_TRUE(tap->has_vnet_hdr());
     EXPECT_EQ(tap->set_offloads(TUN_F_CSUM), 0);
     EXPECT_EQ(tap->set_offloads(0), 0);
@@ -306,7 +306,7 @@ TEST(NetBackendTap, MultiQueueTapAndFactory) {
     cfg.queue_pairs = 2;
     auto b = open_backend(cfg);
     EXPECT_EQ(b->num_queues(), 2u);
-    EXPECT_NE(b->fd(0), b->fd(1));
+    EXPECT_NE(b->read_op(0).fd, b->read_op(1).fd);
     EXPECT_EQ(b->set_queue_enabled(1, false), 0);
     EXPECT_EQ(b->set_queue_enabled(1, true), 0);
     EXPECT_EQ(b->describe(), "tap kgbtest1");

@@ -57,8 +57,9 @@ struct TestFn : PciFunction {
     TestFn() {
         set_ids(0x1af4, 0x1041);  // virtio-net, modern (VIRTIO 1.2 §4.1.2.1)
         set_class(0x020000, 0x01);
-        set_subsystem(0x1af4, 0x1100);
-        set_interrupt_pin(1);
+        set_config(pci::kSubsystemVendor, 2, 0x1af4);
+        set_config(pci::kSubsystemId, 2, 0x1100);
+        set_config(pci::kInterruptPin, 1, 1);
     }
     void on_bar_moved(unsigned i, std::uint64_t o, std::uint64_t n) override { moves.emplace_back(i, o, n); }
     void on_command_write(std::uint16_t o, std::uint16_t n) override { cmds.emplace_back(o, n); }
@@ -79,7 +80,6 @@ TEST(PciHostBridge, LinuxType1Probe) {
     EXPECT_EQ(f.g.in(0xcf8, 4), 0u);
     f.g.out(0xcf8, 4, 0x80000000u);
     EXPECT_EQ(f.g.in(0xcf8, 4), 0x80000000u);
-    EXPECT_EQ(f.bridge.address(), 0x80000000u);
     // pci_sanity_check: some slot 0..31 has a host-bridge/VGA class or Intel/Compaq vendor.
     bool sane = false;
     for (unsigned slot = 0; slot < 32; ++slot) {
@@ -172,7 +172,6 @@ TEST(PciBar, Mem32Sizing) {
     EXPECT_EQ(f.g.cfg_read(3, 0x10), 0xfffff000u);
     f.g.cfg_write(3, 0x14, 4, 0xffffffff);
     EXPECT_EQ(f.g.cfg_read(3, 0x14), 0xfff00008u);  // prefetchable
-    EXPECT_EQ(f.fn->bar_size(0), 0x1000u);
     EXPECT_THROW(f.fn->set_bar(0, 0x1000, Kind::kMem32), std::invalid_argument);  // taken
     EXPECT_THROW(f.fn->set_bar(2, 8, Kind::kMem32), std::invalid_argument);
     EXPECT_THROW(f.fn->set_bar(2, 0x3000, Kind::kMem32), std::invalid_argument);

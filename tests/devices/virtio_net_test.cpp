@@ -76,7 +76,6 @@ class MultiStream final : public NetBackend {
 public:
     std::vector<std::unique_ptr<StreamBackend>> q;
     unsigned num_queues() const override { return static_cast<unsigned>(q.size()); }
-    int fd(unsigned i) const override { return q[i]->fd(); }
     bool has_vnet_hdr() const override { return false; }
     NetIoResult read_frame(unsigned i, std::span<std::uint8_t> b) override { return q[i]->read_frame(0, b); }
     IoOp read_op(unsigned i) override { return q[i]->read_op(0); }
