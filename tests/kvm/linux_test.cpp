@@ -183,7 +183,9 @@ TEST(KvmLinux, TapThousandPings) {
     auto vmp = start_linux(linux_run("kguest.test=net-tap kguest.ip=10.78.6.2/24 kguest.ping=10.78.6.1 kguest.count=5 kguest.wait=600",
                                      {"--net", "tap=" + tap.name(), "--api-socket", sock}));
     Background& vm = *vmp;
+    // The serial line comes byte by byte: wait for its last field, not its start.
     ASSERT_TRUE(vm.wait_for_output("RESULT ping_tx=", 180)) << vm.out() << vm.err();
+    ASSERT_TRUE(vm.wait_for_output(" loss=", 30)) << vm.out() << vm.err();
     EXPECT_EQ(result(vm.out(), "ping_rx"), "5") << vm.out();   // the guest pings us
     // 1,000 pings from the host, 10 ms apart, each given 2 s.
     auto ping = run_process({"ping", "-c", "1000", "-i", "0.01", "-W", "2", "-q", "10.78.6.2"}, 240);
