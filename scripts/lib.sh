@@ -34,6 +34,25 @@ SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc
 # unprivileged backend's far end).
 NET_PACKAGES=(iproute2 iputils-ping passt curl procps)
 
+# newest_kernel: the newest /boot/vmlinuz-V that has /lib/modules/V, the
+# kernel the Linux guest scripts boot by default. initramfs_for KERNEL: the
+# scripts/linux-initramfs image for KERNEL's modules (cached). Both print a
+# path, or die with the reason (in their subshell: call them as
+# `x=$(newest_kernel) || exit 2`).
+newest_kernel() {
+    local k
+    for k in $(ls -v /boot/vmlinuz-* 2>/dev/null | tac); do
+        [ -d "/lib/modules/${k#/boot/vmlinuz-}" ] && { echo "$k"; return 0; }
+    done
+    die "no /boot/vmlinuz-V with /lib/modules/V (apt-get install linux-image-amd64)"
+}
+initramfs_for() {
+    local kver
+    kver=$(basename "$1"); kver=${kver#vmlinuz-}
+    [ -d "/lib/modules/$kver" ] || die "cannot tell $1's modules (name it vmlinuz-V with /lib/modules/V, or pass --initrd)"
+    "$KGUEST_ROOT/scripts/linux-initramfs" --kernel-version "$kver" || die "building the initramfs failed" 1
+}
+
 # pvh_vmlinux BZIMAGE: the path of the ELF vmlinux inside Debian's
 # xz-compressed bzImage, unpacked once into the cache. QEMU (and kguest) boot
 # it through its PVH entry (the kernel has CONFIG_PVH) with no decompression,
