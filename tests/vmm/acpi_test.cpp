@@ -5,6 +5,7 @@
 // register addresses, and the AML bytes of \_S5_ and \_SB.PCI0 in the DSDT.
 #include "devices/acpi_pm.hpp"
 #include "vmm/acpi.hpp"
+#include "tests/support/bytes.hpp"
 #include "devices/base/guest_memory.hpp"
 
 #include <algorithm>
@@ -19,13 +20,6 @@
 namespace kguest {
 namespace {
 
-using Bytes = std::vector<std::uint8_t>;
-
-std::uint64_t le(const std::uint8_t* p, unsigned n) {
-    std::uint64_t v = 0;
-    for (unsigned i = 0; i < n; ++i) v |= std::uint64_t{p[i]} << (8 * i);
-    return v;
-}
 std::uint8_t sum(const std::uint8_t* p, std::size_t n) {
     std::uint8_t s = 0;
     for (std::size_t i = 0; i < n; ++i) s = static_cast<std::uint8_t>(s + p[i]);

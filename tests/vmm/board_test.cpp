@@ -4,6 +4,7 @@
 // IRQ; the MADT's APIC addresses are the board's; and nothing on the buses
 // (legacy ports, virtio BARs, the MMIO windows) overlaps another or guest RAM.
 #include "vmm/acpi.hpp"
+#include "tests/support/bytes.hpp"
 #include "vmm/board.hpp"
 #include "devices/base/bus.hpp"
 #include "devices/base/error.hpp"
@@ -19,14 +20,6 @@
 
 namespace kguest {
 namespace {
-
-using Bytes = std::vector<std::uint8_t>;
-
-std::uint64_t le(const std::uint8_t* p, unsigned n) {
-    std::uint64_t v = 0;
-    for (unsigned i = 0; i < n; ++i) v |= std::uint64_t{p[i]} << (8 * i);
-    return v;
-}
 
 // A table from build_acpi_tables' output, found through RSDP -> XSDT.
 Bytes table(const Bytes& all, const char* sig) {
