@@ -5,9 +5,7 @@
 // pages back. The device also collects the guest's memory statistics
 // (5.5.6.3) and discards the free page ranges the guest reports (5.5.6.4).
 //
-// Features offered: STATS_VQ, DEFLATE_ON_OOM, REPORTING (each can be turned
-// off in BalloonOptions), INDIRECT_DESC and EVENT_IDX. Not offered:
-// MUST_TELL_HOST (so deflate is a notification only), FREE_PAGE_HINT
+// Not offered: MUST_TELL_HOST (deflate is a notification only), FREE_PAGE_HINT
 // (migration only) and PAGE_POISON.
 //
 // Queues (5.5.2): the spec gives fixed indexes (0 inflateq, 1 deflateq,
