@@ -5,9 +5,7 @@
 // pages back. The device also collects the guest's memory statistics
 // (5.5.6.3) and discards the free page ranges the guest reports (5.5.6.4).
 //
-// Features offered: STATS_VQ, DEFLATE_ON_OOM, REPORTING (each can be turned
-// off in BalloonOptions), INDIRECT_DESC and EVENT_IDX. Not offered:
-// MUST_TELL_HOST (so deflate is a notification only), FREE_PAGE_HINT
+// Not offered: MUST_TELL_HOST (deflate is a notification only), FREE_PAGE_HINT
 // (migration only) and PAGE_POISON.
 //
 // Queues (5.5.2): the spec gives fixed indexes (0 inflateq, 1 deflateq,
@@ -52,25 +50,17 @@
 namespace kguest {
 
 // 5.5.3: feature bits.
-inline constexpr unsigned VIRTIO_BALLOON_F_MUST_TELL_HOST = 0;
-inline constexpr unsigned VIRTIO_BALLOON_F_STATS_VQ = 1;
-inline constexpr unsigned VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2;
-inline constexpr unsigned VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3;
-inline constexpr unsigned VIRTIO_BALLOON_F_PAGE_POISON = 4;
-inline constexpr unsigned VIRTIO_BALLOON_F_REPORTING = 5;
+inline constexpr unsigned VIRTIO_BALLOON_F_MUST_TELL_HOST = 0, VIRTIO_BALLOON_F_STATS_VQ = 1,
+                          VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 2, VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3,
+                          VIRTIO_BALLOON_F_PAGE_POISON = 4, VIRTIO_BALLOON_F_REPORTING = 5;
 
 // 5.5.6.3: statistics tags.
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_SWAP_IN = 0;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_SWAP_OUT = 1;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_MAJFLT = 2;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_MINFLT = 3;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_MEMFREE = 4;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_MEMTOT = 5;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_AVAIL = 6;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_CACHES = 7;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_HTLB_PGALLOC = 8;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_HTLB_PGFAIL = 9;
-inline constexpr std::uint16_t VIRTIO_BALLOON_S_NR = 10;
+inline constexpr std::uint16_t VIRTIO_BALLOON_S_SWAP_IN = 0, VIRTIO_BALLOON_S_SWAP_OUT = 1,
+                               VIRTIO_BALLOON_S_MAJFLT = 2, VIRTIO_BALLOON_S_MINFLT = 3,
+                               VIRTIO_BALLOON_S_MEMFREE = 4, VIRTIO_BALLOON_S_MEMTOT = 5,
+                               VIRTIO_BALLOON_S_AVAIL = 6, VIRTIO_BALLOON_S_CACHES = 7,
+                               VIRTIO_BALLOON_S_HTLB_PGALLOC = 8, VIRTIO_BALLOON_S_HTLB_PGFAIL = 9,
+                               VIRTIO_BALLOON_S_NR = 10;
 
 // The queue roles (see the layout above).
 enum class BalloonQueue { none, inflate, deflate, stats, reporting };

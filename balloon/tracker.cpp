@@ -7,16 +7,17 @@ namespace kguest {
 BalloonTracker::BalloonTracker(GuestMemory& mem)
     : mem_(mem), per_page_(mem.backing() == Backing::off), regions_(mem.size() / kHugePageSize) {}
 
-bool BalloonTracker::locate(std::uint64_t pfn, Gpa& gpa, std::uint64_t& offset) const {
-    if (pfn > (UINT64_MAX >> kBalloonPfnShift)) return false;
-    gpa = Gpa(pfn << kBalloonPfnShift);
+std::optional<BalloonTracker::Page> BalloonTracker::locate(std::uint64_t pfn) const {
+    if (pfn > (UINT64_MAX >> kBalloonPfnShift)) return std::nullopt;
+    const Gpa gpa(pfn << kBalloonPfnShift);
     for (const MemoryRegion& r : mem_.regions()) {
         if (gpa >= r.gpa && gpa.value() - r.gpa.value() < r.size) {
-            offset = r.offset + (gpa.value() - r.gpa.value());
-            return true;
+            const std::uint64_t off = r.offset + (gpa.value() - r.gpa.value());
+            const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
+            return Page{gpa, off / kHugePageSize, page / 64, std::uint64_t{1} << (page % 64)};
         }
     }
-    return false;   // beyond RAM or in the MMIO hole [kMmioHoleStart, 4 GiB)
+    return std::nullopt;   // beyond RAM or in the MMIO hole [kMmioHoleStart, 4 GiB)
 }
 
 void BalloonTracker::discard(Gpa gpa, std::uint64_t len) {
@@ -33,18 +34,16 @@ void BalloonTracker::flush_run() {
 
 void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
     for (std::uint64_t pfn : pfns) {
-        Gpa gpa;
-        std::uint64_t off = 0;
-        if (!locate(pfn, gpa, off)) {
+        const std::optional<Page> p = locate(pfn);
+        if (!p) {
             ++counters_.bad_pfns;
             continue;
         }
-        auto& slot = regions_[off / kHugePageSize];
+        auto& slot = regions_[p->region];
         if (!slot) slot = std::make_unique<Region>();
         Region& r = *slot;
-        const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
-        std::uint64_t& word = r.bits[page / 64];
-        const std::uint64_t bit = std::uint64_t{1} << (page % 64);
+        std::uint64_t& word = r.bits[p->word];
+        const std::uint64_t bit = p->bit;
         if ((word & bit) != 0) {
             ++counters_.double_inflates;
             continue;
@@ -54,11 +53,11 @@ void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
         ++counters_.inflated_pages;
         if (per_page_) {
             // 4 KiB backing: give the page back now, coalescing runs.
-            if (run_len_ != 0 && run_gpa_ + run_len_ == gpa) {
+            if (run_len_ != 0 && run_gpa_ + run_len_ == p->gpa) {
                 run_len_ += kBalloonPageSize;
             } else {
                 flush_run();
-                run_gpa_ = gpa;
+                run_gpa_ = p->gpa;
                 run_len_ = kBalloonPageSize;
             }
             counters_.bytes_released += kBalloonPageSize;
@@ -68,7 +67,7 @@ void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
             ++counters_.regions_released;
             if (!per_page_) {
                 // THP / hugetlbfs: the whole huge page goes at once.
-                discard(Gpa(gpa.value() & ~(kHugePageSize - 1)), kHugePageSize);
+                discard(Gpa(p->gpa.value() & ~(kHugePageSize - 1)), kHugePageSize);
                 counters_.bytes_released += kHugePageSize;
             }
         }
@@ -80,21 +79,18 @@ void BalloonTracker::deflate(std::span<const std::uint64_t> pfns) {
     // 5.5.6.2: without MUST_TELL_HOST the guest may already use the pages:
     // bookkeeping only (a discarded page refaults as zeroes).
     for (std::uint64_t pfn : pfns) {
-        Gpa gpa;
-        std::uint64_t off = 0;
-        if (!locate(pfn, gpa, off)) {
+        const std::optional<Page> p = locate(pfn);
+        if (!p) {
             ++counters_.bad_pfns;
             continue;
         }
-        auto& slot = regions_[off / kHugePageSize];
-        const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
-        const std::uint64_t bit = std::uint64_t{1} << (page % 64);
-        if (!slot || (slot->bits[page / 64] & bit) == 0) {
+        auto& slot = regions_[p->region];
+        if (!slot || (slot->bits[p->word] & p->bit) == 0) {
             ++counters_.stray_deflates;
             continue;
         }
         Region& r = *slot;
-        r.bits[page / 64] &= ~bit;
+        r.bits[p->word] &= ~p->bit;
         --r.count;
         --counters_.inflated_pages;
         if (per_page_) counters_.bytes_released -= kBalloonPageSize;
@@ -130,20 +126,13 @@ std::uint64_t BalloonTracker::report_free(Gpa gpa, std::uint64_t len) {
 }
 
 bool BalloonTracker::inflated(std::uint64_t pfn) const {
-    Gpa gpa;
-    std::uint64_t off = 0;
-    if (!locate(pfn, gpa, off)) return false;
-    const auto& slot = regions_[off / kHugePageSize];
-    const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
-    return slot && (slot->bits[page / 64] >> (page % 64) & 1) != 0;
+    const std::optional<Page> p = locate(pfn);
+    return p && regions_[p->region] && (regions_[p->region]->bits[p->word] & p->bit) != 0;
 }
 
 bool BalloonTracker::region_released(Gpa gpa) const {
-    Gpa g;
-    std::uint64_t off = 0;
-    if (!locate(gpa.value() >> kBalloonPfnShift, g, off)) return false;
-    const auto& slot = regions_[off / kHugePageSize];
-    return slot && slot->released;
+    const std::optional<Page> p = locate(gpa.value() >> kBalloonPfnShift);
+    return p && regions_[p->region] && regions_[p->region]->released;
 }
 
 } // namespace kguest

@@ -23,6 +23,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -70,8 +71,9 @@ private:
         std::uint16_t count = 0;
         bool released = false;
     };
-    // Host-mapping offset of `pfn`'s page, or false for a PFN outside RAM.
-    bool locate(std::uint64_t pfn, Gpa& gpa, std::uint64_t& offset) const;
+    // Where `pfn`'s page is tracked: regions_[region]->bits[word] & bit.
+    struct Page { Gpa gpa; std::size_t region, word; std::uint64_t bit; };
+    std::optional<Page> locate(std::uint64_t pfn) const;   // nullopt: outside RAM
     void discard(Gpa gpa, std::uint64_t len);
     void flush_run();
 

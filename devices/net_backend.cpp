@@ -1,18 +1,14 @@
 // Packet backends for virtio-net (see net_backend.hpp): the TAP interface,
 // the length-prefixed UNIX stream, and the factory.
 //
-// All packet I/O is io_uring requests the device's loop submits: a READ or
-// RECV waits in the kernel until data comes, so the loop never polls or
-// blocks. Seen on Linux 6.1 and 6.18: both kinds of fd are waited on by
-// io_uring's internal poll, with no io-wq worker thread. Registered buffers
-// (READ_FIXED) were tried and dropped: no gain within noise (UDP echo, 3 runs
-// each: 9,052-10,163 packets/s against 9,121-10,313 without).
+// All packet I/O is io_uring requests the device's loop submits; a READ or
+// RECV waits in io_uring's internal poll (no io-wq thread, seen on Linux 6.1
+// and 6.18). Registered buffers (READ_FIXED) gained nothing within noise (UDP
+// echo: 9,052-10,163 packets/s against 9,121-10,313 without) and were dropped.
 //
-// Frames are copied into the backend on the way out, so the guest's buffer is
-// returned at once and no request points into guest RAM. A full TAP queue
-// (kTapTxSlots frames) or stream queue (kStreamMaxQueued bytes) refuses new
-// frames (`again`): the device's TX backpressure. The stream reassembles
-// received bytes in a buffer and follows a short SEND with one for the rest.
+// Outgoing frames are copied, so no request points into guest RAM; a full
+// TAP queue (kTapTxSlots frames) or stream queue (kStreamMaxQueued bytes)
+// answers `again`: the device's TX backpressure.
 #include "devices/net_backend.hpp"
 
 #include "devices/base/error.hpp"

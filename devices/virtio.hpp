@@ -22,22 +22,14 @@
 namespace kguest {
 
 // 2.1: device status bits.
-inline constexpr std::uint8_t VIRTIO_CONFIG_S_ACKNOWLEDGE = 1;
-inline constexpr std::uint8_t VIRTIO_CONFIG_S_DRIVER = 2;
-inline constexpr std::uint8_t VIRTIO_CONFIG_S_DRIVER_OK = 4;
-inline constexpr std::uint8_t VIRTIO_CONFIG_S_FEATURES_OK = 8;
-inline constexpr std::uint8_t VIRTIO_CONFIG_S_NEEDS_RESET = 64;
-inline constexpr std::uint8_t VIRTIO_CONFIG_S_FAILED = 128;
+inline constexpr std::uint8_t VIRTIO_CONFIG_S_ACKNOWLEDGE = 1, VIRTIO_CONFIG_S_DRIVER = 2,
+                              VIRTIO_CONFIG_S_DRIVER_OK = 4, VIRTIO_CONFIG_S_FEATURES_OK = 8,
+                              VIRTIO_CONFIG_S_NEEDS_RESET = 64, VIRTIO_CONFIG_S_FAILED = 128;
 
 // 6: reserved (device-independent) feature bit numbers.
-inline constexpr unsigned VIRTIO_F_INDIRECT_DESC = 28;
-inline constexpr unsigned VIRTIO_F_EVENT_IDX = 29;
-inline constexpr unsigned VIRTIO_F_VERSION_1 = 32;
-inline constexpr unsigned VIRTIO_F_RING_PACKED = 34;
-inline constexpr unsigned VIRTIO_F_SR_IOV = 37;
-inline constexpr unsigned VIRTIO_F_NOTIFICATION_DATA = 38;
-inline constexpr unsigned VIRTIO_F_NOTIF_CONFIG_DATA = 39;
-inline constexpr unsigned VIRTIO_F_RING_RESET = 40;
+inline constexpr unsigned VIRTIO_F_INDIRECT_DESC = 28, VIRTIO_F_EVENT_IDX = 29, VIRTIO_F_VERSION_1 = 32,
+                          VIRTIO_F_RING_PACKED = 34, VIRTIO_F_SR_IOV = 37, VIRTIO_F_NOTIFICATION_DATA = 38,
+                          VIRTIO_F_NOTIF_CONFIG_DATA = 39, VIRTIO_F_RING_RESET = 40;
 
 constexpr std::uint64_t virtio_bit(unsigned feature) { return std::uint64_t{1} << feature; }
 

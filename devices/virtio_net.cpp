@@ -88,11 +88,8 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
 }
 
 VirtioNet::~VirtioNet() {
-    // stop() also cancels and waits for the backend's I/O in flight.
-    loop_->run_and_wait([this] {
-        if (active_) do_deactivate();
-    });
-    loop_->stop();
+    reset();
+    loop_->stop();   // also cancels and waits for the backend's I/O in flight
 }
 
 // ---- VirtioDevice, called by the transport ----
@@ -138,10 +135,6 @@ void VirtioNet::reset() {
         if (active_) do_deactivate();
     });
 }
-
-void VirtioNet::queue_notify(std::uint16_t q) { loop_->kick(q); }
-
-bool VirtioNet::take_notify_fds(std::span<const int> fds) { return loop_->watch_queues(fds); }
 
 NetCounters VirtioNet::counters() const {
     constexpr auto o = std::memory_order_relaxed;

@@ -28,29 +28,18 @@
 namespace kguest {
 
 // 5.1.3: feature bits.
-inline constexpr unsigned VIRTIO_NET_F_CSUM = 0;
-inline constexpr unsigned VIRTIO_NET_F_GUEST_CSUM = 1;
-inline constexpr unsigned VIRTIO_NET_F_MTU = 3;
-inline constexpr unsigned VIRTIO_NET_F_MAC = 5;
-inline constexpr unsigned VIRTIO_NET_F_GUEST_TSO4 = 7;
-inline constexpr unsigned VIRTIO_NET_F_GUEST_TSO6 = 8;
-inline constexpr unsigned VIRTIO_NET_F_GUEST_ECN = 9;
-inline constexpr unsigned VIRTIO_NET_F_HOST_TSO4 = 11;
-inline constexpr unsigned VIRTIO_NET_F_HOST_TSO6 = 12;
-inline constexpr unsigned VIRTIO_NET_F_HOST_ECN = 13;
-inline constexpr unsigned VIRTIO_NET_F_MRG_RXBUF = 15;
-inline constexpr unsigned VIRTIO_NET_F_STATUS = 16;
-inline constexpr unsigned VIRTIO_NET_F_CTRL_VQ = 17;
-inline constexpr unsigned VIRTIO_NET_F_MQ = 22;
+inline constexpr unsigned VIRTIO_NET_F_CSUM = 0, VIRTIO_NET_F_GUEST_CSUM = 1, VIRTIO_NET_F_MTU = 3,
+                          VIRTIO_NET_F_MAC = 5, VIRTIO_NET_F_GUEST_TSO4 = 7, VIRTIO_NET_F_GUEST_TSO6 = 8,
+                          VIRTIO_NET_F_GUEST_ECN = 9, VIRTIO_NET_F_HOST_TSO4 = 11, VIRTIO_NET_F_HOST_TSO6 = 12,
+                          VIRTIO_NET_F_HOST_ECN = 13, VIRTIO_NET_F_MRG_RXBUF = 15, VIRTIO_NET_F_STATUS = 16,
+                          VIRTIO_NET_F_CTRL_VQ = 17, VIRTIO_NET_F_MQ = 22;
 // 5.1.4: status field.
 inline constexpr std::uint16_t VIRTIO_NET_S_LINK_UP = 1;
 // 5.1.6: virtio_net_hdr gso_type.
 inline constexpr std::uint8_t VIRTIO_NET_HDR_GSO_NONE = 0;
 // 5.1.6.5: control queue.
-inline constexpr std::uint8_t VIRTIO_NET_OK = 0;
-inline constexpr std::uint8_t VIRTIO_NET_ERR = 1;
-inline constexpr std::uint8_t VIRTIO_NET_CTRL_MQ = 4;
-inline constexpr std::uint8_t VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0;
+inline constexpr std::uint8_t VIRTIO_NET_OK = 0, VIRTIO_NET_ERR = 1, VIRTIO_NET_CTRL_MQ = 4,
+                              VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0;
 
 // 5.1.6: struct virtio_net_hdr_v1, little-endian.
 struct VirtioNetHdr {
@@ -94,8 +83,8 @@ public:
     void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override;
-    bool take_notify_fds(std::span<const int> fds) override;
+    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
+    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
 
     NetCounters counters() const;
     unsigned queue_pairs() const { return pairs_; }

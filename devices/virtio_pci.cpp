@@ -126,10 +126,6 @@ VirtioPciDevice::~VirtioPciDevice() {
 
 // ---- BAR dispatch ----
 
-void VirtioPciDevice::read(std::uint64_t offset, std::span<std::uint8_t> data) {
-    bar_read(offset, data, true);
-}
-
 void VirtioPciDevice::bar_read(std::uint64_t offset, std::span<std::uint8_t> data, bool side_effects) {
     std::fill(data.begin(), data.end(), 0xff);
     const std::size_t n = data.size();
@@ -362,18 +358,13 @@ void VirtioPciDevice::enable_queue(std::uint16_t qi) {
 void VirtioPciDevice::interrupt_queue(std::uint16_t q) {
     if (q >= queue_vector_.size() || (status_.load() & VIRTIO_CONFIG_S_DRIVER_OK) == 0) return;
     std::lock_guard lock(irq_mu_);
-    if (msix_enabled_) {
-        signal_vector_locked(queue_vector_[q]);
-    } else {
-        isr_ |= VIRTIO_PCI_ISR_QUEUE;
-        update_intx_locked();
-    }
+    raise_locked(queue_vector_[q], VIRTIO_PCI_ISR_QUEUE);
 }
 
 void VirtioPciDevice::interrupt_config() {
     generation_.fetch_add(1);
     std::lock_guard lock(irq_mu_);
-    raise_config_locked();
+    raise_locked(config_vector_, VIRTIO_PCI_ISR_CONFIG);
 }
 
 void VirtioPciDevice::needs_reset() {
@@ -381,14 +372,14 @@ void VirtioPciDevice::needs_reset() {
     const std::uint8_t old = status_.fetch_or(VIRTIO_CONFIG_S_NEEDS_RESET);
     if ((old & VIRTIO_CONFIG_S_NEEDS_RESET) != 0) return;
     std::lock_guard lock(irq_mu_);
-    raise_config_locked();
+    raise_locked(config_vector_, VIRTIO_PCI_ISR_CONFIG);
 }
 
-void VirtioPciDevice::raise_config_locked() {
+void VirtioPciDevice::raise_locked(std::uint16_t vector, std::uint8_t isr_bit) {
     if (msix_enabled_) {
-        signal_vector_locked(config_vector_);
+        signal_vector_locked(vector);
     } else {
-        isr_ |= VIRTIO_PCI_ISR_CONFIG;
+        isr_ |= isr_bit;
         update_intx_locked();
     }
 }

@@ -46,14 +46,11 @@
 namespace kguest {
 
 // 4.1.4: virtio_pci_cap.cfg_type.
-inline constexpr std::uint8_t VIRTIO_PCI_CAP_COMMON_CFG = 1;
-inline constexpr std::uint8_t VIRTIO_PCI_CAP_NOTIFY_CFG = 2;
-inline constexpr std::uint8_t VIRTIO_PCI_CAP_ISR_CFG = 3;
-inline constexpr std::uint8_t VIRTIO_PCI_CAP_DEVICE_CFG = 4;
-inline constexpr std::uint8_t VIRTIO_PCI_CAP_PCI_CFG = 5;
+inline constexpr std::uint8_t VIRTIO_PCI_CAP_COMMON_CFG = 1, VIRTIO_PCI_CAP_NOTIFY_CFG = 2,
+                              VIRTIO_PCI_CAP_ISR_CFG = 3, VIRTIO_PCI_CAP_DEVICE_CFG = 4,
+                              VIRTIO_PCI_CAP_PCI_CFG = 5;
 // 4.1.4.5: ISR status bits.
-inline constexpr std::uint8_t VIRTIO_PCI_ISR_QUEUE = 1;
-inline constexpr std::uint8_t VIRTIO_PCI_ISR_CONFIG = 2;
+inline constexpr std::uint8_t VIRTIO_PCI_ISR_QUEUE = 1, VIRTIO_PCI_ISR_CONFIG = 2;
 // 4.1.5.1.2: "no vector".
 inline constexpr std::uint16_t VIRTIO_MSI_NO_VECTOR = 0xffff;
 // 4.1.4.3: struct virtio_pci_common_cfg offsets.
@@ -69,8 +66,7 @@ inline constexpr unsigned VIRTIO_PCI_COMMON_DFSELECT = 0x00, VIRTIO_PCI_COMMON_D
                           VIRTIO_PCI_COMMON_Q_USEDHI = 0x34, VIRTIO_PCI_COMMON_Q_NDATA = 0x38,
                           VIRTIO_PCI_COMMON_Q_RESET = 0x3a;
 // PCI 3.0 §6.8.2: MSI-X.
-inline constexpr std::uint8_t PCI_CAP_ID_MSIX = 0x11;
-inline constexpr std::uint8_t PCI_CAP_ID_VNDR = 0x09;
+inline constexpr std::uint8_t PCI_CAP_ID_MSIX = 0x11, PCI_CAP_ID_VNDR = 0x09;
 inline constexpr std::uint16_t PCI_MSIX_FLAGS_ENABLE = 0x8000, PCI_MSIX_FLAGS_MASKALL = 0x4000;
 
 // Where the transport's interrupts go. Called under the interrupt lock.
@@ -102,7 +98,7 @@ public:
     ~VirtioPciDevice() override;
 
     // The BAR region, offsets relative to the BAR base.
-    void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
+    void read(std::uint64_t offset, std::span<std::uint8_t> data) override { bar_read(offset, data, true); }
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     std::shared_ptr<BusDevice> bar_device() { return shared_from_this(); }
 
@@ -148,7 +144,7 @@ private:
     void bar_read(std::uint64_t offset, std::span<std::uint8_t> data, bool side_effects);
 
     // irq_mu_ held.
-    void raise_config_locked();
+    void raise_locked(std::uint16_t vector, std::uint8_t isr_bit);   // MSI-X vector, else ISR bit and INTx
     void signal_vector_locked(std::uint16_t vector);
     void deliver_pending_locked();
     void update_intx_locked();

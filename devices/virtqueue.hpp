@@ -18,12 +18,9 @@
 namespace kguest {
 
 // 2.7.5: descriptor flags.
-inline constexpr std::uint16_t kVirtqDescFNext = 1;
-inline constexpr std::uint16_t kVirtqDescFWrite = 2;
-inline constexpr std::uint16_t kVirtqDescFIndirect = 4;
+inline constexpr std::uint16_t kVirtqDescFNext = 1, kVirtqDescFWrite = 2, kVirtqDescFIndirect = 4;
 // 2.7.6 / 2.7.8: ring flags.
-inline constexpr std::uint16_t kVirtqAvailFNoInterrupt = 1;
-inline constexpr std::uint16_t kVirtqUsedFNoNotify = 1;
+inline constexpr std::uint16_t kVirtqAvailFNoInterrupt = 1, kVirtqUsedFNoNotify = 1;
 // 2.7: "Queue Size ... maximum Queue Size value is 32768".
 inline constexpr std::uint16_t kVirtqMaxSize = 32768;
 
