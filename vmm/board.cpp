@@ -49,7 +49,7 @@ std::shared_ptr<BusDevice> LegacyDevices::at(PioId id) const {
 }
 
 void insert_pio_devices(Bus& pio, const LegacyDevices& d) {
-    for (const auto& dev : kPioDevices) pio.insert(dev.port, dev.len, d.at(dev.id));
+    for (const auto& dev : kPioDevices) pio.insert(dev.port, dev.len, d.at(dev.id), dev.name);
 }
 
 } // namespace kguest

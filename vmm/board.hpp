@@ -63,19 +63,20 @@ struct PioDevice {
     const char* acpi_name; // its Device in the DSDT's \_SB_, nullptr when not there
     const char* acpi_hid;  // EisaId _HID
     unsigned acpi_uid;
+    const char* name;      // its bus range's name, which exit statistics show
 };
 // In hardware-reduced ACPI Linux maps no ISA IRQ by itself (nr_legacy_irqs()
 // is 0): COM1's IRQ 4 and the RTC's IRQ 8 work only because the DSDT names
 // them. The PCI host bridge's ports are in PCI0's _CRS instead.
 inline constexpr PioDevice kPioDevices[] = {
-    {PioId::com1, Serial::kCom1Base, 8, Serial::kCom1Irq, "COM1", "PNP0501", 1},  // 16550A UART
-    {PioId::port80, Port80::kPort, Port80::kLen, -1, nullptr, nullptr, 0},
-    {PioId::exit_port, ExitPort::kPort, ExitPort::kLen, -1, nullptr, nullptr, 0},
-    {PioId::rtc, Rtc::kBase, Rtc::kLen, 8, "RTC_", "PNP0B00", 0},  // CMOS clock; IRQ 8 is never raised
-    {PioId::i8042_data, I8042::kDataPort, I8042::kPortLen, -1, nullptr, nullptr, 0},
-    {PioId::i8042_command, I8042::kCommandPort, I8042::kPortLen, -1, nullptr, nullptr, 0},
-    {PioId::acpi_pm, AcpiPm::kBase, AcpiPm::kLen, -1, nullptr, nullptr, 0},  // the FADT's sleep/reset registers
-    {PioId::pci_config, PciHostBridge::kBase, PciHostBridge::kLen, -1, nullptr, nullptr, 0},
+    {PioId::com1, Serial::kCom1Base, 8, Serial::kCom1Irq, "COM1", "PNP0501", 1, "serial COM1"},  // 16550A
+    {PioId::port80, Port80::kPort, Port80::kLen, -1, nullptr, nullptr, 0, "port80"},
+    {PioId::exit_port, ExitPort::kPort, ExitPort::kLen, -1, nullptr, nullptr, 0, "exit port"},
+    {PioId::rtc, Rtc::kBase, Rtc::kLen, 8, "RTC_", "PNP0B00", 0, "rtc"},  // CMOS clock; IRQ 8 never raised
+    {PioId::i8042_data, I8042::kDataPort, I8042::kPortLen, -1, nullptr, nullptr, 0, "i8042 data"},
+    {PioId::i8042_command, I8042::kCommandPort, I8042::kPortLen, -1, nullptr, nullptr, 0, "i8042 command"},
+    {PioId::acpi_pm, AcpiPm::kBase, AcpiPm::kLen, -1, nullptr, nullptr, 0, "acpi pm"},  // FADT sleep, reset
+    {PioId::pci_config, PciHostBridge::kBase, PciHostBridge::kLen, -1, nullptr, nullptr, 0, "pci config"},
 };
 constexpr const PioDevice& pio_device(PioId id) {
     for (const auto& d : kPioDevices)

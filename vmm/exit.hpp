@@ -1,11 +1,25 @@
 // Turning a KVM exit into work. decode_exit() reads and validates the shared
 // kvm_run page into a plain struct; handle_exit() maps that struct and the
 // buses to an outcome, so unit tests can drive both without KVM.
+//
+// And counting exits, as kvm_stat and `perf kvm` do: ExitCounter keeps one
+// vCPU's userspace exits by reason (which device, which unclaimed port) with
+// their handling time; parse_kvm_stats reads the counters of the exits KVM
+// handles itself from a KVM_GET_STATS_FD file (Documentation/virt/kvm/api.rst).
 #pragma once
 
 #include "devices/base/bus.hpp"
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
 #include "vmm/kvm_uapi.hpp"
 
 namespace kguest {
@@ -40,9 +54,51 @@ DecodedExit decode_exit(kvm_run& run, std::size_t run_size);
 struct ExitOutcome {
     enum What { resume, halt, stop } what = resume;
     int status = 0;  // for stop: the VM's exit status
+    std::uint32_t range = Bus::kNoRange;  // the bus range I/O or MMIO went to
 };
 
 // Dispatches I/O and MMIO to the buses, logging unclaimed accesses (rate-limited). Never throws.
 ExitOutcome handle_exit(const DecodedExit& exit, const Bus& pio, const Bus& mmio, unsigned vcpu_id);
+
+struct ExitCount {
+    std::string reason;   // a bus range's name, "unclaimed port 0x70", "shutdown", ...
+    std::uint64_t count = 0, handling_ns = 0;
+};
+// One KVM binary statistic, by its KVM name ("exits", "halt_exits", ...).
+struct KvmStat {
+    std::string name;
+    std::uint64_t value = 0;
+};
+struct ExitStats {
+    std::vector<ExitCount> userspace;          // most frequent first
+    std::optional<std::vector<KvmStat>> kvm;   // summed over vCPUs; absent when unreadable
+    std::string kvm_note;                      // why kvm is absent
+};
+
+// One vCPU's userspace exits. record() belongs to that vCPU's thread and
+// allocates only for a reason it has not seen before; sum() may run on any
+// thread meanwhile. Only such a first insert and sum() share a lock (per
+// vCPU, held for a copy of the counts), so no vCPU contends with another.
+class ExitCounter {
+public:
+    void record(const DecodedExit& e, const ExitOutcome& out, std::chrono::nanoseconds handling);
+    // The reasons of all counters `c` together, named from the buses, most frequent first.
+    static std::vector<ExitCount> sum(const std::deque<ExitCounter>& c, const Bus& pio, const Bus& mmio);
+
+private:
+    struct Entry {
+        std::atomic<std::uint64_t> count{0}, ns{0};   // one writer: relaxed loads and stores
+    };
+    std::unordered_map<std::uint64_t, Entry> entries_;   // by exit_key() (exit.cpp)
+    mutable std::mutex insert_mu_;   // inserts vs sum(); lookups by the owner need none
+};
+
+// The cumulative single-value counters in one KVM_GET_STATS_FD file image,
+// in KVM's order. Throws std::runtime_error when it is truncated.
+std::vector<KvmStat> parse_kvm_stats(std::span<const std::uint8_t> file);
+// Reads and parses a stats fd (pread from 0: reusable). Throws SysError.
+std::vector<KvmStat> read_kvm_stats(int stats_fd);
+// Adds `from` into `into` by name; new names go last.
+void add_kvm_stats(std::vector<KvmStat>& into, const std::vector<KvmStat>& from);
 
 } // namespace kguest

@@ -36,8 +36,39 @@ void VcpuLoop::start() {
     sa.sa_handler = on_kick;
     sigemptyset(&sa.sa_mask);
     if (::sigaction(kKickSignal, &sa, nullptr) != 0) throw_errno("sigaction");
+    for (const auto& v : vcpus_) {
+        exit_counters_.emplace_back();
+        int fd = ::ioctl(v.fd(), KVM_GET_STATS_FD, nullptr);   // Linux 5.14+
+        if (fd >= 0) {
+            kvm_stats_.emplace_back(fd);
+        } else if (kvm_stats_note_.empty()) {
+            int err = errno;
+            kvm_stats_note_ = std::string("KVM_GET_STATS_FD: ") + std::strerror(err) + " (errno " +
+                              std::to_string(err) + "); KVM's own exit counters need Linux 5.14+";
+        }
+    }
+    if (!kvm_stats_note_.empty()) kvm_stats_.clear();
+    started_.store(true, std::memory_order_release);
     std::lock_guard lock(pause_mu_);   // pause() and request_stop() read threads_ under it
-    for (auto& v : vcpus_) threads_.emplace_back([this, &v] { thread_main(v); });
+    for (std::size_t i = 0; i < vcpus_.size(); ++i)
+        threads_.emplace_back([this, i] { thread_main(vcpus_[i], exit_counters_[i]); });
+}
+
+ExitStats VcpuLoop::exits() const {
+    ExitStats s;
+    if (!started_.load(std::memory_order_acquire)) return s;
+    s.userspace = ExitCounter::sum(exit_counters_, pio_, mmio_);
+    s.kvm_note = kvm_stats_note_;
+    if (!kvm_stats_.empty()) {
+        try {
+            std::vector<KvmStat> sum;
+            for (const Fd& f : kvm_stats_) add_kvm_stats(sum, read_kvm_stats(f.get()));
+            s.kvm = std::move(sum);
+        } catch (const std::exception& e) {
+            s.kvm_note = e.what();
+        }
+    }
+    return s;
 }
 
 int VcpuLoop::wait() {
@@ -103,7 +134,7 @@ void VcpuLoop::park(Vcpu& vcpu) {
     if (stopping_.load()) vcpu.run_state().immediate_exit = 1;
 }
 
-void VcpuLoop::thread_main(Vcpu& vcpu) {
+void VcpuLoop::thread_main(Vcpu& vcpu, ExitCounter& counter) {
     sigset_t kick;
     sigemptyset(&kick);
     sigaddset(&kick, kKickSignal);
@@ -122,8 +153,10 @@ void VcpuLoop::thread_main(Vcpu& vcpu) {
             break;
         }
         if (before_exit_) before_exit_();
+        const auto t0 = std::chrono::steady_clock::now();   // CLOCK_MONOTONIC
         DecodedExit exit = decode_exit(vcpu.run_state(), run_size_);
         ExitOutcome out = handle_exit(exit, pio_, mmio_, vcpu.id());
+        counter.record(exit, out, std::chrono::steady_clock::now() - t0);
         if (out.what == ExitOutcome::stop) {
             request_stop(out.status);
             break;

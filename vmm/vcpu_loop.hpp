@@ -3,16 +3,22 @@
 // stop ends them. A thread is kicked out of KVM_RUN by immediate_exit plus a
 // signal (SIGUSR1, whose handler does nothing: KVM_RUN returns EINTR).
 //
+// Each thread counts its userspace exits and their handling time (its own
+// ExitCounter, vmm/exit.hpp); exits() adds KVM's counters from each vCPU's
+// KVM_GET_STATS_FD.
+//
 // Threading: request_stop, pause, resume and the queries may be called from
 // any thread; start and wait belong to the thread that owns the loop. No vCPU
 // thread ever waits for another thread except while parked.
 #pragma once
 
 #include "devices/base/fd.hpp"
+#include "vmm/exit.hpp"
 #include "vmm/kvm.hpp"
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -46,11 +52,13 @@ public:
     int stop_fd() const { return stop_event_.get(); }
     // Joins the vCPU threads (they end when the VM stops); returns the status.
     int wait();
+    // The exits so far, summed over the vCPUs (empty before start).
+    ExitStats exits() const;
 
 private:
     void kick_all();   // with pause_mu_ held
     void park(Vcpu& vcpu);
-    void thread_main(Vcpu& vcpu);
+    void thread_main(Vcpu& vcpu, ExitCounter& counter);
 
     std::vector<Vcpu>& vcpus_;
     std::size_t run_size_;
@@ -67,6 +75,11 @@ private:
     std::atomic<bool> paused_{false};
     unsigned parked_ = 0;   // vCPU threads waiting in park() (pause_mu_)
     bool stop_kicked_ = false;   // request_stop is done with threads_ (pause_mu_)
+    // Set up by start() before started_, then only read (the counters change inside).
+    std::deque<ExitCounter> exit_counters_;   // one per vCPU
+    std::vector<Fd> kvm_stats_;               // one per vCPU, or none
+    std::string kvm_stats_note_;              // why there are none
+    std::atomic<bool> started_{false};
 };
 
 // Where a vCPU stands, for the log when the VM is stopped from outside: RIP,

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <unistd.h>
 
@@ -108,6 +109,11 @@ VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& 
     const auto queues = device->num_queues();
     irqs_ = std::make_shared<Irqs>(vm, router, static_cast<std::uint16_t>(queues + 1), intx);
     auto dev = device;
+    const std::uint16_t id = dev->device_id();
+    const char* kind = id == 1 ? "virtio-net" : id == 5 ? "virtio-balloon" : "virtio";
+    char name[40];
+    std::snprintf(name, sizeof name, "%s 00:%02x.0", kind, slot);
+    bar_name_ = name;
     pci_ = std::make_shared<VirtioPciDevice>(std::move(device), mem, irqs_, class_code);
     pci_->set_config(pci::kInterruptLine, 1, intx);
 
@@ -166,7 +172,7 @@ void VirtioPciSlot::map_bar(std::uint64_t gpa, bool decode) noexcept {
     for (const auto& r : mem_.regions()) bad |= gpa < r.gpa.value() + r.size && r.gpa.value() < gpa + size;
     if (!bad) {
         try {
-            mmio_.insert(gpa, size, pci_->bar_device());
+            mmio_.insert(gpa, size, pci_->bar_device(), bar_name_);
         } catch (const std::exception&) {
             bad = true;   // overlaps another device's range
         }

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace kguest {
@@ -75,6 +76,7 @@ private:
     bool ioeventfd_any_length_ = false;
     std::mutex bar_mu_;
     std::uint64_t mapped_ = 0;     // BAR address on the MMIO bus, 0 if none
+    std::string bar_name_;         // "virtio-net 00:01.0", for exit statistics
     RateLimit log_limit_{5};
 };
 

@@ -1,6 +1,7 @@
 // Range lookup and dispatch for the PIO and MMIO buses (see bus.hpp).
 #include "devices/base/bus.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <cstdio>
 #include <mutex>
@@ -16,7 +17,7 @@ std::string hex(std::uint64_t v) {
 }
 } // namespace
 
-void Bus::insert(std::uint64_t base, std::uint64_t len, std::shared_ptr<BusDevice> dev) {
+void Bus::insert(std::uint64_t base, std::uint64_t len, std::shared_ptr<BusDevice> dev, std::string name) {
     if (len == 0 || base + len - 1 < base || !dev)
         throw std::invalid_argument(name_ + " bus: bad range at " + hex(base));
     std::unique_lock lock(mu_);
@@ -32,7 +33,15 @@ void Bus::insert(std::uint64_t base, std::uint64_t len, std::shared_ptr<BusDevic
             throw std::invalid_argument(name_ + " bus: range " + hex(base) + "+" + hex(len) +
                                         " overlaps the device at " + hex(prev->first));
     }
-    ranges_.emplace(base, Range{len, std::move(dev)});
+    if (name.empty()) name = name_ + " " + hex(base);
+    auto id = static_cast<std::uint32_t>(std::find(names_.begin(), names_.end(), name) - names_.begin());
+    if (id == names_.size()) names_.push_back(std::move(name));
+    ranges_.emplace(base, Range{len, std::move(dev), id});
+}
+
+std::string Bus::range_name(std::uint32_t range) const {
+    std::shared_lock lock(mu_);
+    return range < names_.size() ? names_[range] : std::string();
 }
 
 bool Bus::remove(std::uint64_t base) {
@@ -40,34 +49,36 @@ bool Bus::remove(std::uint64_t base) {
     return ranges_.erase(base) != 0;
 }
 
-BusDevice* Bus::find(std::uint64_t addr, std::uint64_t len, std::uint64_t& offset) const {
+const Bus::Range* Bus::find(std::uint64_t addr, std::uint64_t len, std::uint64_t& offset) const {
     if (len == 0 || addr + len - 1 < addr) return nullptr;
     auto it = ranges_.upper_bound(addr);
     if (it == ranges_.begin()) return nullptr;
     --it;
     offset = addr - it->first;
     if (offset >= it->second.len || len > it->second.len - offset) return nullptr;
-    return it->second.dev.get();
+    return &it->second;
 }
 
-bool Bus::read(std::uint64_t addr, std::span<std::uint8_t> data) const {
+bool Bus::read(std::uint64_t addr, std::span<std::uint8_t> data, std::uint32_t* range) const {
     std::shared_lock lock(mu_);
     std::uint64_t offset = 0;
-    BusDevice* dev = find(addr, data.size(), offset);
-    if (dev == nullptr) {
+    const Range* r = find(addr, data.size(), offset);
+    if (r == nullptr) {
         std::memset(data.data(), 0xff, data.size());
         return false;
     }
-    dev->read(offset, data);
+    if (range != nullptr) *range = r->id;
+    r->dev->read(offset, data);
     return true;
 }
 
-bool Bus::write(std::uint64_t addr, std::span<const std::uint8_t> data) const {
+bool Bus::write(std::uint64_t addr, std::span<const std::uint8_t> data, std::uint32_t* range) const {
     std::shared_lock lock(mu_);
     std::uint64_t offset = 0;
-    BusDevice* dev = find(addr, data.size(), offset);
-    if (dev == nullptr) return false;
-    dev->write(offset, data);
+    const Range* r = find(addr, data.size(), offset);
+    if (r == nullptr) return false;
+    if (range != nullptr) *range = r->id;
+    r->dev->write(offset, data);
     return true;
 }
 

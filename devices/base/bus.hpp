@@ -3,6 +3,10 @@
 // not wholly inside one device's range is unclaimed: reads return all ones
 // (a PC's floating bus) and writes are dropped.
 //
+// Each range has a name ("serial COM1"; by default the bus's name and the base)
+// and a small id for it that read and write report, so exit statistics can say
+// which device an access went to without a second lookup.
+//
 // Lookups take a shared lock, so vCPU threads dispatch in parallel; inserts
 // and removals (setup, PCI BAR moves) take it exclusively.
 #pragma once
@@ -13,6 +17,7 @@
 #include <shared_mutex>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace kguest {
 
@@ -27,27 +32,35 @@ public:
 
 class Bus {
 public:
+    static constexpr std::uint32_t kNoRange = UINT32_MAX;
     explicit Bus(std::string name) : name_(std::move(name)) {}
 
     // Throws std::invalid_argument on an empty, wrapping or overlapping range.
-    void insert(std::uint64_t base, std::uint64_t len, std::shared_ptr<BusDevice> dev);
+    // Ranges with the same name share an id (a BAR moved keeps its id).
+    void insert(std::uint64_t base, std::uint64_t len, std::shared_ptr<BusDevice> dev, std::string name = {});
     // Removes the range starting exactly at `base`; false if there is none.
     bool remove(std::uint64_t base);
 
-    // False when unclaimed (data is then filled with 0xff / dropped).
-    bool read(std::uint64_t addr, std::span<std::uint8_t> data) const;
-    bool write(std::uint64_t addr, std::span<const std::uint8_t> data) const;
+    // False when unclaimed (data is then filled with 0xff / dropped). When
+    // claimed and `range` is given, stores the id of the range's name there.
+    bool read(std::uint64_t addr, std::span<std::uint8_t> data, std::uint32_t* range = nullptr) const;
+    bool write(std::uint64_t addr, std::span<const std::uint8_t> data, std::uint32_t* range = nullptr) const;
+
+    // The name behind a range id from read or write ("" for an unknown id).
+    std::string range_name(std::uint32_t range) const;
 
 private:
     struct Range {
         std::uint64_t len;
         std::shared_ptr<BusDevice> dev;
+        std::uint32_t id;   // index into names_
     };
-    // The device and offset for [addr, addr+len), or null.
-    BusDevice* find(std::uint64_t addr, std::uint64_t len, std::uint64_t& offset) const;
+    // The range and offset for [addr, addr+len), or null.
+    const Range* find(std::uint64_t addr, std::uint64_t len, std::uint64_t& offset) const;
 
     std::string name_;
     std::map<std::uint64_t, Range> ranges_;  // keyed by base
+    std::vector<std::string> names_;         // never shrinks, so ids stay valid
     mutable std::shared_mutex mu_;
 };
 

@@ -7,7 +7,8 @@
 //   guest checks that its non-ballooned memory kept its contents;
 // - the same guest driver against QEMU's virtio-balloon-pci, driven by QMP;
 // - the README's curl examples, malformed requests (4xx, the VM runs on), and
-//   slow clients that do not delay the guest's timer ticks.
+//   slow clients that do not delay the guest's timer ticks; vm.counters'
+//   exits by reason (COM1's, and KVM's own counters).
 #include "tests/support/kvm_env.hpp"
 #include "tests/support/process.hpp"
 
@@ -241,6 +242,16 @@ TEST(KvmApi, CurlExamplesAndHostileClients) {
     auto t = results(vm.out(), "timer_all");
     ASSERT_EQ(t.size(), 1u);
     EXPECT_EQ(t[0]["ok"], "1") << vm.out();
+    // Exits by reason: the guest's console output took COM1's port exits, and
+    // KVM's own counters (KVM_GET_STATS_FD, Linux 5.14+) saw exits too.
+    json c = json::parse(curl({"http://localhost/api/v1/vm.counters"}).second, nullptr, false);
+    ASSERT_TRUE(c.is_object() && c["exits"].is_object()) << c.dump();
+    std::uint64_t serial = 0;
+    for (const json& x : c["exits"]["userspace"])
+        if (x.value("reason", "") == "serial COM1") serial = x.value("count", 0ull);
+    EXPECT_GT(serial, 0u) << c["exits"].dump();
+    ASSERT_TRUE(c["exits"].contains("kvm")) << c["exits"].dump();
+    EXPECT_GT(c["exits"]["kvm"].value("exits", 0ull), 0u) << c["exits"].dump();
     // Pause and resume a running guest, then shut it down through the API.
     EXPECT_EQ(curl({"-X", "PUT", "http://localhost/api/v1/vm.pause"}).first, "204");
     EXPECT_EQ(info(sock)["state"], "paused");

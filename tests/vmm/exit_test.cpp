@@ -1,13 +1,18 @@
 // decode_exit/handle_exit on made-up kvm_run pages: port I/O (with rep
 // batches), MMIO, unclaimed reads, malformed I/O fields, and the exit reasons
-// that halt or stop the VM.
+// that halt or stop the VM. Then the exit statistics: ExitCounter fed those
+// pages, and parse_kvm_stats on a made-up KVM_GET_STATS_FD file.
 #include "vmm/exit.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <gtest/gtest.h>
+#include <map>
 #include <memory>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -238,6 +243,139 @@ TEST(Exit, DecodeFields) {
     e = decode_exit(r, kPage);
     EXPECT_EQ(e.kind, ExitKind::unknown);
     EXPECT_EQ(e.reason, 0xdeadu);
+}
+
+// Userspace exits by reason: a device by the name it was inserted with (or
+// the bus's default), each unclaimed port on its own, unclaimed MMIO and the
+// other kinds by theirs; summed over vCPUs, most frequent first.
+TEST(Exit, CounterNamesReasonsAndSumsVcpus) {
+    using namespace std::chrono_literals;
+    Bus pio("PIO"), mmio("MMIO");
+    auto dev = std::make_shared<Recorder>();
+    pio.insert(0x3f8, 8, dev, "serial COM1");
+    pio.insert(0x60, 1, dev);
+    mmio.insert(0xc0000000, 0x1000, dev, "virtio-net 00:01.0");
+    std::deque<ExitCounter> vcpus(2);
+    auto take = [&](ExitCounter& c, kvm_run& r, std::chrono::nanoseconds ns) {
+        DecodedExit e = decode_exit(r, kPage);
+        c.record(e, handle_exit(e, pio, mmio, 0), ns);
+    };
+    for (int i = 0; i < 4; ++i) take(vcpus[i % 2], io_page(true, 0x3fd, 1, 1)->run(), 100ns);
+    take(vcpus[1], io_page(true, 0x3f8, 1, 16)->run(), 1000ns);   // a rep batch is one exit
+    for (int i = 0; i < 3; ++i) take(vcpus[0], io_page(false, 0x70, 1, 1)->run(), 10ns);
+    take(vcpus[1], io_page(false, 0x71, 2, 1)->run(), 10ns);
+    take(vcpus[1], io_page(false, 0x60, 1, 1)->run(), 10ns);
+    RunPage page{};
+    kvm_run& r = page.run();
+    r.exit_reason = KVM_EXIT_MMIO;
+    r.mmio.len = 4;
+    r.mmio.phys_addr = 0xc0000010;
+    take(vcpus[0], r, 50ns);
+    take(vcpus[1], r, 50ns);
+    r.mmio.phys_addr = 0xd0000000;
+    take(vcpus[1], r, 5ns);
+    const std::uint32_t reasons[] = {KVM_EXIT_SHUTDOWN, KVM_EXIT_INTR, 0xdead};
+    for (std::uint32_t reason : reasons) {
+        r.exit_reason = reason;
+        take(vcpus[0], r, 1ns);
+    }
+
+    const std::vector<ExitCount> sum = ExitCounter::sum(vcpus, pio, mmio);
+    std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> got;
+    for (const ExitCount& x : sum) got[x.reason] = {x.count, x.handling_ns};
+    const std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> want = {
+        {"serial COM1", {5, 1400}},   {"unclaimed port 0x70", {3, 30}}, {"virtio-net 00:01.0", {2, 100}},
+        {"unclaimed port 0x71", {1, 10}}, {"PIO 0x60", {1, 10}},    {"unclaimed MMIO", {1, 5}},
+        {"shutdown", {1, 1}},         {"intr", {1, 1}},                 {"exit reason 57005", {1, 1}}};
+    EXPECT_EQ(got, want);
+    ASSERT_EQ(sum.size(), want.size());
+    for (std::size_t i = 1; i < sum.size(); ++i) EXPECT_GE(sum[i - 1].count, sum[i].count) << i;
+    EXPECT_EQ(sum[0].reason, "serial COM1");
+    EXPECT_EQ(sum[1].reason, "unclaimed port 0x70");
+
+    // A range moved (a PCI BAR) keeps its name, so its counts go on.
+    ASSERT_TRUE(mmio.remove(0xc0000000));
+    mmio.insert(0xc1000000, 0x1000, dev, "virtio-net 00:01.0");
+    r.exit_reason = KVM_EXIT_MMIO;
+    r.mmio.phys_addr = 0xc1000000;
+    take(vcpus[0], r, 50ns);
+    std::uint64_t bar_exits = 0;
+    for (const ExitCount& x : ExitCounter::sum(vcpus, pio, mmio))
+        if (x.reason == "virtio-net 00:01.0") bar_exits = x.count;
+    EXPECT_EQ(bar_exits, 3u);
+    EXPECT_TRUE(ExitCounter::sum(std::deque<ExitCounter>(3), pio, mmio).empty());
+}
+
+// A made-up KVM_GET_STATS_FD file: header, id string, descriptors each
+// followed by its name (48 bytes), then the data block.
+struct FakeStat {
+    std::string name;
+    std::uint32_t flags;
+    std::uint16_t size;   // u64 items
+    std::uint64_t value;  // every item
+};
+std::vector<std::uint8_t> stats_file(const std::vector<FakeStat>& stats) {
+    constexpr std::uint32_t kName = 48, kDesc = offsetof(kvm_stats_desc, name) + kName;
+    kvm_stats_header h{};
+    h.name_size = kName;
+    h.num_desc = static_cast<std::uint32_t>(stats.size());
+    h.id_offset = sizeof h;
+    h.desc_offset = h.id_offset + kName;
+    h.data_offset = h.desc_offset + h.num_desc * kDesc;
+    std::vector<std::uint8_t> f(h.data_offset);
+    std::memcpy(f.data(), &h, sizeof h);
+    std::memcpy(f.data() + h.id_offset, "kvm-42/vcpu-0", 13);
+    std::uint32_t offset = 0;
+    for (std::size_t i = 0; i < stats.size(); ++i) {
+        kvm_stats_desc d{};
+        d.flags = stats[i].flags;
+        d.size = stats[i].size;
+        d.offset = offset;
+        std::uint8_t* at = f.data() + h.desc_offset + i * kDesc;
+        std::memcpy(at, &d, offsetof(kvm_stats_desc, name));
+        const std::string& name = stats[i].name;
+        std::memcpy(at + offsetof(kvm_stats_desc, name), name.data(), std::min<std::size_t>(kName, name.size()));
+        for (unsigned k = 0; k < d.size; ++k) {
+            f.resize(f.size() + 8);
+            std::memcpy(f.data() + h.data_offset + offset + 8 * k, &stats[i].value, 8);
+        }
+        offset += 8u * d.size;
+    }
+    return f;
+}
+
+// Only cumulative single counters, by their KVM names in KVM's order; a name
+// that fills its whole field still reads right; a file cut anywhere throws.
+TEST(Exit, KvmStatsParserTakesCumulativeCounters) {
+    const std::string long_name(48, 'n');
+    const auto f = stats_file({
+        {"exits", KVM_STATS_TYPE_CUMULATIVE | KVM_STATS_UNIT_NONE, 1, 1234},
+        {"blocking", KVM_STATS_TYPE_INSTANT | KVM_STATS_UNIT_BOOLEAN, 1, 1},
+        {"halt_wait_hist", KVM_STATS_TYPE_LOG_HIST | KVM_STATS_UNIT_SECONDS, 4, 9},
+        {"halt_exits", KVM_STATS_TYPE_CUMULATIVE, 1, 56},
+        {"max_mmu_page_hash_collisions", KVM_STATS_TYPE_PEAK, 1, 3},
+        {long_name, KVM_STATS_TYPE_CUMULATIVE, 1, 7},
+        {"halt_poll_success_ns", KVM_STATS_TYPE_CUMULATIVE | KVM_STATS_UNIT_SECONDS, 1, 789},
+    });
+    const std::vector<KvmStat> got = parse_kvm_stats(f);
+    std::vector<std::pair<std::string, std::uint64_t>> pairs;
+    for (const KvmStat& st : got) pairs.emplace_back(st.name, st.value);
+    EXPECT_EQ(pairs, (std::vector<std::pair<std::string, std::uint64_t>>{
+                         {"exits", 1234}, {"halt_exits", 56}, {long_name, 7}, {"halt_poll_success_ns", 789}}));
+    for (std::size_t n = 0; n < f.size(); n += 5)
+        EXPECT_THROW(parse_kvm_stats({f.data(), n}), std::runtime_error) << n;
+    EXPECT_THROW(parse_kvm_stats({f.data(), f.size() - 1}), std::runtime_error);
+    EXPECT_TRUE(parse_kvm_stats(stats_file({})).empty());
+
+    // Two vCPUs summed by name; a counter only one of them has goes last.
+    std::vector<KvmStat> sum;
+    add_kvm_stats(sum, got);
+    add_kvm_stats(sum, {{"halt_exits", 4}, {"hypercalls", 2}, {"exits", 6}});
+    ASSERT_EQ(sum.size(), 5u);
+    EXPECT_EQ(sum[0].value, 1240u);
+    EXPECT_EQ(sum[1].value, 60u);
+    EXPECT_EQ(sum[4].name, "hypercalls");
+    EXPECT_EQ(sum[4].value, 2u);
 }
 
 } // namespace

@@ -89,6 +89,15 @@ json counters_json(const VmCounters& c) {
         }
         j["balloon"] = b;
     }
+    json& e = j["exits"] = {{"userspace", json::array()}};
+    for (const ExitCount& x : c.exits.userspace)
+        e["userspace"].push_back({{"reason", x.reason}, {"count", x.count}, {"handling_ns", x.handling_ns}});
+    if (c.exits.kvm) {
+        e["kvm"] = json::object();
+        for (const KvmStat& st : *c.exits.kvm) e["kvm"][st.name] = st.value;
+    } else {
+        e["kvm_note"] = c.exits.kvm_note;
+    }
     return j;
 }
 

@@ -8,7 +8,9 @@
 // atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
 // Routes under /api/v1/: GET vmm.ping ({"version", "pid"}), vm.info (VmInfo),
-// vm.counters ("port80", "net0"..., "balloon" with "stats" once sampled); PUT
+// vm.counters ("port80", "net0"..., "balloon" with "stats" once sampled,
+// "exits": {"userspace": [{"reason", "count", "handling_ns"}...] most frequent
+// first, "kvm": {KVM's counter names: N} or "kvm_note" saying why not}); PUT
 // vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}), vm.pause,
 // vm.resume, vm.shutdown (204). Errors carry {"error": "message"}: 400 bad JSON
 // or fields, 404, 405, 408 too slow, 409 refused (a ControlError), 413 body too
@@ -18,6 +20,7 @@
 #include "balloon/balloon.hpp"
 #include "devices/base/guest_memory.hpp"
 #include "devices/virtio_net.hpp"
+#include "vmm/exit.hpp"
 
 #include <chrono>
 #include <cstddef>
@@ -61,6 +64,7 @@ struct VmCounters {
         BalloonStats stats;            // "stats" when valid, in libvirt's names and units
     };
     std::optional<Balloon> balloon;
+    ExitStats exits;
 };
 
 // Why the VM refused a request (HTTP 409 with control_message()).

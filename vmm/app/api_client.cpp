@@ -241,6 +241,35 @@ void print_object(const json& j, std::initializer_list<const char*> first = {}) 
     print_lines(lines);
 }
 
+// vm.counters' "exits": the top 20 userspace reasons (the API sorts them),
+// then KVM's nonzero counters, largest first.
+void print_exits(const json& e) {
+    if (!e.is_object()) return;
+    Lines lines;
+    for (const json& x : e.value("userspace", json::array())) {
+        if (lines.size() == 20) break;
+        const auto n = x.value("count", 0ull);
+        const double us = x.value("handling_ns", 0.0) / 1e3;
+        char v[64];
+        std::snprintf(v, sizeof v, "%llu, %.1f us each", n, n ? us / static_cast<double>(n) : 0.0);
+        lines.emplace_back("  " + x.value("reason", std::string("?")), v);
+    }
+    std::printf("exits to userspace (count, handling time):\n");
+    print_lines(lines);
+    if (!e.contains("kvm")) {
+        std::printf("exits in KVM: %s\n", e.value("kvm_note", std::string()).c_str());
+        return;
+    }
+    std::vector<std::pair<std::uint64_t, std::string>> kvm;
+    for (const auto& it : e["kvm"].items())
+        if (it.value().get<std::uint64_t>() > 0) kvm.emplace_back(it.value().get<std::uint64_t>(), it.key());
+    std::sort(kvm.rbegin(), kvm.rend());
+    lines.clear();
+    for (const auto& [v, name] : kvm) lines.emplace_back("  " + name, std::to_string(v));
+    std::printf("exits in KVM (nonzero counters, all vCPUs):\n");
+    print_lines(lines);
+}
+
 void print_json(const json& j) {
     std::printf("%s\n", j.dump(2, ' ', false, json::error_handler_t::replace).c_str());
 }
@@ -401,8 +430,12 @@ int run_cli(int argc, char** argv) {
             print_json(j);
         else if (o.cmd == "info")
             print_object(j, {"name", "state", "cpus", "memory", "backing", "hugepage_backed_bytes", "rss_bytes", "balloon"});
-        else
+        else {   // the exits get a block of their own
+            json exits = j.contains("exits") ? j["exits"] : json();
+            j.erase("exits");
             print_object(j);
+            print_exits(exits);
+        }
         return 0;
     }
     struct Action {

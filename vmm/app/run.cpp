@@ -15,6 +15,7 @@
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
@@ -72,6 +73,7 @@ public:
             b->request_stats();
             c.balloon = VmCounters::Balloon{b->counters(), b->stats()};
         }
+        c.exits = m_.loop().exits();
         return c;
     }
 
@@ -219,6 +221,24 @@ void exit_report(Machine& m, int status, bool signalled) {
                 i++, ull(c.rx_packets), ull(c.rx_dropped), ull(c.tx_packets), ull(c.tx_dropped),
                 ull(n.slot->msi_count()), ull(n.slot->intx_count()));
     }
+    // Exits by reason, as kvm_stat shows them: the top userspace ones, then KVM's own.
+    const ExitStats ex = m.loop().exits();
+    std::string line;
+    for (std::size_t k = 0; k < std::min<std::size_t>(5, ex.userspace.size()); ++k) {
+        const ExitCount& x = ex.userspace[k];
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "%s%s %llu (%.1f us each)", k ? ", " : "", x.reason.c_str(),
+                      ull(x.count), static_cast<double>(x.handling_ns) / 1e3 / static_cast<double>(x.count));
+        line += buf;
+    }
+    log_msg("exits to userspace by reason: %s (%zu reasons)", line.empty() ? "none" : line.c_str(),
+            ex.userspace.size());
+    line.clear();
+    for (const char* name : {"exits", "halt_exits", "irq_window_exits", "io_exits", "mmio_exits", "hypercalls",
+                             "irq_exits", "signal_exits"})
+        for (const KvmStat& st : ex.kvm ? *ex.kvm : std::vector<KvmStat>{})
+            if (st.name == name) line += (line.empty() ? "" : ", ") + st.name + " " + std::to_string(st.value);
+    log_msg("exits in KVM: %s", ex.kvm ? line.c_str() : ex.kvm_note.c_str());
 }
 
 } // namespace

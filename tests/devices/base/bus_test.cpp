@@ -1,5 +1,6 @@
 // Bus: range insertion (overlap and bad-range refusal), dispatch with offsets
-// relative to the base, unclaimed and straddling accesses, remove().
+// relative to the base, unclaimed and straddling accesses, remove(), and the
+// range ids and names that read and write report.
 #include "devices/base/bus.hpp"
 
 #include <algorithm>
@@ -118,6 +119,31 @@ TEST(Bus, Remove) {
     EXPECT_TRUE(dev->log.empty());
     EXPECT_NO_THROW(bus.insert(0x100, 8, dev));  // the range is free again
     EXPECT_TRUE(bus.read(0x100, {&v, 1}));
+}
+
+TEST(Bus, ReportsTheRangeItDispatchedTo) {
+    Bus bus("PIO");
+    auto dev = std::make_shared<Recorder>();
+    bus.insert(0x3f8, 8, dev, "serial COM1");
+    bus.insert(0x60, 1, dev);   // unnamed: the bus's name and the base
+    std::uint8_t v = 0;
+    std::uint32_t com1 = Bus::kNoRange, other = Bus::kNoRange;
+    EXPECT_TRUE(bus.write(0x3fd, {&v, 1}, &com1));
+    EXPECT_TRUE(bus.read(0x60, {&v, 1}, &other));
+    EXPECT_NE(com1, other);
+    EXPECT_EQ(bus.range_name(com1), "serial COM1");
+    EXPECT_EQ(bus.range_name(other), "PIO 0x60");
+    EXPECT_EQ(bus.range_name(Bus::kNoRange), "");
+    std::uint32_t none = Bus::kNoRange;
+    EXPECT_FALSE(bus.read(0x70, {&v, 1}, &none));
+    EXPECT_FALSE(bus.write(0x3ff, {&v, 2}, &none));   // straddles the end
+    EXPECT_EQ(none, Bus::kNoRange);
+    // Re-inserted elsewhere under the same name (a moved BAR): the same id.
+    ASSERT_TRUE(bus.remove(0x3f8));
+    bus.insert(0x2f8, 8, dev, "serial COM1");
+    std::uint32_t moved = Bus::kNoRange;
+    EXPECT_TRUE(bus.read(0x2f8, {&v, 1}, &moved));
+    EXPECT_EQ(moved, com1);
 }
 
 } // namespace

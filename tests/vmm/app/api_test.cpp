@@ -60,6 +60,8 @@ public:
         c.port80.writes = 42;
         c.nets.resize(1);
         c.nets[0].tx_bytes = 1000;
+        c.exits.userspace = {{"serial COM1", 3, 4500}, {"rtc", 1, 100}};
+        c.exits.kvm_note = "KVM_GET_STATS_FD: no";
         return c;
     }
     ControlError resize(std::uint64_t bytes) override {
@@ -545,6 +547,8 @@ TEST(ApiDispatch, InfoAndCountersJson) {
             b.stats.last_update_unix_s = 1700000000;
             b.stats.values.push_back(BalloonStat{5, 6, "unused", 4096, 4});
             c.balloon = b;
+            c.exits.userspace = {{"serial COM1", 12, 3400}, {"unclaimed port 0x70", 2, 100}};
+            c.exits.kvm = std::vector<KvmStat>{{"exits", 99}, {"halt_exits", 7}};
             return c;
         }
     } vm;
@@ -571,6 +575,15 @@ TEST(ApiDispatch, InfoAndCountersJson) {
     for (const char* k : {"regions_released", "discarded_bytes", "reported_bytes", "bad_pfns"})
         EXPECT_TRUE(b.contains(k)) << k;
     EXPECT_EQ(b["stats"], (json{{"unused", 4}, {"last_update", 1700000000}}));
+    // Exits by reason, most frequent first, and KVM's counters by their names.
+    const json user = json::array({{{"reason", "serial COM1"}, {"count", 12}, {"handling_ns", 3400}},
+                                   {{"reason", "unclaimed port 0x70"}, {"count", 2}, {"handling_ns", 100}}});
+    EXPECT_EQ(r.body["exits"], (json{{"userspace", user}, {"kvm", {{"exits", 99}, {"halt_exits", 7}}}}));
+    // Without KVM's statistics: no "kvm", a note saying why.
+    FakeVm plain;
+    r = api_dispatch(plain, "GET", "/api/v1/vm.counters", "");
+    EXPECT_FALSE(r.body["exits"].contains("kvm")) << r.body;
+    EXPECT_EQ(r.body["exits"]["kvm_note"], "KVM_GET_STATS_FD: no");
 }
 
 // Every refusal is a 409 with the message the CLI prints.
@@ -762,6 +775,10 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     EXPECT_EQ(r.status, 0);
     EXPECT_TRUE(has_line(r.out, "port80.writes", "42")) << r.out;
     EXPECT_TRUE(has_line(r.out, "net0.tx", "1000 B")) << r.out;
+    // The exits in a block of their own, top first, with the time per exit.
+    EXPECT_TRUE(has_line(r.out, "  serial COM1", "3, 1.5 us each")) << r.out;
+    EXPECT_LT(r.out.find("serial COM1"), r.out.find("rtc:")) << r.out;
+    EXPECT_NE(r.out.find("exits in KVM: KVM_GET_STATS_FD: no"), std::string::npos) << r.out;
     EXPECT_EQ(cli({"pause", "vm1"}).status, 0);
     EXPECT_TRUE(vm.paused());
     r = cli({"pause", "vm1"});
