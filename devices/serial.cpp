@@ -1,5 +1,6 @@
 // The 16550A register model (see serial.hpp).
 #include "devices/serial.hpp"
+#include "devices/base/timeline.hpp"
 
 #include <cerrno>
 #include <unistd.h>
@@ -113,6 +114,7 @@ void Serial::write_reg(unsigned reg, std::uint8_t v) {
 
 void Serial::transmit(std::uint8_t b) {
     ++tx_bytes_;
+    boot_console_output(b);
     if (out_fd_ < 0) return;
     // On EAGAIN (a slow pipe) or another error the byte is lost: never block a vCPU.
     ssize_t r;

@@ -4,6 +4,7 @@
 #include "vmm/machine.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
+#include "devices/base/timeline.hpp"
 #include "devices/virtio_net.hpp"
 #include "vmm/acpi.hpp"
 #include "vmm/boot_cpu.hpp"
@@ -22,6 +23,7 @@ namespace {
 // Reads the kernel (and initrd), writes the ACPI tables, picks the command
 // line and loads it all into guest RAM. Errors name the file.
 BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
+    boot_step(BootStep::ram_mapped);
     const FileImage image = read_file(cfg.kernel, mem.size());
     std::optional<FileImage> initrd;
     if (!cfg.initrd.empty()) initrd.emplace(read_file(cfg.initrd, mem.size()));
@@ -33,8 +35,10 @@ BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
     try {
         // A Linux kernel (bzImage, or a vmlinux with Linux's ELF notes) gets
         // the default command line; our own guest gets --cmdline as it is.
-        return load_kernel(mem, image.bytes(), initrd ? initrd->bytes() : std::span<const std::uint8_t>(),
-                           is_linux_kernel(image.bytes()) ? linux_cmdline : cfg.cmdline, rsdp);
+        BootPlan plan = load_kernel(mem, image.bytes(), initrd ? initrd->bytes() : std::span<const std::uint8_t>(),
+                                    is_linux_kernel(image.bytes()) ? linux_cmdline : cfg.cmdline, rsdp);
+        boot_step(BootStep::kernel_loaded);
+        return plan;
     } catch (const UsageError& e) {
         throw UsageError(cfg.kernel + ": " + e.what());
     }
@@ -66,6 +70,7 @@ Machine::Machine(const VmConfig& cfg)
     vm_.set_identity_map_addr(kIdentityMapAddr);
     vm_.create_irqchip();
     vm_.create_pit2();
+    boot_step(BootStep::kvm_ready);
 
     std::uint32_t slot = 0;
     for (const auto& r : mem_.regions())
@@ -133,6 +138,7 @@ Machine::Machine(const VmConfig& cfg)
         port80_absorber_ = std::make_unique<Port80Absorber>(*legacy_.port80);
         if (!port80_absorber_->absorb(kvm_, vm_, vcpus_[0])) port80_absorber_.reset();
     }
+    boot_step(BootStep::vm_built);
 }
 
 Machine::~Machine() = default;

@@ -49,6 +49,7 @@ struct VmConfig {
     BalloonOptions balloon_options;   // the features it offers (--balloon=...)
     std::string api_socket;           // "" picks socket_for(name), "none" has none
     bool prefault = false;            // fault all guest RAM in before boot (MADV_POPULATE_WRITE)
+    bool boot_timeline = false;       // print the boot timeline (devices/base/timeline.hpp) at exit
 };
 
 inline constexpr std::uint64_t kMinMemory = 8ull << 20;

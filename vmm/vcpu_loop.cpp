@@ -2,6 +2,7 @@
 #include "vmm/vcpu_loop.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
+#include "devices/base/timeline.hpp"
 #include "vmm/exit.hpp"
 
 #include <cerrno>
@@ -145,6 +146,7 @@ void VcpuLoop::thread_main(Vcpu& vcpu, ExitCounter& counter) {
             park(vcpu);
             continue;
         }
+        boot_step(BootStep::first_kvm_run);
         int err = vcpu.run();
         if (err == EINTR || err == EAGAIN) continue;
         if (err != 0) {

@@ -42,7 +42,8 @@ constexpr const char* kUsage =
     "                            KEY: stats, deflate_on_oom, free_page_reporting (all on by default)\n"
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
     "                            /run/kguest/NAME.sock for root)\n"
-    "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n";
+    "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n"
+    "  --boot-timeline           at exit, print when each boot step was reached\n";
 
 // --balloon=KEY=on|off,...: the features the balloon offers, in Cloud Hypervisor's names.
 BalloonOptions parse_balloon_options(const std::string& spec) {
@@ -119,6 +120,9 @@ int cmd_run(int argc, char** argv) {
         } else if (f == "--prefault") {
             a.no_value(f);
             cfg.prefault = true;
+        } else if (f == "--boot-timeline") {
+            a.no_value(f);
+            cfg.boot_timeline = true;
         } else if (f == "--api-socket") {
             cfg.api_socket = a.value(f);
             if (cfg.api_socket.empty()) throw UsageError("--api-socket needs a path or none");

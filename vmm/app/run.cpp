@@ -7,6 +7,7 @@
 #include "devices/base/error.hpp"
 #include "devices/base/fd.hpp"
 #include "devices/base/log.hpp"
+#include "devices/base/timeline.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
 #include "devices/virtio_net.hpp"
@@ -239,6 +240,7 @@ void exit_report(Machine& m, int status, bool signalled) {
         for (const KvmStat& st : ex.kvm ? *ex.kvm : std::vector<KvmStat>{})
             if (st.name == name) line += (line.empty() ? "" : ", ") + st.name + " " + std::to_string(st.value);
     log_msg("exits in KVM: %s", ex.kvm ? line.c_str() : ex.kvm_note.c_str());
+    if (m.config().boot_timeline) std::fputs(boot_timeline_report().c_str(), stderr);
 }
 
 } // namespace
