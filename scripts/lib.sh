@@ -121,3 +121,6 @@ TLB_PACKAGES=(gnuplot-nox)
 # use: Debian's kernel with its modules, a static busybox, cpio and kmod
 # (modinfo) to pack the initramfs.
 LINUX_PACKAGES=(linux-image-amd64 busybox-static cpio kmod)
+# Packages scripts/linux-rootfs uses: a static busybox and mkfs.ext4 (e2fsck
+# too, which the Linux disk tests run on the image afterwards).
+ROOTFS_PACKAGES=(busybox-static e2fsprogs)
