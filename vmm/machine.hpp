@@ -27,6 +27,7 @@ class VirtioDevice;
 class VirtioPciSlot;
 class VirtioNet;
 class VirtioBalloon;
+class VirtioMem;
 class GsiRouter;
 
 // What a Linux kernel gets before --cmdline: the console on COM1, reboot
@@ -39,6 +40,7 @@ struct VmConfig {
     std::string name = "kguest";
     unsigned cpus = 1;
     std::uint64_t memory = 256ull << 20;
+    std::uint64_t memory_max = 0;     // > memory: a virtio-mem device can grow the guest up to it (--memory-max)
     Backing backing = Backing::thp;
     enum class Console { stdio, none, file } console = Console::stdio;
     std::string console_path;
@@ -76,6 +78,7 @@ public:
     Port80& port80() { return *legacy_.port80; }
     const std::vector<NetDevice>& nets() const { return nets_; }
     VirtioBalloon* balloon() { return balloon_.get(); }
+    VirtioMem* virtio_mem() { return virtio_mem_.get(); }
     const std::vector<Vcpu>& vcpus() const { return vcpus_; }
 
 private:
@@ -95,6 +98,7 @@ private:
     std::vector<std::unique_ptr<VirtioPciSlot>> virtio_;   // slots 1, 2, ...
     std::vector<NetDevice> nets_;
     std::shared_ptr<VirtioBalloon> balloon_;
+    std::shared_ptr<VirtioMem> virtio_mem_;
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     Fd console_file_;
