@@ -13,3 +13,4 @@ bool test_net_ping(const char* cmdline);
 bool test_net_bench(const char* cmdline);
 bool test_tlb(const char* cmdline);                        // tlb.cpp
 bool test_balloon(const char* cmdline);                    // balloon.cpp
+bool test_mem(const char* cmdline);                        // mem.cpp

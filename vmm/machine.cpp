@@ -6,6 +6,7 @@
 #include "devices/base/log.hpp"
 #include "devices/base/timeline.hpp"
 #include "devices/virtio_blk.hpp"
+#include "devices/virtio_mem.hpp"
 #include "devices/virtio_net.hpp"
 #include "vmm/acpi.hpp"
 #include "vmm/boot_cpu.hpp"
@@ -31,8 +32,13 @@ BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
     AcpiConfig acpi;
     acpi.cpus = cfg.cpus;
     const std::uint64_t rsdp = write_acpi_tables(mem, acpi);
+    // With virtio-mem, Linux onlines hot-added memory by itself, and as
+    // ZONE_MOVABLE so that it can be unplugged again (Debian builds no
+    // MEMORY_HOTPLUG_DEFAULT_ONLINE; Documentation/admin-guide/mm/memory-hotplug.rst).
+    const std::string defaults = std::string(KGUEST_LINUX_CMDLINE) +
+                                 (mem.hotplug_region() != nullptr ? " memhp_default_state=online_movable" : "");
     const std::string linux_cmdline = cfg.default_cmdline
-        ? KGUEST_LINUX_CMDLINE + (cfg.cmdline.empty() ? "" : " " + cfg.cmdline) : cfg.cmdline;
+        ? defaults + (cfg.cmdline.empty() ? "" : " " + cfg.cmdline) : cfg.cmdline;
     try {
         // A Linux kernel (bzImage, or a vmlinux with Linux's ELF notes) gets
         // the default command line; our own guest gets --cmdline as it is.
@@ -55,7 +61,7 @@ std::vector<std::unique_ptr<BlockImage>> open_images(const VmConfig& cfg) {
 
 Machine::Machine(const VmConfig& cfg)
     : cfg_(cfg),
-      mem_(cfg.memory, cfg.backing),
+      mem_(cfg.memory, cfg.backing, cfg.memory_max > cfg.memory ? cfg.memory_max - cfg.memory : 0),
       boot_(boot_guest(mem_, cfg)),
       images_(open_images(cfg)),
       kvm_(),
@@ -84,6 +90,10 @@ Machine::Machine(const VmConfig& cfg)
     std::uint32_t slot = 0;
     for (const auto& r : mem_.regions())
         vm_.set_user_memory_region(slot++, r.gpa.value(), r.size, mem_.host_address_for_kvm(r));
+    // The virtio-mem region: a slot of its own, outside E820 (VIRTIO 1.2 5.15:
+    // "not exposed as RAM via other firmware / hw interfaces (e.g., e820 on x86)").
+    if (const MemoryRegion* h = mem_.hotplug_region())
+        vm_.set_user_memory_region(slot++, h->gpa.value(), h->size, mem_.host_address_for_kvm(*h));
 
     // The legacy devices, from the board table; the console goes to stdout, a file, or nowhere.
     LegacyWiring wiring;
@@ -139,6 +149,16 @@ Machine::Machine(const VmConfig& cfg)
         add_virtio(balloon_, 0xff0000);
         log_msg("virtio-balloon at PCI 00:%02x.0 (stats, deflate-on-OOM, free page reporting)",
                 static_cast<unsigned>(virtio_.size()));
+    }
+    // virtio-mem (VIRTIO 1.2 5.15), class 0xff0000 as QEMU's virtio-mem-pci.
+    if (mem_.hotplug_region() != nullptr) {
+        virtio_mem_ = std::make_shared<VirtioMem>(mem_);
+        add_virtio(virtio_mem_, 0xff0000);
+        const MemoryRegion& h = *mem_.hotplug_region();
+        log_msg("virtio-mem at PCI 00:%02x.0: %llu MiB at 0x%llx in 2 MiB blocks, up to %llu MiB plugged",
+                static_cast<unsigned>(virtio_.size()), static_cast<unsigned long long>(h.size >> 20),
+                static_cast<unsigned long long>(h.gpa.value()),
+                static_cast<unsigned long long>((cfg.memory_max > mem_.size() ? cfg.memory_max - mem_.size() : 0) >> 20));
     }
     if (cfg.prefault) mem_.prefault();
 

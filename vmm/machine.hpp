@@ -29,6 +29,7 @@ class VirtioPciSlot;
 class VirtioNet;
 class VirtioBlk;
 class VirtioBalloon;
+class VirtioMem;
 class GsiRouter;
 
 // What a Linux kernel gets before --cmdline: the console on COM1, reboot
@@ -41,6 +42,7 @@ struct VmConfig {
     std::string name = "kguest";
     unsigned cpus = 1;
     std::uint64_t memory = 256ull << 20;
+    std::uint64_t memory_max = 0;     // > memory: a virtio-mem device can grow the guest up to it (--memory-max)
     Backing backing = Backing::thp;
     enum class Console { stdio, none, file } console = Console::stdio;
     std::string console_path;
@@ -86,6 +88,7 @@ public:
     const std::vector<NetDevice>& nets() const { return nets_; }
     const std::vector<DiskDevice>& disks() const { return disks_; }
     VirtioBalloon* balloon() { return balloon_.get(); }
+    VirtioMem* virtio_mem() { return virtio_mem_.get(); }
     const std::vector<Vcpu>& vcpus() const { return vcpus_; }
 
 private:
@@ -107,6 +110,7 @@ private:
     std::vector<NetDevice> nets_;
     std::vector<DiskDevice> disks_;
     std::shared_ptr<VirtioBalloon> balloon_;
+    std::shared_ptr<VirtioMem> virtio_mem_;
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     Fd console_file_;

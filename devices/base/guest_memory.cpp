@@ -66,14 +66,25 @@ std::optional<Backing> parse_backing(std::string_view name) {
 
 const char* backing_name(Backing b) { return kBackingNames[static_cast<int>(b)]; }
 
-GuestMemory::GuestMemory(std::uint64_t size, Backing backing) : backing_(backing) {
+GuestMemory::GuestMemory(std::uint64_t size, Backing backing, std::uint64_t hotplug) : backing_(backing) {
     if (size == 0) throw std::runtime_error("guest RAM size is zero");
     if (size > (1ull << 46)) throw std::runtime_error("guest RAM size " + format_size(size) + " is too large");
+    if (hotplug > (1ull << 46)) throw std::runtime_error("hotplug region " + format_size(hotplug) + " is too large");
+    if (hotplug != 0 && backing == Backing::hugetlbfs)
+        throw std::runtime_error("a hotplug region needs --hugepages thp or off, not hugetlbfs");
     size = (size + kHugePageSize - 1) & ~(kHugePageSize - 1);
     mapping_ = map_ram(size, backing);
     std::uint64_t low = size < kMmioHoleStart ? size : kMmioHoleStart;
     regions_.push_back({Gpa(0), low, 0});
     if (size > low) regions_.push_back({Gpa(kHighRamStart), size - low, low});
+    if (hotplug != 0) {
+        // Above 4 GiB and above all RAM, on a memory-block boundary.
+        const std::uint64_t ram_end = regions_.back().gpa.value() + regions_.back().size;
+        const std::uint64_t start = (std::max(ram_end, kHighRamStart) + kHotplugAlign - 1) & ~(kHotplugAlign - 1);
+        hotplug = (hotplug + kHotplugAlign - 1) & ~(kHotplugAlign - 1);
+        hotplug_mapping_ = map_ram(hotplug, backing);   // MAP_NORESERVE: host memory on first touch only
+        hotplug_ = MemoryRegion{Gpa(start), hotplug, 0, true};
+    }
 }
 
 void GuestRange::misuse(std::uint64_t off, std::uint64_t width, std::uint64_t size) {
@@ -86,12 +97,15 @@ void GuestRange::misuse(std::uint64_t off, std::uint64_t width, std::uint64_t si
 std::uint8_t* GuestMemory::find(Gpa gpa, std::uint64_t len) const {
     if (len == 0) len = 1;
     const std::uint64_t a = gpa.value();
-    for (const auto& r : regions_) {
-        // Written so that nothing overflows: a - start only when a >= start.
+    // Written so that nothing overflows: a - start only when a >= start.
+    auto inside = [&](const MemoryRegion& r) {
         const std::uint64_t start = r.gpa.value();
-        if (a >= start && a - start < r.size && len <= r.size - (a - start))
-            return host_base() + r.offset + (a - start);
-    }
+        return a >= start && a - start < r.size && len <= r.size - (a - start);
+    };
+    for (const auto& r : regions_)
+        if (inside(r)) return host_base() + r.offset + (a - r.gpa.value());
+    if (hotplug_ && inside(*hotplug_))
+        return static_cast<std::uint8_t*>(hotplug_mapping_.get()) + hotplug_->offset + (a - hotplug_->gpa.value());
     return nullptr;
 }
 
@@ -136,7 +150,8 @@ std::uint64_t count_resident(std::uint8_t* p, std::uint64_t len) {
 } // namespace
 
 std::uint64_t GuestMemory::resident_bytes() const {
-    return count_resident(host_base(), size());
+    return count_resident(host_base(), size()) +
+           (hotplug_ ? count_resident(static_cast<std::uint8_t*>(hotplug_mapping_.get()), hotplug_->size) : 0);
 }
 
 std::uint64_t GuestMemory::resident_bytes(Gpa gpa, std::uint64_t len) const {
@@ -147,12 +162,12 @@ std::uint64_t GuestMemory::resident_bytes(Gpa gpa, std::uint64_t len) const {
     return p == nullptr ? 0 : count_resident(p, span);
 }
 
-std::uint64_t GuestMemory::huge_backed_bytes() const {
-    if (backing_ == Backing::hugetlbfs) return resident_bytes();
+namespace {
+
+// AnonHugePages of the VMAs overlapping [lo, hi), from /proc/self/smaps.
+std::uint64_t smaps_huge_bytes(std::uintptr_t base, std::uintptr_t end) {
     std::FILE* f = std::fopen("/proc/self/smaps", "re");
     if (f == nullptr) return 0;
-    const auto base = reinterpret_cast<std::uintptr_t>(host_base());
-    const std::uintptr_t end = base + size();
     std::uint64_t total = 0, overlap = 0;
     char* line = nullptr;   // getline(3) grows it: path names have no length limit
     std::size_t cap = 0;
@@ -171,6 +186,30 @@ std::uint64_t GuestMemory::huge_backed_bytes() const {
     std::free(line);
     std::fclose(f);
     return total;
+}
+
+} // namespace
+
+std::uint64_t GuestMemory::huge_backed_bytes() const {
+    if (backing_ == Backing::hugetlbfs) return resident_bytes();
+    const auto base = reinterpret_cast<std::uintptr_t>(host_base());
+    std::uint64_t total = smaps_huge_bytes(base, base + size());
+    if (hotplug_) {
+        const auto hp = reinterpret_cast<std::uintptr_t>(hotplug_mapping_.get());
+        total += smaps_huge_bytes(hp, hp + hotplug_->size);
+    }
+    return total;
+}
+
+std::uint64_t GuestMemory::hotplug_huge_backed_bytes() const {
+    if (!hotplug_) return 0;
+    const auto hp = reinterpret_cast<std::uintptr_t>(hotplug_mapping_.get());
+    if (backing_ == Backing::hugetlbfs) return count_resident(reinterpret_cast<std::uint8_t*>(hp), hotplug_->size);
+    return smaps_huge_bytes(hp, hp + hotplug_->size);
+}
+
+std::uint64_t GuestMemory::hotplug_resident_bytes() const {
+    return hotplug_ ? count_resident(static_cast<std::uint8_t*>(hotplug_mapping_.get()), hotplug_->size) : 0;
 }
 
 } // namespace kguest

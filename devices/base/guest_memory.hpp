@@ -1,6 +1,9 @@
 // Guest RAM. One anonymous host mapping, 2 MiB-aligned so that transparent
 // huge pages (or hugetlbfs pages) can back it, laid out the way a PC expects:
-// RAM from 0 up to the 32-bit MMIO hole, the rest from 4 GiB up. GuestMemory
+// RAM from 0 up to the 32-bit MMIO hole, the rest from 4 GiB up. Optionally a
+// hotplug region (virtio-mem, devices/virtio_mem.hpp) above all RAM: a second
+// mapping, reserved lazily (MAP_NORESERVE), that KVM maps and devices reach
+// like RAM but that is not RAM for E820 (regions() leaves it out). GuestMemory
 // is the only way kguest code touches guest RAM, and every access is
 // bounds-checked: an address outside RAM, or a length running off the end of
 // a region, gets nullopt/false, never a host pointer outside the mapping.
@@ -44,6 +47,10 @@ inline constexpr std::uint64_t kHugePageSize = 2ull << 20;
 // devices (PCI BARs, IOAPIC 0xfec00000, LAPIC 0xfee00000), RAM again from 4 GiB.
 inline constexpr std::uint64_t kMmioHoleStart = 0xc0000000;
 inline constexpr std::uint64_t kHighRamStart = 0x100000000;
+// The hotplug region starts and ends on this boundary: Linux adds hot-plugged
+// memory in memory blocks, 128 MiB on x86 (memory_block_size_bytes()), and
+// warns that an unaligned start or end leaves memory unusable.
+inline constexpr std::uint64_t kHotplugAlign = 128ull << 20;
 
 // A guest-physical address, explicit both ways. Adding an offset saturates at
 // UINT64_MAX (never RAM), so a hostile address plus a length cannot wrap.
@@ -118,18 +125,28 @@ private:
 struct MemoryRegion {
     Gpa gpa;                // guest-physical start
     std::uint64_t size;
-    std::uint64_t offset;   // offset into the host mapping
+    std::uint64_t offset;   // offset into the host mapping (the hotplug one for the hotplug region)
+    bool hotplug = false;   // the hotplug region: mapped, but not RAM for E820
 };
 
 class GuestMemory {
 public:
-    // Maps `size` bytes (rounded up to 2 MiB). Throws on failure.
-    GuestMemory(std::uint64_t size, Backing backing);
+    // Maps `size` bytes of RAM (rounded up to 2 MiB) and, when `hotplug` is
+    // non-zero, a hotplug region of `hotplug` bytes rounded up to
+    // kHotplugAlign, at the first kHotplugAlign boundary above 4 GiB and
+    // above all RAM. The hotplug region needs THP or 4 KiB backing (with
+    // hugetlbfs the pool would be charged on a guest's first touch, and a
+    // touch beyond the pool is SIGBUS). Throws on failure.
+    GuestMemory(std::uint64_t size, Backing backing, std::uint64_t hotplug = 0);
 
-    std::uint64_t size() const { return mapping_.size(); }
+    std::uint64_t size() const { return mapping_.size(); }   // RAM only
     Backing backing() const { return backing_; }
+    // The RAM regions (E820 RAM), low then high.
     const std::vector<MemoryRegion>& regions() const { return regions_; }
+    // The hotplug region, or null.
+    const MemoryRegion* hotplug_region() const { return hotplug_ ? &*hotplug_ : nullptr; }
 
+    // "RAM" below includes the hotplug region: devices may find buffers there.
     // The view of [gpa, gpa+len) when it is RAM in one region (len 0: 1 byte).
     std::optional<GuestRange> range(Gpa gpa, std::uint64_t len) {
         std::uint8_t* p = find(gpa, len);
@@ -146,9 +163,11 @@ public:
     // [gpa, gpa+len) when it is RAM in one region (len 0 appends nothing).
     bool append_iovec(Gpa gpa, std::uint64_t len, std::vector<iovec>& out);
     // Audited escape 2 of 2, for KVM_SET_USER_MEMORY_REGION only.
-    void* host_address_for_kvm(const MemoryRegion& r) const { return host_base() + r.offset; }
+    void* host_address_for_kvm(const MemoryRegion& r) const {
+        return (r.hotplug ? static_cast<std::uint8_t*>(hotplug_mapping_.get()) : host_base()) + r.offset;
+    }
     // Faults every page in now (MADV_POPULATE_WRITE, Linux 5.14), so that a
-    // benchmark does not measure first touches. Throws SysError.
+    // benchmark does not measure first touches (RAM only). Throws SysError.
     void prefault();
 
     // Returns the host memory behind [gpa, gpa+len) (one RAM region) to the
@@ -157,12 +176,16 @@ public:
     // hugetlbfs), len non-zero; false, with nothing done, otherwise or when
     // madvise fails. Part of a THP huge page splits it.
     bool discard(Gpa gpa, std::uint64_t len);
-    // Resident host bytes of the mapping (or of [gpa, gpa+len)), from mincore(2).
+    // Resident host bytes of RAM and the hotplug region (or of [gpa,
+    // gpa+len)), from mincore(2).
     std::uint64_t resident_bytes() const;
     std::uint64_t resident_bytes(Gpa gpa, std::uint64_t len) const;
     // Bytes backed by 2 MiB pages: AnonHugePages of our VMAs in smaps
     // (hugetlbfs: every resident byte); 0 when smaps cannot be read.
     std::uint64_t huge_backed_bytes() const;
+    // The same two for the hotplug region alone (0 without one).
+    std::uint64_t hotplug_resident_bytes() const;
+    std::uint64_t hotplug_huge_backed_bytes() const;
 
     template <typename T>
     std::optional<T> read_obj(Gpa gpa) const {
@@ -187,8 +210,10 @@ private:
     }
 
     Mapping mapping_;
+    Mapping hotplug_mapping_;
     Backing backing_;
     std::vector<MemoryRegion> regions_;
+    std::optional<MemoryRegion> hotplug_;
 };
 
 } // namespace kguest

@@ -8,12 +8,14 @@
 // - the network: 1,000 pings from the host over a TAP with 0% loss, and a
 //   DHCP lease from passt over the stream backend, then pings to its gateway;
 // - the balloon: the guest's free memory and the host's RSS follow
-//   `kguest balloon --target`, and `kguest stats` shows the guest's figures.
+//   `kguest balloon --target`, and `kguest stats` shows the guest's figures;
 // - a root on disk (KvmLinuxDisk): the initramfs mounts root=/dev/vda, an
 //   ext4 image of scripts/linux-rootfs on `--disk`, and switch_roots to it;
 //   a file its init writes is there on the next boot, and e2fsck finds the
 //   image clean; `ro` with `readonly=on` boots too, and cannot write.
-//   The image is $KGUEST_LINUX_ROOTFS (copied) or built by the test.
+//   The image is $KGUEST_LINUX_ROOTFS (copied) or built by the test;
+// - virtio-mem (KvmMem): `kguest resize` grows the guest's MemTotal past its
+//   boot size and takes it back.
 // The kernel is $KGUEST_LINUX_KERNEL or /vmlinuz, the initramfs
 // $KGUEST_LINUX_INITRD or whatever scripts/linux-initramfs builds.
 #include "tests/support/kvm_env.hpp"
@@ -277,6 +279,11 @@ std::uint64_t last_memfree_kb(const std::string& out) {
     auto p = out.rfind("memfree_kb=");
     return p == std::string::npos ? 0 : std::stoull(out.substr(p + 11));
 }
+// MemTotal the guest printed last.
+std::uint64_t last_memtotal_kb(const std::string& out) {
+    auto p = out.rfind("memtotal_kb=");
+    return p == std::string::npos ? 0 : std::stoull(out.substr(p + 12));
+}
 
 TEST(KvmLinux, BalloonResizesTheGuest) {
     KGUEST_NEED_LINUX();
@@ -417,6 +424,42 @@ TEST(KvmLinuxDisk, ReadOnlyRootBootsAndCannotWrite) {
     EXPECT_EQ(result(r.out, "error"), "disk_write") << r.out;
     EXPECT_EQ(result(r.out, "disk_write"), "") << r.out;
     EXPECT_TRUE(slurp(img.path()) == before) << "the read-only image changed";
+}
+
+// virtio-mem with Debian's kernel: `kguest resize` above the boot size plugs
+// 2 MiB blocks that Linux onlines by itself (memhp_default_state=online_movable
+// on the default command line) and MemTotal grows; back to the boot size Linux
+// offlines and unplugs them, MemTotal and plugged_size go back and the host
+// gets the memory back. The init's balloon mode prints MemTotal every second.
+TEST(KvmMem, LinuxGrowsAndShrinks) {
+    KGUEST_NEED_LINUX();
+    const std::string sock = "/tmp/kguest-test-linux-mem.sock";
+    auto vmp = start_linux(linux_run("kguest.test=balloon kguest.wait=600", {"--memory-max", "1536M", "--api-socket", sock}));
+    Background& vm = *vmp;
+    ASSERT_TRUE(vm.wait_for_output("BALLOON t=1 ", 240)) << vm.out() << vm.err();
+    EXPECT_NE(vm.out().find("virtio_mem"), std::string::npos) << "no virtio_mem in dmesg:\n" << vm.out();
+    const std::uint64_t total0 = last_memtotal_kb(vm.out());
+
+    auto r = run_process({kKguest, "resize", "--api-socket", sock, "--memory", "1536M", "--wait", "--timeout", "240"}, 260);
+    ASSERT_EQ(r.status, 0) << r.out << r.err << vm.out().substr(vm.out().size() > 3000 ? vm.out().size() - 3000 : 0);
+    std::this_thread::sleep_for(std::chrono::seconds(3));   // two more BALLOON lines
+    json j = info(sock);
+    EXPECT_EQ(j["virtio_mem"]["plugged_bytes"].get<std::uint64_t>(), 1024 * kMiB) << j.dump();
+    const std::uint64_t total1 = last_memtotal_kb(vm.out());
+    EXPECT_GE(total1, total0 + 900 * 1024) << "MemTotal " << total0 << " kB -> " << total1 << " kB";
+
+    r = run_process({kKguest, "resize", "--api-socket", sock, "--memory", "512M", "--wait", "--timeout", "240"}, 260);
+    EXPECT_EQ(r.status, 0) << r.out << r.err;
+    std::this_thread::sleep_for(std::chrono::seconds(3));
+    j = info(sock);
+    EXPECT_EQ(j["virtio_mem"]["plugged_bytes"].get<std::uint64_t>(), 0u) << j.dump();
+    EXPECT_EQ(j["virtio_mem"]["rss_bytes"].get<std::uint64_t>(), 0u) << j.dump();
+    const std::uint64_t total2 = last_memtotal_kb(vm.out());
+    EXPECT_LE(total2, total0 + 64 * 1024) << "MemTotal " << total0 << " kB -> " << total2 << " kB";
+
+    EXPECT_EQ(run_process({kKguest, "stop", "--api-socket", sock}, 30).status, 0);
+    auto end = vm.wait(60);
+    EXPECT_EQ(end.status, 0) << end.err;
 }
 
 } // namespace

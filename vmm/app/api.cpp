@@ -64,6 +64,15 @@ json info_json(const VmInfo& i) {
         for (const VmInfo::Disk& k : i.disks)
             d.push_back({{"path", k.path}, {"size", k.size}, {"readonly", k.readonly}, {"queues", k.queues}});
     }
+    if (i.virtio_mem) {
+        const VmInfo::VirtioMem& m = *i.virtio_mem;
+        j["memory_max"] = m.max_bytes;
+        j["virtio_mem"] = {{"region_bytes", m.region_bytes},
+                           {"plugged_bytes", m.plugged_bytes},
+                           {"requested_bytes", m.requested_bytes},
+                           {"hugepage_backed_bytes", m.hugepage_backed_bytes},
+                           {"rss_bytes", m.rss_bytes}};
+    }
     return j;
 }
 
@@ -128,24 +137,40 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
     if (!v.is_number_unsigned()) return error_reply(400, std::string(key) + " must be a non-negative integer (bytes)");
     std::uint64_t n = v.get<std::uint64_t>();
 
-    const std::uint64_t memory = vm.info().memory;
+    const VmInfo info = vm.info();
+    const std::uint64_t memory = info.memory;
     std::uint64_t floor = std::min(kMinGuestRam, memory);
-    std::uint64_t balloon;
-    if (has_ram) {
-        if (n > memory)
-            return error_reply(400, "desired_ram " + std::to_string(n) + " exceeds the VM's memory (" +
-                                        std::to_string(memory) + " bytes)");
-        if (n < floor)
-            return error_reply(400, "desired_ram " + std::to_string(n) + " is below the floor of " +
-                                        std::to_string(floor) + " bytes");
-        balloon = memory - n;
-    } else {
+    if (!has_ram) {
         if (n > memory - floor)
             return error_reply(400, "desired_balloon " + std::to_string(n) + " would leave the guest less than " +
                                         std::to_string(floor) + " bytes");
-        balloon = n;
+        return control_reply(vm.resize(n));
     }
-    return control_reply(vm.resize(balloon));
+    // desired_ram: the guest's total memory (Cloud Hypervisor's meaning).
+    const std::uint64_t max = info.virtio_mem ? info.virtio_mem->max_bytes : memory;
+    if (n > max)
+        return error_reply(400, "desired_ram " + std::to_string(n) + " exceeds the VM's " +
+                                    (info.virtio_mem ? "--memory-max (" : "memory (no --memory-max: ") +
+                                    std::to_string(max) + " bytes)");
+    if (n < floor)
+        return error_reply(400, "desired_ram " + std::to_string(n) + " is below the floor of " +
+                                    std::to_string(floor) + " bytes");
+    if (n > memory) {
+        // Above the boot size: virtio-mem plugs the difference, the balloon gives all back.
+        constexpr std::uint64_t kBlock = 2ull << 20;   // virtio-mem's block size
+        if (n % kBlock != 0)
+            return error_reply(400, "desired_ram " + std::to_string(n) + " above the boot size must be a multiple of 2 MiB");
+        if (ControlError e = vm.resize_hotplug(n - memory); e != ControlError::none) return control_reply(e);
+        return control_reply(info.balloon ? vm.resize(0) : ControlError::none);
+    }
+    // At or below the boot size: unplug everything, then the balloon takes the rest.
+    if (n < memory && !info.balloon)
+        return error_reply(400, "desired_ram " + std::to_string(n) + " is below the boot size (" +
+                                    std::to_string(memory) + " bytes) and the VM has no balloon (--balloon)");
+    if (info.virtio_mem)
+        if (ControlError e = vm.resize_hotplug(0); e != ControlError::none) return control_reply(e);
+    if (!info.balloon && info.virtio_mem) return control_reply(ControlError::none);
+    return control_reply(vm.resize(memory - n));
 }
 
 } // namespace
@@ -158,6 +183,8 @@ const char* control_message(ControlError e) {
     case ControlError::pause_failed: return "the vCPUs did not stop (is the VM stopping?)";
     case ControlError::no_balloon: return "this VM has no balloon (start it with --balloon)";
     case ControlError::balloon_too_large: return "desired_balloon is larger than guest RAM";
+    case ControlError::no_virtio_mem: return "this VM has no virtio-mem device (start it with --memory-max)";
+    case ControlError::hotplug_too_large: return "requested size is not a multiple of 2 MiB or exceeds the virtio-mem region";
     }
     return "refused";
 }

@@ -11,7 +11,9 @@
 // vm.counters ("port80", "net0"..., "disk0"..., "balloon" with "stats" once sampled,
 // "exits": {"userspace": [{"reason", "count", "handling_ns"}...] most frequent
 // first, "kvm": {KVM's counter names: N} or "kvm_note" saying why not}); PUT
-// vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}), vm.pause,
+// vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}: the guest's
+// total memory, as in Cloud Hypervisor: above --memory through virtio-mem,
+// below it by unplugging all and inflating the balloon), vm.pause,
 // vm.resume, vm.shutdown (204). Errors carry {"error": "message"}: 400 bad JSON
 // or fields, 404, 405, 408 too slow, 409 refused (a ControlError), 413 body too
 // large, 431, 500 an exception, 503 too many connections.
@@ -58,6 +60,13 @@ struct VmInfo {
         unsigned queues = 1;
     };
     std::vector<Disk> disks;           // "disks": [...] in PCI slot order
+    struct VirtioMem {
+        std::uint64_t max_bytes = 0;        // --memory-max: memory plus the most that may be plugged
+        std::uint64_t region_bytes = 0;     // the device region (rounded up to 128 MiB)
+        std::uint64_t plugged_bytes = 0, requested_bytes = 0;
+        std::uint64_t hugepage_backed_bytes = 0, rss_bytes = 0;   // of the region, on the host
+    };
+    std::optional<VirtioMem> virtio_mem;   // when the VM has one (--memory-max)
 };
 
 // What vm.counters reports.
@@ -77,7 +86,8 @@ struct VmCounters {
 };
 
 // Why the VM refused a request (HTTP 409 with control_message()).
-enum class ControlError { none, already_paused, not_paused, pause_failed, no_balloon, balloon_too_large };
+enum class ControlError { none, already_paused, not_paused, pause_failed, no_balloon, balloon_too_large, no_virtio_mem,
+                         hotplug_too_large };
 const char* control_message(ControlError e);
 
 // Implemented by the VMM; every call comes from the API thread, one at a time,
@@ -88,6 +98,9 @@ struct VmControl {
     virtual VmCounters counters() = 0;
     // How much the balloon should hold, in bytes. Must not wait for the guest.
     virtual ControlError resize(std::uint64_t desired_balloon_bytes) = 0;
+    // virtio-mem's requested_size in bytes (a multiple of 2 MiB, checked
+    // against VmInfo::virtio_mem by the caller). Must not wait for the guest.
+    virtual ControlError resize_hotplug(std::uint64_t /*requested_bytes*/) { return ControlError::no_virtio_mem; }
     // shutdown() only requests the stop (it must not destroy the ApiServer).
     virtual ControlError pause() = 0;
     virtual ControlError resume() = 0;

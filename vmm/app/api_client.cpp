@@ -130,14 +130,18 @@ constexpr const char* kCliUsage =
     "       kguest info NAME [--json]\n"
     "       kguest stats NAME [--json]\n"
     "       kguest balloon NAME --target SIZE [--wait] [--timeout SECONDS] [--json]\n"
+    "       kguest resize NAME --memory SIZE [--wait] [--timeout SECONDS] [--json]\n"
     "       kguest pause|resume|stop NAME\n"
     "NAME may be replaced by --api-socket PATH; --json prints the VM's JSON as is.\n"
     "balloon: SIZE is the guest's size once the balloon holds the rest (K/M/G suffixes);\n"
-    "  --wait polls until the balloon gets there, for --timeout seconds (default 60).\n";
+    "  --wait polls until the balloon gets there, for --timeout seconds (default 60).\n"
+    "resize: SIZE is the guest's total memory: above its --memory through virtio-mem (up to\n"
+    "  --memory-max, in 2M blocks), below it by unplugging all and inflating the balloon;\n"
+    "  --wait shows progress until the guest got there, for --timeout seconds (default 60).\n";
 
 struct CliOptions {
     std::string cmd;
-    std::optional<std::string> name, socket, target;
+    std::optional<std::string> name, socket, target, memory;
     std::optional<double> timeout_s;
     bool json = false, wait = false, help = false;
 };
@@ -145,7 +149,8 @@ struct CliOptions {
 CliOptions parse_cli(int argc, char** argv) {
     CliOptions o;
     o.cmd = argv[1];
-    const bool balloon = o.cmd == "balloon";
+    const bool resize = o.cmd == "resize";
+    const bool balloon = o.cmd == "balloon" || resize;   // the same --wait and --timeout
     Args args(argc, argv, 2, o.cmd + ": ");
     while (!args.done()) {
         std::string a = args.flag();
@@ -157,7 +162,9 @@ CliOptions parse_cli(int argc, char** argv) {
         } else if (a == "--api-socket" && o.cmd != "list") {
             o.socket = args.value(a);
             if (o.socket->empty()) throw UsageError(o.cmd + ": --api-socket needs a path");
-        } else if (a == "--target" && balloon) {
+        } else if (a == "--memory" && resize) {
+            o.memory = args.value(a);
+        } else if (a == "--target" && o.cmd == "balloon") {
             o.target = args.value(a);
         } else if (a == "--wait" && balloon) {
             args.no_value(a);
@@ -182,8 +189,9 @@ CliOptions parse_cli(int argc, char** argv) {
         if (o.name && o.socket) throw UsageError(o.cmd + ": give NAME or --api-socket PATH, not both");
         if (!o.name && !o.socket) throw UsageError(o.cmd + ": need a VM NAME or --api-socket PATH");
     }
-    if (balloon && !o.target) throw UsageError("balloon: --target SIZE is required");
-    if (o.timeout_s && !o.wait) throw UsageError("balloon: --timeout only makes sense with --wait");
+    if (o.cmd == "balloon" && !o.target) throw UsageError("balloon: --target SIZE is required");
+    if (resize && !o.memory) throw UsageError("resize: --memory SIZE is required");
+    if (o.timeout_s && !o.wait) throw UsageError(o.cmd + ": --timeout only makes sense with --wait");
     return o;
 }
 
@@ -213,7 +221,7 @@ void flatten(const json& j, const std::string& key, Lines& out) {
     }
     std::string k = key, v;
     bool bytes = k.ends_with("_bytes");
-    if ((bytes || k == "memory" || k.ends_with(".memory")) && j.is_number_unsigned()) {
+    if ((bytes || k == "memory" || k == "memory_max" || k.ends_with(".memory")) && j.is_number_unsigned()) {
         if (bytes) k.resize(k.size() - 6);
         v = mib(j.get<std::uint64_t>());
     } else if (j.is_string()) {
@@ -419,6 +427,75 @@ int cmd_balloon(const CliOptions& o) {
     }
 }
 
+// kguest resize: vm.resize's desired_ram, then (--wait) vm.info until
+// virtio-mem's plugged size and the balloon reached their targets.
+int cmd_resize(const CliOptions& o) {
+    auto size = parse_size(*o.memory);
+    if (!size) throw UsageError("resize: --memory '" + *o.memory + "': need a size like 3G");
+    Target t = target_of(o);
+    json info = call(t, "GET", "vm.info");
+    const std::uint64_t memory = uint_field(info, "memory", t.label);
+    const bool has_mem = info.contains("virtio_mem"), has_balloon = info.contains("balloon");
+    const std::uint64_t max = has_mem ? uint_field(info, "memory_max", t.label) : memory;
+    if (*size > max)
+        throw UsageError("resize: --memory " + *o.memory + " is more than the VM's " +
+                         (has_mem ? "--memory-max (" + mib(max) + ")"
+                                  : "memory (" + mib(memory) + "; start it with --memory-max to grow it)"));
+    if (*size > memory && *size % (2u << 20) != 0)
+        throw UsageError("resize: --memory " + *o.memory + ": above the boot size it must be a multiple of 2M");
+    if (*size < memory && !has_balloon)
+        throw UsageError("resize: --memory " + *o.memory + " is below the boot size (" + mib(memory) +
+                         ") and the VM has no balloon (start it with --balloon)");
+    call(t, "PUT", "vm.resize", json{{"desired_ram", *size}});
+    if (!o.wait) {
+        if (o.json)
+            print_json(json{{"memory", memory}, {"desired_ram", *size}});
+        else
+            std::printf("%s: resizing to %s (boot %s)\n", t.label.c_str(), mib(*size).c_str(), mib(memory).c_str());
+        return 0;
+    }
+    const double timeout = o.timeout_s.value_or(60.0);
+    const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout));
+    std::string last;
+    for (;;) {
+        info = call(t, "GET", "vm.info");
+        std::uint64_t plugged = 0, requested = 0, actual = 0, target = 0;
+        if (has_mem && info.contains("virtio_mem")) {
+            plugged = uint_field(info["virtio_mem"], "plugged_bytes", t.label + ": virtio_mem");
+            requested = uint_field(info["virtio_mem"], "requested_bytes", t.label + ": virtio_mem");
+        }
+        if (has_balloon && info.contains("balloon")) {
+            actual = uint_field(info["balloon"], "actual_bytes", t.label + ": balloon");
+            target = uint_field(info["balloon"], "target_bytes", t.label + ": balloon");
+        }
+        const bool mem_done = plugged == requested;
+        const bool balloon_done = (actual > target ? actual - target : target - actual) < 4096;
+        const bool reached = mem_done && balloon_done;
+        std::string line = t.label + ": guest " + mib(memory + plugged - std::min(actual, memory + plugged)) + " (boot " +
+                           mib(memory) + (has_mem ? ", plugged " + mib(plugged) + " of " + mib(requested) : "") +
+                           (has_balloon ? ", balloon " + mib(actual) + " of " + mib(target) : "") + ")";
+        if (!o.json && (line != last || reached)) {
+            std::printf("%s%s\n", line.c_str(), reached ? " (reached)" : "");
+            std::fflush(stdout);
+        }
+        last = line;
+        const auto now = Clock::now();
+        if (reached || now >= deadline) {
+            if (o.json) print_json(info);
+            if (reached) return 0;
+            std::fflush(stdout);
+            std::fprintf(stderr, "kguest: %s: not there after %g s: %s\n", t.label.c_str(), timeout,
+                         !mem_done ? (plugged == 0 && requested != 0
+                                          ? "virtio-mem has nothing plugged (guest not responding, or no virtio_mem driver)"
+                                          : "virtio-mem plugged size is not the requested size (guest not responding, or it "
+                                            "cannot free memory to unplug)")
+                                   : "the balloon has not reached its target (guest not responding)");
+            return 1;
+        }
+        std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(200), deadline - now));
+    }
+}
+
 int run_cli(int argc, char** argv) {
     if (argc < 2) throw UsageError("no command given (see kguest --help)");
     CliOptions o = parse_cli(argc, argv);
@@ -428,13 +505,15 @@ int run_cli(int argc, char** argv) {
     }
     if (o.cmd == "list") return cmd_list(o);
     if (o.cmd == "balloon") return cmd_balloon(o);
+    if (o.cmd == "resize") return cmd_resize(o);
     if (o.cmd == "info" || o.cmd == "stats") {
         Target t = target_of(o);
         json j = call(t, "GET", o.cmd == "info" ? "vm.info" : "vm.counters");
         if (o.json)
             print_json(j);
         else if (o.cmd == "info")
-            print_object(j, {"name", "state", "cpus", "memory", "backing", "hugepage_backed_bytes", "rss_bytes", "balloon", "disks"});
+            print_object(j, {"name", "state", "cpus", "memory", "memory_max", "backing", "hugepage_backed_bytes",
+                             "rss_bytes", "virtio_mem", "balloon", "disks"});
         else {   // the exits get a block of their own
             json exits = j.contains("exits") ? j["exits"] : json();
             j.erase("exits");

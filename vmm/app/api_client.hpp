@@ -1,8 +1,8 @@
 // The client side of the VM control API (see api.hpp): ApiClient makes one
 // HTTP request per connection on a VM's UNIX socket, under a deadline, and
 // cli_main() implements the control subcommands of the kguest binary (list,
-// info, stats, balloon, pause, resume, stop; see cli_usage()). Exit status: 0
-// done, 1 the VM could not be reached, refused, or (balloon --wait) did not
+// info, stats, balloon, resize, pause, resume, stop; see cli_usage()). Exit status: 0
+// done, 1 the VM could not be reached, refused, or (balloon or resize --wait) did not
 // get there in time, 2 bad usage. Beast stays inside api_client.cpp.
 #pragma once
 

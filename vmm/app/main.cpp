@@ -31,6 +31,7 @@ constexpr const char* kUsage =
     "  --no-default-cmdline      Linux: use --cmdline alone\n"
     "  --cpus N                  vCPUs, 1..254 (default 1)\n"
     "  --memory SIZE             guest RAM, K/M/G suffixes (default 256M, at least 8M)\n"
+    "  --memory-max SIZE         grow the guest up to SIZE with virtio-mem (`kguest resize NAME --memory SIZE`)\n"
     "  --hugepages thp|hugetlbfs|off   RAM backing (default thp)\n"
     "  --console stdio|none|FILE serial console (default stdio)\n"
     "  --name NAME               VM name (default kguest)\n"
@@ -95,6 +96,12 @@ int cmd_run(int argc, char** argv) {
             if (!n) throw UsageError("--memory '" + v + "': need a size like 256M or 2G");
             if (*n < kMinMemory) throw UsageError("--memory " + v + ": too little memory (at least 8M)");
             cfg.memory = *n;
+        } else if (f == "--memory-max") {
+            std::string v = a.value(f);
+            auto n = parse_size(v);
+            if (!n) throw UsageError("--memory-max '" + v + "': need a size like 4G");
+            if (*n % (2ull << 20) != 0) throw UsageError("--memory-max " + v + ": not a multiple of 2M (the virtio-mem block)");
+            cfg.memory_max = *n;
         } else if (f == "--hugepages") {
             std::string v = a.value(f);
             auto b = parse_backing(v);
@@ -139,6 +146,16 @@ int cmd_run(int argc, char** argv) {
         }
     }
     if (cfg.kernel.empty()) throw UsageError("run: --kernel PATH is required");
+    if (cfg.memory_max != 0) {
+        // --memory is rounded up to 2 MiB like the RAM mapping.
+        const std::uint64_t boot = (cfg.memory + (2ull << 20) - 1) & ~((2ull << 20) - 1);
+        if (cfg.memory_max < boot)
+            throw UsageError("--memory-max " + format_size(cfg.memory_max) + " is below --memory " + format_size(boot));
+        if (cfg.memory_max - boot > (1ull << 46)) throw UsageError("--memory-max " + format_size(cfg.memory_max) + " is too large");
+        if (cfg.memory_max > boot && cfg.backing == Backing::hugetlbfs)
+            throw UsageError("--memory-max needs --hugepages thp or off (hugetlbfs for hot-plugged memory is not supported)");
+        cfg.memory = boot;
+    }
     return run_vm(cfg);
 }
 
@@ -163,7 +180,7 @@ int main(int argc, char** argv) {
             std::printf("%s\ncontrol commands (through a running VM's API socket):\n%s", kUsage, cli_usage());
             return 0;
         }
-        if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
+        if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "resize" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
             cmd == "stop")
             return cli_main(argc, argv);
         if (cmd == "--version") {

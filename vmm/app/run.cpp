@@ -4,6 +4,7 @@
 // or the devices' own locks). The rest runs on the thread that called run_vm.
 #include "vmm/app/run.hpp"
 #include "balloon/balloon.hpp"
+#include "devices/virtio_mem.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/fd.hpp"
 #include "devices/base/log.hpp"
@@ -66,6 +67,11 @@ public:
         for (const DiskDevice& d : m_.disks())
             i.disks.push_back({d.dev->image().path(), d.dev->image().size(), d.dev->image().readonly(),
                                d.dev->num_queues()});
+        if (VirtioMem* vmem = m_.virtio_mem()) {
+            const VirtioMemConfig c = vmem->config();
+            i.virtio_mem = VmInfo::VirtioMem{m_.config().memory_max, c.region_size, c.plugged_size, c.requested_size,
+                                             mem.hotplug_huge_backed_bytes(), mem.hotplug_resident_bytes()};
+        }
         return i;
     }
 
@@ -89,6 +95,12 @@ public:
         if (desired_balloon_bytes > m_.memory().size()) return ControlError::balloon_too_large;
         b->set_target_pages(static_cast<std::uint32_t>(desired_balloon_bytes >> 12));
         return ControlError::none;
+    }
+    ControlError resize_hotplug(std::uint64_t requested_bytes) override {
+        VirtioMem* vmem = m_.virtio_mem();
+        if (vmem == nullptr) return ControlError::no_virtio_mem;
+        // The API checked it against memory_max; set_requested_size() checks it again.
+        return vmem->set_requested_size(requested_bytes) ? ControlError::none : ControlError::hotplug_too_large;
     }
     ControlError pause() override {
         if (m_.loop().paused()) return ControlError::already_paused;

@@ -533,6 +533,70 @@ TEST(ApiDispatch, WithoutSockets) {
     EXPECT_EQ(r.allow, "PUT");
 }
 
+// desired_ram with virtio-mem: the guest's total memory, as in Cloud
+// Hypervisor's API. Above the boot size virtio-mem gets the difference and the
+// balloon gives everything back; at or below it virtio-mem unplugs all and
+// the balloon takes the rest; past --memory-max or below the floor is 400.
+TEST(ApiDispatch, DesiredRamWithVirtioMem) {
+    struct Vm : FakeVm {
+        bool balloon = true;
+        std::uint64_t requested = 0;
+        int hotplug_calls = 0;
+        VmInfo info() override {
+            VmInfo i = FakeVm::info();
+            if (!balloon) i.balloon.reset();
+            i.virtio_mem = VmInfo::VirtioMem{1024 * MiB, 768 * MiB, 0, requested, 0, 0};
+            return i;
+        }
+        ControlError resize_hotplug(std::uint64_t bytes) override {
+            requested = bytes;
+            ++hotplug_calls;
+            return ControlError::none;
+        }
+    } vm;
+    auto put = [&](std::uint64_t ram) {
+        return api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_ram", ram}}.dump());
+    };
+    EXPECT_EQ(api_dispatch(vm, "PUT", "/api/v1/vm.resize", R"({"desired_balloon": 64000000})").status, 204u);
+    EXPECT_EQ(put(768 * MiB).status, 204u);   // boot 256 MiB + 512 MiB plugged
+    EXPECT_EQ(vm.requested, 512 * MiB);
+    EXPECT_EQ(vm.target(), 0u) << "growing deflates the balloon";
+    EXPECT_EQ(put(1024 * MiB).status, 204u);
+    EXPECT_EQ(vm.requested, 768 * MiB);
+    EXPECT_EQ(put(128 * MiB).status, 204u);
+    EXPECT_EQ(vm.requested, 0u);
+    EXPECT_EQ(vm.target(), 128 * MiB);
+    EXPECT_EQ(put(256 * MiB).status, 204u);
+    EXPECT_EQ(vm.target(), 0u);
+
+    const int calls = vm.hotplug_calls;
+    ApiReply r = put(1024 * MiB + 2 * MiB);
+    EXPECT_EQ(r.status, 400u);
+    EXPECT_NE(r.body["error"].get<std::string>().find("--memory-max"), std::string::npos) << r.body;
+    EXPECT_EQ(put(512 * MiB + 4096).status, 400u);   // not whole 2 MiB blocks
+    EXPECT_EQ(put(1 * MiB).status, 400u);            // below the floor
+    EXPECT_EQ(vm.hotplug_calls, calls) << "no bad request reached the VM";
+
+    vm.balloon = false;
+    r = put(200 * MiB);
+    EXPECT_EQ(r.status, 400u);
+    EXPECT_NE(r.body["error"].get<std::string>().find("no balloon"), std::string::npos) << r.body;
+    EXPECT_EQ(put(256 * MiB).status, 204u);
+    EXPECT_EQ(vm.requested, 0u);
+
+    json info = api_dispatch(vm, "GET", "/api/v1/vm.info", "").body;
+    EXPECT_EQ(info["memory_max"], 1024 * MiB);
+    EXPECT_EQ(info["virtio_mem"]["region_bytes"], 768 * MiB);
+    EXPECT_TRUE(info["virtio_mem"].contains("plugged_bytes"));
+    EXPECT_TRUE(info["virtio_mem"].contains("hugepage_backed_bytes"));
+
+    // A VM without virtio-mem refuses to grow past its memory with 400.
+    FakeVm plain;
+    r = api_dispatch(plain, "PUT", "/api/v1/vm.resize", json{{"desired_ram", 512 * MiB}}.dump());
+    EXPECT_EQ(r.status, 400u);
+    EXPECT_NE(r.body["error"].get<std::string>().find("no --memory-max"), std::string::npos) << r.body;
+}
+
 // The JSON of vm.info and vm.counters: the keys the README documents and the
 // CLI and scripts read, made from the typed structs.
 TEST(ApiDispatch, InfoAndCountersJson) {

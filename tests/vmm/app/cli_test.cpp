@@ -51,6 +51,19 @@ TEST(Cli, BadFlags) {
     expect_usage_error({"run", "--kernel", kGuestElf, "--cmdline", std::string(5000, 'x')}, "--cmdline is longer");
 }
 
+TEST(Cli, MemoryMaxAndResize) {
+    expect_usage_error({"run", "--kernel", kGuestElf, "--memory-max", "lots"}, "--memory-max 'lots'");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--memory", "1G", "--memory-max", "1025K"}, "not a multiple of 2M");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--memory", "1G", "--memory-max", "512M"}, "is below --memory");
+    expect_usage_error({"run", "--kernel", kGuestElf, "--memory-max", "4G", "--hugepages", "hugetlbfs"},
+                       "--memory-max needs --hugepages thp or off");
+    expect_usage_error({"resize", "vm1"}, "--memory SIZE is required");
+    expect_usage_error({"resize", "--memory", "1G"}, "need a VM NAME");
+    expect_usage_error({"resize", "vm1", "--memory", "lots"}, "--memory 'lots'");
+    expect_usage_error({"resize", "vm1", "--memory", "1G", "--timeout", "5"}, "--timeout only makes sense with --wait");
+    expect_usage_error({"resize", "vm1", "--target", "1G"}, "unknown option '--target'");
+}
+
 TEST(Cli, BadImages) {
     expect_usage_error({"run", "--kernel", "/nonexistent/guest.elf"}, "cannot open /nonexistent/guest.elf");
     expect_usage_error({"run", "--kernel", "/tmp"}, "not a regular file");
