@@ -411,6 +411,34 @@ TEST_F(VirtioBlkTest, DiscardAndWriteZeroes) {
     EXPECT_EQ(img->size(), 1u << 20);
 }
 
+// tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES punches instead.
+TEST_F(VirtioBlkTest, WriteZeroesPunchesWhereZeroRangeIsMissing) {
+    char tmpl[] = "/dev/shm/kguest-blk-test-XXXXXX";
+    const int fd = ::mkstemp(tmpl);
+    if (fd < 0) GTEST_SKIP() << "no /dev/shm";
+    const std::string path = tmpl;
+    std::vector<std::uint8_t> fill(1 << 20, 0x66);
+    ASSERT_EQ(::pwrite(fd, fill.data(), fill.size(), 0), static_cast<ssize_t>(fill.size()));
+    DiskConfig cfg;
+    cfg.path = path;
+    cfg.discard = true;
+    dev = std::make_unique<VirtioBlk>(std::make_unique<BlockImage>(cfg), 1, true);
+    dev->attach(&tr);
+    activate();
+    EXPECT_EQ(discard(VIRTIO_BLK_T_WRITE_ZEROES, {{16, 8, 0}}).status, VIRTIO_BLK_S_OK);
+    EXPECT_EQ(discard(VIRTIO_BLK_T_DISCARD, {{64, 8, 0}}).status, VIRTIO_BLK_S_OK);
+    std::vector<std::uint8_t> got(4096);
+    ASSERT_EQ(::pread(fd, got.data(), 4096, 16 * 512), 4096);
+    EXPECT_EQ(got, std::vector<std::uint8_t>(4096, 0));
+    ASSERT_EQ(::pread(fd, got.data(), 4096, 64 * 512), 4096);
+    EXPECT_EQ(got, std::vector<std::uint8_t>(4096, 0));
+    ASSERT_EQ(::pread(fd, got.data(), 4096, 0), 4096);
+    EXPECT_EQ(got, std::vector<std::uint8_t>(4096, 0x66));
+    dev.reset();
+    ::close(fd);
+    ::unlink(path.c_str());
+}
+
 TEST_F(VirtioBlkTest, ChainsWithoutHeaderOrStatusBreakOnlyTheirQueue) {
     DiskConfig cfg;
     cfg.queues = 2;
