@@ -411,6 +411,44 @@ TEST_F(VirtioBlkTest, DiscardAndWriteZeroes) {
     EXPECT_EQ(img->size(), 1u << 20);
 }
 
+// cache=none: O_DIRECT, blk_size the alignment the file system wants;
+// aligned requests reach the file, a misaligned guest buffer is an IOERR.
+TEST_F(VirtioBlkTest, CacheNoneGoesDirect) {
+    DiskConfig cfg;
+    cfg.cache = DiskConfig::Cache::none;
+    create(1 << 20, cfg);
+    ASSERT_TRUE(dev->image().direct());
+    const std::uint32_t bs = dev->image().block_size();
+    EXPECT_TRUE(bs == 512 || bs == 1024 || bs == 2048 || bs == 4096) << bs;
+    EXPECT_EQ(config().blk_size, bs);
+    EXPECT_NE(::fcntl(dev->image().fd(), F_GETFL) & O_DIRECT, 0);
+    activate();
+    fake::Driver& d = *drv[0];
+    const auto data = pattern(8192, 21);
+    const std::uint64_t out = 0x1800000, in = 0x1900000;   // 4 KiB-aligned guest buffers
+    ASSERT_TRUE(mem.write(Gpa(out), data.data(), data.size()));
+    std::uint64_t st = d.alloc(1, 0xee);
+    d.add_chain({{header(VIRTIO_BLK_T_OUT, 8, d), 16}, {out, 8192}, {st, 1, true}});
+    dev->queue_notify(0);
+    std::uint32_t id, len;
+    ASSERT_TRUE(take(0, id, len));
+    EXPECT_EQ(*mem.read_obj<std::uint8_t>(Gpa(st)), VIRTIO_BLK_S_OK);
+    EXPECT_EQ(img->read(4096, 8192), data);
+    st = d.alloc(1, 0xee);
+    d.add_chain({{header(VIRTIO_BLK_T_IN, 8, d), 16}, {in, 8192, true}, {st, 1, true}});
+    dev->queue_notify(0);
+    ASSERT_TRUE(take(0, id, len));
+    EXPECT_EQ(len, 8193u);
+    EXPECT_EQ(read_mem(in, 8192), data);
+    // A buffer one byte off: the kernel refuses it, the guest gets IOERR.
+    st = d.alloc(1, 0xee);
+    d.add_chain({{header(VIRTIO_BLK_T_IN, 8, d), 16}, {in + 1, 4096, true}, {st, 1, true}});
+    dev->queue_notify(0);
+    ASSERT_TRUE(take(0, id, len));
+    EXPECT_EQ(*mem.read_obj<std::uint8_t>(Gpa(st)), VIRTIO_BLK_S_IOERR);
+    EXPECT_EQ(request(0, VIRTIO_BLK_T_FLUSH, 0).status, VIRTIO_BLK_S_OK);
+}
+
 // tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES punches instead.
 TEST_F(VirtioBlkTest, WriteZeroesPunchesWhereZeroRangeIsMissing) {
     char tmpl[] = "/dev/shm/kguest-blk-test-XXXXXX";
