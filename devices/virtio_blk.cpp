@@ -401,6 +401,14 @@ void VirtioBlk::io_done(Req& r, int res) {
             submit_range(r);
             return;
         }
+        // Neither zeroing nor punching here (a 9p share): UNSUPP, so that
+        // the driver writes zeroes itself (Linux maps it to BLK_STS_NOTSUPP
+        // and blkdev_issue_zeroout() falls back to writing zero pages).
+        if (res == -EOPNOTSUPP) {
+            finish(r, VIRTIO_BLK_S_UNSUPP);
+            loop_->mark(r.q);
+            return;
+        }
         break;
     default: break;
     }

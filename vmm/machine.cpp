@@ -1,6 +1,7 @@
-// Building a VM (see machine.hpp), in order: load the kernel, open KVM and
-// check what we rely on, create the VM with its in-kernel irqchip and PIT, map
-// guest RAM, plug the devices into the buses, and set up the vCPUs.
+// Building a VM (see machine.hpp), in order: load the kernel, open and lock
+// the disk images, open KVM and check what we rely on, create the VM with its
+// in-kernel irqchip and PIT, map guest RAM, plug the devices into the buses,
+// and set up the vCPUs.
 #include "vmm/machine.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
@@ -138,7 +139,7 @@ Machine::Machine(const VmConfig& cfg)
         log_msg("virtio-blk %s at PCI 00:%02x.0, %llu bytes%s, %u queue(s), block size %u, cache=%s%s, kicks %s",
                 img.path().c_str(), static_cast<unsigned>(virtio_.size()), static_cast<unsigned long long>(img.size()),
                 img.readonly() ? " read-only" : "", d.queues, img.block_size(), img.direct() ? "none" : "writeback",
-                d.discard ? ", discard" : "", pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
+                (dev->device_features() & virtio_bit(VIRTIO_BLK_F_DISCARD)) != 0 ? ", discard" : "", pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
         disks_.push_back({std::move(dev), &pci_slot});
     }
     images_.clear();

@@ -411,6 +411,72 @@ TEST_F(VirtioBlkTest, DiscardAndWriteZeroes) {
     EXPECT_EQ(img->size(), 1u << 20);
 }
 
+// cache=none: O_DIRECT, blk_size the alignment the file system wants;
+// aligned requests reach the file, a misaligned guest buffer is an IOERR.
+TEST_F(VirtioBlkTest, CacheNoneGoesDirect) {
+    DiskConfig cfg;
+    cfg.cache = DiskConfig::Cache::none;
+    create(1 << 20, cfg);
+    ASSERT_TRUE(dev->image().direct());
+    const std::uint32_t bs = dev->image().block_size();
+    EXPECT_TRUE(bs == 512 || bs == 1024 || bs == 2048 || bs == 4096) << bs;
+    EXPECT_EQ(config().blk_size, bs);
+    EXPECT_NE(::fcntl(dev->image().fd(), F_GETFL) & O_DIRECT, 0);
+    activate();
+    fake::Driver& d = *drv[0];
+    const auto data = pattern(8192, 21);
+    const std::uint64_t out = 0x1800000, in = 0x1900000;   // 4 KiB-aligned guest buffers
+    ASSERT_TRUE(mem.write(Gpa(out), data.data(), data.size()));
+    std::uint64_t st = d.alloc(1, 0xee);
+    d.add_chain({{header(VIRTIO_BLK_T_OUT, 8, d), 16}, {out, 8192}, {st, 1, true}});
+    dev->queue_notify(0);
+    std::uint32_t id, len;
+    ASSERT_TRUE(take(0, id, len));
+    EXPECT_EQ(*mem.read_obj<std::uint8_t>(Gpa(st)), VIRTIO_BLK_S_OK);
+    EXPECT_EQ(img->read(4096, 8192), data);
+    st = d.alloc(1, 0xee);
+    d.add_chain({{header(VIRTIO_BLK_T_IN, 8, d), 16}, {in, 8192, true}, {st, 1, true}});
+    dev->queue_notify(0);
+    ASSERT_TRUE(take(0, id, len));
+    EXPECT_EQ(len, 8193u);
+    EXPECT_EQ(read_mem(in, 8192), data);
+    // A buffer one byte off: the kernel refuses it, the guest gets IOERR.
+    st = d.alloc(1, 0xee);
+    d.add_chain({{header(VIRTIO_BLK_T_IN, 8, d), 16}, {in + 1, 4096, true}, {st, 1, true}});
+    dev->queue_notify(0);
+    ASSERT_TRUE(take(0, id, len));
+    EXPECT_EQ(*mem.read_obj<std::uint8_t>(Gpa(st)), VIRTIO_BLK_S_IOERR);
+    EXPECT_EQ(request(0, VIRTIO_BLK_T_FLUSH, 0).status, VIRTIO_BLK_S_OK);
+}
+
+// tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES punches instead.
+TEST_F(VirtioBlkTest, WriteZeroesPunchesWhereZeroRangeIsMissing) {
+    char tmpl[] = "/dev/shm/kguest-blk-test-XXXXXX";
+    const int fd = ::mkstemp(tmpl);
+    if (fd < 0) GTEST_SKIP() << "no /dev/shm";
+    const std::string path = tmpl;
+    std::vector<std::uint8_t> fill(1 << 20, 0x66);
+    ASSERT_EQ(::pwrite(fd, fill.data(), fill.size(), 0), static_cast<ssize_t>(fill.size()));
+    DiskConfig cfg;
+    cfg.path = path;
+    cfg.discard = true;
+    dev = std::make_unique<VirtioBlk>(std::make_unique<BlockImage>(cfg), 1, true);
+    dev->attach(&tr);
+    activate();
+    EXPECT_EQ(discard(VIRTIO_BLK_T_WRITE_ZEROES, {{16, 8, 0}}).status, VIRTIO_BLK_S_OK);
+    EXPECT_EQ(discard(VIRTIO_BLK_T_DISCARD, {{64, 8, 0}}).status, VIRTIO_BLK_S_OK);
+    std::vector<std::uint8_t> got(4096);
+    ASSERT_EQ(::pread(fd, got.data(), 4096, 16 * 512), 4096);
+    EXPECT_EQ(got, std::vector<std::uint8_t>(4096, 0));
+    ASSERT_EQ(::pread(fd, got.data(), 4096, 64 * 512), 4096);
+    EXPECT_EQ(got, std::vector<std::uint8_t>(4096, 0));
+    ASSERT_EQ(::pread(fd, got.data(), 4096, 0), 4096);
+    EXPECT_EQ(got, std::vector<std::uint8_t>(4096, 0x66));
+    dev.reset();
+    ::close(fd);
+    ::unlink(path.c_str());
+}
+
 TEST_F(VirtioBlkTest, ChainsWithoutHeaderOrStatusBreakOnlyTheirQueue) {
     DiskConfig cfg;
     cfg.queues = 2;

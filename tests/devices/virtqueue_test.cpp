@@ -128,6 +128,41 @@ TEST_F(VirtqueueTest, ScatterGatherAcrossDescriptors) {
     EXPECT_FALSE(chain.write(mem, UINT64_MAX - 1, pat, 4));
 }
 
+// The host iovecs of part of a chain (virtio-blk's readv/writev): pieces in
+// order, trimmed at both ends, nothing appended on an overrun.
+class VirtioBlkIovecs : public VirtqueueTest {};
+TEST_F(VirtioBlkIovecs, AppendIovecsTrimsAndRefusesOverruns) {
+    std::uint64_t r[3] = {drv.alloc(3), drv.alloc(5), drv.alloc(7)};
+    std::uint8_t src[15];
+    for (int i = 0; i < 15; ++i) src[i] = static_cast<std::uint8_t>(i);
+    ASSERT_TRUE(mem.write(Gpa(r[0]), src, 3));
+    ASSERT_TRUE(mem.write(Gpa(r[1]), src + 3, 5));
+    ASSERT_TRUE(mem.write(Gpa(r[2]), src + 8, 7));
+    const std::uint64_t w = drv.alloc(6, 0xee);
+    drv.add_chain({{r[0], 3}, {r[1], 5}, {r[2], 7}, {w, 6, true}});
+    ASSERT_EQ(q.pop(chain), PopStatus::ok) << q.error().reason;
+
+    std::vector<iovec> iov{{nullptr, 1}};   // appended to, never replaced
+    ASSERT_TRUE(chain.append_iovecs(mem, false, 2, 10, iov));
+    ASSERT_EQ(iov.size(), 4u);
+    EXPECT_EQ(iov[1].iov_len, 1u);
+    EXPECT_EQ(iov[2].iov_len, 5u);
+    EXPECT_EQ(iov[3].iov_len, 4u);
+    std::string got;
+    for (std::size_t i = 1; i < iov.size(); ++i) got.append(static_cast<const char*>(iov[i].iov_base), iov[i].iov_len);
+    EXPECT_EQ(got, std::string(reinterpret_cast<const char*>(src) + 2, 10));
+    ASSERT_TRUE(chain.append_iovecs(mem, true, 0, 5, iov));   // the writable part
+    ASSERT_EQ(iov.size(), 5u);
+    EXPECT_EQ(iov[4].iov_len, 5u);
+    EXPECT_EQ(static_cast<const std::uint8_t*>(iov[4].iov_base)[0], 0xee);
+    EXPECT_FALSE(chain.append_iovecs(mem, false, 10, 6, iov));   // one past the end
+    EXPECT_FALSE(chain.append_iovecs(mem, true, 1, 6, iov));
+    EXPECT_FALSE(chain.append_iovecs(mem, false, UINT64_MAX, 2, iov));
+    EXPECT_EQ(iov.size(), 5u);
+    ASSERT_TRUE(chain.append_iovecs(mem, false, 15, 0, iov));   // empty at the end: nothing
+    EXPECT_EQ(iov.size(), 5u);
+}
+
 TEST_F(VirtqueueTest, IndirectChain) {
     q.set_indirect(true);
     std::uint64_t a = drv.alloc(16, 0x11), b = drv.alloc(32, 0);

@@ -239,6 +239,14 @@ void exit_report(Machine& m, int status, bool signalled) {
                 i++, ull(c.rx_packets), ull(c.rx_dropped), ull(c.tx_packets), ull(c.tx_dropped),
                 ull(n.slot->msi_count()), ull(n.slot->intx_count()));
     }
+    i = 0;
+    for (const DiskDevice& d : m.disks()) {
+        const BlkCounters c = d.dev->counters();
+        log_msg("virtio-blk %zu: %llu reads (%llu bytes), %llu writes (%llu bytes), %llu flushes, %llu discards, "
+                "%llu errors; %llu MSI-X, %llu INTx interrupts",
+                i++, ull(c.reads), ull(c.read_bytes), ull(c.writes), ull(c.write_bytes), ull(c.flushes),
+                ull(c.discards), ull(c.errors), ull(d.slot->msi_count()), ull(d.slot->intx_count()));
+    }
     // Exits by reason, as kvm_stat shows them: the top userspace ones, then KVM's own.
     const ExitStats ex = m.loop().exits();
     std::string line;
