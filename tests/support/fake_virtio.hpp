@@ -107,23 +107,23 @@ public:
     // Puts `head` in the next avail slot and bumps avail->idx (release).
     void publish(std::uint16_t head) {
         EXPECT_TRUE(mem_.write_obj<std::uint16_t>(Gpa(avail_ + 4 + 2ull * (avail_idx_ % size_)), head));
-        std::atomic_thread_fence(std::memory_order_release);
         set_avail_idx(static_cast<std::uint16_t>(avail_idx_ + 1));
     }
+    // The ring fields both sides may touch at any time are written and read
+    // with atomic accesses, as Linux's virtio_ring does (virt_store_release,
+    // READ_ONCE): the device thread reads them while the test's thread (the
+    // guest) writes, which plain copies would make a data race (TSan).
     void set_avail_idx(std::uint16_t idx) {
         avail_idx_ = idx;
-        EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 2), idx));
+        store16(avail_ + 2, idx, std::memory_order_release);
     }
     std::uint16_t avail_idx() const { return avail_idx_; }
-    void set_avail_flags(std::uint16_t f) { EXPECT_TRUE(mem_.write_obj(Gpa(avail_), f)); }
-    void set_used_event(std::uint16_t v) { EXPECT_TRUE(mem_.write_obj(Gpa(avail_ + 4 + 2ull * size_), v)); }
+    void set_avail_flags(std::uint16_t f) { store16(avail_, f, std::memory_order_relaxed); }
+    void set_used_event(std::uint16_t v) { store16(avail_ + 4 + 2ull * size_, v, std::memory_order_seq_cst); }
 
-    std::uint16_t used_flags() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_)); }
-    std::uint16_t used_idx() const {
-        std::atomic_thread_fence(std::memory_order_acquire);
-        return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 2));
-    }
-    std::uint16_t avail_event() const { return *mem_.read_obj<std::uint16_t>(Gpa(used_ + 4 + 8ull * size_)); }
+    std::uint16_t used_flags() const { return load16(used_, std::memory_order_relaxed); }
+    std::uint16_t used_idx() const { return load16(used_ + 2, std::memory_order_acquire); }
+    std::uint16_t avail_event() const { return load16(used_ + 4 + 8ull * size_, std::memory_order_seq_cst); }
     // used->ring[i % size] as {id, len}
     std::pair<std::uint32_t, std::uint32_t> used_elem(std::uint16_t i) const {
         std::uint64_t a = used_ + 4 + 8ull * (i % size_);
@@ -138,6 +138,17 @@ public:
     }
 
 private:
+    void store16(std::uint64_t gpa, std::uint16_t v, std::memory_order o) const {
+        auto r = mem_.range(Gpa(gpa), 2);
+        ASSERT_TRUE(r.has_value());
+        r->store_le16(0, v, o);
+    }
+    std::uint16_t load16(std::uint64_t gpa, std::memory_order o) const {
+        auto r = mem_.range(Gpa(gpa), 2);
+        EXPECT_TRUE(r.has_value());
+        return r ? r->load_le16(0, o) : 0;
+    }
+
     GuestMemory& mem_;
     std::uint16_t size_;
     std::uint64_t desc_, avail_, used_;
