@@ -445,7 +445,8 @@ bool test_blk_bench(const char* cmdline) {
         }, [&](u32, u8 st) { ++ios; if (st != VIRTIO_BLK_S_OK) ++errors; });
         u64 el = kvmclock_ns() - t0;
         u64 iops = el ? ios * 1000000000ull / el : 0;
-        u64 kbps = el ? ios * ph.bytes / 1000 * 1000000ull / el : 0;  // 1000 bytes/s units: MB/s with 3 decimals
+        // kB/s (bytes * 1e9 / ns / 1000): MB/s with three decimals.
+        u64 kbps = el ? u64((unsigned __int128)ios * ph.bytes * 1000000ull / el) : 0;
         ok = ok && errors == 0;
         all_ok &= ok;
         print("RESULT blk-bench phase=%s bs=%u qd=%u ios=%lu ms=%lu iops=%lu mbps=%lu.%03lu errors=%lu ok=%d\n", ph.name,
