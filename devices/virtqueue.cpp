@@ -60,6 +60,18 @@ bool DescChain::write(GuestMemory& mem, std::uint64_t offset, const void* src, s
     });
 }
 
+bool DescChain::append_iovecs(GuestMemory& mem, bool writable, std::uint64_t offset, std::uint64_t len,
+                              std::vector<iovec>& out) const {
+    const std::size_t before = out.size();
+    // Every element was checked to lie in one RAM region by pop().
+    if (for_each_piece(*this, writable, offset, len, [&](Gpa gpa, std::uint64_t, std::uint64_t n) {
+            return mem.append_iovec(gpa, n, out);
+        }))
+        return true;
+    out.resize(before);
+    return false;
+}
+
 bool Virtqueue::configure(std::uint16_t size, std::uint64_t desc_gpa, std::uint64_t avail_gpa,
                           std::uint64_t used_gpa) {
     ready_ = false;

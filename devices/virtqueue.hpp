@@ -53,6 +53,11 @@ public:
     // false, with nothing copied, when the range runs past its end.
     bool read(const GuestMemory& mem, std::uint64_t offset, void* dst, std::uint64_t len) const;
     bool write(GuestMemory& mem, std::uint64_t offset, const void* src, std::uint64_t len) const;
+    // The host iovecs of [offset, offset+len) of the readable (or writable)
+    // part, appended to `out`, for I/O straight into or out of guest RAM (no
+    // copy); false, with `out` unchanged, when the range runs past its end.
+    bool append_iovecs(GuestMemory& mem, bool writable, std::uint64_t offset, std::uint64_t len,
+                       std::vector<iovec>& out) const;
 
 private:
     friend class Virtqueue;

@@ -4,6 +4,7 @@
 #include "vmm/machine.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
+#include "devices/virtio_blk.hpp"
 #include "devices/virtio_net.hpp"
 #include "vmm/acpi.hpp"
 #include "vmm/boot_cpu.hpp"
@@ -39,12 +40,20 @@ BootPlan boot_guest(GuestMemory& mem, const VmConfig& cfg) {
         throw UsageError(cfg.kernel + ": " + e.what());
     }
 }
+
+// Opens, checks and locks every --disk image (UsageError naming it).
+std::vector<std::unique_ptr<BlockImage>> open_images(const VmConfig& cfg) {
+    std::vector<std::unique_ptr<BlockImage>> images;
+    for (const DiskConfig& d : cfg.disks) images.push_back(std::make_unique<BlockImage>(d));
+    return images;
+}
 } // namespace
 
 Machine::Machine(const VmConfig& cfg)
     : cfg_(cfg),
       mem_(cfg.memory, cfg.backing),
       boot_(boot_guest(mem_, cfg)),
+      images_(open_images(cfg)),
       kvm_(),
       vm_(kvm_.create_vm()),
       loop_(vcpus_, kvm_.vcpu_mmap_size(), pio_, mmio_, [this] {
@@ -104,6 +113,20 @@ Machine::Machine(const VmConfig& cfg)
                 dev->queue_pairs(), pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
         nets_.push_back({std::move(dev), &pci_slot});
     }
+
+    // virtio-blk devices (VIRTIO 1.2 5.2), class 0x010000 (SCSI storage) as QEMU's.
+    for (std::size_t i = 0; i < cfg.disks.size(); ++i) {
+        const DiskConfig& d = cfg.disks[i];
+        auto dev = std::make_shared<VirtioBlk>(std::move(images_[i]), d.queues, d.discard);
+        auto& pci_slot = add_virtio(dev, 0x010000);
+        const BlockImage& img = dev->image();
+        log_msg("virtio-blk %s at PCI 00:%02x.0, %llu bytes%s, %u queue(s), block size %u, cache=%s%s, kicks %s",
+                img.path().c_str(), static_cast<unsigned>(virtio_.size()), static_cast<unsigned long long>(img.size()),
+                img.readonly() ? " read-only" : "", d.queues, img.block_size(), img.direct() ? "none" : "writeback",
+                d.discard ? ", discard" : "", pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
+        disks_.push_back({std::move(dev), &pci_slot});
+    }
+    images_.clear();
 
     // virtio-balloon (VIRTIO 1.2 5.5), class 0xff0000 as QEMU's.
     if (cfg.balloon) {

@@ -9,6 +9,7 @@
 
 #include "devices/base/bus.hpp"
 #include "balloon/balloon.hpp"
+#include "devices/block_image.hpp"
 #include "devices/net_backend.hpp"
 #include "devices/base/guest_memory.hpp"
 #include "vmm/board.hpp"
@@ -26,6 +27,7 @@ class Port80Absorber;
 class VirtioDevice;
 class VirtioPciSlot;
 class VirtioNet;
+class VirtioBlk;
 class VirtioBalloon;
 class GsiRouter;
 
@@ -45,6 +47,7 @@ struct VmConfig {
     enum class Port80Mode { kernel, exit } port80 = Port80Mode::kernel;
     bool pv_spinlocks = true;         // false hides KVM_FEATURE_PV_UNHALT (like Linux's `nopvspin`)
     std::vector<NetConfig> nets;      // virtio-net devices (--net), in PCI slot order
+    std::vector<DiskConfig> disks;    // virtio-blk devices (--disk), after the network devices
     bool balloon = false;             // a virtio-balloon device, after the network devices
     BalloonOptions balloon_options;   // the features it offers (--balloon=...)
     std::string api_socket;           // "" picks socket_for(name), "none" has none
@@ -56,6 +59,12 @@ inline constexpr std::uint64_t kMinMemory = 8ull << 20;
 // A virtio-net device and the PCI slot that wires it to KVM.
 struct NetDevice {
     std::shared_ptr<VirtioNet> dev;
+    VirtioPciSlot* slot;
+};
+
+// A virtio-blk device and the PCI slot that wires it to KVM.
+struct DiskDevice {
+    std::shared_ptr<VirtioBlk> dev;
     VirtioPciSlot* slot;
 };
 
@@ -74,6 +83,7 @@ public:
     Serial& serial() { return *legacy_.serial; }
     Port80& port80() { return *legacy_.port80; }
     const std::vector<NetDevice>& nets() const { return nets_; }
+    const std::vector<DiskDevice>& disks() const { return disks_; }
     VirtioBalloon* balloon() { return balloon_.get(); }
     const std::vector<Vcpu>& vcpus() const { return vcpus_; }
 
@@ -86,6 +96,7 @@ private:
     VmConfig cfg_;
     GuestMemory mem_;
     BootPlan boot_;
+    std::vector<std::unique_ptr<BlockImage>> images_;   // --disk, opened and locked; moved into disks_
     Kvm kvm_;
     Vm vm_;
     // Before the buses and the bridge, so those drop their references first
@@ -93,6 +104,7 @@ private:
     std::unique_ptr<GsiRouter> gsi_router_;
     std::vector<std::unique_ptr<VirtioPciSlot>> virtio_;   // slots 1, 2, ...
     std::vector<NetDevice> nets_;
+    std::vector<DiskDevice> disks_;
     std::shared_ptr<VirtioBalloon> balloon_;
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};

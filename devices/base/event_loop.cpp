@@ -45,12 +45,24 @@ struct EventLoop::FdWatch final : Completion {
 };
 
 void prep_sqe(io_uring_sqe* sqe, const IoOp& op) {
-    // Offset -1: the file position, which eventfds, TAPs and sockets ignore.
+    // read/write: offset -1, the file position, which eventfds, TAPs and
+    // sockets ignore; the block kinds (virtio-blk) carry their own offset.
     switch (op.kind) {
     case IoOp::Kind::read: io_uring_prep_read(sqe, op.fd, op.buf, static_cast<unsigned>(op.len), -1); break;
     case IoOp::Kind::write: io_uring_prep_write(sqe, op.fd, op.buf, static_cast<unsigned>(op.len), -1); break;
     case IoOp::Kind::recv: io_uring_prep_recv(sqe, op.fd, op.buf, op.len, op.flags); break;
     case IoOp::Kind::send: io_uring_prep_send(sqe, op.fd, op.buf, op.len, op.flags); break;
+    case IoOp::Kind::readv:
+        io_uring_prep_readv2(sqe, op.fd, static_cast<const iovec*>(op.buf), static_cast<unsigned>(op.len), op.offset,
+                             op.flags);
+        break;
+    case IoOp::Kind::writev:
+        io_uring_prep_writev2(sqe, op.fd, static_cast<const iovec*>(op.buf), static_cast<unsigned>(op.len),
+                              op.offset, op.flags);
+        break;
+    case IoOp::Kind::fdatasync: io_uring_prep_fsync(sqe, op.fd, IORING_FSYNC_DATASYNC); break;
+    case IoOp::Kind::fallocate: io_uring_prep_fallocate(sqe, op.fd, op.flags, static_cast<off_t>(op.offset), static_cast<off_t>(op.len));
+        break;
     }
 }
 

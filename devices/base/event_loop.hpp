@@ -41,14 +41,16 @@ struct io_uring_sqe;   // liburing, kept out of this header
 
 namespace kguest {
 
-// One I/O request, as a device or backend describes it.
+// One I/O request, as a device or backend describes it. read/write/recv/send
+// use the file position (sockets, eventfds); the block kinds take `offset`.
 struct IoOp {
-    enum class Kind { read, write, recv, send };
+    enum class Kind { read, write, recv, send, readv, writev, fdatasync, fallocate };
     Kind kind = Kind::read;
     int fd = -1;
-    void* buf = nullptr;
-    std::size_t len = 0;
-    int flags = 0;   // recv/send flags (MSG_*)
+    void* buf = nullptr;     // readv/writev: the `const iovec[]`
+    std::size_t len = 0;     // readv/writev: the iovec count; fallocate: bytes
+    int flags = 0;           // recv/send: MSG_*; readv/writev: RWF_*; fallocate: its mode (FALLOC_FL_*)
+    std::uint64_t offset = 0;   // readv/writev/fallocate: the file offset
 };
 
 // Fills an io_uring submission entry for `op` (also for tests).

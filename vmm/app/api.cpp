@@ -59,6 +59,11 @@ json info_json(const VmInfo& i) {
         {"vmm_rss_bytes", i.vmm_rss_bytes},
     };
     if (i.balloon) j["balloon"] = {{"target_bytes", i.balloon->target_bytes}, {"actual_bytes", i.balloon->actual_bytes}};
+    if (!i.disks.empty()) {
+        json& d = j["disks"] = json::array();
+        for (const VmInfo::Disk& k : i.disks)
+            d.push_back({{"path", k.path}, {"size", k.size}, {"readonly", k.readonly}, {"queues", k.queues}});
+    }
     return j;
 }
 
@@ -69,6 +74,13 @@ json counters_json(const VmCounters& c) {
         const NetCounters& n = c.nets[i];
         j["net" + std::to_string(i)] = {{"rx_packets", n.rx_packets}, {"rx_bytes", n.rx_bytes}, {"rx_dropped", n.rx_dropped},
                                         {"tx_packets", n.tx_packets}, {"tx_bytes", n.tx_bytes}, {"tx_dropped", n.tx_dropped}};
+    }
+    for (std::size_t i = 0; i < c.disks.size(); ++i) {
+        const BlkCounters& d = c.disks[i];
+        j["disk" + std::to_string(i)] = {{"read_requests", d.reads},       {"read_bytes", d.read_bytes},
+                                         {"write_requests", d.writes},     {"write_bytes", d.write_bytes},
+                                         {"flush_requests", d.flushes},    {"discard_requests", d.discards},
+                                         {"discard_bytes", d.discard_bytes}, {"errors", d.errors}};
     }
     if (c.balloon) {
         const BalloonCounters& bc = c.balloon->counters;

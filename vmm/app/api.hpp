@@ -8,7 +8,7 @@
 // atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
 // Routes under /api/v1/: GET vmm.ping ({"version", "pid"}), vm.info (VmInfo),
-// vm.counters ("port80", "net0"..., "balloon" with "stats" once sampled,
+// vm.counters ("port80", "net0"..., "disk0"..., "balloon" with "stats" once sampled,
 // "exits": {"userspace": [{"reason", "count", "handling_ns"}...] most frequent
 // first, "kvm": {KVM's counter names: N} or "kvm_note" saying why not}); PUT
 // vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}), vm.pause,
@@ -19,6 +19,7 @@
 
 #include "balloon/balloon.hpp"
 #include "devices/base/guest_memory.hpp"
+#include "devices/virtio_blk.hpp"
 #include "devices/virtio_net.hpp"
 #include "vmm/exit.hpp"
 
@@ -50,6 +51,13 @@ struct VmInfo {
         std::uint64_t target_bytes = 0, actual_bytes = 0;
     };
     std::optional<Balloon> balloon;    // when the VM has one
+    struct Disk {
+        std::string path;
+        std::uint64_t size = 0;   // bytes
+        bool readonly = false;
+        unsigned queues = 1;
+    };
+    std::vector<Disk> disks;           // "disks": [...] in PCI slot order
 };
 
 // What vm.counters reports.
@@ -59,6 +67,7 @@ struct VmCounters {
         std::uint8_t last_code = 0;
     } port80;
     std::vector<NetCounters> nets;     // "net0", "net1", ... in PCI slot order
+    std::vector<BlkCounters> disks;    // "disk0", "disk1", ... in PCI slot order
     struct Balloon {
         BalloonCounters counters;
         BalloonStats stats;            // "stats" when valid, in libvirt's names and units

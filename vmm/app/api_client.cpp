@@ -200,10 +200,15 @@ std::string mib(std::uint64_t bytes) {
 
 using Lines = std::vector<std::pair<std::string, std::string>>;
 
-// Nested objects become dotted keys; "*_bytes" and "memory" values print in MiB.
+// Nested objects become dotted keys, array elements KEY.0, KEY.1, ...;
+// "*_bytes" and "memory" values print in MiB.
 void flatten(const json& j, const std::string& key, Lines& out) {
     if (j.is_object() && !j.empty()) {
         for (const auto& item : j.items()) flatten(item.value(), key.empty() ? item.key() : key + "." + item.key(), out);
+        return;
+    }
+    if (j.is_array() && !j.empty()) {
+        for (std::size_t i = 0; i < j.size(); ++i) flatten(j[i], key + "." + std::to_string(i), out);
         return;
     }
     std::string k = key, v;
@@ -429,7 +434,7 @@ int run_cli(int argc, char** argv) {
         if (o.json)
             print_json(j);
         else if (o.cmd == "info")
-            print_object(j, {"name", "state", "cpus", "memory", "backing", "hugepage_backed_bytes", "rss_bytes", "balloon"});
+            print_object(j, {"name", "state", "cpus", "memory", "backing", "hugepage_backed_bytes", "rss_bytes", "balloon", "disks"});
         else {   // the exits get a block of their own
             json exits = j.contains("exits") ? j["exits"] : json();
             j.erase("exits");

@@ -4,6 +4,7 @@
 // otherwise returns the guest's own exit status.
 #include "devices/base/error.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/app/disk_options.hpp"
 #include "vmm/app/net_options.hpp"
 #include "vmm/app/run.hpp"
 #include "vmm/machine.hpp"
@@ -38,6 +39,8 @@ constexpr const char* kUsage =
     "  --net tap=IFNAME[,mac=MAC][,queues=N]   virtio-net on a TAP interface (created if missing)\n"
     "  --net stream=PATH[,mac=MAC]             virtio-net on a passt / QEMU -netdev stream socket\n"
     "                            (repeat --net for more devices)\n"
+    "  --disk path=FILE[,readonly=on][,serial=ID][,cache=none|writeback][,queues=N][,discard=on]\n"
+    "                            virtio-blk on a raw image or block device (repeatable)\n"
     "  --balloon[=KEY=on|off,...] a virtio-balloon device (resize with `kguest balloon NAME --target SIZE`);\n"
     "                            KEY: stats, deflate_on_oom, free_page_reporting (all on by default)\n"
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
@@ -113,6 +116,8 @@ int cmd_run(int argc, char** argv) {
             else throw UsageError("--port80 '" + v + "': need kernel or exit");
         } else if (f == "--net") {
             cfg.nets.push_back(parse_net_spec(a.value(f), static_cast<unsigned>(cfg.nets.size())));
+        } else if (f == "--disk") {
+            cfg.disks.push_back(parse_disk_spec(a.value(f)));
         } else if (f == "--balloon") {
             cfg.balloon = true;
             if (auto v = a.optional_value()) cfg.balloon_options = parse_balloon_options(*v);

@@ -9,6 +9,7 @@
 #include "devices/base/log.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
+#include "devices/virtio_blk.hpp"
 #include "devices/virtio_net.hpp"
 #include "vmm/app/api.hpp"
 #include "vmm/app/api_client.hpp"
@@ -61,6 +62,9 @@ public:
         i.vmm_rss_bytes = vmm_rss_bytes();
         if (VirtioBalloon* b = m_.balloon())
             i.balloon = VmInfo::Balloon{std::uint64_t{b->target_pages()} << 12, std::uint64_t{b->actual_pages()} << 12};
+        for (const DiskDevice& d : m_.disks())
+            i.disks.push_back({d.dev->image().path(), d.dev->image().size(), d.dev->image().readonly(),
+                               d.dev->num_queues()});
         return i;
     }
 
@@ -68,6 +72,7 @@ public:
         VmCounters c;
         c.port80 = {m_.port80().writes(), m_.port80().reads(), m_.port80().last_code()};
         for (const NetDevice& n : m_.nets()) c.nets.push_back(n.dev->counters());
+        for (const DiskDevice& d : m_.disks()) c.disks.push_back(d.dev->counters());
         if (VirtioBalloon* b = m_.balloon()) {
             // Ask for a fresh sample (5.5.6.3); this answer carries the last one.
             b->request_stats();

@@ -1,7 +1,8 @@
 // The device event loop (devices/base/event_loop.hpp) on its own: a queue
 // whose service never runs out of work neither starves the other queues nor
 // the callers waiting on the loop; typed completions get their request's
-// result; eventfd watches kick their queue; post-and-wait times out.
+// result; eventfd watches kick their queue; post-and-wait times out; the
+// block kinds (readv/writev at an offset, fdatasync, fallocate) on a file.
 #include "devices/base/event_loop.hpp"
 
 #include "tests/support/fake_virtio.hpp"
@@ -10,7 +11,11 @@
 #include <chrono>
 #include <cstdint>
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -119,6 +124,41 @@ TEST(EventLoop, RunAndWaitTimesOutBehindABusyLoopAndRunsLater) {
     EXPECT_FALSE(ran.load());
     release = true;
     EXPECT_TRUE(wait_until([&] { return ran.load(); }));
+}
+
+// The kinds virtio-blk uses, each with its own file offset.
+TEST(VirtioBlkEventLoop, ReadvWritevFdatasyncFallocate) {
+    char tmpl[] = "/tmp/kguest-loop-test-XXXXXX";
+    Fd file(::mkstemp(tmpl));
+    ASSERT_TRUE(file.valid());
+    ::unlink(tmpl);
+    ASSERT_EQ(::ftruncate(file.get(), 8192), 0);
+    EventLoop loop("test", 1, [](std::uint16_t) { return false; });
+    auto run = [&](const IoOp& op) {
+        Record done;
+        done.result = -1000;
+        EXPECT_TRUE(loop.run_and_wait([&] { loop.submit(op, done); }));
+        EXPECT_TRUE(wait_until([&] { return done.result.load() != -1000; }));
+        return done.result.load();
+    };
+    char a[3] = {'a', 'b', 'c'}, b[2] = {'d', 'e'};
+    iovec out[2] = {{a, 3}, {b, 2}};
+    EXPECT_EQ(run({IoOp::Kind::writev, file.get(), out, 2, 0, 4096}), 5);
+    char x[4] = {}, y[4] = {};
+    iovec in[2] = {{x, 1}, {y, 4}};
+    EXPECT_EQ(run({IoOp::Kind::readv, file.get(), in, 2, 0, 4096}), 5);
+    EXPECT_EQ(x[0], 'a');
+    EXPECT_EQ(std::string(y, 4), "bcde");
+    EXPECT_EQ(run({IoOp::Kind::fdatasync, file.get()}), 0);
+    // Punch the data away; the size stays.
+    EXPECT_EQ(run({IoOp::Kind::fallocate, file.get(), nullptr, 4096, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096}), 0);
+    EXPECT_EQ(run({IoOp::Kind::readv, file.get(), in, 2, 0, 4096}), 5);
+    EXPECT_EQ(std::string(y, 4), std::string(4, '\0'));
+    struct stat st {};
+    ASSERT_EQ(::fstat(file.get(), &st), 0);
+    EXPECT_EQ(st.st_size, 8192);
+    // Errors come back as -errno.
+    EXPECT_EQ(run({IoOp::Kind::readv, -1, in, 2, 0, 0}), -EBADF);
 }
 
 } // namespace

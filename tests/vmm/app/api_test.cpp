@@ -53,6 +53,7 @@ public:
         i.hugepage_backed_bytes = 128 * MiB;
         i.rss_bytes = 100 * MiB + 512 * 1024;
         i.balloon = VmInfo::Balloon{target_, actual_};
+        i.disks = {{"/img/a.raw", 8 * MiB, true, 2}};
         return i;
     }
     VmCounters counters() override {
@@ -60,6 +61,9 @@ public:
         c.port80.writes = 42;
         c.nets.resize(1);
         c.nets[0].tx_bytes = 1000;
+        c.disks.resize(1);
+        c.disks[0].read_bytes = 4096;
+        c.disks[0].reads = 1;
         c.exits.userspace = {{"serial COM1", 3, 4500}, {"rtc", 1, 100}};
         c.exits.kvm_note = "KVM_GET_STATS_FD: no";
         return c;
@@ -539,6 +543,8 @@ TEST(ApiDispatch, InfoAndCountersJson) {
             c.nets.resize(2);
             c.nets[1].rx_packets = 5;
             c.nets[1].tx_dropped = 1;
+            c.disks.resize(1);
+            c.disks[0] = {1, 512, 2, 1024, 3, 4, 8192, 5};
             VmCounters::Balloon b;
             b.counters.tracker.inflated_pages = 256;
             b.counters.tracker.bytes_released = 2 * MiB;
@@ -560,6 +566,7 @@ TEST(ApiDispatch, InfoAndCountersJson) {
     EXPECT_EQ(r.body["backing"], "thp");
     EXPECT_EQ(r.body["balloon"]["target_bytes"], 0u);
     EXPECT_TRUE(r.body["balloon"].contains("actual_bytes"));
+    EXPECT_EQ(r.body["disks"], json::parse(R"([{"path": "/img/a.raw", "size": 8388608, "readonly": true, "queues": 2}])"));
 
     r = api_dispatch(vm, "GET", "/api/v1/vm.counters", "");
     ASSERT_EQ(r.status, 200u);
@@ -568,6 +575,10 @@ TEST(ApiDispatch, InfoAndCountersJson) {
     EXPECT_EQ(r.body["net1"], (json{{"rx_packets", 5}, {"rx_bytes", 0}, {"rx_dropped", 0},
                                     {"tx_packets", 0}, {"tx_bytes", 0}, {"tx_dropped", 1}}));
     EXPECT_FALSE(r.body.contains("net2"));
+    EXPECT_EQ(r.body["disk0"], (json{{"read_requests", 1}, {"read_bytes", 512}, {"write_requests", 2},
+                                     {"write_bytes", 1024}, {"flush_requests", 3}, {"discard_requests", 4},
+                                     {"discard_bytes", 8192}, {"errors", 5}}));
+    EXPECT_FALSE(r.body.contains("disk1"));
     const json& b = r.body["balloon"];
     EXPECT_EQ(b["inflated_pages"], 256u);
     EXPECT_EQ(b["released_bytes"], 2 * MiB);
@@ -766,6 +777,8 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     EXPECT_TRUE(has_line(r.out, "hugepage_backed", "128 MiB")) << r.out;
     EXPECT_TRUE(has_line(r.out, "balloon.actual", "0 MiB")) << r.out;
     EXPECT_TRUE(has_line(r.out, "state", "running")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "disks.0.path", "/img/a.raw")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "disks.0.readonly", "true")) << r.out;
     // Keys are aligned: every value starts in the same column.
     std::size_t col = r.out.find("256 MiB") - r.out.rfind('\n', r.out.find("256 MiB")) - 1;
     EXPECT_EQ(r.out.find("running") - r.out.rfind('\n', r.out.find("running")) - 1, col) << r.out;
@@ -775,6 +788,8 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     EXPECT_EQ(r.status, 0);
     EXPECT_TRUE(has_line(r.out, "port80.writes", "42")) << r.out;
     EXPECT_TRUE(has_line(r.out, "net0.tx", "1000 B")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "disk0.read", "4096 B")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "disk0.read_requests", "1")) << r.out;
     // The exits in a block of their own, top first, with the time per exit.
     EXPECT_TRUE(has_line(r.out, "  serial COM1", "3, 1.5 us each")) << r.out;
     EXPECT_LT(r.out.find("serial COM1"), r.out.find("rtc:")) << r.out;

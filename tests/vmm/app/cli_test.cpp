@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <fcntl.h>
+#include <unistd.h>
 #include <fstream>
 #include <iterator>
 #include <gtest/gtest.h>
@@ -86,6 +88,39 @@ TEST(Cli, MalformedBzImages) {
                        "does not fit in guest RAM beside the kernel");
     expect_usage_error({"run", "--kernel", vmlinuz, "--memory", "16M"}, "needs");
     for (const char* f : {"truncated", "magic", "version", "initrd"}) std::remove((std::string("/tmp/kguest-cli-") + f).c_str());
+}
+
+// --disk: every bad disk is one line and exit 2 before /dev/kvm is opened.
+TEST(VirtioBlkCli, BadDisksAreUsageErrors) {
+    const std::string k = kGuestElf;
+    auto write = [](const std::string& path, std::size_t size, const std::string& magic) {
+        std::string bytes(size, '\0');
+        bytes.replace(0, magic.size(), magic);
+        std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+        return path;
+    };
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=/nonexistent/disk.img"}, "cannot open: No such file");
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=/tmp"}, "cannot open: Is a directory");
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=" + write("/tmp/kguest-cli-disk.qcow2", 4096, "QFI\xfb")},
+                       "qemu-img convert -O raw /tmp/kguest-cli-disk.qcow2");
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=" + write("/tmp/kguest-cli-disk.odd", 1000, "")},
+                       "not a multiple of 512");
+    const std::string raw = write("/tmp/kguest-cli-disk.raw", 4096, "");
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=" + raw + ",queues=0"}, "queues= wants a number");
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=" + raw + ",bogus=1"}, "unknown key 'bogus'");
+    expect_usage_error({"run", "--kernel", k, "--disk"}, "--disk needs a value");
+    // The image is locked by another open file description (as a running VM holds it).
+    const int fd = ::open(raw.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    struct flock fl {};
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = 101;   // QEMU's "holds write permission" byte
+    fl.l_len = 1;
+    ASSERT_EQ(::fcntl(fd, F_OFD_SETLK, &fl), 0);
+    expect_usage_error({"run", "--kernel", k, "--disk", "path=" + raw + ",readonly=on"}, "open for writing");
+    ::close(fd);
+    for (const char* f : {"qcow2", "odd", "raw"}) std::remove((std::string("/tmp/kguest-cli-disk.") + f).c_str());
 }
 
 TEST(Cli, VersionAndHelp) {
