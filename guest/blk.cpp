@@ -6,7 +6,9 @@
 //                   VIRTIO_BLK_F_RO instead: one write must fail with IOERR
 //                   and the whole disk must still read.
 //   test=blk-bench  4 KiB random reads at queue depth 1 and 32, 64 KiB
-//                   sequential writes and reads: IOPS and MB/s by kvmclock.
+//                   sequential writes and reads: IOPS and MB/s by kvmclock;
+//                   with blk.go=1 each phase waits for the host's go (see
+//                   wait_go), the disk's last 4 KiB left to that marker.
 //   test=blk-log    crash-consistency writer: record n in sector n, each
 //                   followed by a FLUSH, `RECORD n` printed once the flush
 //                   completed, until the disk is full (or blk.records=N).
@@ -352,6 +354,26 @@ bool test_blk_ro(u64 seed, const char* serial) {
     return ok;
 }
 
+// blk.go=1: waits until the disk's last 4 KiB start with "go NAME\n",
+// which the host writes there once it has read the VMM's CPU time: a
+// handshake that no delay on the host side can break. Polls every 50 ms
+// (halted in between), for up to 10 minutes.
+bool wait_go(const char* name) {
+    char want[40];
+    format(want, sizeof want, "go %s\n", name);
+    usize n = strlen(want);
+    u64 give_up = kvmclock_ns() + 600000000000ull;
+    while (kvmclock_ns() < give_up) {
+        u32 slot;
+        u32 st = one_request(VIRTIO_BLK_T_IN, dev.capacity - 8, 4096, &slot);
+        if (st != VIRTIO_BLK_S_OK) { print("blk-bench: reading the go marker: %s\n", status_name(st)); return false; }
+        if (memcmp(data[slot], want, n) == 0) return true;
+        idle_ms(50);
+    }
+    print("blk-bench: no go for phase %s in 10 minutes\n", name);
+    return false;
+}
+
 }  // namespace
 
 bool test_blk(const char* cmdline) {
@@ -408,6 +430,7 @@ bool test_blk(const char* cmdline) {
 bool test_blk_bench(const char* cmdline) {
     u64 ms = cmdline_u64(cmdline, "blk.ms", 2000, "blk");
     u64 idle = cmdline_u64(cmdline, "blk.idle_ms", 0, "blk");
+    bool go = cmdline_u64(cmdline, "blk.go", 0, "blk") != 0;
     u32 seq_qd = u32(cmdline_u64(cmdline, "blk.seq_qd", 8, "blk"));
     char which[64] = "seqwrite,seqread,randread1,randread32";
     cmdline_get(cmdline, "blk.phases", which, sizeof which);
@@ -429,12 +452,14 @@ bool test_blk_bench(const char* cmdline) {
     for (const Phase& ph : phases) {
         if (!list_has(which, ph.name)) continue;
         if (dev.ro && ph.type == VIRTIO_BLK_T_OUT) continue;
-        u64 span = dev.capacity / (ph.bytes / kSector);  // request-sized units on the disk
+        // Request-sized units on the disk, less its last 4 KiB (the go marker).
+        u64 span = dev.capacity > 8 ? (dev.capacity - 8) / (ph.bytes / kSector) : 0;
         if (span == 0) { print("blk-bench: disk smaller than one %u-byte request\n", ph.bytes); all_ok = false; break; }
-        // The host reads the VMM's CPU time while the guest idles around a
-        // phase: "phase X start", idle, run, RESULT, idle.
-        print("blk-bench: phase %s start\n", ph.name);
-        idle_ms(idle);
+        // The host reads the VMM's CPU time while the guest waits before a
+        // phase and idles after it: "phase X ready", wait for the go, run,
+        // RESULT, idle.
+        print("blk-bench: phase %s ready\n", ph.name);
+        if (go && !wait_go(ph.name)) { all_ok = false; break; }
         u64 ios = 0, errors = 0, unit = 0;
         u64 t0 = kvmclock_ns(), stop = t0 + ms * 1000000ull;
         bool ok = pipeline(ph.qd, [&] {
