@@ -14,3 +14,6 @@ bool test_net_bench(const char* cmdline);
 bool test_tlb(const char* cmdline);                        // tlb.cpp
 bool test_balloon(const char* cmdline);                    // balloon.cpp
 bool test_mem(const char* cmdline);                        // mem.cpp
+bool test_blk(const char* cmdline);                        // blk.cpp
+bool test_blk_bench(const char* cmdline);
+bool test_blk_log(const char* cmdline);

@@ -33,6 +33,13 @@ void Virtq::set_buffer(u16 id, void* buf, u32 len, bool device_writes) {
     desc[id].next = 0;
 }
 
+void Virtq::set_desc(u16 id, const volatile void* buf, u32 len, u16 flags, u16 next) {
+    desc[id].addr = u64(buf);
+    desc[id].len = len;
+    desc[id].flags = flags;
+    desc[id].next = next;
+}
+
 void Virtq::push(u16 id) {
     avail[2 + (avail_idx & (size - 1))] = id;  // ring[]: after flags and idx
     ++avail_idx;
@@ -95,6 +102,16 @@ void Virtq::disable_interrupts() {
 u8 VirtioPci::status() { return mmio_read<u8>(common + CC_STATUS); }
 static void set_status(u64 common, u8 s) { mmio_write<u8>(common + CC_STATUS, s); }
 u8 VirtioPci::config_generation() { return mmio_read<u8>(common + CC_CFGGEN); }
+
+u64 VirtioPci::cfg_read64(u32 off) {
+    u64 v = 0;
+    for (int tries = 0; tries < 10; ++tries) {
+        u8 g = config_generation();
+        v = cfg_read32(off) | (u64(cfg_read32(off + 4)) << 32);
+        if (config_generation() == g) break;
+    }
+    return v;
+}
 
 bool VirtioPci::probe(PciAddr a) {
     pci = a;

@@ -36,6 +36,9 @@ struct Virtq {
     u64 kicks, bad_used;
 
     void set_buffer(u16 id, void* buf, u32 len, bool device_writes);
+    // Descriptor `id` as one link of a chain (2.7.5): flags may hold
+    // VIRTQ_DESC_F_NEXT (then `next` is the following link) and _WRITE.
+    void set_desc(u16 id, const volatile void* buf, u32 len, u16 flags, u16 next);
     void set_len(u16 id, u32 len) { desc[id].len = len; }
     // Puts buffer `id` in the avail ring (not yet visible: publish()).
     void push(u16 id);
@@ -82,6 +85,10 @@ struct VirtioPci {
     u8 status();
     u8 cfg_read8(u32 off) { return off < device_cfg_len ? mmio_read<u8>(device_cfg + off) : 0; }
     u16 cfg_read16(u32 off) { return off + 2 <= device_cfg_len ? mmio_read<u16>(device_cfg + off) : 0; }
+    u32 cfg_read32(u32 off) { return off + 4 <= device_cfg_len ? mmio_read<u32>(device_cfg + off) : 0; }
+    // A 64-bit field as two 32-bit reads, retried until config_generation
+    // is the same before and after (4.1.3.1, 2.5.1).
+    u64 cfg_read64(u32 off);
     u8 config_generation();
 };
 // Bytes of static memory one queue needs (desc, avail, used; page-aligned areas).
