@@ -26,7 +26,7 @@ need_packages() {
 
 # Packages the build and unit tests need.
 BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-dev pkg-config
-                libboost-dev nlohmann-json3-dev)
+                libboost-dev nlohmann-json3-dev libseccomp-dev)
 # Packages the sandbox needs: QEMU (TCG), Debian's kernel with its KVM modules,
 # a static busybox for the initramfs, and cpio to pack it.
 SANDBOX_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static cpio gcc libc6-dev)
