@@ -68,7 +68,7 @@ struct Child {
 
 // Runs `body` in a forked child with stderr into a pipe; the child exits 0
 // when body returns.
-Child in_child(const std::function<void()>& body) {
+inline Child in_child(const std::function<void()>& body) {
     int p[2];
     if (::pipe(p) != 0) return {};
     std::fflush(nullptr);

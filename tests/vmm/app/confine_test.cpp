@@ -1,5 +1,6 @@
 // The VMM's confinement pieces without KVM: a thread's capabilities dropped
 // (in a forked child), --user parsing, and the flags' usage errors.
+#include "devices/base/error.hpp"
 #include "tests/support/process.hpp"
 #include "vmm/app/confine.hpp"
 #include "vmm/app/seccomp.hpp"
