@@ -30,6 +30,7 @@ std::map<std::string, std::string> status_fields(const std::string& path) {
         if (auto colon = line.find(':'); colon != std::string::npos) {
             auto v = line.substr(colon + 1);
             v.erase(0, v.find_first_not_of(" \t"));
+            v.erase(v.find_last_not_of(" \t") + 1);
             m[line.substr(0, colon)] = v;
         }
     return m;
