@@ -173,7 +173,9 @@ int SeccompFilters::install(ThreadKind kind) const noexcept {
     const auto& p = programs_[static_cast<std::size_t>(kind)];
     sock_fprog prog{static_cast<unsigned short>(p.size()), const_cast<sock_filter*>(p.data())};
     t_kind = thread_kind_name(kind);   // for the reporter, before the first trap can come
-    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) return errno;
+    // FLAG_LOG: a trapped call is also in the kernel's log (as a `log` one is).
+    const unsigned flags = mode_ == SeccompMode::on ? SECCOMP_FILTER_FLAG_LOG : 0;
+    if (::syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog) != 0) return errno;
     return 0;
 }
 
