@@ -1,6 +1,7 @@
 // The per-thread-kind allow-lists and the SIGSYS reporter (see seccomp.hpp).
-// The lists hold what each kind was seen to call while the kvm suite ran
-// under `--seccomp log` (scripts/seccomp-audit), grouped by why it is needed.
+// The lists come from each thread kind's code paths, grouped by why a call is
+// needed, and are checked by running the kvm suite with them
+// (scripts/seccomp-audit lists any call the kernel logged as outside them).
 #include "vmm/app/seccomp.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/fd.hpp"
