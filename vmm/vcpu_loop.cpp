@@ -3,6 +3,7 @@
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
 #include "devices/base/timeline.hpp"
+#include "devices/base/thread_start.hpp"
 #include "vmm/exit.hpp"
 
 #include <cerrno>
@@ -136,6 +137,7 @@ void VcpuLoop::park(Vcpu& vcpu) {
 }
 
 void VcpuLoop::thread_main(Vcpu& vcpu, ExitCounter& counter) {
+    thread_started(ThreadKind::vcpu);
     sigset_t kick;
     sigemptyset(&kick);
     sigaddset(&kick, kKickSignal);

@@ -5,6 +5,7 @@
 
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
+#include "devices/base/thread_start.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -201,6 +202,9 @@ void EventLoop::run() {
             KGUEST_LOG_LIMITED(limit, "%s: io_uring_submit: %s", name_.c_str(), std::strerror(-rc));
             ::usleep(10000);   // never spin on a broken ring
         }
+        // Woken by a kick, a request or I/O: confine this thread first, once
+        // the VMM's set-up is done (devices/base/thread_start.hpp).
+        thread_checkpoint(ThreadKind::device);
         // Completions; a handler may submit (the SQ is separate from the CQ).
         unsigned head, seen = 0;
         io_uring_cqe* cqe;

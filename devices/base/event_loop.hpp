@@ -12,6 +12,9 @@
 //     a guest controls: a service pass is bounded by the device's budget
 //     (it returns `true` and the queue gets another turn after the others),
 //     so a guest can neither pin the loop nor starve a caller.
+//     After each wake, before any service pass or completion, it calls
+//     thread_checkpoint (devices/base/thread_start.hpp), which confines it
+//     once the VMM's set-up is done.
 // Locks: one mutex for the request list; the kick flags are atomics. Devices
 // keep what the API reads in atomics or under their own short lock.
 //

@@ -22,6 +22,12 @@ namespace {
 
 constexpr const char* kBackingNames[] = {"thp", "hugetlbfs", "off"};   // by Backing
 
+// Keeps guest RAM out of the VMM's core dumps: it is the guest's data, not
+// the VMM's state, and can be most of the process.
+void dont_dump(const Mapping& m, std::uint64_t size) {
+    if (::madvise(m.get(), size, MADV_DONTDUMP) != 0) throw_errno("madvise MADV_DONTDUMP");
+}
+
 Mapping map_ram(std::uint64_t size, Backing backing) {
     const int prot = PROT_READ | PROT_WRITE;
     if (backing == Backing::hugetlbfs) {
@@ -37,7 +43,9 @@ Mapping map_ram(std::uint64_t size, Backing backing) {
                                          " (raise /proc/sys/vm/nr_hugepages or use --hugepages thp)");
             throw SysError("mmap MAP_HUGETLB", err);
         }
-        return Mapping(p, size);
+        Mapping m(p, size);
+        dont_dump(m, size);
+        return m;
     }
     // Over-allocate by 2 MiB and trim both ends so the start is 2 MiB-aligned,
     // as THP (and KVM's 2 MiB stage-2 mappings) need.
@@ -53,6 +61,7 @@ Mapping map_ram(std::uint64_t size, Backing backing) {
     int advice = backing == Backing::thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE;
     if (::madvise(m.get(), size, advice) != 0)
         throw_errno(backing == Backing::thp ? "madvise MADV_HUGEPAGE" : "madvise MADV_NOHUGEPAGE");
+    dont_dump(m, size);
     return m;
 }
 

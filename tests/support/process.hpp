@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <string>
@@ -36,7 +37,13 @@ inline std::string slurp(const std::string& path) {
 }
 
 // Forks `argv` with stdin from /dev/null and stdout/stderr into the two fds.
-inline pid_t spawn(const std::vector<std::string>& argv, int out_fd, int err_fd) {
+// With KGUEST_TEST_SECCOMP=MODE set, every `kguest run` gets `--seccomp MODE`
+// (scripts/seccomp-audit runs the kvm suite with `log`).
+inline pid_t spawn(std::vector<std::string> argv, int out_fd, int err_fd) {
+    const char* seccomp = std::getenv("KGUEST_TEST_SECCOMP");
+    if (seccomp != nullptr && *seccomp != '\0' && argv.size() > 1 && argv[1] == "run" &&
+        argv[0].ends_with("/kguest"))
+        argv.insert(argv.begin() + 2, {"--seccomp", seccomp});
     pid_t pid = fork();
     if (pid == 0) {
         int null = open("/dev/null", O_RDONLY);
@@ -51,6 +58,35 @@ inline pid_t spawn(const std::vector<std::string>& argv, int out_fd, int err_fd)
         _exit(127);
     }
     return pid;
+}
+
+// A forked child's wait status and what it wrote on stderr.
+struct Child {
+    int wstatus = 0;
+    std::string err;
+};
+
+// Runs `body` in a forked child with stderr into a pipe; the child exits 0
+// when body returns.
+inline Child in_child(const std::function<void()>& body) {
+    int p[2];
+    if (::pipe(p) != 0) return {};
+    std::fflush(nullptr);
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        ::dup2(p[1], STDERR_FILENO);
+        ::close(p[0]);
+        body();
+        ::_exit(0);
+    }
+    ::close(p[1]);
+    Child c;
+    char buf[512];
+    ssize_t n;
+    while ((n = ::read(p[0], buf, sizeof buf)) > 0) c.err.append(buf, static_cast<std::size_t>(n));
+    ::close(p[0]);
+    ::waitpid(pid, &c.wstatus, 0);
+    return c;
 }
 
 // Each thread of process `pid`: name, state, user/system ticks, last CPU

@@ -8,6 +8,7 @@
 #include "vmm/app/api.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
+#include "devices/base/thread_start.hpp"
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
@@ -470,6 +471,7 @@ ApiServer::ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits li
     if (ec) fail("api acceptor " + socket_path, ec.value(), true);
     impl_->accept();
     impl_->thread = std::thread([impl = impl_.get()] {
+        thread_started(ThreadKind::api);
         for (;;) {
             try {
                 impl->io.run();

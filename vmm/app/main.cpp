@@ -47,7 +47,10 @@ constexpr const char* kUsage =
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
     "                            /run/kguest/NAME.sock for root)\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n"
-    "  --boot-timeline           at exit, print when each boot step was reached\n";
+    "  --boot-timeline           at exit, print when each boot step was reached\n"
+    "  --seccomp on|log|off      system-call allow-lists per thread after set-up (default on; log:\n"
+    "                            allow and log violations to the kernel log, for debugging)\n"
+    "  --user UID[:GID]          when started as root, run as this user after set-up\n";
 
 // --balloon=KEY=on|off,...: the features the balloon offers, in Cloud Hypervisor's names.
 BalloonOptions parse_balloon_options(const std::string& spec) {
@@ -71,6 +74,7 @@ BalloonOptions parse_balloon_options(const std::string& spec) {
 
 int cmd_run(int argc, char** argv) {
     VmConfig cfg;
+    ConfineOptions confine;
     Args a(argc, argv, 2);
     while (!a.done()) {
         std::string f = a.flag();
@@ -138,6 +142,13 @@ int cmd_run(int argc, char** argv) {
         } else if (f == "--api-socket") {
             cfg.api_socket = a.value(f);
             if (cfg.api_socket.empty()) throw UsageError("--api-socket needs a path or none");
+        } else if (f == "--seccomp") {
+            std::string v = a.value(f);
+            auto m = parse_seccomp_mode(v);
+            if (!m) throw UsageError("--seccomp '" + v + "': need on, log or off");
+            confine.seccomp = *m;
+        } else if (f == "--user") {
+            confine.user = parse_user(a.value(f));
         } else if (f == "--no-pv-spinlocks") {
             a.no_value(f);
             cfg.pv_spinlocks = false;
@@ -156,7 +167,7 @@ int cmd_run(int argc, char** argv) {
             throw UsageError("--memory-max needs --hugepages thp or off (hugetlbfs for hot-plugged memory is not supported)");
         cfg.memory = boot;
     }
-    return run_vm(cfg);
+    return run_vm(cfg, confine);
 }
 
 } // namespace

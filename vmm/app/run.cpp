@@ -9,6 +9,7 @@
 #include "devices/base/fd.hpp"
 #include "devices/base/log.hpp"
 #include "devices/base/timeline.hpp"
+#include "devices/base/thread_start.hpp"
 #include "devices/port80.hpp"
 #include "devices/serial.hpp"
 #include "devices/virtio_blk.hpp"
@@ -146,6 +147,7 @@ public:
 
 private:
     void thread_main() {
+        thread_started(ThreadKind::console);
         pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
         std::uint8_t buf[256];
         for (;;) {
@@ -270,7 +272,8 @@ void exit_report(Machine& m, int status, bool signalled) {
 
 } // namespace
 
-int run_vm(const VmConfig& cfg) {
+int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
+    Confinement confine(confine_options);   // first: it closes inherited fds
     Machine m(cfg);
     int status = 0;
     bool signalled = false;
@@ -281,10 +284,15 @@ int run_vm(const VmConfig& cfg) {
         std::unique_ptr<ApiServer> api;
         if (cfg.api_socket != "none")
             api = std::make_unique<ApiServer>(cfg.api_socket.empty() ? socket_for(cfg.name) : cfg.api_socket, control);
+        // Everything is open: drop privileges and let the waiting threads
+        // confine themselves, before anything else can fail (the API thread
+        // waits for this, and `api` joins it).
+        confine.setup_done();
         std::unique_ptr<ConsoleInput> console;
         StopOnExit stop_on_exit{m};
         if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.loop().stop_fd());
         m.loop().start();
+        confine.confine_main();   // last: no thread is started after it
         signalled = wait_for_stop(m, signals.fd());
         status = m.loop().wait();
     }

@@ -262,5 +262,24 @@ TEST(GuestMemory, ThpResidentAndHugeBackedBytes) {
     EXPECT_EQ(small.huge_backed_bytes(), 0u);
 }
 
+TEST(GuestMemory, RamIsLeftOutOfCoreDumps) {
+    GuestMemory mem(16ull << 20, Backing::off);
+    const auto base = reinterpret_cast<std::uintptr_t>(mem.host_address_for_kvm(mem.regions().front()));
+    // The smaps entry holding guest RAM: its VmFlags carry "dd" (VM_DONTDUMP).
+    std::ifstream smaps("/proc/self/smaps");
+    std::string line;
+    bool inside = false, found = false;
+    while (std::getline(smaps, line)) {
+        unsigned long lo = 0, hi = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {   // a mapping's first line
+            inside = lo <= base && base < hi;
+        } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+            EXPECT_NE((line + " ").find(" dd "), std::string::npos) << line;
+            found = true;
+        }
+    }
+    EXPECT_TRUE(found) << "no smaps entry for guest RAM at " << std::hex << base;
+}
+
 } // namespace
 } // namespace kguest
