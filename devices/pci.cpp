@@ -207,4 +207,6 @@ void PciHostBridge::write(std::uint64_t offset, std::span<const std::uint8_t> da
     // 0xcf9 reset control on a PIIX) are ignored.
 }
 
+int IntxLines::set(unsigned slot, bool level) { return set_line_(pci::intx_gsi(slot), level); }
+
 } // namespace kguest

@@ -19,6 +19,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -40,6 +41,21 @@ inline constexpr unsigned kConfigSize = 256, kNumBars = 6, kCapStart = 0x40;
 // 16-23 carry no ISA device). The wiring and the ACPI _PRT both use this.
 constexpr std::uint32_t intx_gsi(unsigned slot) { return 16 + (slot - 1) % 8; }
 } // namespace pci
+
+// The interrupt controller's INTx input lines, each driven by the functions
+// routed to it (pci::intx_gsi puts slots 1 and 9, 2 and 10, ... on one line).
+// `set_line(gsi, level)` is what moves the pin (KVM_IRQ_LINE); it returns 0
+// or an errno. Thread-safe: devices call in under their own locks.
+class IntxLines {
+public:
+    using SetLine = std::function<int(unsigned gsi, bool level)>;
+    explicit IntxLines(SetLine set_line) : set_line_(std::move(set_line)) {}
+    // Slot `slot` drives its line (pci::intx_gsi(slot)) at `level`; 0 or the errno.
+    int set(unsigned slot, bool level);
+
+private:
+    SetLine set_line_;
+};
 
 class PciFunction {
 public:
