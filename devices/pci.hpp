@@ -20,8 +20,10 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <span>
 
 namespace kguest {
@@ -44,17 +46,24 @@ constexpr std::uint32_t intx_gsi(unsigned slot) { return 16 + (slot - 1) % 8; }
 
 // The interrupt controller's INTx input lines, each driven by the functions
 // routed to it (pci::intx_gsi puts slots 1 and 9, 2 and 10, ... on one line).
-// `set_line(gsi, level)` is what moves the pin (KVM_IRQ_LINE); it returns 0
-// or an errno. Thread-safe: devices call in under their own locks.
+// INTx# is open-drain and wire-ORed (PCI 3.0 §2.2.6): a line is asserted
+// while any of its slots asserts, so one device lowering it cannot lose
+// another's interrupt. `set_line(gsi, level)` is what moves the pin
+// (KVM_IRQ_LINE); it returns 0 or an errno. Thread-safe: devices call in
+// under their own locks, and the pin moves under this object's lock so that
+// the interrupt controller sees the levels in order.
 class IntxLines {
 public:
     using SetLine = std::function<int(unsigned gsi, bool level)>;
     explicit IntxLines(SetLine set_line) : set_line_(std::move(set_line)) {}
-    // Slot `slot` drives its line (pci::intx_gsi(slot)) at `level`; 0 or the errno.
+    // Slot `slot` drives its line (pci::intx_gsi(slot)) at `level`; 0 or the
+    // errno of moving the pin (nothing to move: 0).
     int set(unsigned slot, bool level);
 
 private:
     SetLine set_line_;
+    std::mutex mu_;
+    std::map<unsigned, std::set<unsigned>> asserted_;   // gsi -> the slots asserting it
 };
 
 class PciFunction {
