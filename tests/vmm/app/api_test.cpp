@@ -586,6 +586,30 @@ TEST(ApiDispatch, InfoAndCountersJson) {
     EXPECT_EQ(r.body["exits"]["kvm_note"], "KVM_GET_STATS_FD: no");
 }
 
+// virtio-balloon's num_pages is a le32 (VIRTIO 1.2 §5.5.6): a target of 2^32
+// pages (16 TiB) or more cannot be expressed, and must be refused rather than
+// truncated to a small target.
+TEST(ApiDispatch, BalloonTargetBeyond32BitPagesIs400) {
+    constexpr std::uint64_t TiB = 1ull << 40;
+    struct Vm : FakeVm {
+        VmInfo info() override {
+            VmInfo i = FakeVm::info();
+            i.memory = 64 * TiB;
+            return i;
+        }
+    } vm;
+    ApiReply r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_balloon", 20 * TiB}}.dump());
+    EXPECT_EQ(r.status, 400u) << r.body;
+    r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_ram", 1 * TiB}}.dump());
+    EXPECT_EQ(r.status, 400u) << r.body;
+    EXPECT_EQ(vm.resizes(), 0);
+    // The largest target that fits: 2^32 - 1 pages.
+    const std::uint64_t most = (std::uint64_t{UINT32_MAX}) << 12;
+    r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_balloon", most}}.dump());
+    EXPECT_EQ(r.status, 204u) << r.body;
+    EXPECT_EQ(vm.target(), most);
+}
+
 // Every refusal is a 409 with the message the CLI prints.
 TEST(ApiDispatch, RefusalsAre409WithTheirMessage) {
     struct Vm : FakeVm {
