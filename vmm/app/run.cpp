@@ -80,7 +80,9 @@ public:
     ControlError resize(std::uint64_t desired_balloon_bytes) override {
         VirtioBalloon* b = m_.balloon();
         if (b == nullptr) return ControlError::no_balloon;
-        if (desired_balloon_bytes > m_.memory().size()) return ControlError::balloon_too_large;
+        // num_pages is a le32 (VIRTIO 1.2 5.5.6); api.cpp refuses more, this never truncates.
+        if (desired_balloon_bytes > m_.memory().size() || (desired_balloon_bytes >> 12) > UINT32_MAX)
+            return ControlError::balloon_too_large;
         b->set_target_pages(static_cast<std::uint32_t>(desired_balloon_bytes >> 12));
         return ControlError::none;
     }
