@@ -135,7 +135,7 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
     }
     // virtio-balloon's num_pages is a le32 count of 4 KiB pages (VIRTIO 1.2 5.5.6).
     constexpr std::uint64_t kMaxBalloon = std::uint64_t{UINT32_MAX} << 12;
-    if (balloon > kMaxBalloon + 4095)
+    if ((balloon >> 12) > UINT32_MAX)
         return error_reply(400, std::string(key) + " " + std::to_string(n) + " asks for a balloon of " +
                                     std::to_string(balloon) + " bytes; virtio-balloon counts 4 KiB pages in 32 bits (at most " +
                                     std::to_string(kMaxBalloon) + " bytes)");
