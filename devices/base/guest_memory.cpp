@@ -173,4 +173,9 @@ std::uint64_t GuestMemory::huge_backed_bytes() const {
     return total;
 }
 
+GuestMemory::Usage GuestMemory::usage() const {
+    usage_scans_.fetch_add(1);
+    return Usage{resident_bytes(), huge_backed_bytes()};
+}
+
 } // namespace kguest

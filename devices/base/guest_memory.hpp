@@ -163,6 +163,13 @@ public:
     // Bytes backed by 2 MiB pages: AnonHugePages of our VMAs in smaps
     // (hugetlbfs: every resident byte); 0 when smaps cannot be read.
     std::uint64_t huge_backed_bytes() const;
+    // Both of the above for all of RAM, as vm.info reports them.
+    struct Usage {
+        std::uint64_t resident_bytes = 0, huge_backed_bytes = 0;
+    };
+    Usage usage() const;
+    // How many times usage() scanned the mapping and smaps.
+    std::uint64_t usage_scans() const { return usage_scans_.load(); }
 
     template <typename T>
     std::optional<T> read_obj(Gpa gpa) const {
@@ -189,6 +196,7 @@ private:
     Mapping mapping_;
     Backing backing_;
     std::vector<MemoryRegion> regions_;
+    mutable std::atomic<std::uint64_t> usage_scans_{0};
 };
 
 } // namespace kguest

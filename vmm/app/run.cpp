@@ -56,8 +56,9 @@ public:
         i.cpus = m_.config().cpus;
         i.memory = mem.size();
         i.backing = mem.backing();
-        i.hugepage_backed_bytes = mem.huge_backed_bytes();
-        i.rss_bytes = mem.resident_bytes();
+        const GuestMemory::Usage u = mem.usage();
+        i.hugepage_backed_bytes = u.huge_backed_bytes;
+        i.rss_bytes = u.resident_bytes;
         i.vmm_rss_bytes = vmm_rss_bytes();
         if (VirtioBalloon* b = m_.balloon())
             i.balloon = VmInfo::Balloon{std::uint64_t{b->target_pages()} << 12, std::uint64_t{b->actual_pages()} << 12};
