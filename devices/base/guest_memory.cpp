@@ -174,8 +174,13 @@ std::uint64_t GuestMemory::huge_backed_bytes() const {
 }
 
 GuestMemory::Usage GuestMemory::usage() const {
+    std::lock_guard lock(usage_mu_);
+    const auto now = std::chrono::steady_clock::now();
+    if (usage_scans_.load() != 0 && now - usage_at_ < std::chrono::seconds(1)) return usage_;
     usage_scans_.fetch_add(1);
-    return Usage{resident_bytes(), huge_backed_bytes()};
+    usage_ = Usage{resident_bytes(), huge_backed_bytes()};
+    usage_at_ = std::chrono::steady_clock::now();   // after the scan: a slow scan is not repeated at once
+    return usage_;
 }
 
 } // namespace kguest

@@ -19,9 +19,11 @@
 
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <compare>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -163,7 +165,10 @@ public:
     // Bytes backed by 2 MiB pages: AnonHugePages of our VMAs in smaps
     // (hugetlbfs: every resident byte); 0 when smaps cannot be read.
     std::uint64_t huge_backed_bytes() const;
-    // Both of the above for all of RAM, as vm.info reports them.
+    // Both of the above for all of RAM, as vm.info reports them: scanned at
+    // most once a second (mincore over all of RAM and a parse of smaps cost
+    // milliseconds per GiB, and any local client may ask in a loop), so an
+    // answer may be up to a second old.
     struct Usage {
         std::uint64_t resident_bytes = 0, huge_backed_bytes = 0;
     };
@@ -197,6 +202,9 @@ private:
     Backing backing_;
     std::vector<MemoryRegion> regions_;
     mutable std::atomic<std::uint64_t> usage_scans_{0};
+    mutable std::mutex usage_mu_;   // guards the cached usage() answer
+    mutable Usage usage_;
+    mutable std::chrono::steady_clock::time_point usage_at_{};
 };
 
 } // namespace kguest
