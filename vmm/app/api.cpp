@@ -6,6 +6,7 @@
 // A deadline is a steady_timer that cancels the socket; a generation counter
 // makes a late timer harmless.
 #include "vmm/app/api.hpp"
+#include "vmm/app/api_client.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
 
@@ -340,7 +341,8 @@ void refuse_busy(Socket& s) {
 }
 
 // mkdir -p with mode 0700; refuses a directory that belongs to someone else
-// (who could pre-create /tmp/kguest-$UID and watch or replace our socket).
+// or that others may write (who could pre-create /tmp/kguest-$UID, or use a
+// shared directory, and watch or replace our socket): check_socket_dir.
 void make_socket_dir(const std::string& dir) {
     if (dir.empty()) return;
     for (std::size_t pos = 1; pos <= dir.size(); ++pos) {
@@ -348,12 +350,7 @@ void make_socket_dir(const std::string& dir) {
         std::string prefix = dir.substr(0, pos);
         if (::mkdir(prefix.c_str(), 0700) != 0 && errno != EEXIST) throw_errno("mkdir " + prefix);
     }
-    struct stat st {};
-    if (::lstat(dir.c_str(), &st) != 0) throw_errno("lstat " + dir);
-    if (!S_ISDIR(st.st_mode)) throw SysError("api socket directory " + dir, ENOTDIR);
-    if (st.st_uid != ::geteuid() && st.st_uid != 0)
-        throw std::runtime_error("api socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
-                                 ", not to us (uid " + std::to_string(::geteuid()) + ")");
+    check_socket_dir(dir);
 }
 
 sockaddr_un socket_address(const std::string& path) {
