@@ -143,4 +143,9 @@ std::uint64_t Serial::tx_bytes() const {
     return tx_bytes_;
 }
 
+std::uint64_t Serial::tx_dropped() const {
+    std::lock_guard lock(mu_);
+    return tx_dropped_;
+}
+
 } // namespace kguest

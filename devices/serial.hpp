@@ -29,6 +29,8 @@ public:
     // Host → guest: queue input bytes (dropped beyond kRxLimit, as an overrun).
     void receive(std::span<const std::uint8_t> bytes);
     std::uint64_t tx_bytes() const;
+    // Transmitted bytes the console fd did not take (a reader not keeping up, or gone).
+    std::uint64_t tx_dropped() const;
 
     static constexpr std::size_t kRxLimit = 4096;
 
@@ -48,6 +50,7 @@ private:
     bool thre_pending_ = false;          // THR-empty interrupt waiting for an IIR read
     bool overrun_ = false;
     std::uint64_t tx_bytes_ = 0;
+    std::uint64_t tx_dropped_ = 0;
 };
 
 } // namespace kguest
