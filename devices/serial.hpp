@@ -1,6 +1,7 @@
 // A 16550A UART, the PC's COM1 at port 0x3f8 with IRQ 4: the guest console.
-// Transmitted bytes go straight to the console fd (no baud-rate pacing); host
-// bytes land in a receive FIFO and raise the "data available" interrupt.
+// Transmitted bytes go straight to the console fd (no baud-rate pacing, and
+// never waiting for its reader: what it cannot take is dropped and counted);
+// host bytes land in a receive FIFO and raise the "data available" interrupt.
 // Registers follow the PC16550D data sheet, loopback mode (MCR bit 4)
 // included, as Linux's 8250 driver may probe it.
 #pragma once

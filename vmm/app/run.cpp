@@ -217,6 +217,11 @@ void exit_report(Machine& m, int status, bool signalled) {
     log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
             m.config().name.c_str(), status, ull(p.writes()), p.absorbed() ? "in-kernel" : "userspace",
             ull(p.reads()), p.last_code());
+    if (const std::uint64_t dropped = m.serial().tx_dropped())
+        log_msg("console: %llu of %llu bytes dropped (its reader did not keep up or was gone)", ull(dropped),
+                ull(m.serial().tx_bytes()));
+    if (const std::uint64_t lost = log_lines_dropped())
+        log_msg("log: %llu lines dropped (stderr's reader did not keep up)", ull(lost));
     std::size_t i = 0;
     for (const NetDevice& n : m.nets()) {
         NetCounters c = n.dev->counters();
