@@ -154,7 +154,8 @@ private:
 };
 
 // Blocks the stop signals in this thread (and the threads it starts) and reads
-// them from a signalfd; restores the mask on destruction.
+// them from a signalfd; restores the mask on destruction. Created before any
+// other thread exists (run_vm).
 class StopSignals {
 public:
     StopSignals() {
@@ -252,11 +253,16 @@ void exit_report(Machine& m, int status, bool signalled) {
 } // namespace
 
 int run_vm(const VmConfig& cfg) {
+    // Before the Machine, whose devices start their event loop threads: every
+    // thread kguest starts inherits the blocked stop signals, so the kernel
+    // can only queue them for the signalfd. One landing on a thread that did
+    // not block them would take its default action and end the process
+    // without the stop path (the terminal left raw, the socket left behind).
+    StopSignals signals;
     Machine m(cfg);
     int status = 0;
     bool signalled = false;
     {
-        StopSignals signals;
         // The control API first, so a socket error needs no thread cleanup.
         MachineControl control(m);
         std::unique_ptr<ApiServer> api;
