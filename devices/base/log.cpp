@@ -42,6 +42,12 @@ std::uint64_t log_lines_dropped() { return lines_dropped.load(std::memory_order_
 std::size_t write_nowait(int fd, const void* p, std::size_t n) {
     static std::mutex turns;   // see log.hpp: our writers never race each other for the same room
     std::lock_guard lock(turns);
+    // The caller's errno survives (a log line often comes between a failing
+    // call and the code that reports its errno).
+    struct KeepErrno {
+        int saved = errno;
+        ~KeepErrno() { errno = saved; }
+    } keep;
     ssize_t r = ::send(fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (r >= 0) return static_cast<std::size_t>(r);
     if (errno != ENOTSOCK) return 0;   // EAGAIN: the reader is behind; EPIPE: gone
