@@ -87,14 +87,19 @@ TEST(KvmStop, SigtermWithStdoutAnUnreadPipe) {
                             p[1], err_fd);
     ::close(p[1]);
     // Once output arrives, give the guest time to print the rest, which the
-    // pipe cannot take; then stop the VM.
+    // pipe cannot take (a kguest that waits for room fills it to the page),
+    // then stop the VM.
     int queued = 0;
     for (int i = 0; i < 1200 && queued == 0; ++i) {
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
         if (::ioctl(p[0], FIONREAD, &queued) != 0) queued = 0;
     }
     EXPECT_GT(queued, 0) << "no console output from the guest";
-    std::this_thread::sleep_for(std::chrono::seconds(10));
+    for (int i = 0; i < 400 && queued < 4096; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        if (::ioctl(p[0], FIONREAD, &queued) != 0) queued = 0;
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(1));
     const auto t0 = std::chrono::steady_clock::now();
     ::kill(pid, SIGTERM);
     int ws = 0;
