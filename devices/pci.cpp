@@ -207,4 +207,14 @@ void PciHostBridge::write(std::uint64_t offset, std::span<const std::uint8_t> da
     // 0xcf9 reset control on a PIIX) are ignored.
 }
 
+int IntxLines::set(unsigned slot, bool level) {
+    const unsigned gsi = pci::intx_gsi(slot);
+    std::lock_guard lock(mu_);
+    std::set<unsigned>& slots = asserted_[gsi];
+    const bool was = !slots.empty();
+    if (level) slots.insert(slot); else slots.erase(slot);
+    const bool now = !slots.empty();
+    return was == now ? 0 : set_line_(gsi, now);
+}
+
 } // namespace kguest

@@ -19,8 +19,11 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <span>
 
 namespace kguest {
@@ -40,6 +43,28 @@ inline constexpr unsigned kConfigSize = 256, kNumBars = 6, kCapStart = 0x40;
 // 16-23 carry no ISA device). The wiring and the ACPI _PRT both use this.
 constexpr std::uint32_t intx_gsi(unsigned slot) { return 16 + (slot - 1) % 8; }
 } // namespace pci
+
+// The interrupt controller's INTx input lines, each driven by the functions
+// routed to it (pci::intx_gsi puts slots 1 and 9, 2 and 10, ... on one line).
+// INTx# is open-drain and wire-ORed (PCI 3.0 §2.2.6): a line is asserted
+// while any of its slots asserts, so one device lowering it cannot lose
+// another's interrupt. `set_line(gsi, level)` is what moves the pin
+// (KVM_IRQ_LINE); it returns 0 or an errno. Thread-safe: devices call in
+// under their own locks, and the pin moves under this object's lock so that
+// the interrupt controller sees the levels in order.
+class IntxLines {
+public:
+    using SetLine = std::function<int(unsigned gsi, bool level)>;
+    explicit IntxLines(SetLine set_line) : set_line_(std::move(set_line)) {}
+    // Slot `slot` drives its line (pci::intx_gsi(slot)) at `level`; 0 or the
+    // errno of moving the pin (nothing to move: 0).
+    int set(unsigned slot, bool level);
+
+private:
+    SetLine set_line_;
+    std::mutex mu_;
+    std::map<unsigned, std::set<unsigned>> asserted_;   // gsi -> the slots asserting it
+};
 
 class PciFunction {
 public:

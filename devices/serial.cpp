@@ -1,5 +1,6 @@
 // The 16550A register model (see serial.hpp).
 #include "devices/serial.hpp"
+#include "devices/base/log.hpp"
 #include "devices/base/timeline.hpp"
 
 #include <cerrno>
@@ -116,11 +117,10 @@ void Serial::transmit(std::uint8_t b) {
     ++tx_bytes_;
     boot_console_output(b);
     if (out_fd_ < 0) return;
-    // On EAGAIN (a slow pipe) or another error the byte is lost: never block a vCPU.
-    ssize_t r;
-    do {
-        r = ::write(out_fd_, &b, 1);
-    } while (r < 0 && errno == EINTR);
+    // Never block a vCPU (it holds this lock and the PIO bus's): a byte the
+    // console does not take now (a slow or unread pipe, a closed one) is lost
+    // and counted, as a real UART without flow control would lose it.
+    if (write_nowait(out_fd_, &b, 1) != 1) ++tx_dropped_;
 }
 
 void Serial::update_irq() {
@@ -143,6 +143,11 @@ void Serial::receive(std::span<const std::uint8_t> bytes) {
 std::uint64_t Serial::tx_bytes() const {
     std::lock_guard lock(mu_);
     return tx_bytes_;
+}
+
+std::uint64_t Serial::tx_dropped() const {
+    std::lock_guard lock(mu_);
+    return tx_dropped_;
 }
 
 } // namespace kguest

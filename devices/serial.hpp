@@ -1,6 +1,7 @@
 // A 16550A UART, the PC's COM1 at port 0x3f8 with IRQ 4: the guest console.
-// Transmitted bytes go straight to the console fd (no baud-rate pacing); host
-// bytes land in a receive FIFO and raise the "data available" interrupt.
+// Transmitted bytes go straight to the console fd (no baud-rate pacing, and
+// never waiting for its reader: what it cannot take is dropped and counted);
+// host bytes land in a receive FIFO and raise the "data available" interrupt.
 // Registers follow the PC16550D data sheet, loopback mode (MCR bit 4)
 // included, as Linux's 8250 driver may probe it.
 #pragma once
@@ -29,6 +30,8 @@ public:
     // Host → guest: queue input bytes (dropped beyond kRxLimit, as an overrun).
     void receive(std::span<const std::uint8_t> bytes);
     std::uint64_t tx_bytes() const;
+    // Transmitted bytes the console fd did not take (a reader not keeping up, or gone).
+    std::uint64_t tx_dropped() const;
 
     static constexpr std::size_t kRxLimit = 4096;
 
@@ -48,6 +51,7 @@ private:
     bool thre_pending_ = false;          // THR-empty interrupt waiting for an IIR read
     bool overrun_ = false;
     std::uint64_t tx_bytes_ = 0;
+    std::uint64_t tx_dropped_ = 0;
 };
 
 } // namespace kguest

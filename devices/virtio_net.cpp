@@ -209,7 +209,8 @@ void VirtioNet::do_activate(std::span<Virtqueue> queues, GuestMemory& mem, std::
         if (has(negotiated_, VIRTIO_NET_F_GUEST_TSO6)) off |= TUN_F_TSO6;
         if (has(negotiated_, VIRTIO_NET_F_GUEST_ECN)) off |= TUN_F_TSO_ECN;
         if (int err = backend_->set_offloads(off); err != 0)
-            log_msg("virtio-net: %s: TUNSETOFFLOAD 0x%x: %s", backend_->describe().c_str(), off, std::strerror(err));
+            KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: TUNSETOFFLOAD 0x%x: %s", backend_->describe().c_str(), off,
+                               std::strerror(err));
     }
     // 5.1.6.5.5: multiqueue starts disabled: pair 0 only.
     set_active_pairs(1);
@@ -241,7 +242,10 @@ void VirtioNet::set_active_pairs(unsigned n) {
 
 bool VirtioNet::queue_error(std::uint16_t q, GuestError e) {
     // 2.1.2: a broken ring: DEVICE_NEEDS_RESET, and hands off until reset.
-    if (!logged_error_) log_msg("virtio-net: queue %u: %s; device needs reset", static_cast<unsigned>(q), e.reason);
+    // One line per activation at most, and rate-limited across them: a guest
+    // looping reset -> DRIVER_OK -> broken ring -> kick must not flood stderr.
+    if (!logged_error_)
+        KGUEST_LOG_LIMITED(log_limit_, "virtio-net: queue %u: %s; device needs reset", static_cast<unsigned>(q), e.reason);
     logged_error_ = true;
     broken_ = true;
     fail();

@@ -132,12 +132,20 @@ std::vector<HvmMemmapEntry> e820_map(const GuestMemory& mem) {
 // End of the RAM region that starts at 0 (below the 32-bit MMIO hole).
 std::uint64_t low_ram_end(const GuestMemory& mem) { return mem.regions().front().size; }
 
+// Every copy into guest RAM is checked: a guest must never boot from memory
+// the loader meant to fill but did not.
+void copy_in(GuestMemory& mem, std::uint64_t gpa, const void* src, std::uint64_t len, const char* what) {
+    if (!mem.write(Gpa(gpa), src, len))
+        throw UsageError(std::string(what) + " (" + std::to_string(len) + " bytes at " + std::to_string(gpa) +
+                         ") does not fit in guest RAM (raise --memory)");
+}
+
 void write_cmdline(GuestMemory& mem, const std::string& cmdline, std::uint64_t max_with_nul) {
     if (cmdline.size() + 1 > max_with_nul)
         throw UsageError("--cmdline is longer than " + std::to_string(max_with_nul - 1) + " bytes" +
                          (max_with_nul < kCmdlineMax ? " (this kernel's cmdline_size)" : ""));
     if (cmdline.find('\0') != std::string::npos) throw UsageError("--cmdline contains a NUL byte");
-    mem.write(Gpa(kCmdlineGpa), cmdline.c_str(), cmdline.size() + 1);
+    copy_in(mem, kCmdlineGpa, cmdline.c_str(), cmdline.size() + 1, "the command line");
 }
 
 // Copies an initrd page-aligned as high as it goes in low RAM (boot.rst), below
@@ -151,7 +159,7 @@ std::uint64_t load_initrd(GuestMemory& mem, std::span<const std::uint8_t> initrd
         throw UsageError("--initrd: " + std::to_string((initrd.size() + mib - 1) / mib) +
                          " MiB does not fit in guest RAM beside the kernel (raise --memory)");
     std::uint64_t gpa = (top - initrd.size()) & ~std::uint64_t(0xfff);
-    mem.write(Gpa(gpa), initrd.data(), initrd.size());
+    copy_in(mem, gpa, initrd.data(), initrd.size(), "--initrd");
     return gpa;
 }
 
@@ -192,7 +200,7 @@ std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline,
                                    std::uint64_t initrd_gpa, std::uint64_t initrd_size) {
     write_cmdline(mem, cmdline, kCmdlineMax);
     const auto map = e820_map(mem);
-    mem.write(Gpa(kMemmapGpa), map.data(), map.size() * sizeof(HvmMemmapEntry));
+    copy_in(mem, kMemmapGpa, map.data(), map.size() * sizeof(HvmMemmapEntry), "the PVH memory map");
 
     HvmStartInfo si{};
     si.magic = XEN_HVM_START_MAGIC_VALUE;
@@ -204,11 +212,11 @@ std::uint64_t write_pvh_start_info(GuestMemory& mem, const std::string& cmdline,
     if (initrd_size != 0) {
         // struct hvm_modlist_entry {paddr, size, cmdline_paddr, reserved}
         const std::uint64_t mod[4] = {initrd_gpa, initrd_size, 0, 0};
-        mem.write(Gpa(kModlistGpa), mod, sizeof mod);
+        copy_in(mem, kModlistGpa, mod, sizeof mod, "the PVH module list");
         si.nr_modules = 1;
         si.modlist_paddr = kModlistGpa;
     }
-    mem.write_obj(Gpa(kStartInfoGpa), si);
+    copy_in(mem, kStartInfoGpa, &si, sizeof si, "the PVH start_info");
     return kStartInfoGpa;
 }
 
@@ -244,12 +252,12 @@ void write_identity_page_tables(GuestMemory& mem) {
     std::uint64_t pml4[512] = {pdpt | kP | kRw};
     std::uint64_t pdpte[512] = {};
     for (std::uint64_t i = 0; i < 4; ++i) pdpte[i] = (pd + i * 0x1000) | kP | kRw;
-    mem.write(Gpa(kPml4Gpa), pml4, sizeof pml4);
-    mem.write(Gpa(pdpt), pdpte, sizeof pdpte);
+    copy_in(mem, kPml4Gpa, pml4, sizeof pml4, "the boot page tables");
+    copy_in(mem, pdpt, pdpte, sizeof pdpte, "the boot page tables");
     for (std::uint64_t i = 0; i < 4; ++i) {
         std::uint64_t pde[512];
         for (std::uint64_t j = 0; j < 512; ++j) pde[j] = ((i << 30) | (j << 21)) | kP | kRw | kPs;
-        mem.write(Gpa(pd + i * 0x1000), pde, sizeof pde);
+        copy_in(mem, pd + i * 0x1000, pde, sizeof pde, "the boot page tables");
     }
 }
 } // namespace
@@ -317,11 +325,15 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
     const SetupHeader h = parse_setup_header(image);
     auto kernel = image.subspan(h.setup_bytes);
     // The kernel decompresses itself to max(load address, pref_address)
-    // rounded up to kernel_alignment, and needs init_size bytes there.
-    const std::uint64_t need = std::max(kBzLoadGpa, h.pref_address) + h.init_size;
+    // rounded up to kernel_alignment, and needs init_size bytes there. A
+    // pref_address near 2^64 would wrap the sum to a small "fitting" value.
+    const std::uint64_t dest = std::max(kBzLoadGpa, h.pref_address);
+    if (dest > UINT64_MAX - h.init_size)
+        bad("bzImage has a bad pref_address (" + std::to_string(h.pref_address) + " + init_size wraps past 2^64)");
+    const std::uint64_t need = dest + h.init_size;
     if (need > low_ram_end(mem))
-        bad("bzImage needs " + std::to_string((need + (1 << 20) - 1) >> 20) + " MiB of RAM below 3 GiB (raise --memory)");
-    mem.write(Gpa(kBzLoadGpa), kernel.data(), kernel.size());
+        bad("bzImage needs " + std::to_string((need >> 20) + ((need & 0xfffff) != 0)) + " MiB of RAM below 3 GiB (raise --memory)");
+    copy_in(mem, kBzLoadGpa, kernel.data(), kernel.size(), "the bzImage's kernel");
 
     BootPlan plan{BootPlan::Mode::linux64, kBzLoadGpa + 0x200, kZeroPageGpa};
     add_initrd(plan, need, h.initrd_addr_max);
@@ -348,7 +360,7 @@ BootPlan load_kernel(GuestMemory& mem, std::span<const std::uint8_t> image, std:
         put<std::uint64_t>(z, 0x2d0 + i * 20 + 8, map[i].size);
         put<std::uint32_t>(z, 0x2d0 + i * 20 + 16, map[i].type);
     }
-    mem.write(Gpa(kZeroPageGpa), zp.data(), zp.size());
+    copy_in(mem, kZeroPageGpa, zp.data(), zp.size(), "the zero page");
     write_identity_page_tables(mem);
     return plan;
 }

@@ -74,15 +74,17 @@ ExitStats VcpuLoop::exits() const {
 }
 
 int VcpuLoop::wait() {
+    std::vector<std::thread> threads;
     {
         // The threads end only once the VM stops; joining them while
         // request_stop still kicks them would race with it.
         std::unique_lock lock(pause_mu_);
         pause_cv_.wait(lock, [&] { return stop_kicked_; });
+        // Taken out under the lock: pause() and kick_all() read threads_ under it.
+        threads.swap(threads_);
     }
-    for (auto& t : threads_)
+    for (auto& t : threads)
         if (t.joinable()) t.join();
-    threads_.clear();
     return status_.load();
 }
 
@@ -113,9 +115,17 @@ bool VcpuLoop::pause() {
     if (stopping_.load()) return false;
     paused_.store(true);
     kick_all();
-    return pause_cv_.wait_for(lock, std::chrono::seconds(5), [&] {
-        return stopping_.load() || parked_ + halted_.load() >= threads_.size();
+    const std::size_t threads = threads_.size();   // fixed from start() until wait(), which needs stopping_
+    const bool parked = pause_cv_.wait_for(lock, std::chrono::seconds(5), [&] {
+        return stopping_.load() || parked_ + halted_.load() >= threads;
     }) && !stopping_.load();
+    if (!parked) {
+        // Failed: do not leave the VM half-paused (the vCPUs that did park,
+        // and any that arrive later, would wait for a resume nobody sends).
+        paused_.store(false);
+        pause_cv_.notify_all();
+    }
+    return parked;
 }
 
 void VcpuLoop::resume() {

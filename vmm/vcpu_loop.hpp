@@ -43,8 +43,9 @@ public:
     void start();
     // Stops the VM with `status` (the first request wins).
     void request_stop(int status);
-    // Parks every vCPU thread outside KVM_RUN; false if the VM is stopping or
-    // they did not park within 5 s. resume() lets them go on.
+    // Parks every vCPU thread outside KVM_RUN; false, with the VM left
+    // running (paused() false), if it is stopping or they did not park within
+    // 5 s. resume() lets them go on.
     bool pause();
     void resume();
     bool paused() const { return paused_.load(); }

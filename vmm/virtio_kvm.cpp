@@ -59,8 +59,8 @@ int GsiRouter::set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t d
 // under the transport's interrupt lock, from vCPU and device threads.
 class VirtioPciSlot::Irqs : public VirtioInterrupts {
 public:
-    Irqs(Vm& vm, GsiRouter& router, std::uint16_t vectors, std::uint32_t intx_gsi)
-        : vm_(vm), router_(router), intx_gsi_(intx_gsi) {
+    Irqs(Vm& vm, GsiRouter& router, std::uint16_t vectors, unsigned slot)
+        : vm_(vm), router_(router), slot_(slot) {
         for (std::uint16_t v = 0; v < vectors; ++v) {
             fds_.push_back(make_eventfd());
             gsis_.push_back(router_.alloc_msi_gsi());
@@ -83,8 +83,9 @@ public:
     }
 
     void intx(bool level) override {
-        if (int err = vm_.irq_line(intx_gsi_, level))
-            KGUEST_LOG_LIMITED(limit_, "virtio-pci: KVM_IRQ_LINE %u: %s (errno %d)", intx_gsi_, std::strerror(err), err);
+        if (int err = router_.intx().set(slot_, level))
+            KGUEST_LOG_LIMITED(limit_, "virtio-pci: KVM_IRQ_LINE %u: %s (errno %d)", pci::intx_gsi(slot_),
+                               std::strerror(err), err);
         if (level) intx_count_.fetch_add(1, std::memory_order_relaxed);
     }
 
@@ -94,7 +95,7 @@ public:
 private:
     Vm& vm_;
     GsiRouter& router_;
-    std::uint32_t intx_gsi_;
+    unsigned slot_;
     std::vector<Fd> fds_;
     std::vector<std::uint32_t> gsis_;
     std::atomic<std::uint64_t> msi_count_{0}, intx_count_{0};
@@ -107,7 +108,7 @@ VirtioPciSlot::VirtioPciSlot(Vm& vm, GsiRouter& router, Bus& mmio, GuestMemory& 
     : vm_(vm), mmio_(mmio), mem_(mem) {
     const std::uint32_t intx = pci::intx_gsi(slot);
     const auto queues = device->num_queues();
-    irqs_ = std::make_shared<Irqs>(vm, router, static_cast<std::uint16_t>(queues + 1), intx);
+    irqs_ = std::make_shared<Irqs>(vm, router, static_cast<std::uint16_t>(queues + 1), slot);
     auto dev = device;
     const std::uint16_t id = dev->device_id();
     const char* kind = id == 1 ? "virtio-net" : id == 5 ? "virtio-balloon" : "virtio";

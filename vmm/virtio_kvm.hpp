@@ -11,6 +11,7 @@
 //     over guest RAM, the LAPIC/IOAPIC range or another device is not mapped.
 #pragma once
 
+#include "devices/pci.hpp"
 #include "devices/virtio_pci.hpp"
 #include "devices/base/bus.hpp"
 #include "devices/base/fd.hpp"
@@ -31,15 +32,18 @@ namespace kguest {
 class GsiRouter {
 public:
     static constexpr std::uint32_t kFirstMsiGsi = 24;
-    explicit GsiRouter(Vm& vm) : vm_(vm) {}
+    explicit GsiRouter(Vm& vm) : vm_(vm), intx_([&vm](unsigned gsi, bool level) { return vm.irq_line(gsi, level); }) {}
     // Setup time: a fresh GSI for an MSI route (no route until set_msi).
     std::uint32_t alloc_msi_gsi();
     // Points `gsi` at an MSI message and commits the table; the errno, or 0.
     int set_msi(std::uint32_t gsi, std::uint64_t address, std::uint32_t data) noexcept;
+    // The INTx pins 16-23, which slots share (devices/pci.hpp).
+    IntxLines& intx() { return intx_; }
 
 private:
     std::vector<kvm_irq_routing_entry> table_locked() const;
     Vm& vm_;
+    IntxLines intx_;
     std::mutex mu_;
     std::uint32_t next_gsi_ = kFirstMsiGsi;
     struct Msi { std::uint32_t gsi; std::uint64_t address; std::uint32_t data; bool set; };

@@ -221,4 +221,14 @@ std::uint64_t GuestMemory::hotplug_resident_bytes() const {
     return hotplug_ ? count_resident(static_cast<std::uint8_t*>(hotplug_mapping_.get()), hotplug_->size) : 0;
 }
 
+GuestMemory::Usage GuestMemory::usage() const {
+    std::lock_guard lock(usage_mu_);
+    const auto now = std::chrono::steady_clock::now();
+    if (usage_scans_.load() != 0 && now - usage_at_ < std::chrono::seconds(1)) return usage_;
+    usage_scans_.fetch_add(1);
+    usage_ = Usage{resident_bytes(), huge_backed_bytes()};
+    usage_at_ = std::chrono::steady_clock::now();   // after the scan: a slow scan is not repeated at once
+    return usage_;
+}
+
 } // namespace kguest

@@ -22,9 +22,11 @@
 
 #include <atomic>
 #include <bit>
+#include <chrono>
 #include <compare>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -186,6 +188,16 @@ public:
     // The same two for the hotplug region alone (0 without one).
     std::uint64_t hotplug_resident_bytes() const;
     std::uint64_t hotplug_huge_backed_bytes() const;
+    // Both of the above for all of RAM, as vm.info reports them: scanned at
+    // most once a second (mincore over all of RAM and a parse of smaps cost
+    // milliseconds per GiB, and any local client may ask in a loop), so an
+    // answer may be up to a second old.
+    struct Usage {
+        std::uint64_t resident_bytes = 0, huge_backed_bytes = 0;
+    };
+    Usage usage() const;
+    // How many times usage() scanned the mapping and smaps.
+    std::uint64_t usage_scans() const { return usage_scans_.load(); }
 
     template <typename T>
     std::optional<T> read_obj(Gpa gpa) const {
@@ -214,6 +226,10 @@ private:
     Backing backing_;
     std::vector<MemoryRegion> regions_;
     std::optional<MemoryRegion> hotplug_;
+    mutable std::atomic<std::uint64_t> usage_scans_{0};
+    mutable std::mutex usage_mu_;   // guards the cached usage() answer
+    mutable Usage usage_;
+    mutable std::chrono::steady_clock::time_point usage_at_{};
 };
 
 } // namespace kguest

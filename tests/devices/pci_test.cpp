@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <gtest/gtest.h>
+#include <map>
 #include <memory>
 #include <random>
 #include <tuple>
@@ -378,6 +379,54 @@ TEST(PciHostBridge, HostileRandomAccesses) {
     EXPECT_EQ(f.g.cfg_read(3, 0x18), 0xffffffffu);
     EXPECT_EQ(f.g.cfg_read(3, 0x1c), 0x0000ffc1u);
     EXPECT_FALSE(f.fn->moves.empty());
+}
+
+} // namespace
+} // namespace kguest
+
+namespace kguest {
+namespace {
+
+// Slots 1 and 9 share IOAPIC pin 16 (pci::intx_gsi). PCI INTx# lines are
+// wired-OR (PCI 3.0 §2.2.6): the pin stays asserted while any function on it
+// asserts, so one device lowering its INTx must not drop the other's.
+TEST(IntxLines, SharedLineIsTheOrOfItsSlots) {
+    std::vector<std::pair<unsigned, bool>> pins;   // what reached the interrupt controller
+    std::map<unsigned, bool> level;
+    IntxLines lines([&](unsigned gsi, bool l) {
+        pins.emplace_back(gsi, l);
+        level[gsi] = l;
+        return 0;
+    });
+    ASSERT_EQ(pci::intx_gsi(1), pci::intx_gsi(9));
+    const unsigned pin = pci::intx_gsi(1);
+    EXPECT_EQ(lines.set(1, true), 0);
+    EXPECT_TRUE(level[pin]);
+    lines.set(9, true);
+    lines.set(9, false);   // slot 9 is served; slot 1 still waits
+    EXPECT_TRUE(level[pin]) << "slot 9 lowering the line lost slot 1's interrupt";
+    lines.set(1, false);
+    EXPECT_FALSE(level[pin]);
+    // A slot on another line does not touch pin 16.
+    lines.set(2, true);
+    EXPECT_TRUE(level[pci::intx_gsi(2)]);
+    EXPECT_FALSE(level[pin]);
+    // Repeating a level is harmless, and a slot lowering a line it never raised
+    // leaves the others' assertion alone.
+    lines.set(10, true);
+    lines.set(10, true);
+    lines.set(2, false);
+    EXPECT_TRUE(level[pci::intx_gsi(2)]);
+    lines.set(10, false);
+    EXPECT_FALSE(level[pci::intx_gsi(2)]);
+    lines.set(17, false);
+    EXPECT_FALSE(level[pin]);
+}
+
+// The pin's errno comes back to the caller.
+TEST(IntxLines, ReportsTheLinesErrno) {
+    IntxLines lines([](unsigned, bool) { return 5; });
+    EXPECT_EQ(lines.set(3, true), 5);
 }
 
 } // namespace

@@ -3,11 +3,15 @@
 // access widths and offsets.
 #include "devices/serial.hpp"
 
+#include <atomic>
+#include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <memory>
 #include <string>
+#include <thread>
 #include <unistd.h>
 #include <utility>
 #include <vector>
@@ -207,6 +211,68 @@ TEST(Serial, DiscardsWithoutAnFd) {
     std::uint8_t ier = 0x02;
     uart.write(1, {&ier, 1});  // no IRQ callback: must not crash
     EXPECT_EQ(uart.tx_bytes(), 1u);
+}
+
+} // namespace
+} // namespace kguest
+
+namespace kguest {
+namespace {
+
+// A console whose reader does not keep up (stdout a pipe nobody reads, in
+// the blocking mode a shell leaves it in) must never block the vCPU that
+// writes THR: the bytes it cannot take are dropped and counted.
+TEST(SerialConsole, FullBlockingPipeDropsAndCountsInsteadOfBlocking) {
+    int p[2];
+    ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+    // Fill the pipe, then put its (shared) description back in blocking mode.
+    ASSERT_EQ(::fcntl(p[1], F_SETFL, O_NONBLOCK), 0);
+    std::vector<char> junk(65536, 'x');
+    while (::write(p[1], junk.data(), junk.size()) > 0) {}
+    ASSERT_EQ(::fcntl(p[1], F_SETFL, 0), 0);
+
+    Serial uart(p[1], [](bool) {});
+    std::atomic<bool> done{false};
+    std::thread vcpu([&] {
+        for (int i = 0; i < 100; ++i) {
+            const std::uint8_t b = 'a';
+            uart.write(0, std::span<const std::uint8_t>(&b, 1));
+        }
+        done.store(true);
+    });
+    for (int i = 0; i < 500 && !done.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    const bool finished = done.load();
+    if (!finished) {   // blocked in write(2): unblock it so the test can end
+        ::fcntl(p[0], F_SETFL, O_NONBLOCK);
+        while (!done.load()) {
+            char buf[65536];
+            (void)!::read(p[0], buf, sizeof buf);
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+    }
+    vcpu.join();
+    EXPECT_TRUE(finished) << "a THR write blocked on the full console pipe";
+    EXPECT_EQ(uart.tx_bytes(), 100u);
+    EXPECT_EQ(uart.tx_dropped(), finished ? 100u : 0u);
+    ::close(p[0]);
+    ::close(p[1]);
+}
+
+// A console whose reader is gone: EPIPE (SIGPIPE is ignored by kguest's
+// main; here the test ignores it too), dropped and counted.
+TEST(SerialConsole, ClosedPipeDropsAndCounts) {
+    int p[2];
+    ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+    ::close(p[0]);
+    struct sigaction ign {}, old {};
+    ign.sa_handler = SIG_IGN;
+    ASSERT_EQ(::sigaction(SIGPIPE, &ign, &old), 0);
+    Serial uart(p[1], [](bool) {});
+    const std::uint8_t b = 'z';
+    uart.write(0, std::span<const std::uint8_t>(&b, 1));
+    EXPECT_EQ(uart.tx_dropped(), 1u);
+    ::sigaction(SIGPIPE, &old, nullptr);
+    ::close(p[1]);
 }
 
 } // namespace

@@ -11,6 +11,8 @@
 #include "tests/support/fake_virtio.hpp"
 
 #include <arpa/inet.h>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <gtest/gtest.h>
 #include <poll.h>
@@ -538,6 +540,66 @@ TEST_F(VirtioNetTest, MultiqueueControlSetsPairs) {
     ctrl.add_chain({{ctrl.alloc(2), 2}});
     dev->queue_notify(4);
     EXPECT_TRUE(wait_until([&] { return tr.needs_reset_calls.load() == 1; }));
+}
+
+// stderr (fd 2) into a temporary file while the object lives: the log
+// lines a test provoked.
+class StderrCapture {
+public:
+    StderrCapture() {
+        char path[] = "/tmp/kguest-stderr.XXXXXX";
+        fd_ = ::mkstemp(path);
+        ::unlink(path);
+        std::fflush(stderr);
+        saved_ = ::dup(STDERR_FILENO);
+        ::dup2(fd_, STDERR_FILENO);
+    }
+    ~StderrCapture() { restore(); }
+    // Restores stderr and returns what was written to it.
+    std::string restore() {
+        if (saved_ >= 0) {
+            ::dup2(saved_, STDERR_FILENO);
+            ::close(saved_);
+            saved_ = -1;
+        }
+        std::string text;
+        char buf[4096];
+        for (off_t off = 0;;) {
+            ssize_t n = ::pread(fd_, buf, sizeof buf, off);
+            if (n <= 0) break;
+            text.append(buf, static_cast<std::size_t>(n));
+            off += n;
+        }
+        return text;
+    }
+
+private:
+    int fd_ = -1, saved_ = -1;
+};
+
+// A guest looping reset -> DRIVER_OK -> broken ring -> kick must not get a
+// log line per cycle: guest-triggered lines go through the rate limiter.
+TEST_F(VirtioNetTest, BrokenRingLoopDoesNotFloodTheLog) {
+    create();
+    StderrCapture capture;
+    const auto t0 = std::chrono::steady_clock::now();
+    constexpr int kCycles = 1000;
+    for (int i = 0; i < kCycles; ++i) {
+        dev->reset();
+        activate(0);
+        tx().add_chain({{mem.size() + 0x1000, 64}});   // outside guest RAM
+        dev->queue_notify(1);
+        ASSERT_TRUE(wait_until([&] { return tr.needs_reset_calls.load() == i + 1; })) << "cycle " << i;
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const std::string log = capture.restore();
+    std::size_t lines = 0;
+    for (std::size_t pos = 0; (pos = log.find("kguest: ", pos)) != std::string::npos; ++pos) ++lines;
+    // The limiter lets 5 lines a second through, plus one "suppressed" note.
+    const double bound = 2 * 5 * (secs + 2);
+    EXPECT_LT(static_cast<double>(lines), bound) << lines << " log lines in " << secs << " s for " << kCycles
+                                                 << " cycles; the first: " << log.substr(0, 300);
+    EXPECT_GT(lines, 0u);   // the first broken ring is still reported
 }
 
 TEST(VirtioNetSetup, RejectsNullBackend) {

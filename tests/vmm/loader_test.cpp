@@ -387,6 +387,20 @@ TEST(BzImageLoader, RefusesWhatDoesNotFit) {
     EXPECT_NO_THROW(load_kernel(mem, good, {}, std::string(2047, 'x'), 0));
 }
 
+// pref_address near 2^64: pref_address + init_size wraps to a small address
+// that "fits", and the kernel would be copied nowhere (or partly) and the
+// guest boot zeroed memory. The loader must refuse the header instead.
+TEST(BzImageLoader, RefusesPrefAddressThatWrapsWithInitSize) {
+    Image img = make_bzimage();
+    poke<std::uint64_t>(img, 0x258, ~std::uint64_t{0} - kInitSize + 1 + 0x100000);   // + init_size = 1 MiB (mod 2^64)
+    expect_bz_refused(img, "pref_address");
+    poke<std::uint64_t>(img, 0x258, ~std::uint64_t{0});
+    expect_bz_refused(img, "pref_address");
+    // Just below the wrap: still far beyond RAM, refused as not fitting.
+    poke<std::uint64_t>(img, 0x258, std::uint64_t{1} << 40);
+    expect_bz_refused(img, "raise --memory");
+}
+
 TEST(BzImageLoader, SurvivesRandomCorruption) {
     const Image good = make_bzimage();
     GuestMemory mem(kBzRam, Backing::off);

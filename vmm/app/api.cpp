@@ -6,6 +6,7 @@
 // A deadline is a steady_timer that cancels the socket; a generation counter
 // makes a late timer harmless.
 #include "vmm/app/api.hpp"
+#include "vmm/app/api_client.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
 #include "devices/base/thread_start.hpp"
@@ -138,6 +139,15 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
     if (!v.is_number_unsigned()) return error_reply(400, std::string(key) + " must be a non-negative integer (bytes)");
     std::uint64_t n = v.get<std::uint64_t>();
 
+    // virtio-balloon's num_pages is a le32 count of 4 KiB pages (VIRTIO 1.2 5.5.6).
+    auto balloon_reply = [&](std::uint64_t balloon) {
+        constexpr std::uint64_t kMaxBalloon = std::uint64_t{UINT32_MAX} << 12;
+        if ((balloon >> 12) > UINT32_MAX)
+            return error_reply(400, std::string(key) + " " + std::to_string(n) + " asks for a balloon of " +
+                                        std::to_string(balloon) + " bytes; virtio-balloon counts 4 KiB pages in 32 bits (at most " +
+                                        std::to_string(kMaxBalloon) + " bytes)");
+        return control_reply(vm.resize(balloon));
+    };
     const VmInfo info = vm.info();
     const std::uint64_t memory = info.memory;
     std::uint64_t floor = std::min(kMinGuestRam, memory);
@@ -145,7 +155,7 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
         if (n > memory - floor)
             return error_reply(400, "desired_balloon " + std::to_string(n) + " would leave the guest less than " +
                                         std::to_string(floor) + " bytes");
-        return control_reply(vm.resize(n));
+        return balloon_reply(n);
     }
     // desired_ram: the guest's total memory (Cloud Hypervisor's meaning).
     const std::uint64_t max = info.virtio_mem ? info.virtio_mem->max_bytes : memory;
@@ -171,7 +181,7 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
     if (info.virtio_mem)
         if (ControlError e = vm.resize_hotplug(0); e != ControlError::none) return control_reply(e);
     if (!info.balloon && info.virtio_mem) return control_reply(ControlError::none);
-    return control_reply(vm.resize(memory - n));
+    return balloon_reply(memory - n);
 }
 
 } // namespace
@@ -374,7 +384,8 @@ void refuse_busy(Socket& s) {
 }
 
 // mkdir -p with mode 0700; refuses a directory that belongs to someone else
-// (who could pre-create /tmp/kguest-$UID and watch or replace our socket).
+// or that others may write (who could pre-create /tmp/kguest-$UID, or use a
+// shared directory, and watch or replace our socket): check_socket_dir.
 void make_socket_dir(const std::string& dir) {
     if (dir.empty()) return;
     for (std::size_t pos = 1; pos <= dir.size(); ++pos) {
@@ -382,12 +393,7 @@ void make_socket_dir(const std::string& dir) {
         std::string prefix = dir.substr(0, pos);
         if (::mkdir(prefix.c_str(), 0700) != 0 && errno != EEXIST) throw_errno("mkdir " + prefix);
     }
-    struct stat st {};
-    if (::lstat(dir.c_str(), &st) != 0) throw_errno("lstat " + dir);
-    if (!S_ISDIR(st.st_mode)) throw SysError("api socket directory " + dir, ENOTDIR);
-    if (st.st_uid != ::geteuid() && st.st_uid != 0)
-        throw std::runtime_error("api socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
-                                 ", not to us (uid " + std::to_string(::geteuid()) + ")");
+    check_socket_dir(dir);
 }
 
 sockaddr_un socket_address(const std::string& path) {

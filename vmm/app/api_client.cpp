@@ -115,10 +115,25 @@ std::string default_socket_dir() {
     return "/tmp/kguest-" + std::to_string(::getuid());
 }
 
+void check_socket_dir(const std::string& dir) {
+    struct stat st {};
+    if (::lstat(dir.c_str(), &st) != 0) throw_errno("lstat " + dir);
+    if (!S_ISDIR(st.st_mode)) throw UsageError("api socket directory " + dir + " is not a directory");
+    if (st.st_uid != ::geteuid() && st.st_uid != 0)
+        throw UsageError("api socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
+                         ", not to us (uid " + std::to_string(::geteuid()) + ") or root; refusing it");
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0 && (st.st_mode & S_ISVTX) == 0)
+        throw UsageError("api socket directory " + dir + " is writable by others (mode " +
+                         std::to_string((st.st_mode >> 6) & 7) + std::to_string((st.st_mode >> 3) & 7) +
+                         std::to_string(st.st_mode & 7) + ", no sticky bit); refusing it");
+}
+
 std::string socket_for(const std::string& name) {
     if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
         throw UsageError("VM name '" + name + "': need a name without slashes");
-    return default_socket_dir() + "/" + name + ".sock";
+    const std::string dir = default_socket_dir();
+    if (::access(dir.c_str(), F_OK) == 0) check_socket_dir(dir);   // missing: the connect says so
+    return dir + "/" + name + ".sock";
 }
 
 // The subcommands.
@@ -322,6 +337,7 @@ std::uint64_t uint_field(const json& j, const char* key, const std::string& what
 
 int cmd_list(const CliOptions& o) {
     std::string dir = default_socket_dir();
+    if (::access(dir.c_str(), F_OK) == 0) check_socket_dir(dir);
     std::vector<std::string> names;
     if (DIR* d = ::opendir(dir.c_str())) {
         while (dirent* e = ::readdir(d)) {

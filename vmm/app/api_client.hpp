@@ -45,8 +45,13 @@ private:
 
 // Where VMs put their sockets: $XDG_RUNTIME_DIR/kguest, /run/kguest for root, or /tmp/kguest-$UID.
 std::string default_socket_dir();
-// default_socket_dir() + "/NAME.sock"; throws UsageError for a name with '/'.
+// default_socket_dir() + "/NAME.sock"; throws UsageError for a name with '/'
+// or a directory that check_socket_dir refuses.
 std::string socket_for(const std::string& name);
+// Throws UsageError unless `dir` (which must exist) is a directory owned by
+// us or root that nobody else can write to, or that has the sticky bit (as
+// /tmp): otherwise another user could replace a VM's socket with their own.
+void check_socket_dir(const std::string& dir);
 
 // Splits "--flag=value" and "--flag value" uniformly for the subcommands'
 // parsers; `prefix` ("balloon: ") starts each of its messages.

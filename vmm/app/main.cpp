@@ -11,6 +11,7 @@
 #include "devices/base/size.hpp"
 
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -175,6 +176,13 @@ int cmd_run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     using namespace kguest;
+    // `kguest run ... | head`: a reader that went away makes writes fail with
+    // EPIPE (the console and the log drop them) instead of SIGPIPE ending the
+    // VM without its stop path. Inherited by every thread; exec resets it.
+    if (std::signal(SIGPIPE, SIG_IGN) == SIG_ERR) {
+        std::perror("kguest: signal(SIGPIPE)");
+        return 1;
+    }
     // 1 MiB thread stacks instead of glibc's 8 MiB: none needs more, and a
     // mapping under 2 MiB never gets a transparent huge page with THP "always"
     // (Debian's default), which added 2 MiB of RSS per thread now and then

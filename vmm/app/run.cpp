@@ -60,8 +60,9 @@ public:
         i.cpus = m_.config().cpus;
         i.memory = mem.size();
         i.backing = mem.backing();
-        i.hugepage_backed_bytes = mem.huge_backed_bytes();
-        i.rss_bytes = mem.resident_bytes();
+        const GuestMemory::Usage u = mem.usage();
+        i.hugepage_backed_bytes = u.huge_backed_bytes;
+        i.rss_bytes = u.resident_bytes;
         i.vmm_rss_bytes = vmm_rss_bytes();
         if (VirtioBalloon* b = m_.balloon())
             i.balloon = VmInfo::Balloon{std::uint64_t{b->target_pages()} << 12, std::uint64_t{b->actual_pages()} << 12};
@@ -93,7 +94,9 @@ public:
     ControlError resize(std::uint64_t desired_balloon_bytes) override {
         VirtioBalloon* b = m_.balloon();
         if (b == nullptr) return ControlError::no_balloon;
-        if (desired_balloon_bytes > m_.memory().size()) return ControlError::balloon_too_large;
+        // num_pages is a le32 (VIRTIO 1.2 5.5.6); api.cpp refuses more, this never truncates.
+        if (desired_balloon_bytes > m_.memory().size() || (desired_balloon_bytes >> 12) > UINT32_MAX)
+            return ControlError::balloon_too_large;
         b->set_target_pages(static_cast<std::uint32_t>(desired_balloon_bytes >> 12));
         return ControlError::none;
     }
@@ -171,7 +174,8 @@ private:
 };
 
 // Blocks the stop signals in this thread (and the threads it starts) and reads
-// them from a signalfd; restores the mask on destruction.
+// them from a signalfd; restores the mask on destruction. Created before any
+// other thread exists (run_vm).
 class StopSignals {
 public:
     StopSignals() {
@@ -234,6 +238,11 @@ void exit_report(Machine& m, int status, bool signalled) {
     log_msg("VM '%s' stopped with status %d; port 0x80: %llu writes (%s path), %llu reads, last code 0x%02x",
             m.config().name.c_str(), status, ull(p.writes()), p.absorbed() ? "in-kernel" : "userspace",
             ull(p.reads()), p.last_code());
+    if (const std::uint64_t dropped = m.serial().tx_dropped())
+        log_msg("console: %llu of %llu bytes dropped (its reader did not keep up or was gone)", ull(dropped),
+                ull(m.serial().tx_bytes()));
+    if (const std::uint64_t lost = log_lines_dropped())
+        log_msg("log: %llu lines dropped (stderr's reader did not keep up)", ull(lost));
     std::size_t i = 0;
     for (const NetDevice& n : m.nets()) {
         NetCounters c = n.dev->counters();
@@ -274,11 +283,16 @@ void exit_report(Machine& m, int status, bool signalled) {
 
 int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
     Confinement confine(confine_options);   // first: it closes inherited fds
+    // Before the Machine, whose devices start their event loop threads: every
+    // thread kguest starts inherits the blocked stop signals, so the kernel
+    // can only queue them for the signalfd. One landing on a thread that did
+    // not block them would take its default action and end the process
+    // without the stop path (the terminal left raw, the socket left behind).
+    StopSignals signals;
     Machine m(cfg);
     int status = 0;
     bool signalled = false;
     {
-        StopSignals signals;
         // The control API first, so a socket error needs no thread cleanup.
         MachineControl control(m);
         std::unique_ptr<ApiServer> api;

@@ -5,6 +5,7 @@
 #include "devices/base/guest_memory.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -195,6 +196,23 @@ TEST(GuestMemory, ParseBacking) {
     EXPECT_EQ(parse_backing("hugetlbfs"), Backing::hugetlbfs);
     EXPECT_EQ(parse_backing("off"), Backing::off);
     EXPECT_FALSE(parse_backing("2M").has_value());
+}
+
+// vm.info asks for usage() on every request: mincore over all of RAM and a
+// parse of smaps. Two quick calls must cost one scan; an older answer is
+// refreshed.
+TEST(GuestMemory, UsageScansAtMostOncePerSecond) {
+    GuestMemory m(8 << 20, Backing::off);
+    const GuestMemory::Usage first = m.usage();
+    const std::uint64_t scans = m.usage_scans();
+    ASSERT_TRUE(m.range(Gpa(0x200000), 1 << 20)->fill(0, 0x5a, 1 << 20));
+    const GuestMemory::Usage second = m.usage();
+    EXPECT_EQ(m.usage_scans(), scans) << "a second vm.info within a second scanned RAM again";
+    EXPECT_EQ(second.resident_bytes, first.resident_bytes);   // the cached answer
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    const GuestMemory::Usage third = m.usage();
+    EXPECT_EQ(m.usage_scans(), scans + 1);
+    EXPECT_GE(third.resident_bytes, first.resident_bytes + (1 << 20));
 }
 
 TEST(GuestMemory, DiscardZeroesAndReleasesPages) {

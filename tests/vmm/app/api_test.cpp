@@ -5,6 +5,7 @@
 #include "vmm/app/api_client.hpp"
 #include "devices/base/error.hpp"
 
+#include <algorithm>
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -661,6 +662,30 @@ TEST(ApiDispatch, InfoAndCountersJson) {
     EXPECT_EQ(r.body["exits"]["kvm_note"], "KVM_GET_STATS_FD: no");
 }
 
+// virtio-balloon's num_pages is a le32 (VIRTIO 1.2 §5.5.6): a target of 2^32
+// pages (16 TiB) or more cannot be expressed, and must be refused rather than
+// truncated to a small target.
+TEST(ApiDispatch, BalloonTargetBeyond32BitPagesIs400) {
+    constexpr std::uint64_t TiB = 1ull << 40;
+    struct Vm : FakeVm {
+        VmInfo info() override {
+            VmInfo i = FakeVm::info();
+            i.memory = 64 * TiB;
+            return i;
+        }
+    } vm;
+    ApiReply r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_balloon", 20 * TiB}}.dump());
+    EXPECT_EQ(r.status, 400u) << r.body;
+    r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_ram", 1 * TiB}}.dump());
+    EXPECT_EQ(r.status, 400u) << r.body;
+    EXPECT_EQ(vm.resizes(), 0);
+    // The largest target that fits: 2^32 - 1 pages.
+    const std::uint64_t most = (std::uint64_t{UINT32_MAX}) << 12;
+    r = api_dispatch(vm, "PUT", "/api/v1/vm.resize", json{{"desired_balloon", most}}.dump());
+    EXPECT_EQ(r.status, 204u) << r.body;
+    EXPECT_EQ(vm.target(), most);
+}
+
 // Every refusal is a 409 with the message the CLI prints.
 TEST(ApiDispatch, RefusalsAre409WithTheirMessage) {
     struct Vm : FakeVm {
@@ -722,6 +747,60 @@ TEST(ApiSocketDir, Defaults) {
     }
     EXPECT_THROW(socket_for("a/b"), UsageError);
     EXPECT_THROW(socket_for(""), UsageError);
+}
+
+// A socket directory someone else owns, or can write to without the sticky
+// bit, lets them replace our socket (or serve a fake VM to our client): the
+// server and the client refuse it with one line (a usage error: exit 2).
+TEST(ApiSocketDir, RefusesADirectoryOthersOwnOrCanWrite) {
+    TempDir dir;
+    const std::string sock = dir.path() + "/vm.sock";
+    FakeVm vm;
+    auto refused = [&](const char* why) {
+        try {
+            ApiServer server(sock, vm);
+            ADD_FAILURE() << "served from a directory " << why;
+        } catch (const UsageError& e) {
+            EXPECT_NE(std::string(e.what()).find(dir.path()), std::string::npos) << e.what();
+        } catch (const std::exception& e) {
+            ADD_FAILURE() << "not a usage error: " << e.what();
+        }
+    };
+    ASSERT_EQ(::chmod(dir.path().c_str(), 0777), 0);
+    refused("writable by others");
+    ASSERT_EQ(::chmod(dir.path().c_str(), 0730), 0);
+    refused("writable by its group");
+    // World-writable with the sticky bit, as /tmp: nobody else may remove or
+    // rename our socket there.
+    ASSERT_EQ(::chmod(dir.path().c_str(), 01777), 0);
+    EXPECT_NO_THROW(ApiServer(sock, vm));
+    ASSERT_EQ(::chmod(dir.path().c_str(), 0755), 0);
+    EXPECT_NO_THROW(ApiServer(sock, vm));
+    if (::geteuid() == 0) {   // another owner needs root to set up
+        ASSERT_EQ(::chown(dir.path().c_str(), 65534, 65534), 0);
+        refused("owned by another user");
+        ASSERT_EQ(::chown(dir.path().c_str(), 0, 0), 0);
+    }
+
+    // The client: `kguest info NAME` and `kguest list` look in the default directory.
+    TempDir runtime;
+    ScopedEnv env("XDG_RUNTIME_DIR", runtime.path());
+    const std::string kdir = runtime.path() + "/kguest";
+    ASSERT_EQ(::mkdir(kdir.c_str(), 0700), 0);
+    ASSERT_EQ(::chmod(kdir.c_str(), 0777), 0);
+    for (std::vector<std::string> args : {std::vector<std::string>{"info", "vm1"}, {"list"}}) {
+        std::vector<std::string> argv = {"kguest"};
+        argv.insert(argv.end(), args.begin(), args.end());
+        std::vector<char*> raw;
+        for (auto& a : argv) raw.push_back(a.data());
+        raw.push_back(nullptr);
+        ::testing::internal::CaptureStderr();
+        const int status = cli_main(static_cast<int>(argv.size()), raw.data());
+        const std::string err = ::testing::internal::GetCapturedStderr();
+        EXPECT_EQ(status, 2) << args[0] << ": " << err;
+        EXPECT_NE(err.find(kdir), std::string::npos) << err;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    }
 }
 
 // --- the CLI ---------------------------------------------------------------

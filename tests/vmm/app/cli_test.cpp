@@ -147,3 +147,30 @@ TEST(Cli, VersionAndHelp) {
 
 } // namespace
 } // namespace kguest
+
+namespace kguest {
+namespace {
+
+// `kguest ... | head`: once the reader is gone a write gets SIGPIPE, whose
+// default action ends the process without a word (or, for a VM, without its
+// summary and clean-up). kguest ignores SIGPIPE and treats the write as failed.
+TEST(Cli, StdoutToAClosedPipeIsNoDeathBySignal) {
+    int p[2];
+    ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+    ::close(p[0]);   // nobody will ever read
+    char err_path[] = "/tmp/kguest-cli-err.XXXXXX";
+    const int err_fd = ::mkstemp(err_path);
+    ASSERT_GE(err_fd, 0);
+    ::unlink(err_path);
+    for (const char* arg : {"--help", "--version"}) {
+        const pid_t pid = test::spawn({kKguest, arg}, p[1], err_fd);
+        int ws = 0;
+        ASSERT_EQ(::waitpid(pid, &ws, 0), pid);
+        EXPECT_FALSE(WIFSIGNALED(ws)) << arg << ": killed by signal " << (WIFSIGNALED(ws) ? WTERMSIG(ws) : 0);
+    }
+    ::close(p[1]);
+    ::close(err_fd);
+}
+
+} // namespace
+} // namespace kguest
