@@ -510,6 +510,26 @@ TEST_F(VirtioPciTest, MaskedVectorPendsThenDeliversOnUnmask) {
     EXPECT_EQ(sink->vectors, (std::vector<std::uint16_t>{1, 0}));
 }
 
+TEST_F(VirtioPciTest, BusMasterOffHoldsQueueWorkAndMsix) {
+    // PCI 3.0 6.2.2, Command register bit 2: without Bus Master Enable the
+    // function issues no memory requests, and an MSI-X message is a memory
+    // write. With the bit cleared a kick leaves the rings untouched and a
+    // device's interrupt waits; setting it again delivers both.
+    bring_up(true);
+    cfg_w(pci::kCommand, 2, cfg(pci::kCommand, 2) & ~pci::kCommandMaster);
+    offer(0, 0);
+    kick(0);
+    EXPECT_EQ(used_idx(0), 0) << "a buffer was used with bus mastering off";
+    dev->change_config();
+    EXPECT_TRUE(sink->vectors.empty()) << "an MSI-X message went out with bus mastering off";
+    EXPECT_FALSE(pending(0));   // the PBA is for masked vectors only
+    cfg_w(pci::kCommand, 2, cfg(pci::kCommand, 2) | pci::kCommandMaster);
+    EXPECT_EQ(used_idx(0), 1) << "the held kick was not delivered";
+    std::vector<std::uint16_t> got = sink->vectors;
+    std::sort(got.begin(), got.end());
+    EXPECT_EQ(got, (std::vector<std::uint16_t>{0, 1}));
+}
+
 TEST_F(VirtioPciTest, MsixTableEntries) {
     probe();
     const std::uint64_t t = VirtioPciDevice::kMsixTableOffset;
