@@ -163,7 +163,9 @@ NetCounters VirtioNet::counters() const {
 // ---- On the loop ----
 
 bool VirtioNet::service(std::uint16_t q) {
-    if (!active_ || broken_ || stale()) return false;   // kicks while inactive are dropped
+    // Kicks while inactive are dropped; without DMA (bus mastering off) the
+    // transport kicks every queue again once it is back.
+    if (!active_ || broken_ || stale() || !dma_enabled()) return false;
     if (pairs_ > 1 && q == num_queues_ - 1) return ctrl_pump();
     if (q % 2 == 0) {
         pair_[q / 2]->rx_wait = false;

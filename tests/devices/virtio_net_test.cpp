@@ -777,6 +777,31 @@ TEST_F(VirtioNetTest, ResetThatTimesOutLeavesTheQueuesAlone) {
     EXPECT_EQ(dev->counters().rx_packets, 0u);
 }
 
+TEST_F(VirtioNetTest, NoQueueWorkWithoutDma) {
+    // Bus mastering off (dma_enabled() false): a received frame and a TX
+    // chain wait, even on kicks that bypass the transport (ioeventfds).
+    // Once DMA is back the transport kicks every queue and both go.
+    create();
+    tr.dma = false;
+    activate(0);
+    post_rx(2, 1526);
+    const auto in = make_frame(100, 3), out = make_frame(64, 4);
+    send_frame(peers[0].get(), in);
+    tx().add_chain({{tx().alloc(12), 12}, {tx().alloc_bytes(out), 64}});
+    dev->queue_notify(0);
+    dev->queue_notify(1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(rx().used_idx(), 0);
+    EXPECT_EQ(tx().used_idx(), 0);
+    pollfd pfd{peers[0].get(), POLLIN, 0};
+    EXPECT_EQ(::poll(&pfd, 1, 0), 0) << "a frame left with DMA off";
+    tr.dma = true;
+    for (std::uint16_t q = 0; q < dev->num_queues(); ++q) dev->queue_notify(q);   // as virtio-pci does
+    EXPECT_EQ(recv_frame(peers[0].get()), out);
+    EXPECT_TRUE(wait_until([&] { return rx().used_idx() == 1 && tx().used_idx() == 1; }));
+    EXPECT_EQ(rx().used_elem(0).second, 12 + in.size());
+}
+
 TEST(VirtioNetSetup, RejectsNullBackend) {
     EXPECT_THROW(VirtioNet(nullptr, kMac), std::invalid_argument);
 }

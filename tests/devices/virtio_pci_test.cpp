@@ -525,9 +525,11 @@ TEST_F(VirtioPciTest, BusMasterOffHoldsQueueWorkAndMsix) {
     EXPECT_FALSE(pending(0));   // the PBA is for masked vectors only
     cfg_w(pci::kCommand, 2, cfg(pci::kCommand, 2) | pci::kCommandMaster);
     EXPECT_EQ(used_idx(0), 1) << "the held kick was not delivered";
-    std::vector<std::uint16_t> got = sink->vectors;
-    std::sort(got.begin(), got.end());
-    EXPECT_EQ(got, (std::vector<std::uint16_t>{0, 1}));
+    // The held config interrupt, and queue 0's for the buffer it used (the
+    // fake device may interrupt for queue 1 too: every queue is kicked).
+    const auto& got = sink->vectors;
+    EXPECT_EQ(std::count(got.begin(), got.end(), 0), 1);
+    EXPECT_EQ(std::count(got.begin(), got.end(), 1), 1);
 }
 
 TEST_F(VirtioPciTest, MsixTableEntries) {
