@@ -141,6 +141,9 @@ TEST(KvmNet, DeletedTapTakesTheLinkDownAndTheVmmGoesIdle) {
     ASSERT_TRUE(run_ok({"ip", "link", "del", "kgt9"}));
     // A read that fails at once must not be re-posted forever (it was: one
     // host CPU at 100%); the device logs once and reports the link down.
+    // As in KvmGuest.IdleGuestBlocksInTheKernel the bound only catches
+    // spinning (ratio ~1): the nested sandbox makes the idle guest's ticks
+    // dear, and figures belong in the benchmark scripts.
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
     const double before = cpu_seconds(vm.pid());
     const auto t0 = std::chrono::steady_clock::now();
@@ -148,7 +151,7 @@ TEST(KvmNet, DeletedTapTakesTheLinkDownAndTheVmmGoesIdle) {
     const double used = cpu_seconds(vm.pid()) - before;
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_TRUE(vm.running()) << vm.out() << vm.err();
-    EXPECT_LT(used / wall, 0.1) << "VMM CPU " << used << " s in " << wall << " s after the TAP was deleted\n" << vm.err();
+    EXPECT_LT(used / wall, 0.3) << "VMM CPU " << used << " s in " << wall << " s after the TAP was deleted\n" << vm.err();
     const std::string err = vm.err();
     EXPECT_NE(err.find("link down"), std::string::npos) << err;
     EXPECT_EQ(err.find("link down"), err.rfind("link down")) << "logged more than once:\n" << err;
