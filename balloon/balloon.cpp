@@ -107,6 +107,7 @@ void VirtioBalloon::activate(std::span<Virtqueue> queues, GuestMemory& /*mem*/) 
         queues_ = queues;
         features_ = features;
         stats_head_.reset();
+        give_back_deferred_ = false;
         stats_queue_ = 0;
         for (std::uint16_t q = 0; q < queues_.size(); ++q)
             if (role_of(q, features) == BalloonQueue::stats) stats_queue_ = q;
@@ -123,6 +124,7 @@ void VirtioBalloon::reset() {
         queues_ = {};
         features_ = 0;
         stats_head_.reset();
+        give_back_deferred_ = false;
         std::lock_guard lock(mu_);
         stats_held_ = stats_requested_ = false;
         actual_ = 0;
@@ -158,10 +160,13 @@ bool VirtioBalloon::page_inflated(std::uint64_t pfn) const {
 // ---- Queues, on the loop ----
 
 bool VirtioBalloon::service(std::uint16_t q) {
-    if (q >= queues_.size() || !queues_[q].ready()) return false;
+    // Without DMA (bus mastering off) nothing is touched; the transport
+    // kicks every queue again once it is back.
+    if (q >= queues_.size() || !queues_[q].ready() || !dma_enabled()) return false;
     Virtqueue& vq = queues_[q];
     const BalloonQueue role = role_of(q, features_);
     if (role == BalloonQueue::none) return false;   // feature not negotiated: buffers stay
+    if (role == BalloonQueue::stats && give_back_deferred_) give_back_stats();
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
         if (role == BalloonQueue::stats)
             take_stats(vq, q, chain);
@@ -280,7 +285,8 @@ void VirtioBalloon::parse_stats(const DescChain& chain) {
 }
 
 void VirtioBalloon::give_back_stats() {
-    if (!stats_head_ || stats_queue_ >= queues_.size()) return;
+    give_back_deferred_ = !dma_enabled();   // done on the stats queue's next pass
+    if (give_back_deferred_ || !stats_head_ || stats_queue_ >= queues_.size()) return;
     Virtqueue& vq = queues_[stats_queue_];
     if (!vq.ready() || vq.failed()) return;
     vq.push_used(*stats_head_, 0);

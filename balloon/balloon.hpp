@@ -24,6 +24,9 @@
 // thread and never wait for the loop: they use a short lock (mu_) that the
 // loop takes only to publish counters and samples.
 //
+// Without DMA (the transport's dma_enabled(): PCI bus mastering off) the
+// loop touches no queue; a stats request waits for the next pass.
+//
 // Reset (2.4) forgets the queues and the stats buffer and sets `actual` to 0
 // but keeps the tracker: inflated pages stay released until deflated.
 //
@@ -180,6 +183,7 @@ private:
     std::uint64_t features_ = 0;    // negotiated, at activate()
     std::optional<std::uint16_t> stats_head_;      // the stats buffer the device holds
     std::uint16_t stats_queue_ = 0;
+    bool give_back_deferred_ = false;   // request_stats() came while DMA was off
     std::vector<std::uint64_t> pfn_buf_;
     RateLimit log_limit_{5};
 

@@ -86,9 +86,12 @@ void TapBackend::read_done(unsigned q, int res) {
         // tun truncates what does not fit: a frame filling the buffer was cut.
         const auto n = static_cast<std::size_t>(res);
         s.got = n >= s.in.size() || n < kVnetHdrLen ? NetIoResult{NetIo::drop, 0, EMSGSIZE} : NetIoResult{NetIo::ok, n, 0};
-    } else if (res == -EBADFD) {
-        s.has = false;   // the queue was detached (TUNSETQUEUE): nothing to report
+    } else if (res == -EBADFD && !s.attached) {
+        s.has = false;   // we detached the queue (TUNSETQUEUE): nothing to report
     } else {
+        // EOF, or EBADFD on an attached queue: tun_get() found no interface,
+        // which was deleted (`ip link delete`; seen with Linux 6.18). Reading
+        // again would fail at once, forever: the channel is closed.
         s.got = {NetIo::closed, 0, res == 0 ? EPIPE : -res};   // the interface went away
     }
 }
@@ -143,8 +146,9 @@ int TapBackend::set_queue_enabled(unsigned q, bool enabled) {
     ifr.ifr_flags = static_cast<short>(enabled ? IFF_ATTACH_QUEUE : IFF_DETACH_QUEUE);
     if (::ioctl(fds_[q].get(), TUNSETQUEUE, &ifr) != 0) {
         // Attaching an attached queue or detaching a detached one: EINVAL.
-        return errno == EINVAL ? 0 : errno;
+        if (errno != EINVAL) return errno;
     }
+    queues_[q].attached = enabled;
     return 0;
 }
 

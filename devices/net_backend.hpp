@@ -136,6 +136,7 @@ private:
         bool has = false;
         std::vector<std::vector<std::uint8_t>> out = std::vector<std::vector<std::uint8_t>>(kTapTxSlots);
         std::vector<unsigned> free, ready;   // slots: unused; filled, not yet submitted (in order)
+        bool attached = true;        // TUNSETIFF attaches it; TUNSETQUEUE may detach it
     };
     std::string name_;   // as the kernel named it
     std::vector<Fd> fds_;

@@ -44,6 +44,10 @@ public:
     virtual void needs_reset() = 0;
     // The features the driver accepted (valid once FEATURES_OK is set).
     virtual std::uint64_t driver_features() const = 0;
+    // Whether the device may touch guest memory (PCI: Bus Master Enable,
+    // PCI 3.0 6.2.2). While false a device processes no queue; the transport
+    // holds its interrupts and kicks every queue once it turns true again.
+    virtual bool dma_enabled() const { return true; }
 
 protected:
     ~VirtioTransport() = default;
@@ -92,6 +96,7 @@ protected:
     void notify_used(std::uint16_t q) { if (transport_ != nullptr) transport_->interrupt_queue(q); }
     void notify_config_changed() { if (transport_ != nullptr) transport_->interrupt_config(); }
     void fail() { if (transport_ != nullptr) transport_->needs_reset(); }
+    bool dma_enabled() const { return transport_ == nullptr || transport_->dma_enabled(); }
 
 private:
     VirtioTransport* transport_ = nullptr;

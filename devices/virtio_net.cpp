@@ -76,6 +76,7 @@ VirtioNet::VirtioNet(std::unique_ptr<NetBackend> backend, const MacAddress& mac,
     config_.status = VIRTIO_NET_S_LINK_UP;
     config_.max_virtqueue_pairs = static_cast<std::uint16_t>(pairs_);
     config_.mtu = mtu;
+    attached_.assign(pairs_, true);
 
     for (unsigned p = 0; p < pairs_; ++p) {
         auto pair = std::make_unique<Pair>();
@@ -112,7 +113,9 @@ void VirtioNet::read_config(std::uint64_t offset, std::span<std::uint8_t> data) 
         std::fill(data.begin(), data.end(), 0xff);
         return;
     }
-    std::memcpy(data.data(), reinterpret_cast<const std::uint8_t*>(&config_) + offset, data.size());
+    Config img = config_;
+    img.status = link_status_.load();
+    std::memcpy(data.data(), reinterpret_cast<const std::uint8_t*>(&img) + offset, data.size());
 }
 
 void VirtioNet::write_config(std::uint64_t offset, std::span<const std::uint8_t> data) {
@@ -123,17 +126,32 @@ void VirtioNet::write_config(std::uint64_t offset, std::span<const std::uint8_t>
 
 void VirtioNet::activate(std::span<Virtqueue> queues, GuestMemory& mem) {
     const std::uint64_t features = transport() != nullptr ? transport()->driver_features() : 0;
-    loop_->run_and_wait([this, queues, &mem, features] {
+    const std::uint64_t epoch = resets_.load();
+    const bool done = loop_->run_and_wait([this, queues, &mem, features, epoch] {
         if (active_) do_deactivate();
+        // Late (run_and_wait timed out) and a reset came meanwhile: these
+        // queues are no longer the driver's.
+        if (epoch != resets_.load()) return;
+        epoch_ = epoch;
         do_activate(queues, mem, features);
     });
+    if (!done)
+        KGUEST_LOG_LIMITED(log_limit_, "virtio-net: activate: the device loop did not answer in time; "
+                                       "the queues start when it does");
 }
 
 void VirtioNet::reset() {
-    // 2.4: when this returns, the loop has dropped every reference to the queues.
-    loop_->run_and_wait([this] {
+    // 2.4: when this returns, the loop no longer touches the queues. Bumping
+    // resets_ first stops it at its next pass or chain (stale()) even when
+    // run_and_wait times out (a loop held up in the middle of a pass): the
+    // deactivation then runs late, and nothing uses a buffer meanwhile.
+    resets_.fetch_add(1);
+    const bool done = loop_->run_and_wait([this] {
         if (active_) do_deactivate();
     });
+    if (!done)
+        KGUEST_LOG_LIMITED(log_limit_, "virtio-net: reset: the device loop did not answer in time; "
+                                       "it leaves the queues alone from its next chain");
 }
 
 NetCounters VirtioNet::counters() const {
@@ -145,7 +163,9 @@ NetCounters VirtioNet::counters() const {
 // ---- On the loop ----
 
 bool VirtioNet::service(std::uint16_t q) {
-    if (!active_ || broken_) return false;   // kicks while inactive are dropped
+    // Kicks while inactive are dropped; without DMA (bus mastering off) the
+    // transport kicks every queue again once it is back.
+    if (!active_ || broken_ || stale() || !dma_enabled()) return false;
     if (pairs_ > 1 && q == num_queues_ - 1) return ctrl_pump();
     if (q % 2 == 0) {
         pair_[q / 2]->rx_wait = false;
@@ -208,9 +228,7 @@ void VirtioNet::do_activate(std::span<Virtqueue> queues, GuestMemory& mem, std::
         if (has(negotiated_, VIRTIO_NET_F_GUEST_TSO4)) off |= TUN_F_TSO4;
         if (has(negotiated_, VIRTIO_NET_F_GUEST_TSO6)) off |= TUN_F_TSO6;
         if (has(negotiated_, VIRTIO_NET_F_GUEST_ECN)) off |= TUN_F_TSO_ECN;
-        if (int err = backend_->set_offloads(off); err != 0)
-            KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: TUNSETOFFLOAD 0x%x: %s", backend_->describe().c_str(), off,
-                               std::strerror(err));
+        set_offloads(off);
     }
     // 5.1.6.5.5: multiqueue starts disabled: pair 0 only.
     set_active_pairs(1);
@@ -228,14 +246,32 @@ void VirtioNet::do_deactivate() {
         p->scratch.clear();
         p->rx_wait = p->tx_blocked = false;   // a frame in rx_buf stays for the next activation
     }
-    if (backend_->has_vnet_hdr()) backend_->set_offloads(0);
+    // The offloads stay until an activation negotiates others: no frame
+    // reaches the guest meanwhile, and a guest resetting in a loop must not
+    // cost the host two TUNSETOFFLOAD (rtnl) per round.
+}
+
+void VirtioNet::set_offloads(unsigned tun_flags) {
+    if (tun_flags == offloads_) return;   // TUNSETOFFLOAD takes rtnl: only on change
+    if (int err = backend_->set_offloads(tun_flags); err != 0) {
+        // Not recorded: the next activation tries again.
+        KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: TUNSETOFFLOAD 0x%x: %s", backend_->describe().c_str(),
+                           tun_flags, std::strerror(err));
+        return;
+    }
+    offloads_ = tun_flags;
 }
 
 void VirtioNet::set_active_pairs(unsigned n) {
-    for (unsigned p = 0; p < pairs_; ++p)
+    for (unsigned p = 0; p < pairs_; ++p) {
+        if (attached_[p] == (p < n)) continue;   // TUNSETQUEUE takes rtnl: only on change
+        // Recorded even when it fails, so a failing channel costs one ioctl
+        // per change, not one per command.
+        attached_[p] = p < n;
         if (int err = backend_->set_queue_enabled(p, p < n); err != 0)
             KGUEST_LOG_LIMITED(log_limit_, "virtio-net: %s: TUNSETQUEUE %u: %s", backend_->describe().c_str(), p,
                                std::strerror(err));
+    }
     active_pairs_ = n;
     for (unsigned p = 0; p < n; ++p) loop_->mark(static_cast<std::uint16_t>(2 * p));
 }
@@ -253,10 +289,14 @@ bool VirtioNet::queue_error(std::uint16_t q, GuestError e) {
 }
 
 void VirtioNet::backend_closed(unsigned p, int err) {
-    if (!closed_)
-        log_msg("virtio-net: %s (queue pair %u): %s; dropping frames from now on", backend_->describe().c_str(), p,
-                std::strerror(err));
-    closed_ = true;
+    if (closed_) return;
+    log_msg("virtio-net: %s (queue pair %u): %s; link down, dropping frames from now on",
+            backend_->describe().c_str(), p, std::strerror(err));
+    closed_ = true;   // rx_pump posts no read from now on
+    // 5.1.4: the link is down for good; 2.5.1: tell the driver (with
+    // VIRTIO_NET_F_STATUS it reads status again).
+    link_status_.store(0);
+    notify_config_changed();
 }
 
 void VirtioNet::maybe_notify(std::uint16_t q) {
@@ -268,6 +308,10 @@ void VirtioNet::maybe_notify(std::uint16_t q) {
 
 bool VirtioNet::next_rx_chain(unsigned p, DescChain& out, Rx& why, int& budget) {
     Pair& s = *pair_[p];
+    if (stale()) {   // reset() gave up waiting for this pass: hands off
+        why = Rx::error;
+        return false;
+    }
     if (!s.rx_held.empty()) {
         out = std::move(s.rx_held.front());
         s.rx_held.pop_front();
@@ -426,6 +470,7 @@ bool VirtioNet::tx_pump(unsigned p) {
 bool VirtioNet::tx_frame(unsigned p, const DescChain& c) {
     const auto q = static_cast<std::uint16_t>(2 * p + 1);
     Pair& s = *pair_[p];
+    if (stale()) return false;   // reset() gave up waiting for this pass: hands off
     // 5.1.6.2: header then frame, in the readable part.
     const std::uint64_t len = c.readable_len();
     if (len < kVnetHdrLen) return queue_error(q, {"transmit chain shorter than the virtio-net header"});
@@ -477,6 +522,15 @@ std::uint8_t VirtioNet::ctrl_command(const DescChain& c) {
         std::uint16_t n = 0;
         c.read(*mem_, 2, &n, 2);
         if (n >= 1 && n <= pairs_) {
+            if (n == active_pairs_) return VIRTIO_NET_OK;   // nothing to change
+            // Every change costs the host a TUNSETQUEUE (rtnl) per moved
+            // pair: a few a second, the rest refused (see virtio_net.hpp).
+            std::uint64_t refused = 0;
+            if (!pair_changes_.allow(refused)) {
+                KGUEST_LOG_LIMITED(log_limit_, "virtio-net: VQ_PAIRS_SET %u refused: more than %u changes a second",
+                                   static_cast<unsigned>(n), kPairChangesPerSecond);
+                return VIRTIO_NET_ERR;
+            }
             set_active_pairs(n);
             return VIRTIO_NET_OK;
         }

@@ -9,10 +9,23 @@
 // documents the model); only the loop thread touches the queues, guest memory
 // and the backend after construction. queue_notify() only kicks the loop;
 // activate(), reset() and take_notify_fds() run their part on the loop and
-// wait for it, so when reset() returns the loop no longer touches the queues.
+// wait for it (run_and_wait's timeout; a late reset still stops the loop at
+// its next chain), so when reset() returns the loop no longer touches the
+// queues.
 // counters() is safe from any thread. Nothing on the guest-driven paths
 // throws; a malformed ring or an oversized TX frame sets DEVICE_NEEDS_RESET
 // and the device leaves its queues alone until reset.
+//
+// A backend that goes away for good (a deleted TAP, a passt that exited)
+// takes the link down: status loses VIRTIO_NET_S_LINK_UP (5.1.4), the driver
+// gets a configuration change notification, one line is logged, and the
+// device reads nothing more from it (TX chains are used and counted dropped).
+//
+// The channel ioctls (TUNSETQUEUE, TUNSETOFFLOAD) take the host's rtnl lock,
+// so the device issues them only when the state changes, and at most
+// kPairChangesPerSecond VQ_PAIRS_SET changes a second: a change beyond that
+// is refused with VIRTIO_NET_ERR rather than applied later, since 5.1.6.5.5
+// holds the device to the new count once the command is in the used ring.
 #pragma once
 
 #include "devices/net_backend.hpp"
@@ -63,6 +76,7 @@ class VirtioNet final : public VirtioDevice {
 public:
     static constexpr std::uint16_t kQueueSize = 256;
     static constexpr std::uint16_t kDefaultMtu = 1500;
+    static constexpr unsigned kPairChangesPerSecond = 5;   // VQ_PAIRS_SET changes (see above)
 
     // Queue pairs = backend->num_queues(). Starts the event loop. Throws
     // SysError, or std::invalid_argument on a null backend or too many queues.
@@ -109,9 +123,12 @@ private:
     bool ctrl_pump();
     std::uint8_t ctrl_command(const DescChain& chain);
     void set_active_pairs(unsigned n);
+    void set_offloads(unsigned tun_flags);
     bool queue_error(std::uint16_t q, GuestError e);   // false, for `return queue_error(...)`
     void backend_closed(unsigned p, int err);
     void maybe_notify(std::uint16_t q);
+    // The activation predates a reset() (one whose wait may have timed out).
+    bool stale() const { return epoch_ != resets_.load(); }
 
     // Fixed at construction.
     std::unique_ptr<NetBackend> backend_;
@@ -123,18 +140,24 @@ private:
         std::uint16_t status;
         std::uint16_t max_virtqueue_pairs;
         std::uint16_t mtu;
-    } config_{};
+    } config_{};   // status: see link_status_
+    std::atomic<std::uint16_t> link_status_{VIRTIO_NET_S_LINK_UP};   // read by vCPUs, set by the loop
+    std::atomic<std::uint64_t> resets_{0};   // reset() calls; the loop compares (stale())
 
     // Loop-thread state.
     bool active_ = false;
     bool broken_ = false;     // a queue failed: hands off until reset
     bool closed_ = false;     // the backend is gone
+    std::uint64_t epoch_ = 0;   // resets_ when the queues were activated
     std::span<Virtqueue> queues_;
     GuestMemory* mem_ = nullptr;
     std::uint64_t negotiated_ = 0;
     bool mergeable_ = false;
     bool guest_csum_ = false;
     unsigned active_pairs_ = 1;
+    std::vector<bool> attached_;   // channels attached (TUNSETQUEUE); the backend opens them all attached
+    unsigned offloads_ = 0;        // TUN_F_* in force; the backend starts with none
+    RateLimit pair_changes_{kPairChangesPerSecond};
     std::vector<std::unique_ptr<Pair>> pair_;
     std::atomic<std::uint64_t> rx_packets_{0}, rx_bytes_{0}, rx_dropped_{0};
     std::atomic<std::uint64_t> tx_packets_{0}, tx_bytes_{0}, tx_dropped_{0};

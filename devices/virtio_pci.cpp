@@ -80,6 +80,7 @@ VirtioPciDevice::VirtioPciDevice(std::shared_ptr<VirtioDevice> device, GuestMemo
     queue_vector_.assign(nq, VIRTIO_MSI_NO_VECTOR);
     msix_table_.assign(nq + 1u, {0, 0, 0, 1});
     pba_.assign((nq + 1u + 63) / 64, 0);
+    held_.assign(pba_.size(), 0);
     offered_ = (device_->device_features() | virtio_bit(VIRTIO_F_VERSION_1)) & ~kTransportUnsupported;
 
     // 4.1.2: identity.
@@ -187,8 +188,9 @@ void VirtioPciDevice::write(std::uint64_t offset, std::span<const std::uint8_t> 
         if (off % kNotifyOffMultiplier != 0 || n > kNotifyOffMultiplier) return;
         const std::uint64_t q = off / kNotifyOffMultiplier;
         const std::uint8_t st = status_.load();
+        // Without bus mastering the kick is dropped: setting it kicks every queue.
         if (q >= queues_.size() || (st & VIRTIO_CONFIG_S_DRIVER_OK) == 0 ||
-            (st & VIRTIO_CONFIG_S_NEEDS_RESET) != 0)
+            (st & VIRTIO_CONFIG_S_NEEDS_RESET) != 0 || !bus_master_.load())
             return;
         device_->queue_notify(static_cast<std::uint16_t>(q));
         return;
@@ -333,6 +335,7 @@ void VirtioPciDevice::reset_locked() {
     config_vector_ = VIRTIO_MSI_NO_VECTOR;
     std::fill(queue_vector_.begin(), queue_vector_.end(), VIRTIO_MSI_NO_VECTOR);
     std::fill(pba_.begin(), pba_.end(), 0);
+    std::fill(held_.begin(), held_.end(), 0);
     update_intx_locked();
 }
 
@@ -386,6 +389,10 @@ void VirtioPciDevice::raise_locked(std::uint16_t vector, std::uint8_t isr_bit) {
 
 void VirtioPciDevice::signal_vector_locked(std::uint16_t vector) {
     if (vector >= msix_table_.size()) return;   // NO_VECTOR: no interrupt
+    if (!bus_master_.load()) {   // an MSI-X message is a memory write: held
+        held_[vector / 64] |= std::uint64_t{1} << (vector % 64);
+        return;
+    }
     if (msix_masked_ || entry_masked_locked(vector)) {
         pba_[vector / 64] |= std::uint64_t{1} << (vector % 64);   // PCI 3.0 §6.8.2.10
         return;
@@ -395,7 +402,7 @@ void VirtioPciDevice::signal_vector_locked(std::uint16_t vector) {
 }
 
 void VirtioPciDevice::deliver_pending_locked() {
-    if (!msix_enabled_ || msix_masked_) return;
+    if (!msix_enabled_ || msix_masked_ || !bus_master_.load()) return;
     for (std::uint16_t v = 0; v < msix_table_.size(); ++v) {
         const std::uint64_t bit = std::uint64_t{1} << (v % 64);
         if ((pba_[v / 64] & bit) != 0 && !entry_masked_locked(v)) {
@@ -456,12 +463,31 @@ void VirtioPciDevice::on_bar_moved(unsigned index, std::uint64_t, std::uint64_t 
 }
 
 void VirtioPciDevice::on_command_write(std::uint16_t old_cmd, std::uint16_t new_cmd) {
+    const bool master = (new_cmd & pci::kCommandMaster) != 0;
+    const bool master_on = master && !bus_master_.load();
     {
         std::lock_guard lock(irq_mu_);
         intx_disabled_ = (new_cmd & pci::kCommandIntxDisable) != 0;
         update_intx_locked();
+        bus_master_.store(master);
+        if (master_on) {
+            // What was signalled meanwhile goes out now (or pends in the PBA
+            // if its vector is masked).
+            for (std::uint16_t v = 0; v < msix_table_.size(); ++v) {
+                const std::uint64_t bit = std::uint64_t{1} << (v % 64);
+                if ((held_[v / 64] & bit) == 0) continue;
+                held_[v / 64] &= ~bit;
+                if (msix_enabled_) signal_vector_locked(v);
+            }
+            deliver_pending_locked();
+        }
     }
     if ((old_cmd ^ new_cmd) & pci::kCommandMemory) notify_bar_hook();
+    // Kicks dropped or ignored meanwhile (the device processed no queue):
+    // every queue gets one now.
+    const std::uint8_t st = status_.load();
+    if (master_on && (st & VIRTIO_CONFIG_S_DRIVER_OK) != 0 && (st & VIRTIO_CONFIG_S_NEEDS_RESET) == 0)
+        for (std::uint16_t q = 0; q < queues_.size(); ++q) device_->queue_notify(q);
 }
 
 void VirtioPciDevice::notify_bar_hook() {

@@ -20,6 +20,14 @@
 // The guest is hostile: accesses of the wrong width, alignment or offset read
 // all-ones and are dropped, and nothing on a guest path throws.
 //
+// Bus Master Enable (PCI 3.0 6.2.2, Command bit 2; off at power-on, set by
+// the VMM as firmware would and by every driver): while it is clear the
+// function issues no memory requests, so the transport drops the guest's
+// kicks, tells the device through dma_enabled() (devices process no queue,
+// not even on an ioeventfd kick) and holds MSI-X messages, which are memory
+// writes; INTx is a wire and stays. Setting it again sends what was held
+// and kicks every queue.
+//
 // Locking: a control lock serialises the common/device configuration; an
 // interrupt lock guards ISR, vectors and the MSI-X table/PBA, taken after the
 // control lock when both are needed. VirtioInterrupts is called under the
@@ -107,6 +115,7 @@ public:
     void interrupt_config() override;
     void needs_reset() override;
     std::uint64_t driver_features() const override { return driver_features_.load(); }
+    bool dma_enabled() const override { return bus_master_.load(); }
 
     std::uint64_t bar_gpa() const { return bar_gpa_.load(); }
 
@@ -180,6 +189,8 @@ private:
     std::vector<std::uint16_t> queue_vector_;
     std::vector<std::array<std::uint32_t, 4>> msix_table_;
     std::vector<std::uint64_t> pba_;
+    std::vector<std::uint64_t> held_;   // vectors signalled while bus mastering was off
+    std::atomic<bool> bus_master_{false};   // written under irq_mu_
 
     // Capability offsets in config space.
     std::uint8_t msix_cap_ = 0;

@@ -622,6 +622,27 @@ TEST(BalloonDevice, ApiAnswersWhileGuestRepublishesAnInflateBufferForever) {
     EXPECT_LT(took.count(), 1000);
 }
 
+TEST(BalloonDevice, NoQueueWorkWithoutDma) {
+    // Bus mastering off (dma_enabled() false): an inflate buffer is not
+    // taken, nor is the stats buffer handed back; once DMA is back and the
+    // transport kicks every queue, both happen.
+    Rig rig(Backing::off);
+    ASSERT_NO_FATAL_FAILURE(post_stats_buffer(rig));
+    rig.tr.dma = false;
+    rig.rings[0].add_chain({rig.pfn_buf(pfns_of(2 * kRegion, 16))});
+    rig.kick(0);
+    EXPECT_TRUE(rig.dev.request_stats());
+    EXPECT_TRUE(rig.dev.settle());
+    EXPECT_EQ(rig.rings[0].used_idx(), 0);
+    EXPECT_EQ(rig.rings[2].used_idx(), 0);
+    EXPECT_EQ(rig.dev.counters().inflate_buffers, 0u);
+    rig.tr.dma = true;
+    for (std::uint16_t q = 0; q < rig.dev.num_queues(); ++q) rig.kick(q);
+    EXPECT_EQ(rig.rings[0].used_idx(), 1);
+    EXPECT_EQ(rig.rings[2].used_idx(), 1);
+    EXPECT_EQ(rig.dev.counters().inflate_buffers, 1u);
+}
+
 TEST(BalloonDevice, FuzzHostileRingsNeverCrash) {
     std::mt19937_64 rng(0xba11007);
     std::uint64_t buffers = 0, bad_chains = 0;

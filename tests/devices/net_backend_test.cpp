@@ -11,6 +11,7 @@
 #include "tests/support/fake_virtio.hpp"
 
 #include <arpa/inet.h>
+#include <cstdlib>
 #include <cstring>
 #include <gtest/gtest.h>
 #include <linux/if_packet.h>
@@ -18,6 +19,7 @@
 #include <net/ethernet.h>
 #include <net/if.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -376,6 +378,83 @@ TEST(NetBackendTap, VirtioNetTransmitsAndReceivesThroughTap) {
     EXPECT_EQ(tr.needs_reset_calls.load(), 0);
     EXPECT_GE(dev.counters().tx_packets, 1u);
     EXPECT_GE(dev.counters().rx_packets, 1u);
+}
+
+// Deletes the interface `name` as an administrator would (`ip link delete`):
+// its TAP fds stay open and read EBADFD from then on. False if it could not.
+bool delete_link(const std::string& name) {
+    return std::system(("ip link delete " + name + " >/dev/null 2>&1").c_str()) == 0;
+}
+
+TEST(NetBackendTap, DeletedInterfaceReadsClosed) {
+    bool skipped;
+    auto tap = open_tap_or_skip("kgbhb0", skipped);
+    if (skipped) GTEST_SKIP() << "no /dev/net/tun access here";
+    test::BackendIo io(*tap);
+    std::vector<std::uint8_t> buf(kMaxPacketLen + 64);
+    EXPECT_EQ(io.read_frame(0, buf, 10).status, NetIo::again);   // a read waits
+    if (!delete_link("kgbhb0")) GTEST_SKIP() << "cannot delete a link here";
+    const NetIoResult r = io.read_frame(0, buf, 1000);
+    EXPECT_EQ(r.status, NetIo::closed) << "EBADFD of an attached queue is the interface going away";
+    EXPECT_EQ(r.err, EBADFD);
+}
+
+TEST(NetBackendTap, DetachedQueueIsNotClosed) {
+    bool skipped;
+    auto probe = open_tap_or_skip("kgbhb1", skipped);
+    if (skipped) GTEST_SKIP() << "no /dev/net/tun access here";
+    probe.reset();
+    TapBackend tap("kgbhb1", 2);
+    ASSERT_EQ(tap.set_queue_enabled(1, false), 0);
+    test::BackendIo io(tap);
+    std::vector<std::uint8_t> buf(kMaxPacketLen + 64);
+    // A detached queue reads EBADFD too, but the interface is still there.
+    EXPECT_EQ(io.read_frame(1, buf, 50).status, NetIo::again);
+    EXPECT_EQ(io.read_frame(0, buf, 10).status, NetIo::again);
+    ASSERT_EQ(tap.set_queue_enabled(1, true), 0);
+    EXPECT_EQ(io.read_frame(1, buf, 10).status, NetIo::again);
+}
+
+TEST(NetBackendTap, VirtioNetGoesIdleWithLinkDownWhenItsTapIsDeleted) {
+    // Deleting the interface under a running guest: the receive path must
+    // not re-post a read that fails at once forever (100% CPU); the device
+    // reports the link down (5.1.4) with a configuration interrupt.
+    bool skipped;
+    auto tap = open_tap_or_skip("kgbhb2", skipped);
+    if (skipped) GTEST_SKIP() << "no /dev/net/tun access here";
+    GuestMemory mem(16 << 20, Backing::off);
+    fake::Transport tr;
+    std::vector<Virtqueue> queues;
+    queues.emplace_back(mem);
+    queues.emplace_back(mem);
+    fake::Driver rx(mem, 64, 0x10000, 0x100000), tx(mem, 64, 0x20000, 0x400000);
+    ASSERT_TRUE(rx.configure(queues[0]));
+    ASSERT_TRUE(tx.configure(queues[1]));
+    VirtioNet dev(std::move(tap), MacAddress{0x52, 0x54, 0, 0x12, 0x34, 0x57});
+    dev.attach(&tr);
+    tr.features = virtio_bit(VIRTIO_F_VERSION_1) | virtio_bit(VIRTIO_NET_F_MRG_RXBUF) |
+                  virtio_bit(VIRTIO_NET_F_STATUS);
+    dev.activate(queues, mem);
+    for (int i = 0; i < 32; ++i) rx.add_chain({{rx.alloc(2048), 2048, true}});
+    dev.queue_notify(0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (!delete_link("kgbhb2")) GTEST_SKIP() << "cannot delete a link here";
+    auto status = [&] {
+        std::uint8_t st[2];
+        dev.read_config(6, st);
+        return st[0] | st[1] << 8;
+    };
+    EXPECT_TRUE(fake::wait_until([&] { return status() == 0; }, 2000)) << "the link stays up";
+    EXPECT_GE(tr.config_calls.load(), 1);
+    rusage before{}, after{};
+    ::getrusage(RUSAGE_SELF, &before);
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    ::getrusage(RUSAGE_SELF, &after);
+    auto us = [](const rusage& r) {
+        return (r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1000000ll + r.ru_utime.tv_usec + r.ru_stime.tv_usec;
+    };
+    EXPECT_LT(us(after) - us(before), 50000) << "the receive path spins on the deleted TAP";
+    EXPECT_EQ(tr.needs_reset_calls.load(), 0);
 }
 
 } // namespace

@@ -10,10 +10,12 @@
 
 #include "tests/support/fake_virtio.hpp"
 
+#include <algorithm>
 #include <arpa/inet.h>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -92,6 +94,95 @@ public:
     std::string describe() const override { return "multistream"; }
 };
 
+// A scripted backend: one pipe per channel (the test writes whole frames,
+// vnet header included, into it; closing the write end is the far end
+// vanishing: the read returns 0 and the backend reports `closed` with
+// `gone_err`, as a deleted TAP or a passt that hung up). It counts the read
+// requests the device posts and the channel ioctls it would issue
+// (TUNSETQUEUE, TUNSETOFFLOAD), and can hold the loop thread in read_frame,
+// inside a receive pass, for `stall_ms` once (a loop that misses
+// run_and_wait's timeout).
+class ScriptedBackend final : public NetBackend {
+public:
+    explicit ScriptedBackend(unsigned queues, bool vnet_hdr = true) : vnet_hdr_(vnet_hdr), q_(queues) {
+        for (Chan& c : q_) {
+            int fds[2];
+            EXPECT_EQ(::pipe2(fds, O_CLOEXEC | O_NONBLOCK), 0);
+            c.rd = Fd(fds[0]);
+            c.wr = Fd(fds[1]);
+            c.buf.resize(kMaxPacketLen + 1);
+        }
+    }
+    std::atomic<int> reads{0}, queue_ioctls{0}, offload_ioctls{0};
+    std::atomic<int> stall_ms{0};
+    std::atomic<bool> stalling{false};
+    int gone_err = EBADFD;
+
+    void send(unsigned q, const std::vector<std::uint8_t>& pkt) {
+        ASSERT_EQ(::write(q_[q].wr.get(), pkt.data(), pkt.size()), static_cast<ssize_t>(pkt.size()));
+    }
+    void hang_up(unsigned q) { q_[q].wr.reset(); }
+
+    unsigned num_queues() const override { return static_cast<unsigned>(q_.size()); }
+    bool has_vnet_hdr() const override { return vnet_hdr_; }
+    NetIoResult read_frame(unsigned q, std::span<std::uint8_t> b) override {
+        if (const int ms = stall_ms.exchange(0); ms > 0) {
+            stalling = true;
+            std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+            stalling = false;
+        }
+        Chan& c = q_[q];
+        if (!c.has) return {NetIo::again, 0, 0};
+        c.has = false;
+        if (c.got.status == NetIo::ok) std::memcpy(b.data(), c.buf.data(), c.got.len);
+        return c.got;
+    }
+    IoOp read_op(unsigned q) override {
+        ++reads;
+        return {IoOp::Kind::read, q_[q].rd.get(), q_[q].buf.data(), q_[q].buf.size()};
+    }
+    void read_done(unsigned q, int res) override {
+        Chan& c = q_[q];
+        if (res == -EAGAIN || res == -EINTR || res == -ECANCELED) return;
+        c.has = true;
+        c.got = res > 0 ? NetIoResult{NetIo::ok, static_cast<std::size_t>(res), 0} : NetIoResult{NetIo::closed, 0, gone_err};
+    }
+    NetIoResult write_frame(unsigned, std::span<const iovec> f) override {
+        std::size_t n = 0;
+        for (const iovec& v : f) n += v.iov_len;
+        return {NetIo::ok, n, 0};
+    }
+    bool wants_write(unsigned) const override { return false; }
+    IoOp write_op(unsigned, unsigned& slot) override {
+        slot = 0;
+        return {};
+    }
+    unsigned write_slots() const override { return 1; }
+    NetIo write_done(unsigned, unsigned, int, unsigned& lost) override {
+        lost = 0;
+        return NetIo::ok;
+    }
+    int set_offloads(unsigned) override {
+        ++offload_ioctls;
+        return 0;
+    }
+    int set_queue_enabled(unsigned, bool) override {
+        ++queue_ioctls;
+        return 0;
+    }
+    std::string describe() const override { return "scripted"; }
+
+private:
+    struct Chan {
+        Fd rd, wr;
+        std::vector<std::uint8_t> buf;
+        NetIoResult got;
+        bool has = false;
+    };
+    bool vnet_hdr_;
+    std::vector<Chan> q_;
+};
+
 class VirtioNetTest : public ::testing::Test {
 protected:
     GuestMemory mem{32 << 20, Backing::off};
@@ -123,6 +214,33 @@ protected:
             dev = std::make_unique<VirtioNet>(std::move(b), kMac);
         }
         dev->attach(&tr);
+    }
+
+    // A device over a ScriptedBackend of `pairs` channels (owned by the device).
+    ScriptedBackend* create_scripted(unsigned pairs, bool vnet_hdr = true) {
+        auto b = std::make_unique<ScriptedBackend>(pairs, vnet_hdr);
+        ScriptedBackend* raw = b.get();
+        dev = std::make_unique<VirtioNet>(std::move(b), kMac);
+        dev->attach(&tr);
+        return raw;
+    }
+
+    // 5.1.4: the status field.
+    std::uint16_t link_status() {
+        std::uint8_t st[2];
+        dev->read_config(6, st);
+        return static_cast<std::uint16_t>(st[0] | st[1] << 8);
+    }
+
+    // A control command on the last queue; the device's ack.
+    std::uint8_t command(const std::vector<std::uint8_t>& cmd) {
+        fake::Driver& ctrl = *drv.back();
+        const std::uint64_t ack = ctrl.alloc(1, 0xee);
+        const std::uint16_t want = static_cast<std::uint16_t>(ctrl.used_idx() + 1);
+        ctrl.add_chain({{ctrl.alloc_bytes(cmd), static_cast<std::uint32_t>(cmd.size())}, {ack, 1, true}});
+        dev->queue_notify(static_cast<std::uint16_t>(dev->num_queues() - 1));
+        EXPECT_TRUE(wait_until([&] { return ctrl.used_idx() == want; }));
+        return *mem.read_obj<std::uint8_t>(Gpa(ack));
     }
 
     // Lays out fresh rings for every queue and activates with `features`.
@@ -600,6 +718,150 @@ TEST_F(VirtioNetTest, BrokenRingLoopDoesNotFloodTheLog) {
     EXPECT_LT(static_cast<double>(lines), bound) << lines << " log lines in " << secs << " s for " << kCycles
                                                  << " cycles; the first: " << log.substr(0, 300);
     EXPECT_GT(lines, 0u);   // the first broken ring is still reported
+}
+
+TEST_F(VirtioNetTest, VanishedBackendTakesTheLinkDownOnceAndGoesIdle) {
+    // The far end vanishes (a deleted TAP reads EBADFD, a passt that went
+    // away EOF): the device clears VIRTIO_NET_S_LINK_UP (5.1.4), sends a
+    // configuration change notification (2.5.1), logs one line, and asks the
+    // backend for nothing more, whatever the guest kicks or resets.
+    ScriptedBackend* b = create_scripted(1);
+    ASSERT_TRUE(dev->device_features() & virtio_bit(VIRTIO_NET_F_STATUS));
+    activate(virtio_bit(VIRTIO_NET_F_STATUS) | virtio_bit(VIRTIO_NET_F_MRG_RXBUF));
+    post_rx(8, 1526);
+    dev->queue_notify(0);
+    ASSERT_TRUE(wait_until([&] { return b->reads.load() >= 1; }));
+    EXPECT_EQ(link_status(), VIRTIO_NET_S_LINK_UP);
+    const int configs = tr.config_calls.load();
+
+    ::testing::internal::CaptureStderr();
+    b->hang_up(0);
+    const bool down = wait_until([&] { return link_status() == 0; }, 2000);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const int reads = b->reads.load();
+    for (int i = 0; i < 20; ++i) {   // the guest keeps kicking, sends, and resets once
+        tx().add_chain({{tx().alloc(12), 12}, {tx().alloc(60), 60}});
+        dev->queue_notify(1);
+        dev->queue_notify(0);
+        if (i == 10) {
+            dev->reset();
+            activate(virtio_bit(VIRTIO_NET_F_STATUS) | virtio_bit(VIRTIO_NET_F_MRG_RXBUF));
+            post_rx(8, 1526);
+        }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    const std::string log = ::testing::internal::GetCapturedStderr();
+
+    EXPECT_TRUE(down) << "the link stays up after the backend went away";
+    EXPECT_EQ(link_status(), 0) << "a reset brought the link back up";
+    EXPECT_EQ(b->reads.load(), reads) << "the device keeps reading from a backend that is gone";
+    EXPECT_EQ(tr.config_calls.load(), configs + 1);
+    EXPECT_EQ(std::count(log.begin(), log.end(), '\n'), 1) << log;
+    EXPECT_EQ(tr.needs_reset_calls.load(), 0);
+    EXPECT_TRUE(wait_until([&] { return tx().used_idx() == 9; }));   // TX still completes (dropped)
+}
+
+TEST_F(VirtioNetTest, PairChangesReachTheBackendOnlyOnChangeAndAtABoundedRate) {
+    // TUNSETQUEUE and TUNSETOFFLOAD take rtnl on the host: a guest must not
+    // be able to issue them at will. 256 alternating VQ_PAIRS_SET commands
+    // cause at most the changes' worth of TUNSETQUEUE, and the changes
+    // themselves are limited to about 10 a second (a burst of 10 first);
+    // a command that changes nothing, and resets with the same features,
+    // issue none at all.
+    ScriptedBackend* b = create_scripted(2);
+    const std::uint64_t features = virtio_bit(VIRTIO_NET_F_MQ) | virtio_bit(VIRTIO_NET_F_CTRL_VQ) |
+                                   virtio_bit(VIRTIO_NET_F_CSUM) | virtio_bit(VIRTIO_NET_F_GUEST_CSUM);
+    activate(features);   // its work is done on the loop when it returns
+    // The TAP attached every channel; activation detaches pair 1 and sets
+    // the offloads once.
+    EXPECT_EQ(b->queue_ioctls.load(), 1);
+    EXPECT_EQ(b->offload_ioctls.load(), 1);
+
+    const int q0 = b->queue_ioctls.load();
+    fake::Stopwatch sw;
+    int changes = 0;   // commands answered OK that asked for another count
+    std::uint16_t pairs = 1;
+    for (int i = 0; i < 256; ++i) {
+        const std::uint8_t n = i % 2 == 0 ? 2 : 1;
+        const std::uint8_t ack = command({VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, n, 0});
+        EXPECT_TRUE(ack == VIRTIO_NET_OK || ack == VIRTIO_NET_ERR) << int(ack);
+        if (ack == VIRTIO_NET_OK) {
+            changes += n != pairs;
+            pairs = n;
+        }
+    }
+    const double secs = static_cast<double>(sw.elapsed().count()) / 1000.0;
+    const int ioctls = b->queue_ioctls.load() - q0;
+    EXPECT_EQ(ioctls, changes) << "each accepted change moves pair 1 only";
+    EXPECT_GE(changes, 1);
+    EXPECT_LE(ioctls, 10 + 10 * secs + 1) << changes << " changes in " << secs << " s";
+
+    // The count in force again: answered OK, nothing issued.
+    const int q1 = b->queue_ioctls.load();
+    for (int i = 0; i < 50; ++i)
+        EXPECT_EQ(command({VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, static_cast<std::uint8_t>(pairs), 0}),
+                  VIRTIO_NET_OK);
+    EXPECT_EQ(b->queue_ioctls.load(), q1);
+
+    // Resets and activations with the same features: the offloads stay, and
+    // pairs fall back to 1 at most once.
+    const int o2 = b->offload_ioctls.load(), q2 = b->queue_ioctls.load();
+    for (int i = 0; i < 20; ++i) {
+        dev->reset();
+        activate(features);
+    }
+    EXPECT_EQ(b->offload_ioctls.load(), o2);
+    EXPECT_LE(b->queue_ioctls.load() - q2, 1);
+    EXPECT_EQ(tr.needs_reset_calls.load(), 0);
+}
+
+TEST_F(VirtioNetTest, ResetThatTimesOutLeavesTheQueuesAlone) {
+    // The loop is held up inside a receive pass (here 3 s in the backend)
+    // past run_and_wait's 2 s timeout. reset() still returns, and once it
+    // has, the device must not touch the rings the transport is about to
+    // reset: the frame the stalled pass got lands nowhere.
+    ScriptedBackend* b = create_scripted(1);
+    activate(virtio_bit(VIRTIO_NET_F_MRG_RXBUF));
+    ASSERT_TRUE(wait_until([&] { return b->reads.load() >= 1; }));
+    post_rx(4, 1526);   // available; the pass finds them without a kick
+    b->stall_ms = 3000;
+    std::vector<std::uint8_t> pkt(12, 0);
+    const auto f = make_frame(100, 9);
+    pkt.insert(pkt.end(), f.begin(), f.end());
+    b->send(0, pkt);
+    ASSERT_TRUE(wait_until([&] { return b->stalling.load(); }));
+    const auto took = fake::Stopwatch::time([&] { dev->reset(); });
+    const std::uint16_t used = rx().used_idx();
+    ASSERT_TRUE(wait_until([&] { return !b->stalling.load(); }));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));   // what the pass would do next
+    EXPECT_LT(took.count(), 2600) << "reset() waited " << took.count() << " ms";
+    EXPECT_EQ(rx().used_idx(), used) << "the device used a buffer after reset() returned";
+    EXPECT_EQ(dev->counters().rx_packets, 0u);
+}
+
+TEST_F(VirtioNetTest, NoQueueWorkWithoutDma) {
+    // Bus mastering off (dma_enabled() false): a received frame and a TX
+    // chain wait, even on kicks that bypass the transport (ioeventfds).
+    // Once DMA is back the transport kicks every queue and both go.
+    create();
+    tr.dma = false;
+    activate(0);
+    post_rx(2, 1526);
+    const auto in = make_frame(100, 3), out = make_frame(64, 4);
+    send_frame(peers[0].get(), in);
+    tx().add_chain({{tx().alloc(12), 12}, {tx().alloc_bytes(out), 64}});
+    dev->queue_notify(0);
+    dev->queue_notify(1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_EQ(rx().used_idx(), 0);
+    EXPECT_EQ(tx().used_idx(), 0);
+    pollfd pfd{peers[0].get(), POLLIN, 0};
+    EXPECT_EQ(::poll(&pfd, 1, 0), 0) << "a frame left with DMA off";
+    tr.dma = true;
+    for (std::uint16_t q = 0; q < dev->num_queues(); ++q) dev->queue_notify(q);   // as virtio-pci does
+    EXPECT_EQ(recv_frame(peers[0].get()), out);
+    EXPECT_TRUE(wait_until([&] { return rx().used_idx() == 1 && tx().used_idx() == 1; }));
+    EXPECT_EQ(rx().used_elem(0).second, 12 + in.size());
 }
 
 TEST(VirtioNetSetup, RejectsNullBackend) {

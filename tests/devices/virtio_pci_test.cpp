@@ -510,6 +510,28 @@ TEST_F(VirtioPciTest, MaskedVectorPendsThenDeliversOnUnmask) {
     EXPECT_EQ(sink->vectors, (std::vector<std::uint16_t>{1, 0}));
 }
 
+TEST_F(VirtioPciTest, BusMasterOffHoldsQueueWorkAndMsix) {
+    // PCI 3.0 6.2.2, Command register bit 2: without Bus Master Enable the
+    // function issues no memory requests, and an MSI-X message is a memory
+    // write. With the bit cleared a kick leaves the rings untouched and a
+    // device's interrupt waits; setting it again delivers both.
+    bring_up(true);
+    cfg_w(pci::kCommand, 2, cfg(pci::kCommand, 2) & ~pci::kCommandMaster);
+    offer(0, 0);
+    kick(0);
+    EXPECT_EQ(used_idx(0), 0) << "a buffer was used with bus mastering off";
+    dev->change_config();
+    EXPECT_TRUE(sink->vectors.empty()) << "an MSI-X message went out with bus mastering off";
+    EXPECT_FALSE(pending(0));   // the PBA is for masked vectors only
+    cfg_w(pci::kCommand, 2, cfg(pci::kCommand, 2) | pci::kCommandMaster);
+    EXPECT_EQ(used_idx(0), 1) << "the held kick was not delivered";
+    // The held config interrupt, and queue 0's for the buffer it used (the
+    // fake device may interrupt for queue 1 too: every queue is kicked).
+    const auto& got = sink->vectors;
+    EXPECT_EQ(std::count(got.begin(), got.end(), 0), 1);
+    EXPECT_EQ(std::count(got.begin(), got.end(), 1), 1);
+}
+
 TEST_F(VirtioPciTest, MsixTableEntries) {
     probe();
     const std::uint64_t t = VirtioPciDevice::kMsixTableOffset;

@@ -164,6 +164,7 @@ public:
     std::atomic<std::uint64_t> features{0};
     std::atomic<int> needs_reset_calls{0};
     std::atomic<int> config_calls{0};
+    std::atomic<bool> dma{true};   // dma_enabled(): false plays bus mastering off
 
     void interrupt_queue(std::uint16_t q) override {
         std::lock_guard lock(mu_);
@@ -172,6 +173,7 @@ public:
     void interrupt_config() override { ++config_calls; }
     void needs_reset() override { ++needs_reset_calls; }
     std::uint64_t driver_features() const override { return features.load(); }
+    bool dma_enabled() const override { return dma.load(); }
 
     int interrupts(std::uint16_t q) {
         std::lock_guard lock(mu_);
