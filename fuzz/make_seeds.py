@@ -253,9 +253,146 @@ def loader():
     yield "bzimage", bytes(setup) + kernel
 
 
+# --- blk: the script ops of blk_fuzz.cpp (64 KiB image: 128 sectors).
+BLK_T = {"in": 0, "out": 1, "flush": 2, "get_id": 3, "discard": 4, "write_zeroes": 5}   # kTypes index
+
+
+def blk_head(readonly=False, discard=True, queues=1, features=(1 << 64) - 1):
+    return Fdp().bool(readonly).bool(discard).int(1, 4, queues).u(64, features)
+
+
+def blk_step(f, queues, q, op):
+    if queues > 1:
+        f.int(0, queues - 1, q)
+    f.int(0, 9, op)
+
+
+def blk_req(f, queues, q, kind, sector, data=(), segs=(), status=True, indirect=False):
+    """data: (length, writable) buffers; a length that is a multiple of 512
+    up to 4 KiB is sent as such, any other as a raw length."""
+    blk_step(f, queues, q, 0)
+    f.bool(True).int(0, 5, BLK_T[kind]).bool(True).bool(True).int(0, 136, sector)
+    if kind in ("discard", "write_zeroes"):
+        f.int(0, 3, len(segs))
+        for seg_sector, num, flags in segs:
+            f.bool(True).int(0, 136, seg_sector).bool(True).int(0, 136, num)
+            f.bool(flags == 0)
+            if flags:
+                f.u(32, flags)
+    f.int(0, 7, 1)          # the header is not cut short
+    f.int(0, 15, 1)         # and readable
+    f.int(0, 3, len(data))
+    for length, writable in data:
+        if length % 512 == 0 and length <= 4096:
+            f.bool(True).int(0, 8, length // 512)
+        else:
+            f.bool(False).int(0, 4096, length)
+        f.bool(writable)
+    f.int(0, 7, 1 if status else 0)
+    f.bool(indirect)
+
+
+def blk_kick(f, queues=1, q=0):
+    blk_step(f, queues, q, 3)
+
+
+def blk():
+    f = blk_head()
+    blk_req(f, 1, 0, "out", 0, [(4096, False)])
+    blk_kick(f)
+    blk_req(f, 1, 0, "in", 0, [(4096, True)], indirect=True)
+    blk_kick(f)
+    blk_step(f, 1, 0, 6)
+    yield "write_read", f.data()
+    f = blk_head()
+    blk_req(f, 1, 0, "out", 4, [(512, False), (1024, False)])
+    blk_req(f, 1, 0, "flush", 0)
+    blk_req(f, 1, 0, "get_id", 0, [(20, True)])
+    blk_kick(f)
+    blk_step(f, 1, 0, 7)
+    f.u(8, 0).int(0, 71, 32).int(1, 16, 1).bool(False)   # writeback = 0
+    blk_req(f, 1, 0, "out", 8, [(512, False)])
+    blk_kick(f)
+    yield "flush_get_id_wce", f.data()
+    f = blk_head()
+    blk_req(f, 1, 0, "discard", 0, segs=[(8, 8, 0), (32, 16, 0)])
+    blk_req(f, 1, 0, "write_zeroes", 0, segs=[(64, 8, 1)])
+    blk_kick(f)
+    yield "discard_write_zeroes", f.data()
+    f = blk_head(readonly=True, discard=False)
+    blk_req(f, 1, 0, "out", 0, [(512, False)])
+    blk_req(f, 1, 0, "in", 126, [(2048, True)])   # past the end: IOERR
+    blk_kick(f)
+    yield "readonly_beyond_end", f.data()
+    f = blk_head(queues=4)
+    for q in range(4):
+        blk_req(f, 4, q, "out", 16 * q, [(1024, False)])
+        blk_req(f, 4, q, "in", 16 * q, [(1024, True)])
+        blk_kick(f, 4, q)
+    blk_step(f, 4, 1, 9)   # reset
+    blk_req(f, 4, 1, "in", 0, [(512, True)])
+    blk_kick(f, 4, 1)
+    yield "multiqueue_reset", f.data()
+
+
+# --- mem: the script ops of mem_fuzz.cpp (128 blocks of 2 MiB at 4 GiB).
+MEM_PLUG, MEM_UNPLUG, MEM_UNPLUG_ALL, MEM_STATE = 0, 1, 2, 3
+
+
+def mem_head(thp=False, features=(1 << 64) - 1):
+    return Fdp().bool(thp).u(64, features)
+
+
+def mem_req(f, kind, block=0, nb=0, indirect=False):
+    f.int(0, 9, 0).bool(True).bool(True).int(0, 3, kind)
+    f.int(0, 3, 0).int(0, 130, block)       # an address on a block of the region
+    f.bool(True).int(0, 130, nb)
+    f.int(0, 7, 1).int(0, 15, 1)            # 24 readable bytes
+    f.int(0, 7, 2).bool(indirect)           # a 10-byte writable response
+
+
+def mem_kick(f):
+    f.int(0, 9, 3)
+
+
+def mem_requested(f, blocks):
+    f.int(0, 9, 7).int(0, 2, 0).bool(True).int(0, 129, blocks)
+
+
+def mem():
+    f = mem_head()
+    mem_requested(f, 8)
+    mem_req(f, MEM_PLUG, 0, 4)
+    mem_kick(f)
+    mem_req(f, MEM_STATE, 0, 8, indirect=True)
+    mem_req(f, MEM_UNPLUG, 0, 2)
+    mem_kick(f)
+    f.int(0, 9, 5)
+    mem_req(f, MEM_UNPLUG_ALL)
+    mem_kick(f)
+    yield "plug_state_unplug", f.data()
+    f = mem_head(thp=True)
+    mem_requested(f, 16)
+    mem_req(f, MEM_PLUG, 8, 8)
+    mem_kick(f)
+    f.int(0, 9, 6).int(0, 127, 9).int(0, (2 << 20) - 64, 4096)   # the guest writes into block 9
+    f.int(0, 9, 9)                                                # reset: the blocks stay
+    mem_req(f, MEM_STATE, 8, 8)
+    mem_kick(f)
+    yield "plug_write_reset", f.data()
+    f = mem_head()
+    mem_requested(f, 4)
+    mem_req(f, MEM_PLUG, 126, 4)    # past the region: ERROR
+    mem_req(f, MEM_PLUG, 0, 0)      # no blocks: ERROR
+    mem_req(f, MEM_PLUG, 0, 8)      # above requested_size: NACK
+    mem_req(f, MEM_UNPLUG, 3, 1)    # not plugged: ERROR
+    mem_kick(f)
+    yield "refused", f.data()
+
+
 def main():
     for name, gen in (("virtqueue", virtqueue), ("virtio_pci", virtio_pci), ("balloon", balloon),
-                      ("api", api), ("loader", loader)):
+                      ("api", api), ("loader", loader), ("blk", blk), ("mem", mem)):
         d = os.path.join(ROOT, name)
         os.makedirs(d, exist_ok=True)
         for f in os.listdir(d):
