@@ -217,7 +217,9 @@ void VirtioBlk::maybe_notify(std::uint16_t q) {
 }
 
 bool VirtioBlk::service(std::uint16_t q) {
-    if (!active_ || quiescing_) return false;   // kicks while inactive are dropped
+    // Kicks while inactive are dropped; with Bus Master Enable off (PCI 3.0
+    // 6.2.2) no new request starts until the transport kicks again.
+    if (!active_ || quiescing_ || !dma_enabled()) return false;
     Virtqueue& vq = queues_[q];
     Queue& s = *q_[q];
     if (!vq.ready()) return false;

@@ -100,7 +100,8 @@ void VirtioMem::reset() {
 // ---- The queue, on the loop ----
 
 bool VirtioMem::service(std::uint16_t q) {
-    if (q != 0 || queues_.empty() || !queues_[0].ready()) return false;
+    // Bus Master Enable off (PCI 3.0 6.2.2): nothing until the transport kicks again.
+    if (q != 0 || queues_.empty() || !queues_[0].ready() || !dma_enabled()) return false;
     Virtqueue& vq = queues_[0];
     bool broken = false;
     const Virtqueue::Pass pass = vq.service(kBudget, [&](const DescChain& chain) {
