@@ -226,7 +226,7 @@ GuestMemory::Usage GuestMemory::usage() const {
     const auto now = std::chrono::steady_clock::now();
     if (usage_scans_.load() != 0 && now - usage_at_ < std::chrono::seconds(1)) return usage_;
     usage_scans_.fetch_add(1);
-    usage_ = Usage{resident_bytes(), huge_backed_bytes()};
+    usage_ = Usage{resident_bytes(), huge_backed_bytes(), hotplug_resident_bytes(), hotplug_huge_backed_bytes()};
     usage_at_ = std::chrono::steady_clock::now();   // after the scan: a slow scan is not repeated at once
     return usage_;
 }

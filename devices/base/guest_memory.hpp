@@ -185,15 +185,14 @@ public:
     // Bytes backed by 2 MiB pages: AnonHugePages of our VMAs in smaps
     // (hugetlbfs: every resident byte); 0 when smaps cannot be read.
     std::uint64_t huge_backed_bytes() const;
-    // The same two for the hotplug region alone (0 without one).
-    std::uint64_t hotplug_resident_bytes() const;
-    std::uint64_t hotplug_huge_backed_bytes() const;
-    // Both of the above for all of RAM, as vm.info reports them: scanned at
-    // most once a second (mincore over all of RAM and a parse of smaps cost
-    // milliseconds per GiB, and any local client may ask in a loop), so an
-    // answer may be up to a second old.
+    // Both of the above, and the same two for the hotplug region alone (0
+    // without one), as vm.info reports them: scanned at most once a second
+    // (mincore over all of RAM and a parse of smaps cost milliseconds per GiB,
+    // and any local client may ask in a loop), so an answer may be up to a
+    // second old.
     struct Usage {
         std::uint64_t resident_bytes = 0, huge_backed_bytes = 0;
+        std::uint64_t hotplug_resident_bytes = 0, hotplug_huge_backed_bytes = 0;
     };
     Usage usage() const;
     // How many times usage() scanned the mapping and smaps.
@@ -213,6 +212,9 @@ public:
     }
 
 private:
+    // The hotplug region alone (0 without one), for usage().
+    std::uint64_t hotplug_resident_bytes() const;
+    std::uint64_t hotplug_huge_backed_bytes() const;
     std::uint8_t* host_base() const { return static_cast<std::uint8_t*>(mapping_.get()); }
     // Host address of [gpa, gpa+len) when it is RAM in one region, else null.
     std::uint8_t* find(Gpa gpa, std::uint64_t len) const;

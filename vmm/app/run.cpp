@@ -72,7 +72,7 @@ public:
         if (VirtioMem* vmem = m_.virtio_mem()) {
             const VirtioMemConfig c = vmem->config();
             i.virtio_mem = VmInfo::VirtioMem{m_.config().memory_max, c.region_size, c.plugged_size, c.requested_size,
-                                             mem.hotplug_huge_backed_bytes(), mem.hotplug_resident_bytes()};
+                                             u.hotplug_huge_backed_bytes, u.hotplug_resident_bytes};
         }
         return i;
     }
