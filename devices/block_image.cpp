@@ -51,21 +51,22 @@ std::string default_disk_serial(std::string_view absolute_path) {
 }
 
 bool lock_image(int fd, bool writable, std::string& why) {
-    auto set = [&](off_t byte) {
+    // A one-byte lock request of `type` on `byte`.
+    auto one_byte = [](short type, off_t byte) {
         struct flock fl {};
-        fl.l_type = F_RDLCK;
+        fl.l_type = type;
         fl.l_whence = SEEK_SET;
         fl.l_start = byte;
         fl.l_len = 1;
+        return fl;
+    };
+    auto set = [&](off_t byte) {
+        struct flock fl = one_byte(F_RDLCK, byte);
         return ::fcntl(fd, F_OFD_SETLK, &fl) == 0;
     };
     // Whether another open file description holds a lock on `byte`.
     auto held = [&](off_t byte) {
-        struct flock fl {};
-        fl.l_type = F_WRLCK;
-        fl.l_whence = SEEK_SET;
-        fl.l_start = byte;
-        fl.l_len = 1;
+        struct flock fl = one_byte(F_WRLCK, byte);
         if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) return false;
         return fl.l_type != F_UNLCK;
     };
