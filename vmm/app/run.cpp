@@ -16,6 +16,7 @@
 #include "devices/virtio_net.hpp"
 #include "vmm/app/api.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/app/setup_pages.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
@@ -307,6 +308,7 @@ int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
         if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.loop().stop_fd());
         m.loop().start();
         confine.confine_main();   // last: no thread is started after it
+        drop_setup_pages();
         signalled = wait_for_stop(m, signals.fd());
         status = m.loop().wait();
     }
