@@ -307,8 +307,8 @@ int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
         StopOnExit stop_on_exit{m};
         if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.loop().stop_fd());
         m.loop().start();
+        drop_setup_pages();       // after the last thread's start, before the main list (it opens a file)
         confine.confine_main();   // last: no thread is started after it
-        drop_setup_pages();
         signalled = wait_for_stop(m, signals.fd());
         status = m.loop().wait();
     }
