@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <malloc.h>
 #include <pthread.h>
 
 namespace kguest {
@@ -192,6 +193,13 @@ int main(int argc, char** argv) {
         if (pthread_attr_setstacksize(&attr, 1 << 20) == 0) pthread_setattr_default_np(&attr);
         pthread_attr_destroy(&attr);
     }
+    // One malloc arena for every thread. A thread's own arena, when its heap
+    // shrinks, makes glibc read /proc/sys/vm/overcommit_memory (malloc's
+    // check_may_shrink_heap) with openat, which no confined thread's list
+    // allows: scripts/seccomp-audit caught a vCPU thread doing it. The VMM's
+    // threads allocate little after set-up, and the arenas' own pages (in
+    // scripts/footprint's "other anonymous") go too.
+    if (mallopt(M_ARENA_MAX, 1) != 1) std::fputs("kguest: mallopt(M_ARENA_MAX) failed\n", stderr);
     try {
         if (argc < 2) throw UsageError("no command given (see kguest --help)");
         std::string cmd = argv[1];
