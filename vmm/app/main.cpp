@@ -22,6 +22,8 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: kguest run --kernel PATH [options]     boot a kernel (build/guest/guest.elf, a bzImage, a vmlinux)\n"
+    "       kguest --api-socket path=PATH|fd=N [--event-monitor path=PATH|fd=N] [--seccomp ...] [--user ...]\n"
+    "                                             a bare VMM: Cloud Hypervisor's API creates and boots its VM\n"
     "       kguest --version\n"
     "\n"
     "run options:\n"
@@ -171,6 +173,52 @@ int cmd_run(int argc, char** argv) {
     return run_vm(cfg, confine);
 }
 
+// `kguest --api-socket ...`: a bare VMM, started the way libvirt's ch driver
+// and Kata's clh driver start Cloud Hypervisor.
+int cmd_bare_vmm(int argc, char** argv) {
+    BareVmmOptions o;
+    bool have_api = false;
+    Args a(argc, argv, 1);
+    while (!a.done()) {
+        std::string f = a.flag();
+        if (f == "--api-socket") {
+            o.api = parse_path_or_fd(f, a.value(f));
+            have_api = true;
+        } else if (f == "--event-monitor") {
+            std::string v = a.value(f);
+            parse_path_or_fd(f, v);   // checked now; opened by run_bare_vmm
+            o.event_monitor = v;
+        } else if (f == "--seccomp") {
+            std::string v = a.value(f);
+            auto m = parse_seccomp_mode(v);
+            if (!m) throw UsageError("--seccomp '" + v + "': need on, log or off");
+            o.confine.seccomp = *m;
+        } else if (f == "--user") {
+            o.confine.user = parse_user(a.value(f));
+        } else {
+            throw UsageError("unknown option '" + f + "' for a bare VMM (--api-socket, --event-monitor, --seccomp, --user)");
+        }
+    }
+    if (!have_api) throw UsageError("a bare VMM needs --api-socket path=PATH or fd=N");
+    return run_bare_vmm(o);
+}
+
+// `--version`. The number is the Cloud Hypervisor release whose API kguest
+// answers (vm.create's VmConfig with `payload`, vm.info, vm.resize's
+// desired_ram), not kguest's own (vmm.ping's "version"): libvirt's ch driver
+// (src/ch/ch_conf.c, chExtractVersion) refuses anything before v15.0, sends
+// the kernel as `payload` only from v28.0 (ch_capabilities.c) and parses
+// "cloud-hypervisor vX.Y.Z" (so under that name, e.g. through a symlink,
+// kguest says so); Kata's clh driver reads the same line.
+constexpr const char* kChApiVersion = "41.0.0";
+
+int print_version(const char* argv0) {
+    std::string name = argv0;
+    if (auto slash = name.rfind('/'); slash != std::string::npos) name = name.substr(slash + 1);
+    std::printf("%s v%s\n", name == "cloud-hypervisor" ? "cloud-hypervisor" : "kguest", kChApiVersion);
+    return 0;
+}
+
 } // namespace
 } // namespace kguest
 
@@ -202,10 +250,8 @@ int main(int argc, char** argv) {
         if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "resize" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
             cmd == "stop")
             return cli_main(argc, argv);
-        if (cmd == "--version") {
-            std::printf("kguest %s\n", KGUEST_VERSION);
-            return 0;
-        }
+        if (cmd == "--version") return print_version(argv[0]);
+        if (cmd.rfind("--api-socket", 0) == 0 || cmd.rfind("--event-monitor", 0) == 0) return cmd_bare_vmm(argc, argv);
         if (cmd == "run") return cmd_run(argc, argv);
         throw UsageError("unknown command '" + cmd + "' (see kguest --help)");
     } catch (const std::exception& e) {

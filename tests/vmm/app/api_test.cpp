@@ -263,7 +263,7 @@ TEST_F(ApiServerTest, EveryRouteThroughClient) {
     r = c.get("vm.info");
     EXPECT_EQ(r.status, 200u);
     EXPECT_EQ(r.body["memory"], 256 * MiB);
-    EXPECT_EQ(r.body["state"], "running");
+    EXPECT_EQ(r.body["state"], "Running");
 
     r = c.get("/api/v1/vm.counters");
     EXPECT_EQ(r.status, 200u);
@@ -282,7 +282,7 @@ TEST_F(ApiServerTest, EveryRouteThroughClient) {
     r = c.request("PUT", "vm.pause");
     EXPECT_EQ(r.status, 409u);
     EXPECT_EQ(r.error(), "already paused");
-    EXPECT_EQ(c.get("vm.info").body["state"], "paused");
+    EXPECT_EQ(c.get("vm.info").body["state"], "Paused");
     EXPECT_EQ(c.request("PUT", "vm.resume").status, 204u);
     EXPECT_FALSE(vm_.paused());
     EXPECT_EQ(c.request("PUT", "vm.shutdown").status, 204u);
@@ -899,7 +899,7 @@ TEST_F(ApiCliTest, ListShowsRunningVmsOnly) {
     EXPECT_EQ(r.status, 0) << r.err;
     EXPECT_NE(r.out.find("NAME"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("alpha"), std::string::npos) << r.out;
-    EXPECT_NE(r.out.find("running"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("Running"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("256 MiB"), std::string::npos) << r.out;
     EXPECT_EQ(r.out.find("dead"), std::string::npos) << r.out;
     r = cli({"list", "--json"});
@@ -919,12 +919,12 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     EXPECT_TRUE(has_line(r.out, "rss", "100.5 MiB")) << r.out;
     EXPECT_TRUE(has_line(r.out, "hugepage_backed", "128 MiB")) << r.out;
     EXPECT_TRUE(has_line(r.out, "balloon.actual", "0 MiB")) << r.out;
-    EXPECT_TRUE(has_line(r.out, "state", "running")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "state", "Running")) << r.out;
     EXPECT_TRUE(has_line(r.out, "disks.0.path", "/img/a.raw")) << r.out;
     EXPECT_TRUE(has_line(r.out, "disks.0.readonly", "true")) << r.out;
     // Keys are aligned: every value starts in the same column.
     std::size_t col = r.out.find("256 MiB") - r.out.rfind('\n', r.out.find("256 MiB")) - 1;
-    EXPECT_EQ(r.out.find("running") - r.out.rfind('\n', r.out.find("running")) - 1, col) << r.out;
+    EXPECT_EQ(r.out.find("Running") - r.out.rfind('\n', r.out.find("Running")) - 1, col) << r.out;
     r = cli({"info", "vm1", "--json"});
     EXPECT_EQ(json::parse(r.out)["memory"], 256 * MiB);
     r = cli({"stats", "vm1"});
