@@ -15,6 +15,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http.hpp>
 
@@ -417,9 +418,29 @@ private:
         parser_->body_limit(srv_.limits.body_limit);
         parser_->header_limit(static_cast<std::uint32_t>(srv_.limits.header_limit));
         arm(srv_.limits.request_timeout);
-        http::async_read(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
-            self->on_read(ec);
+        http::async_read_header(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+            if (ec) return self->on_read(ec);
+            self->continue_body();
         });
+    }
+
+    // `Expect: 100-continue` (RFC 9110 10.1.1): libcurl sends it with an
+    // upload of unknown size, as libvirt's ch driver makes for every
+    // body-less PUT (CURLOPT_UPLOAD, ch_monitor.c), and then waits a second
+    // for the interim answer before sending the (empty, chunked) body.
+    void continue_body() {
+        auto read_body = [self = shared_from_this()] {
+            http::async_read(self->socket_, self->buffer_, *self->parser_,
+                             [self](beast::error_code ec, std::size_t) { self->on_read(ec); });
+        };
+        if (parser_->is_done() || !beast::iequals(parser_->get()[http::field::expect], "100-continue"))
+            return read_body();
+        static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+        asio::async_write(socket_, asio::buffer(kContinue.data(), kContinue.size()),
+                          [self = shared_from_this(), read_body](beast::error_code ec, std::size_t) {
+                              if (ec) return self->on_read(ec);
+                              read_body();
+                          });
     }
 
     void on_read(beast::error_code ec) {
