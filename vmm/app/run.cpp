@@ -20,6 +20,7 @@
 #include "vmm/app/api_client.hpp"
 #include "vmm/app/events.hpp"
 #include "vmm/app/lifecycle.hpp"
+#include "vmm/app/setup_pages.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
@@ -319,6 +320,7 @@ int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
     confine.setup_done();
     life.start();
     confine.confine_main();   // last: no thread is started after it
+    drop_setup_pages();
     return life.serve(signals.fd());
 }
 
