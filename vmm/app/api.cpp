@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <pthread.h>
 #include <cstring>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -112,6 +113,9 @@ json counters_json(const VmCounters& c) {
         }
         j["balloon"] = b;
     }
+    if (c.rng)
+        j["rng"] = {{"bytes", c.rng->bytes}, {"requests", c.rng->requests}, {"throttled", c.rng->throttled},
+                    {"bad_chains", c.rng->bad_chains}};
     json& e = j["exits"] = {{"userspace", json::array()}};
     for (const ExitCount& x : c.exits.userspace)
         e["userspace"].push_back({{"reason", x.reason}, {"count", x.count}, {"handling_ns", x.handling_ns}});
@@ -207,6 +211,7 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
     static constexpr Route routes[] = {
         {"vmm.ping", "GET"},   {"vm.info", "GET"},   {"vm.counters", "GET"}, {"vm.resize", "PUT"},
         {"vm.pause", "PUT"},   {"vm.resume", "PUT"}, {"vm.shutdown", "PUT"},
+        {"vm.power-button", "PUT"},
     };
     std::string_view path = target.substr(0, target.find('?'));
     const Route* route = nullptr;
@@ -227,6 +232,7 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
         if (name == "vm.resize") return do_resize(vm, body);
         if (name == "vm.pause") return control_reply(vm.pause());
         if (name == "vm.resume") return control_reply(vm.resume());
+        if (name == "vm.power-button") return control_reply(vm.power_button());
         return control_reply(vm.shutdown());
     } catch (const std::exception& e) {
         return error_reply(500, std::string(route->name) + ": " + e.what());
@@ -477,6 +483,7 @@ ApiServer::ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits li
     if (ec) fail("api acceptor " + socket_path, ec.value(), true);
     impl_->accept();
     impl_->thread = std::thread([impl = impl_.get()] {
+        ::pthread_setname_np(::pthread_self(), "api");   // before confinement: glibc uses prctl for itself
         thread_started(ThreadKind::api);
         for (;;) {
             try {

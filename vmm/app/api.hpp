@@ -8,13 +8,13 @@
 // atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
 // Routes under /api/v1/: GET vmm.ping ({"version", "pid"}), vm.info (VmInfo),
-// vm.counters ("port80", "net0"..., "disk0"..., "balloon" with "stats" once sampled,
+// vm.counters ("port80", "net0"..., "disk0"..., "balloon" with "stats" once sampled, "rng",
 // "exits": {"userspace": [{"reason", "count", "handling_ns"}...] most frequent
 // first, "kvm": {KVM's counter names: N} or "kvm_note" saying why not}); PUT
 // vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}: the guest's
 // total memory, as in Cloud Hypervisor: above --memory through virtio-mem,
 // below it by unplugging all and inflating the balloon), vm.pause,
-// vm.resume, vm.shutdown (204). Errors carry {"error": "message"}: 400 bad JSON
+// vm.resume, vm.shutdown, vm.power-button (204). Errors carry {"error": "message"}: 400 bad JSON
 // or fields, 404, 405, 408 too slow, 409 refused (a ControlError), 413 body too
 // large, 431, 500 an exception, 503 too many connections.
 #pragma once
@@ -23,6 +23,7 @@
 #include "devices/base/guest_memory.hpp"
 #include "devices/virtio_blk.hpp"
 #include "devices/virtio_net.hpp"
+#include "devices/virtio_rng.hpp"
 #include "vmm/exit.hpp"
 
 #include <chrono>
@@ -82,6 +83,7 @@ struct VmCounters {
         BalloonStats stats;            // "stats" when valid, in libvirt's names and units
     };
     std::optional<Balloon> balloon;
+    std::optional<RngCounters> rng;    // "rng" when the VM has a virtio-rng device
     ExitStats exits;
 };
 
@@ -105,6 +107,9 @@ struct VmControl {
     virtual ControlError pause() = 0;
     virtual ControlError resume() = 0;
     virtual ControlError shutdown() = 0;
+    // An ACPI power button press (the guest's OS decides what to do; Linux
+    // powers off). Must not wait for the guest.
+    virtual ControlError power_button() = 0;
 };
 
 // The smallest guest size vm.resize accepts for desired_ram (and the most the

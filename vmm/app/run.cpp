@@ -16,6 +16,7 @@
 #include "devices/virtio_net.hpp"
 #include "vmm/app/api.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/console.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
@@ -29,8 +30,6 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/signalfd.h>
-#include <termios.h>
-#include <thread>
 #include <unistd.h>
 
 namespace kguest {
@@ -87,6 +86,7 @@ public:
             b->request_stats();
             c.balloon = VmCounters::Balloon{b->counters(), b->stats()};
         }
+        if (VirtioRng* r = m_.rng()) c.rng = r->counters();
         c.exits = m_.loop().exits();
         return c;
     }
@@ -119,58 +119,13 @@ public:
         m_.loop().request_stop(0);
         return ControlError::none;
     }
+    ControlError power_button() override {
+        m_.press_power_button();
+        return ControlError::none;
+    }
 
 private:
     Machine& m_;
-};
-
-// The serial console's input for `--console stdio`: the terminal in raw-ish
-// mode (ISIG and output processing stay on, so Ctrl-C stops the VM cleanly)
-// and a thread that feeds stdin to COM1 until EOF or `stop_fd` is readable.
-// The destructor joins it (the VM must be stopping) and restores the terminal.
-class ConsoleInput {
-public:
-    ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
-        if (::isatty(STDIN_FILENO) && ::tcgetattr(STDIN_FILENO, &saved_) == 0) {
-            termios raw = saved_;
-            raw.c_iflag &= ~static_cast<tcflag_t>(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON);
-            raw.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL | ICANON | IEXTEN);
-            raw.c_cc[VMIN] = 1;
-            raw.c_cc[VTIME] = 0;
-            raw_ = ::tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
-        }
-        thread_ = std::thread([this] { thread_main(); });
-    }
-    ~ConsoleInput() {
-        if (thread_.joinable()) thread_.join();
-        if (raw_) ::tcsetattr(STDIN_FILENO, TCSANOW, &saved_);
-    }
-    ConsoleInput(const ConsoleInput&) = delete;
-    ConsoleInput& operator=(const ConsoleInput&) = delete;
-
-private:
-    void thread_main() {
-        thread_started(ThreadKind::console);
-        pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-        std::uint8_t buf[256];
-        for (;;) {
-            int n = ::poll(fds, 2, -1);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0 || (fds[1].revents & POLLIN)) return;
-            if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-                ssize_t r = ::read(STDIN_FILENO, buf, sizeof buf);
-                if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-                if (r <= 0) return;  // EOF (e.g. </dev/null) or error: no more input
-                serial_.receive({buf, static_cast<std::size_t>(r)});
-            }
-        }
-    }
-
-    Serial& serial_;
-    int stop_fd_;
-    termios saved_{};
-    bool raw_ = false;
-    std::thread thread_;
 };
 
 // Blocks the stop signals in this thread (and the threads it starts) and reads
@@ -258,6 +213,11 @@ void exit_report(Machine& m, int status, bool signalled) {
                 i++, ull(c.reads), ull(c.read_bytes), ull(c.writes), ull(c.write_bytes), ull(c.flushes),
                 ull(c.discards), ull(c.errors), ull(d.slot->msi_count()), ull(d.slot->intx_count()));
     }
+    if (VirtioRng* r = m.rng()) {
+        const RngCounters c = r->counters();
+        log_msg("virtio-rng: %llu bytes in %llu requests, %llu waits for the rate limit, %llu bad chains", ull(c.bytes),
+                ull(c.requests), ull(c.throttled), ull(c.bad_chains));
+    }
     // Exits by reason, as kvm_stat shows them: the top userspace ones, then KVM's own.
     const ExitStats ex = m.loop().exits();
     std::string line;
@@ -304,7 +264,7 @@ int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
         confine.setup_done();
         std::unique_ptr<ConsoleInput> console;
         StopOnExit stop_on_exit{m};
-        if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.loop().stop_fd());
+        console = std::make_unique<ConsoleInput>(m.console(), m.serial(), m.loop().stop_fd());
         m.loop().start();
         confine.confine_main();   // last: no thread is started after it
         signalled = wait_for_stop(m, signals.fd());
