@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <pthread.h>
 #include <cstring>
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -124,6 +125,9 @@ json counters_json(const VmCounters& c) {
         }
         j["balloon"] = b;
     }
+    if (c.rng)
+        j["rng"] = {{"bytes", c.rng->bytes}, {"requests", c.rng->requests}, {"throttled", c.rng->throttled},
+                    {"bad_chains", c.rng->bad_chains}};
     json& e = j["exits"] = {{"userspace", json::array()}};
     for (const ExitCount& x : c.exits.userspace)
         e["userspace"].push_back({{"reason", x.reason}, {"count", x.count}, {"handling_ns", x.handling_ns}});
@@ -281,7 +285,6 @@ ApiReply do_lifecycle(VmControl& vm, std::string_view name, std::string_view bod
     if (name == "vm.boot") return refusal_reply(vm.boot());
     if (name == "vm.reboot") return refusal_reply(vm.reboot());
     if (name == "vm.delete") return refusal_reply(vm.remove());
-    if (name == "vm.power-button") return refusal_reply(vm.power_button());
     // vmm.shutdown: answered first, then the VMM ends.
     if (Refusal r = vm.can_shutdown_vmm()) return refusal_reply(r);
     ApiReply reply{204, nullptr, {}, {}};
@@ -326,6 +329,7 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
         if (name == "vm.pause") return control_reply(vm.pause());
         if (name == "vm.resume") return control_reply(vm.resume());
         if (name == "vm.shutdown") return control_reply(vm.shutdown());
+        if (name == "vm.power-button") return control_reply(vm.power_button());
         return do_lifecycle(vm, name, body, fds);
     } catch (const std::exception& e) {
         return error_reply(500, std::string(route->name) + ": " + e.what());
@@ -664,6 +668,7 @@ ApiServer::ApiServer(Fd listening, VmControl& vm, ApiLimits limits)
 void ApiServer::Impl::start() {
     accept();
     thread = std::thread([this] {
+        ::pthread_setname_np(::pthread_self(), "api");   // before confinement: glibc uses prctl for itself
         thread_started(ThreadKind::api);
         for (;;) {
             try {

@@ -8,17 +8,17 @@
 // atomics or queues, never take a lock a vCPU holds across a guest exit).
 //
 // Routes under /api/v1/: GET vmm.ping ({"version", "pid"}), vm.info (VmInfo),
-// vm.counters ("port80", "net0"..., "disk0"..., "balloon" with "stats" once sampled,
+// vm.counters ("port80", "net0"..., "disk0"..., "balloon" with "stats" once sampled, "rng",
 // "exits": {"userspace": [{"reason", "count", "handling_ns"}...] most frequent
 // first, "kvm": {KVM's counter names: N} or "kvm_note" saying why not}); PUT
 // vm.resize ({"desired_balloon": BYTES} or {"desired_ram": BYTES}: the guest's
 // total memory, as in Cloud Hypervisor: above --memory through virtio-mem,
 // below it by unplugging all and inflating the balloon), vm.pause,
-// vm.resume, vm.shutdown (204). Cloud Hypervisor's lifecycle (vmm/app/lifecycle.hpp
+// vm.resume, vm.shutdown, vm.power-button (204). Cloud Hypervisor's lifecycle (vmm/app/lifecycle.hpp
 // serves it; a `kguest run` VMM answers 409): PUT vm.create (a VmConfig in
 // Cloud Hypervisor's JSON, vmm/app/ch_config.hpp), vm.add-net (its TAP fds
 // as SCM_RIGHTS ancillary data on the request's first bytes, as libvirt and
-// Kata send them), vm.add-disk, vm.boot, vm.reboot, vm.power-button,
+// Kata send them), vm.add-disk, vm.boot, vm.reboot,
 // vm.delete, vmm.shutdown (answered, then the VMM ends); vm.info then also
 // has "config" and Cloud Hypervisor's "state" (Created, Running, Paused,
 // Shutdown) and "memory_actual_size". vm.resize also takes "desired_vcpus"
@@ -33,6 +33,7 @@
 #include "devices/base/guest_memory.hpp"
 #include "devices/virtio_blk.hpp"
 #include "devices/virtio_net.hpp"
+#include "devices/virtio_rng.hpp"
 #include "vmm/exit.hpp"
 
 #include <chrono>
@@ -96,6 +97,7 @@ struct VmCounters {
         BalloonStats stats;            // "stats" when valid, in libvirt's names and units
     };
     std::optional<Balloon> balloon;
+    std::optional<RngCounters> rng;    // "rng" when the VM has a virtio-rng device
     ExitStats exits;
 };
 
@@ -131,6 +133,9 @@ struct VmControl {
     virtual ControlError pause() = 0;
     virtual ControlError resume() = 0;
     virtual ControlError shutdown() = 0;
+    // An ACPI power button press (the guest's OS decides what to do; Linux
+    // powers off). Must not wait for the guest.
+    virtual ControlError power_button() = 0;
 
     // Cloud Hypervisor's lifecycle; a VMM that runs one VM from its command
     // line refuses it (these defaults).
@@ -140,7 +145,6 @@ struct VmControl {
     virtual Refusal boot() { return fixed_vm(); }
     virtual Refusal reboot() { return fixed_vm(); }
     virtual Refusal remove() { return fixed_vm(); }   // vm.delete
-    virtual Refusal power_button() { return fixed_vm(); }
     // vmm.shutdown: refused (non-zero status), or done once the answer is
     // written: then shutdown_vmm() is called on the API thread.
     virtual Refusal can_shutdown_vmm() { return fixed_vm(); }

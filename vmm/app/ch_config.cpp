@@ -79,8 +79,13 @@ void map_serial(const json& s, VmConfig& c) {
         if (!file || file->empty()) bad("serial.file", "mode File needs a file");
         c.console = VmConfig::Console::file;
         c.console_path = *file;
-    } else if (mode == "Pty" || mode == "Socket") {
-        bad("serial.mode", mode + " is not supported by this kguest (Off, Null, Tty, File)");
+    } else if (mode == "Pty") {
+        c.console = VmConfig::Console::pty;   // its path: vm.info's config.serial.file
+    } else if (mode == "Socket") {
+        auto sock = get_string(s, "socket", "serial");
+        if (!sock || sock->empty()) bad("serial.socket", "mode Socket needs a socket path");
+        c.console = VmConfig::Console::socket;
+        c.console_path = *sock;
     } else {
         bad("serial.mode", "unknown mode '" + mode + "' (Off, Null, Tty, File, Pty, Socket)");
     }
@@ -220,7 +225,10 @@ ChVmConfig vm_config_from_ch(const json& j) {
     }
     if (const json* rng = member(j, "rng")) {
         object_at(*rng, "rng");
-        bad("rng", "virtio-rng is not supported by this kguest");
+        const std::string src = get_string(*rng, "src", "rng").value_or(VirtioRng::kDefaultSource);
+        if (src.empty()) bad("rng.src", "empty path");
+        refuse_set(*rng, "iommu", "rng", "kguest has no IOMMU");
+        c.rng = src;
     }
 
     // Devices and features kguest lacks: refused by name.
@@ -282,7 +290,10 @@ json ch_config_json(const VmConfig& c, std::uint64_t balloon_bytes) {
     case VmConfig::Console::none: j["serial"] = {{"mode", "Null"}}; break;
     case VmConfig::Console::stdio: j["serial"] = {{"mode", "Tty"}}; break;
     case VmConfig::Console::file: j["serial"] = {{"mode", "File"}, {"file", c.console_path}}; break;
+    case VmConfig::Console::pty: j["serial"] = {{"mode", "Pty"}}; break;   // "file": the running VM's PTY
+    case VmConfig::Console::socket: j["serial"] = {{"mode", "Socket"}, {"socket", c.console_path}}; break;
     }
+    if (c.rng) j["rng"] = {{"src", c.rng->empty() ? VirtioRng::kDefaultSource : c.rng->c_str()}};
     j["console"] = {{"mode", "Off"}};
     j["iommu"] = false;
     return j;

@@ -42,16 +42,11 @@ Gate g_gate;
 // Confines the calling thread or ends the process: a thread left unconfined
 // must not go on serving the guest.
 void confine_this_thread(ThreadKind kind) {
-    // Named after its kind ("kguest-vcpu"), so ps -L, top -H and the kernel's
-    // seccomp log lines (comm=) tell the threads apart.
-    char name[16];
-    std::snprintf(name, sizeof name, "kguest-%s", thread_kind_name(kind));
-    const char* call = "prctl PR_SET_NAME";
-    int err = ::prctl(PR_SET_NAME, name, 0, 0, 0) == 0 ? 0 : errno;
-    if (err == 0) {
-        call = "capset";
-        err = drop_thread_capabilities();
-    }
+    // Each thread was named for what it does when it started ("vcpu0",
+    // "api", "disk0", ...), which ps -L, top -H and the kernel's seccomp log
+    // lines (comm=) show.
+    const char* call = "capset";
+    int err = drop_thread_capabilities();
     if (err == 0) {
         call = "seccomp";
         err = g_gate.filters->install(kind);

@@ -294,6 +294,9 @@ VmInfo VmLifecycle::info() {
         std::uint64_t balloon = cfg_.balloon_bytes;
         if (i.balloon) balloon = i.balloon->target_bytes;
         i.config = ch_config_json(cfg_.config, balloon);
+        // libvirt reads the PTY's path back from here (ch_process.c, virCHProcessUpdateConsole).
+        if (vm_ && started_ && cfg_.config.console == VmConfig::Console::pty)
+            i.config["serial"]["file"] = vm_->console_pty_path();
     }
     return i;
 }
@@ -403,10 +406,10 @@ Refusal VmLifecycle::remove() {
     return hand_over(Step::remove);
 }
 
-Refusal VmLifecycle::power_button() {
+ControlError VmLifecycle::power_button() {
     std::lock_guard lock(mu_);
-    if (!vm_ || !started_) return wrong_state("vm.power-button");
-    return vm_->power_button();
+    if (!vm_ || !started_) return ControlError::not_running;
+    return vm_->control().power_button();
 }
 
 Refusal VmLifecycle::can_shutdown_vmm() {

@@ -44,7 +44,7 @@ namespace kguest {
 
 // One built VM as the lifecycle drives it: run.cpp's over a Machine; a fake
 // in the unit tests. Owner-thread calls but control(), request_stop() and
-// power_button(), which any thread may make.
+// console_pty_path(), which any thread may make.
 class GuestVm {
 public:
     virtual ~GuestVm() = default;   // stops a started VM that was not finished
@@ -52,7 +52,7 @@ public:
     virtual void start() = 0;               // console input and vCPUs
     virtual int stop_fd() = 0;              // readable once the VM has stopped
     virtual void request_stop(int status) = 0;
-    virtual Refusal power_button() = 0;     // an ACPI power button press
+    virtual std::string console_pty_path() = 0;   // the serial's PTY slave, "" when none
     virtual int finish(bool signalled) = 0;   // waits for the stop, logs the exit report; its status
 };
 // Builds a VM (does not start it); throws as Machine's constructor does.
@@ -92,7 +92,7 @@ public:
     Refusal boot() override;
     Refusal reboot() override;
     Refusal remove() override;
-    Refusal power_button() override;
+    ControlError power_button() override;
     Refusal can_shutdown_vmm() override;
     void shutdown_vmm() override;
 

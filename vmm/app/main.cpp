@@ -36,7 +36,8 @@ constexpr const char* kUsage =
     "  --memory SIZE             guest RAM, K/M/G suffixes (default 256M, at least 8M)\n"
     "  --memory-max SIZE         grow the guest up to SIZE with virtio-mem (`kguest resize NAME --memory SIZE`)\n"
     "  --hugepages thp|hugetlbfs|off   RAM backing (default thp)\n"
-    "  --console stdio|none|FILE serial console (default stdio)\n"
+    "  --console stdio|none|pty|socket=PATH|FILE   serial console (default stdio); pty: a pseudo-terminal\n"
+    "                            whose path kguest prints; socket=PATH: a UNIX socket kguest listens on\n"
     "  --name NAME               VM name (default kguest)\n"
     "  --port80 kernel|exit      port 0x80 writes absorbed in KVM (default) or by userspace exits\n"
     "  --no-pv-spinlocks         hide KVM_FEATURE_PV_UNHALT from the guest (native spinlocks)\n"
@@ -49,6 +50,8 @@ constexpr const char* kUsage =
     "                            KEY: stats, deflate_on_oom, free_page_reporting (all on by default)\n"
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
     "                            /run/kguest/NAME.sock for root)\n"
+    "  --rng [src=PATH][,rate=BYTES][,burst=BYTES]  a virtio-rng device reading PATH (default /dev/urandom),\n"
+    "                            at most rate bytes/s (default 1M; 0: unlimited) in bursts of up to burst\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n"
     "  --boot-timeline           at exit, print when each boot step was reached\n"
     "  --seccomp on|log|off      system-call allow-lists per thread after set-up (default on; log:\n"
@@ -73,6 +76,34 @@ BalloonOptions parse_balloon_options(const std::string& spec) {
         pos = end + 1;
     }
     return o;
+}
+
+// --rng [src=PATH][,rate=BYTES[,burst=BYTES]]: the virtio-rng source and its
+// token bucket (bytes per second, K/M/G suffixes; rate=0: unlimited).
+void parse_rng_options(const std::string& spec, VmConfig& cfg) {
+    cfg.rng = "";
+    std::size_t pos = 0;
+    bool burst_set = false;
+    while (!spec.empty() && pos <= spec.size()) {
+        const std::size_t end = std::min(spec.find(',', pos), spec.size());
+        const std::string item = spec.substr(pos, end - pos);
+        const std::size_t eq = item.find('=');
+        const std::string key = item.substr(0, eq), val = eq == std::string::npos ? "" : item.substr(eq + 1);
+        if (key == "src") {
+            if (val.empty()) throw UsageError("--rng src= needs a path");
+            cfg.rng = val;
+        } else if (key == "rate" || key == "burst") {
+            const auto n = parse_size(val);
+            if (!n) throw UsageError("--rng " + key + "='" + val + "': need a byte count like 1M");
+            (key == "rate" ? cfg.rng_limit.rate : cfg.rng_limit.burst) = *n;
+            burst_set |= key == "burst";
+        } else {
+            throw UsageError("--rng '" + item + "': unknown option (src=PATH, rate=BYTES, burst=BYTES)");
+        }
+        pos = end + 1;
+    }
+    if (!burst_set) cfg.rng_limit.burst = cfg.rng_limit.rate;   // a second's worth
+    if (cfg.rng_limit.rate != 0 && cfg.rng_limit.burst == 0) throw UsageError("--rng burst=0: the bucket must hold a byte");
 }
 
 int cmd_run(int argc, char** argv) {
@@ -116,10 +147,15 @@ int cmd_run(int argc, char** argv) {
             cfg.backing = *b;
         } else if (f == "--console") {
             std::string v = a.value(f);
-            if (v.empty()) throw UsageError("--console needs stdio, none or a file name");
+            if (v.empty()) throw UsageError("--console needs stdio, none, pty, socket=PATH or a file name");
             if (v == "stdio") cfg.console = VmConfig::Console::stdio;
             else if (v == "none") cfg.console = VmConfig::Console::none;
-            else { cfg.console = VmConfig::Console::file; cfg.console_path = v; }
+            else if (v == "pty") cfg.console = VmConfig::Console::pty;
+            else if (v.rfind("socket=", 0) == 0) {
+                cfg.console = VmConfig::Console::socket;
+                cfg.console_path = v.substr(7);
+                if (cfg.console_path.empty()) throw UsageError("--console socket= needs a path");
+            } else { cfg.console = VmConfig::Console::file; cfg.console_path = v; }
         } else if (f == "--name") {
             cfg.name = a.value(f);
             if (cfg.name.empty() || cfg.name.find_first_of("/ \t\n") != std::string::npos)
@@ -136,6 +172,8 @@ int cmd_run(int argc, char** argv) {
         } else if (f == "--balloon") {
             cfg.balloon = true;
             if (auto v = a.optional_value()) cfg.balloon_options = parse_balloon_options(*v);
+        } else if (f == "--rng") {
+            parse_rng_options(a.optional_next_value().value_or(""), cfg);
         } else if (f == "--prefault") {
             a.no_value(f);
             cfg.prefault = true;
@@ -248,7 +286,7 @@ int main(int argc, char** argv) {
             return 0;
         }
         if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "resize" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
-            cmd == "stop")
+            cmd == "stop" || cmd == "power-button")
             return cli_main(argc, argv);
         if (cmd == "--version") return print_version(argv[0]);
         if (cmd.rfind("--api-socket", 0) == 0 || cmd.rfind("--event-monitor", 0) == 0) return cmd_bare_vmm(argc, argv);

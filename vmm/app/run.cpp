@@ -21,6 +21,7 @@
 #include "vmm/app/events.hpp"
 #include "vmm/app/lifecycle.hpp"
 #include "vmm/app/setup_pages.hpp"
+#include "vmm/console.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
@@ -34,8 +35,6 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/signalfd.h>
-#include <termios.h>
-#include <thread>
 #include <unistd.h>
 
 namespace kguest {
@@ -92,6 +91,7 @@ public:
             b->request_stats();
             c.balloon = VmCounters::Balloon{b->counters(), b->stats()};
         }
+        if (VirtioRng* r = m_.rng()) c.rng = r->counters();
         c.exits = m_.loop().exits();
         return c;
     }
@@ -124,58 +124,13 @@ public:
         m_.loop().request_stop(0);
         return ControlError::none;
     }
+    ControlError power_button() override {
+        m_.press_power_button();
+        return ControlError::none;
+    }
 
 private:
     Machine& m_;
-};
-
-// The serial console's input for `--console stdio`: the terminal in raw-ish
-// mode (ISIG and output processing stay on, so Ctrl-C stops the VM cleanly)
-// and a thread that feeds stdin to COM1 until EOF or `stop_fd` is readable.
-// The destructor joins it (the VM must be stopping) and restores the terminal.
-class ConsoleInput {
-public:
-    ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
-        if (::isatty(STDIN_FILENO) && ::tcgetattr(STDIN_FILENO, &saved_) == 0) {
-            termios raw = saved_;
-            raw.c_iflag &= ~static_cast<tcflag_t>(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON);
-            raw.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL | ICANON | IEXTEN);
-            raw.c_cc[VMIN] = 1;
-            raw.c_cc[VTIME] = 0;
-            raw_ = ::tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
-        }
-        thread_ = std::thread([this] { thread_main(); });
-    }
-    ~ConsoleInput() {
-        if (thread_.joinable()) thread_.join();
-        if (raw_) ::tcsetattr(STDIN_FILENO, TCSANOW, &saved_);
-    }
-    ConsoleInput(const ConsoleInput&) = delete;
-    ConsoleInput& operator=(const ConsoleInput&) = delete;
-
-private:
-    void thread_main() {
-        thread_started(ThreadKind::console);
-        pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-        std::uint8_t buf[256];
-        for (;;) {
-            int n = ::poll(fds, 2, -1);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0 || (fds[1].revents & POLLIN)) return;
-            if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-                ssize_t r = ::read(STDIN_FILENO, buf, sizeof buf);
-                if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-                if (r <= 0) return;  // EOF (e.g. </dev/null) or error: no more input
-                serial_.receive({buf, static_cast<std::size_t>(r)});
-            }
-        }
-    }
-
-    Serial& serial_;
-    int stop_fd_;
-    termios saved_{};
-    bool raw_ = false;
-    std::thread thread_;
 };
 
 // Blocks the stop signals in this thread (and the threads it starts) and reads
@@ -235,6 +190,11 @@ void exit_report(Machine& m, int status, bool signalled) {
                 i++, ull(c.reads), ull(c.read_bytes), ull(c.writes), ull(c.write_bytes), ull(c.flushes),
                 ull(c.discards), ull(c.errors), ull(d.slot->msi_count()), ull(d.slot->intx_count()));
     }
+    if (VirtioRng* r = m.rng()) {
+        const RngCounters c = r->counters();
+        log_msg("virtio-rng: %llu bytes in %llu requests, %llu waits for the rate limit, %llu bad chains", ull(c.bytes),
+                ull(c.requests), ull(c.throttled), ull(c.bad_chains));
+    }
     // Exits by reason, as kvm_stat shows them: the top userspace ones, then KVM's own.
     const ExitStats ex = m.loop().exits();
     std::string line;
@@ -269,20 +229,17 @@ public:
 
     VmControl& control() override { return control_; }
     void start() override {
-        if (m_.config().console == VmConfig::Console::stdio)
-            console_ = std::make_unique<ConsoleInput>(m_.serial(), m_.loop().stop_fd());
+        console_ = std::make_unique<ConsoleInput>(m_.console(), m_.serial(), m_.loop().stop_fd());
         started_ = true;
         m_.loop().start();
     }
     int stop_fd() override { return m_.loop().stop_fd(); }
     void request_stop(int status) override { m_.loop().request_stop(status); }
-    Refusal power_button() override {
-        return {409, "vm.power-button: this kguest has no ACPI power button yet"};
-    }
+    std::string console_pty_path() override { return m_.console_pty_path(); }
     int finish(bool signalled) override {
         const int status = m_.loop().wait();
         finished_ = true;
-        console_.reset();   // joins the input thread, restores the terminal
+        console_.reset();   // joins the input thread, restores a terminal
         exit_report(m_, status, signalled);
         return status;
     }

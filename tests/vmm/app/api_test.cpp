@@ -93,6 +93,10 @@ public:
         stopped_ = true;
         return ControlError::none;
     }
+    ControlError power_button() override {
+        ++power_buttons_;
+        return ControlError::none;
+    }
 
     std::uint64_t target() {
         std::lock_guard lock(mu_);
@@ -107,6 +111,7 @@ public:
         return resizes_;
     }
     std::atomic<bool> stopped_{false};
+    std::atomic<int> power_buttons_{0};
 
 private:
     std::mutex mu_;
@@ -289,6 +294,9 @@ TEST_F(ApiServerTest, EveryRouteThroughClient) {
     EXPECT_EQ(c.get("vm.info").body["state"], "Paused");
     EXPECT_EQ(c.request("PUT", "vm.resume").status, 204u);
     EXPECT_FALSE(vm_.paused());
+    EXPECT_EQ(c.request("PUT", "vm.power-button").status, 204u);
+    EXPECT_EQ(vm_.power_buttons_, 1);
+    EXPECT_EQ(c.get("vm.power-button").status, 405u);
     EXPECT_EQ(c.request("PUT", "vm.shutdown").status, 204u);
     EXPECT_TRUE(vm_.stopped_);
 }

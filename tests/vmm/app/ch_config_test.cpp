@@ -88,6 +88,34 @@ TEST(ChConfig, DefaultsAndNulls) {
     EXPECT_EQ(vm_config_from_ch(minimal()).config.memory, 512 * MiB);
 }
 
+TEST(ChConfig, SerialModesAndRng) {
+    auto serial = [](json s) {
+        json j = minimal();
+        j["serial"] = std::move(s);
+        return vm_config_from_ch(j).config;
+    };
+    EXPECT_EQ(serial({{"mode", "Pty"}}).console, VmConfig::Console::pty);
+    const VmConfig sock = serial({{"mode", "Socket"}, {"socket", "/run/s.sock"}});
+    EXPECT_EQ(sock.console, VmConfig::Console::socket);
+    EXPECT_EQ(sock.console_path, "/run/s.sock");
+    EXPECT_EQ(ch_config_json(sock, 0)["serial"]["socket"], "/run/s.sock");
+    EXPECT_EQ(ch_config_json(serial({{"mode", "Pty"}}), 0)["serial"]["mode"], "Pty");
+    EXPECT_NE(refusal(json{{"payload", {{"kernel", "/k"}}}, {"serial", {{"mode", "Socket"}}}}).find("serial.socket"),
+              std::string::npos);
+
+    json j = minimal();
+    EXPECT_FALSE(vm_config_from_ch(j).config.rng);
+    j["rng"] = {{"src", "/dev/hwrng"}, {"iommu", false}};
+    VmConfig c = vm_config_from_ch(j).config;
+    ASSERT_TRUE(c.rng);
+    EXPECT_EQ(*c.rng, "/dev/hwrng");
+    EXPECT_EQ(ch_config_json(c, 0)["rng"]["src"], "/dev/hwrng");
+    j["rng"] = json::object();   // Cloud Hypervisor's default source
+    EXPECT_EQ(*vm_config_from_ch(j).config.rng, "/dev/urandom");
+    j["rng"] = {{"src", "/dev/urandom"}, {"iommu", true}};
+    EXPECT_NE(refusal(j).find("rng.iommu"), std::string::npos);
+}
+
 TEST(ChConfig, RefusalsNameTheField) {
     EXPECT_EQ(refusal(minimal()), "");
     EXPECT_NE(refusal(json::object()).find("payload.kernel"), std::string::npos);

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cerrno>
 #include <fcntl.h>
+#include <functional>
 #include <future>
 #include <string>
 #include <sys/eventfd.h>
@@ -28,7 +29,8 @@ struct FakeStats {
 
 class FakeControl : public VmControl {
 public:
-    explicit FakeControl(const VmConfig& c) : cfg_(c) {}
+    FakeControl(const VmConfig& c, std::function<void()> on_power_button)
+        : cfg_(c), on_power_button_(std::move(on_power_button)) {}
     VmInfo info() override {
         VmInfo i;
         i.name = cfg_.name;
@@ -50,15 +52,21 @@ public:
         return ControlError::none;
     }
     ControlError shutdown() override { return ControlError::none; }
+    ControlError power_button() override {
+        on_power_button_();   // a guest that powers off on the button
+        return ControlError::none;
+    }
 
 private:
     VmConfig cfg_;
+    std::function<void()> on_power_button_;
     bool paused_ = false;
 };
 
 class FakeGuest : public GuestVm {
 public:
-    FakeGuest(const VmConfig& c, FakeStats& s) : control_(c), stats_(s), stop_(::eventfd(0, EFD_CLOEXEC)) {
+    FakeGuest(const VmConfig& c, FakeStats& s)
+        : control_(c, [this] { request_stop(0); }), stats_(s), stop_(::eventfd(0, EFD_CLOEXEC)) {
         ++stats_.built;
         ++stats_.live;
     }
@@ -71,10 +79,7 @@ public:
         const std::uint64_t one = 1;
         ASSERT_EQ(::write(stop_.get(), &one, sizeof one), 8);
     }
-    Refusal power_button() override {
-        request_stop(0);   // a guest that powers off on the button
-        return {};
-    }
+    std::string console_pty_path() override { return "/dev/pts/fake"; }
     int finish(bool) override {
         ++stats_.finished;
         return status_;
