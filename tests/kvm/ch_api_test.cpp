@@ -28,8 +28,9 @@
 //   Kata's defaults, as kguest needs them: max_vcpus equal to boot_vcpus
 //   (Kata: default_maxvcpus = default_vcpus) and no shared file system (Kata:
 //   shared_fs = "none", which also makes memory.shared false).
-// One Linux boot (Kata's) and one small-guest boot (libvirt's), plus a bare
-// VMM timed from exec to its first ping answer.
+// One Linux boot (Kata's) and one small-guest boot (libvirt's). (The bare
+// VMM's first ping answer is timed by the unit test BareVmm.*: it needs no
+// KVM, and the emulated sandbox would time its own emulation.)
 #include "tests/support/kvm_env.hpp"
 #include "tests/support/process.hpp"
 
@@ -233,33 +234,6 @@ bool wait_until(const std::function<bool()>& f, int timeout_s) {
 }
 
 // ---- the tests ----
-
-// Kata polls vmm.ping right after starting the VMM; a bare kguest answers
-// within 100 ms of its exec. Best of three starts (a loaded host delays one now and then).
-TEST(KvmChApi, BareVmmAnswersPingWithin100ms) {
-    const std::string sock = "/tmp/kguest-test-chapi-ping.sock";
-    double best_ms = 1e9;
-    for (int i = 0; i < 3; ++i) {
-        ::unlink(sock.c_str());
-        const auto t0 = Clock::now();
-        Background vmm({kKguest, "--api-socket", sock});
-        Response r;
-        while (Clock::now() - t0 < std::chrono::seconds(10) && vmm.running()) {
-            r = http_exchange(sock, go_openapi("GET", "vmm.ping", ""));
-            if (r.status == 200) break;
-            std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        }
-        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        ASSERT_EQ(r.status, 200u) << r.raw << vmm.err();
-        EXPECT_TRUE(r.body.contains("version")) << r.raw;
-        std::printf("bare VMM start %d: ping answered %.1f ms after exec\n", i, ms);
-        best_ms = std::min(best_ms, ms);
-        EXPECT_EQ(http_exchange(sock, go_openapi("PUT", "vmm.shutdown", "")).status, 204u);
-        EXPECT_EQ(vmm.wait(10).status, 0) << vmm.err();
-    }
-    std::printf("bare VMM: first ping answer after %.1f ms (best of 3; goal under 100 ms)\n", best_ms);
-    EXPECT_LT(best_ms, 100.0);
-}
 
 // libvirt: fd= socket, event FIFO, malformed configs first (400/409, the VMM
 // stays usable), then create with a Pty serial, add-net with a TAP fd, boot
