@@ -147,6 +147,7 @@ public:
     void reset() override;
     void queue_notify(std::uint16_t q) override { loop_->kick(q); }
     bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
+    void set_thread_name(const std::string& name) override { loop_->set_thread_name(name); }
 
 private:
     static BalloonQueue role_of(std::uint16_t q, std::uint64_t features);

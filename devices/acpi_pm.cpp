@@ -10,10 +10,21 @@ static bool in_range(std::uint64_t offset, std::size_t i) {
 }
 
 void AcpiPm::read(std::uint64_t offset, std::span<std::uint8_t> data) {
-    // Only the sleep status register reads back; the control and reset
-    // registers are write-only (§4.8.3.6, §4.8.3.7) and read 0.
-    for (std::size_t i = 0; i < data.size(); ++i)
-        data[i] = in_range(offset, i) && offset + i == kSleepStatus ? status_.load(std::memory_order_relaxed) : 0;
+    // The sleep status register reads back, the GED event register reads and
+    // clears; the control and reset registers are write-only (§4.8.3.6,
+    // §4.8.3.7) and read 0.
+    for (std::size_t i = 0; i < data.size(); ++i) {
+        data[i] = 0;
+        if (!in_range(offset, i)) continue;
+        if (offset + i == kSleepStatus) data[i] = status_.load(std::memory_order_relaxed);
+        if (offset + i == kGedEvent) data[i] = ged_events_.exchange(0, std::memory_order_acq_rel);
+    }
+}
+
+void AcpiPm::press_power_button() {
+    // The bit before the interrupt: _EVT must find it when it runs.
+    ged_events_.fetch_or(GED_POWER_BUTTON, std::memory_order_acq_rel);
+    if (ged_interrupt_) ged_interrupt_();
 }
 
 void AcpiPm::write(std::uint64_t offset, std::span<const std::uint8_t> data) {

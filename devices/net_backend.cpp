@@ -58,6 +58,33 @@ TapBackend::TapBackend(const std::string& ifname, unsigned queues) {
         for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
 }
 
+TapBackend::TapBackend(const std::vector<int>& fds) {
+    if (fds.empty() || fds.size() > kMaxNetQueuePairs) throw UsageError("bad TAP queue count");
+    for (int inherited : fds) {
+        ifreq ifr{};
+        if (::ioctl(inherited, TUNGETIFF, &ifr) != 0)
+            throw UsageError("fd " + std::to_string(inherited) + " is not a TAP device (TUNGETIFF: " + std::strerror(errno) + ")");
+        name_.assign(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ));
+        const int want = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if ((ifr.ifr_flags & (IFF_TUN | IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)) != want)
+            throw UsageError("TAP " + name_ + " (fd " + std::to_string(inherited) +
+                             ") was not opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR");
+        // A duplicate of our own: the open file description (and O_NONBLOCK)
+        // is shared with the sender, which hands it over and no longer reads it.
+        Fd fd(::fcntl(inherited, F_DUPFD_CLOEXEC, 3));
+        if (!fd.valid()) throw_errno("fcntl F_DUPFD_CLOEXEC (TAP " + name_ + ")");
+        const int fl = ::fcntl(fd.get(), F_GETFL);
+        if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) != 0) throw_errno("fcntl O_NONBLOCK (TAP " + name_ + ")");
+        int hdr = static_cast<int>(kVnetHdrLen);
+        if (::ioctl(fd.get(), TUNSETVNETHDRSZ, &hdr) != 0) throw_errno("TUNSETVNETHDRSZ " + name_);
+        if (::ioctl(fd.get(), TUNSETOFFLOAD, 0ul) != 0) throw_errno("TUNSETOFFLOAD " + name_);
+        fds_.push_back(std::move(fd));
+    }
+    queues_.resize(fds_.size());
+    for (Queue& s : queues_)
+        for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
+}
+
 namespace {
 // A completion that moved nothing and says nothing about the channel.
 bool retry(int res) { return res == -EINTR || res == -EAGAIN || res == -ECANCELED; }
@@ -294,6 +321,7 @@ NetIo StreamBackend::write_done(unsigned, unsigned, int res, unsigned& lost) {
 }
 
 std::unique_ptr<NetBackend> open_backend(const NetConfig& config) {
+    if (config.kind == NetConfig::Kind::tap && !config.tap_fds.empty()) return std::make_unique<TapBackend>(config.tap_fds);
     if (config.kind == NetConfig::Kind::tap) return std::make_unique<TapBackend>(config.target, config.queue_pairs);
     return std::make_unique<StreamBackend>(config.target);
 }

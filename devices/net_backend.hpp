@@ -49,6 +49,11 @@ struct NetConfig {
     std::string target;          // TAP interface name or socket path
     MacAddress mac{};
     unsigned queue_pairs = 1;    // tap only: IFF_MULTI_QUEUE when > 1
+    // tap only: TAP queues opened by someone else (Cloud Hypervisor's
+    // vm.add-net with SCM_RIGHTS, libvirt, Kata), one per queue pair. Not
+    // owned: the backend takes duplicates, so the VM can be rebuilt from the
+    // same config; `target` is then only for messages.
+    std::vector<int> tap_fds;
 };
 
 inline constexpr unsigned kMaxNetQueuePairs = 16;
@@ -114,6 +119,10 @@ public:
     // Opens (creating it when missing: CAP_NET_ADMIN) the TAP interface
     // `ifname` with `queues` channels. Throws SysError naming the failing call.
     explicit TapBackend(const std::string& ifname, unsigned queues = 1);
+    // Adopts duplicates of TAP queue fds another process opened (TUNSETIFF
+    // done there): each must be IFF_TAP with IFF_VNET_HDR and IFF_NO_PI, as
+    // libvirt opens them. Throws UsageError for a wrong fd, SysError else.
+    explicit TapBackend(const std::vector<int>& fds);
 
     unsigned num_queues() const override { return static_cast<unsigned>(fds_.size()); }
     bool has_vnet_hdr() const override { return true; }

@@ -132,6 +132,11 @@ void Serial::update_irq() {
     }
 }
 
+void Serial::set_output(int out_fd) {
+    std::lock_guard lock(mu_);
+    out_fd_ = out_fd;
+}
+
 void Serial::receive(std::span<const std::uint8_t> bytes) {
     std::lock_guard lock(mu_);
     for (std::uint8_t b : bytes) {

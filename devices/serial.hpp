@@ -27,6 +27,11 @@ public:
     void read(std::uint64_t offset, std::span<std::uint8_t> data) override;
     void write(std::uint64_t offset, std::span<const std::uint8_t> data) override;
 
+    // Where transmitted bytes go from now on (-1: discard), e.g. a console
+    // socket's client that connected or left. Once it returns no transmit
+    // uses the old fd any more: the caller may close it.
+    void set_output(int out_fd);
+
     // Host → guest: queue input bytes (dropped beyond kRxLimit, as an overrun).
     void receive(std::span<const std::uint8_t> bytes);
     std::uint64_t tx_bytes() const;

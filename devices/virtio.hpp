@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 
 namespace kguest {
 
@@ -86,6 +87,9 @@ public:
     // VMM). A device that returns true reads them itself and treats a signal
     // like queue_notify(q), which stays valid either way; the first call wins.
     virtual bool take_notify_fds(std::span<const int> /*fds*/) { return false; }
+
+    // Names the device's own thread, if it has one ("net0", "disk0", "rng").
+    virtual void set_thread_name(const std::string& /*name*/) {}
 
     // Called by the transport that hosts the device (null to detach).
     void attach(VirtioTransport* transport) { transport_ = transport; }

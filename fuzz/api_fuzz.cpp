@@ -54,6 +54,7 @@ struct FakeVm final : VmControl {
         return ControlError::none;
     }
     ControlError shutdown() override { return ControlError::none; }
+    ControlError power_button() override { return ControlError::none; }
 };
 
 bool documented(unsigned status) {

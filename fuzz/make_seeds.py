@@ -390,9 +390,47 @@ def mem():
     yield "refused", f.data()
 
 
+# --- rng: the script ops of rng_fuzz.cpp.
+def rng_head(file=False, limit=None, features=(1 << 64) - 1):
+    f = Fdp().bool(file).bool(limit is None)
+    if limit is not None:
+        f.int(1, 1 << 20, limit[0]).int(1, 1 << 16, limit[1])
+    return f.u(64, features)
+
+
+def rng_req(f, bufs, indirect=False):   # bufs: (length, device-writable)
+    f.int(0, 8, 0).int(1, 4, len(bufs))
+    for length, writable in bufs:
+        f.int(0, 8192, length).int(0, 9, 1 if writable else 0)
+    f.bool(indirect)
+
+
+def rng():
+    f = rng_head()
+    rng_req(f, [(512, True), (1024, True)])
+    f.int(0, 8, 3).int(0, 8, 5)                 # kick, take the used elements
+    rng_req(f, [(64, True)], indirect=True)
+    f.int(0, 8, 3).int(0, 8, 5)
+    yield "urandom_chains", f.data()
+    f = rng_head(file=True, limit=(1000, 100))
+    rng_req(f, [(4096, True)])
+    f.int(0, 8, 3).int(0, 8, 5)
+    f.int(0, 8, 8)                              # reset, set up again
+    rng_req(f, [(200, True)])
+    f.int(0, 8, 3).int(0, 8, 5)
+    yield "file_limited_reset", f.data()
+    f = rng_head()
+    rng_req(f, [(16, False), (16, True)])       # 5.4.6.2: a readable buffer: NEEDS_RESET
+    f.int(0, 8, 3).int(0, 8, 8)
+    rng_req(f, [(16, True)])
+    f.int(0, 8, 6).int(0, 8, 3).int(0, 8, 6)    # bus mastering off, a kick, on again
+    f.int(0, 8, 3).int(0, 8, 5)
+    yield "readable_then_reset", f.data()
+
+
 def main():
     for name, gen in (("virtqueue", virtqueue), ("virtio_pci", virtio_pci), ("balloon", balloon),
-                      ("api", api), ("loader", loader), ("blk", blk), ("mem", mem)):
+                      ("api", api), ("loader", loader), ("blk", blk), ("mem", mem), ("rng", rng)):
         d = os.path.join(ROOT, name)
         os.makedirs(d, exist_ok=True)
         for f in os.listdir(d):

@@ -76,6 +76,7 @@ extern "C" void kmain(u32 start_info_paddr) {
     if (list_has(tests, "blk")) { ok &= test_blk(cmdline); ran = true; }
     if (list_has(tests, "blk-bench")) { ok &= test_blk_bench(cmdline); ran = true; }
     if (list_has(tests, "blk-log")) { ok &= test_blk_log(cmdline); ran = true; }
+    if (list_has(tests, "rng")) { ok &= test_rng(cmdline); ran = true; }
     net_shutdown();  // stop the NIC's DMA before the VM ends (no-op when unused)
     if (list_has(tests, "none")) ran = true;
     if (list_has(tests, "exception")) {
@@ -87,7 +88,7 @@ extern "C" void kmain(u32 start_info_paddr) {
         // (#DF), then a triple fault, which KVM reports as KVM_EXIT_SHUTDOWN.
         asm volatile("mov $0x8000000000, %%rsp; int3" ::: "memory");
     }
-    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,tlb,balloon,mem,blk,blk-bench,blk-log,none,exception,triplefault)", tests);
+    if (!ran) panic("unknown test list \"%s\" (known: all,timer,port80,smp,pci,hostile,idle,spinlock,net-echo,net-ping,net-bench,tlb,balloon,mem,blk,blk-bench,blk-log,rng,none,exception,triplefault)", tests);
     print("RESULT done ok=%d\n", ok ? 1 : 0);
     guest_exit(ok ? 0 : 1);
 }

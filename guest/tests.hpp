@@ -17,3 +17,4 @@ bool test_mem(const char* cmdline);                        // mem.cpp
 bool test_blk(const char* cmdline);                        // blk.cpp
 bool test_blk_bench(const char* cmdline);
 bool test_blk_log(const char* cmdline);
+bool test_rng(const char* cmdline);                        // rng.cpp

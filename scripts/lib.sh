@@ -26,7 +26,7 @@ need_packages() {
 
 # Packages the build and unit tests need.
 BUILD_PACKAGES=(build-essential cmake ninja-build ccache libgtest-dev liburing-dev pkg-config
-                libboost-dev nlohmann-json3-dev libseccomp-dev)
+                libboost-dev nlohmann-json3-dev libseccomp-dev acpica-tools)
 # Packages the fuzz targets need (scripts/test): clang and its libFuzzer and
 # sanitizer runtimes (Debian 12 packages these in libclang-rt-14-dev).
 FUZZ_PACKAGES=(clang libclang-rt-14-dev)

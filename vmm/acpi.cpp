@@ -150,6 +150,39 @@ Bytes aml_named(std::initializer_list<std::uint8_t> op, std::string_view name, c
     return with_pkg(op, body);
 }
 
+// §20.2.3 String := StringPrefix AsciiCharList NullChar
+Bytes aml_string(std::string_view s) {
+    Bytes b{0x0d};
+    for (char c : s) b.push_back(static_cast<std::uint8_t>(c));
+    b.push_back(0x00);
+    return b;
+}
+// §20.2.2 a two-segment path from the root: '\' DualNamePrefix Seg Seg.
+Bytes root_path2(std::string_view seg1, std::string_view seg2) {
+    Bytes b{'\\', 0x2e};
+    append(b, name_string(seg1));
+    append(b, name_string(seg2));
+    return b;
+}
+// §20.2.5.2 DefOpRegion := ExtOpPrefix OpRegionOp NameString RegionSpace RegionOffset RegionLen
+Bytes aml_io_region(std::string_view name, std::uint16_t port, std::uint8_t len) {
+    Bytes b{0x5b, 0x80};
+    append(b, name_string(name));
+    b.push_back(0x01);   // SystemIO
+    append(b, aml_int(port));
+    append(b, aml_int(len));
+    return b;
+}
+// §20.2.5.2 DefField := ExtOpPrefix FieldOp PkgLength NameString FieldFlags FieldList,
+// one NamedField (NameSeg, then its width in bits as a PkgLength-style count).
+Bytes aml_byte_field(std::string_view region, std::string_view field) {
+    Bytes body = name_string(region);
+    body.push_back(0x01);   // ByteAcc, NoLock, Preserve
+    append(body, name_string(field));
+    body.push_back(8);      // 8 bits
+    return with_pkg({0x5b, 0x81}, body);
+}
+
 // --- Resource descriptors (§6.4) ------------------------------------------
 
 // General flags of a bridge window: producer, positive decode, _MIF and _MAF
@@ -177,6 +210,57 @@ void io_port(Bytes& b, std::uint16_t port, std::uint8_t len) {
 void irq_no_flags(Bytes& b, unsigned irq) {
     b.push_back(0x22);
     put_le(b, 1u << irq, 2);
+}
+
+// §6.4.3.6 Extended Interrupt Descriptor: one interrupt, consumer,
+// edge-triggered, active-high, exclusive.
+void ext_irq_edge(Bytes& b, unsigned gsi) {
+    b.insert(b.end(), {0x89, 6, 0, 0x03, 1});
+    put_le(b, gsi, 4);
+}
+
+// The Generic Event Device (§5.6.9) and the power button it notifies, as
+// Cloud Hypervisor's DSDT has them (devices/acpi_pm.hpp has the register):
+//   Device (GED_) {
+//     Name (_HID, "ACPI0013") Name (_UID, Zero)
+//     Name (_CRS, ResourceTemplate () { Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { kGedIrq } })
+//     OperationRegion (GDST, SystemIO, pm_port + 3, 1)
+//     Field (GDST, ByteAcc, NoLock, Preserve) { GDAT, 8 }
+//     Method (_EVT, 1, Serialized) { Local0 = GDAT  If (Local0 & One) { Notify (\_SB_.PWRB, 0x80) } }
+//   }
+//   Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, Zero) }
+// Linux's GED driver (drivers/acpi/evged.c) runs _EVT on the interrupt; 0x80
+// on a PNP0C0C device is "button pressed" (§4.8.3.1.1.2), which Linux's ACPI
+// button driver reports as KEY_POWER.
+Bytes ged_and_power_button(const AcpiConfig& cfg) {
+    Bytes crs;
+    ext_irq_edge(crs, kGedIrq);
+    crs.insert(crs.end(), {0x79, 0x00});
+    Bytes notify{0x86};                        // NotifyOp
+    append(notify, root_path2("_SB_", "PWRB"));
+    append(notify, aml_int(0x80));
+    Bytes pred{0x7b, 0x60, 0x01, 0x00};        // And (Local0, One, ) with no target
+    Bytes if_body = pred;
+    append(if_body, notify);
+    Bytes method = name_string("_EVT");
+    method.push_back(0x09);                    // one argument, Serialized
+    append(method, Bytes{0x70});               // Store (GDAT, Local0)
+    append(method, name_string("GDAT"));
+    method.push_back(0x60);
+    append(method, with_pkg({0xa0}, if_body)); // If
+    Bytes ged;
+    append(ged, aml_name("_HID", aml_string("ACPI0013")));
+    append(ged, aml_name("_UID", aml_int(0)));
+    append(ged, aml_name("_CRS", aml_buffer(crs)));
+    append(ged, aml_io_region("GDST", static_cast<std::uint16_t>(cfg.pm_port + AcpiPm::kGedEvent), 1));
+    append(ged, aml_byte_field("GDST", "GDAT"));
+    append(ged, with_pkg({0x14}, method));     // MethodOp
+    Bytes out = aml_named(kDeviceOp, "GED_", ged);
+    Bytes pwrb;
+    append(pwrb, aml_name("_HID", eisa_id("PNP0C0C")));
+    append(pwrb, aml_name("_UID", aml_int(0)));
+    append(out, aml_named(kDeviceOp, "PWRB", pwrb));
+    return out;
 }
 
 Bytes build_dsdt(const AcpiConfig& cfg) {
@@ -230,6 +314,7 @@ Bytes build_dsdt(const AcpiConfig& cfg) {
         append(d, aml_name("_CRS", aml_buffer(res)));
         append(sb, aml_named(kDeviceOp, dev.acpi_name, d));
     }
+    append(sb, ged_and_power_button(cfg));
     append(t, aml_named(kScopeOp, "\\_SB_", sb));
     finish(t);
     return t;

@@ -28,7 +28,15 @@ LegacyDevices make_legacy_devices(const LegacyWiring& w) {
     // What Linux needs without a BIOS: the CMOS clock, reset lines, ACPI sleep.
     d.rtc = std::make_shared<Rtc>(w.ram_below_4g, w.ram_above_4g);
     d.i8042 = std::make_shared<I8042>(w.reset);
-    d.acpi_pm = std::make_shared<AcpiPm>(w.power_off, w.reset);
+    d.acpi_pm = std::make_shared<AcpiPm>(w.power_off, w.reset, [irq_line = w.irq_line] {
+        // An edge: KVM's IOAPIC latches the rising edge of KVM_IRQ_LINE 1, then 0.
+        int err = irq_line(kGedIrq, true);
+        if (err == 0) err = irq_line(kGedIrq, false);
+        if (err != 0) {
+            static RateLimit limit;
+            KGUEST_LOG_LIMITED(limit, "acpi: GED interrupt: KVM_IRQ_LINE: %s (errno %d)", std::strerror(err), err);
+        }
+    });
     // PCI bus 0 with its host bridge at 00:00.0; virtio-pci devices follow it.
     d.pci = std::make_shared<PciHostBridge>();
     return d;

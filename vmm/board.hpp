@@ -84,6 +84,11 @@ constexpr const PioDevice& pio_device(PioId id) {
     return kPioDevices[0];  // unreachable: every PioId has an entry
 }
 
+// The Generic Event Device's interrupt (ACPI power button, devices/acpi_pm.hpp):
+// an ISA line no legacy device uses (COM1 has 4, the RTC 8; the PCI slots'
+// INTx go to 16-23), edge-triggered and active-high as the DSDT declares it.
+inline constexpr unsigned kGedIrq = 5;
+
 // The MMIO BAR of the virtio-pci device in slot 1..31, kBarSize (a power of two) apart.
 std::uint64_t virtio_bar(unsigned slot);
 

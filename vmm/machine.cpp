@@ -96,15 +96,11 @@ Machine::Machine(const VmConfig& cfg)
     if (const MemoryRegion* h = mem_.hotplug_region())
         vm_.set_user_memory_region(slot++, h->gpa.value(), h->size, mem_.host_address_for_kvm(*h));
 
-    // The legacy devices, from the board table; the console goes to stdout, a file, or nowhere.
+    // The legacy devices, from the board table; the console goes to stdout,
+    // a file, a PTY, a socket's client or nowhere (vmm/console.hpp).
     LegacyWiring wiring;
-    wiring.console_fd = cfg.console == VmConfig::Console::stdio ? STDOUT_FILENO : -1;
-    if (cfg.console == VmConfig::Console::file) {
-        wiring.console_fd = ::open(cfg.console_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (wiring.console_fd < 0)
-            throw UsageError("--console " + cfg.console_path + ": " + std::strerror(errno));
-        console_file_ = Fd(wiring.console_fd);
-    }
+    console_ = std::make_unique<ConsoleBackend>(cfg.console, cfg.console_path);
+    wiring.console_fd = console_->output_fd();
     wiring.irq_line = [this](unsigned irq, bool level) { return vm_.irq_line(irq, level); };
     wiring.stop = [this](int status) { loop_.request_stop(status); };
     wiring.power_off = [this] {
@@ -127,6 +123,7 @@ Machine::Machine(const VmConfig& cfg)
         log_msg("virtio-net %s on %s %s at PCI 00:%02x.0, %u queue pair(s), kicks %s", format_mac(n.mac).c_str(),
                 n.kind == NetConfig::Kind::tap ? "TAP" : "stream", n.target.c_str(), static_cast<unsigned>(virtio_.size()),
                 dev->queue_pairs(), pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
+        dev->set_thread_name("net" + std::to_string(nets_.size()));
         nets_.push_back({std::move(dev), &pci_slot});
     }
 
@@ -140,6 +137,7 @@ Machine::Machine(const VmConfig& cfg)
                 img.path().c_str(), static_cast<unsigned>(virtio_.size()), static_cast<unsigned long long>(img.size()),
                 img.readonly() ? " read-only" : "", d.queues, img.block_size(), img.direct() ? "none" : "writeback",
                 (dev->device_features() & virtio_bit(VIRTIO_BLK_F_DISCARD)) != 0 ? ", discard" : "", pci_slot.ioeventfds() ? "by ioeventfd" : "by MMIO exit");
+        dev->set_thread_name("disk" + std::to_string(disks_.size()));
         disks_.push_back({std::move(dev), &pci_slot});
     }
     images_.clear();
@@ -148,6 +146,7 @@ Machine::Machine(const VmConfig& cfg)
     if (cfg.balloon) {
         balloon_ = std::make_shared<VirtioBalloon>(mem_, cfg.balloon_options);
         add_virtio(balloon_, 0xff0000);
+        balloon_->set_thread_name("balloon");
         log_msg("virtio-balloon at PCI 00:%02x.0 (stats, deflate-on-OOM, free page reporting)",
                 static_cast<unsigned>(virtio_.size()));
     }
@@ -155,11 +154,24 @@ Machine::Machine(const VmConfig& cfg)
     if (mem_.hotplug_region() != nullptr) {
         virtio_mem_ = std::make_shared<VirtioMem>(mem_);
         add_virtio(virtio_mem_, 0xff0000);
+        virtio_mem_->set_thread_name("mem");
         const MemoryRegion& h = *mem_.hotplug_region();
         log_msg("virtio-mem at PCI 00:%02x.0: %llu MiB at 0x%llx in 2 MiB blocks, up to %llu MiB plugged",
                 static_cast<unsigned>(virtio_.size()), static_cast<unsigned long long>(h.size >> 20),
                 static_cast<unsigned long long>(h.gpa.value()),
                 static_cast<unsigned long long>((cfg.memory_max > mem_.size() ? cfg.memory_max - mem_.size() : 0) >> 20));
+    }
+    // virtio-rng (VIRTIO 1.2 5.4), class 0xff0000 as QEMU's virtio-rng-pci.
+    if (cfg.rng) {
+        const std::string& src = cfg.rng->empty() ? std::string(VirtioRng::kDefaultSource) : *cfg.rng;
+        const int fd = ::open(src.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0) throw UsageError("--rng src=" + src + ": " + std::strerror(errno));
+        rng_ = std::make_shared<VirtioRng>(Fd(fd), cfg.rng_limit);
+        add_virtio(rng_, 0xff0000);
+        rng_->set_thread_name("rng");
+        log_msg("virtio-rng at PCI 00:%02x.0 from %s, %s", static_cast<unsigned>(virtio_.size()), src.c_str(),
+                cfg.rng_limit.rate == 0 ? "no rate limit"
+                                        : ("at most " + std::to_string(cfg.rng_limit.rate) + " bytes/s").c_str());
     }
     if (cfg.prefault) mem_.prefault();
 
@@ -186,6 +198,11 @@ Machine::Machine(const VmConfig& cfg)
 }
 
 Machine::~Machine() = default;
+
+void Machine::press_power_button() {
+    log_msg("power button pressed");
+    legacy_.acpi_pm->press_power_button();
+}
 
 VirtioPciSlot& Machine::add_virtio(std::shared_ptr<VirtioDevice> dev, std::uint32_t class_code) {
     const unsigned slot = static_cast<unsigned>(virtio_.size()) + 1;

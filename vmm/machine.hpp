@@ -11,13 +11,16 @@
 #include "balloon/balloon.hpp"
 #include "devices/block_image.hpp"
 #include "devices/net_backend.hpp"
+#include "devices/virtio_rng.hpp"
 #include "devices/base/guest_memory.hpp"
 #include "vmm/board.hpp"
+#include "vmm/console.hpp"
 #include "vmm/kvm.hpp"
 #include "vmm/loader.hpp"
 #include "vmm/vcpu_loop.hpp"
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +33,7 @@ class VirtioNet;
 class VirtioBlk;
 class VirtioBalloon;
 class VirtioMem;
+class VirtioRng;
 class GsiRouter;
 
 // What a Linux kernel gets before --cmdline: the console on COM1, reboot
@@ -44,14 +48,17 @@ struct VmConfig {
     std::uint64_t memory = 256ull << 20;
     std::uint64_t memory_max = 0;     // > memory: a virtio-mem device can grow the guest up to it (--memory-max)
     Backing backing = Backing::thp;
-    enum class Console { stdio, none, file } console = Console::stdio;
-    std::string console_path;
+    using Console = ConsoleKind;      // stdio, none, file, pty, socket (vmm/console.hpp)
+    Console console = Console::stdio;
+    std::string console_path;         // file: the file; socket: the UNIX socket kguest listens on
     enum class Port80Mode { kernel, exit } port80 = Port80Mode::kernel;
     bool pv_spinlocks = true;         // false hides KVM_FEATURE_PV_UNHALT (like Linux's `nopvspin`)
     std::vector<NetConfig> nets;      // virtio-net devices (--net), in PCI slot order
     std::vector<DiskConfig> disks;    // virtio-blk devices (--disk), after the network devices
     bool balloon = false;             // a virtio-balloon device, after the network devices
     BalloonOptions balloon_options;   // the features it offers (--balloon=...)
+    std::optional<std::string> rng;  // virtio-rng source path (--rng)
+    RngLimit rng_limit = VirtioRng::kDefaultLimit;   // its token bucket (--rng rate=)
     std::string api_socket;           // "" picks socket_for(name), "none" has none
     bool prefault = false;            // fault all guest RAM in before boot (MADV_POPULATE_WRITE)
     bool boot_timeline = false;       // print the boot timeline (devices/base/timeline.hpp) at exit
@@ -84,12 +91,19 @@ public:
     const VmConfig& config() const { return cfg_; }
     const GuestMemory& memory() const { return mem_; }
     Serial& serial() { return *legacy_.serial; }
+    const ConsoleBackend& console() const { return *console_; }
+    // The console PTY's slave ("/dev/pts/N"), "" when the console is not a PTY.
+    std::string console_pty_path() const { return console_->pty_path(); }
     Port80& port80() { return *legacy_.port80; }
     const std::vector<NetDevice>& nets() const { return nets_; }
     const std::vector<DiskDevice>& disks() const { return disks_; }
     VirtioBalloon* balloon() { return balloon_.get(); }
     VirtioMem* virtio_mem() { return virtio_mem_.get(); }
+    VirtioRng* rng() { return rng_.get(); }
     const std::vector<Vcpu>& vcpus() const { return vcpus_; }
+    // An ACPI power button press through the Generic Event Device
+    // (devices/acpi_pm.hpp). Thread-safe; the control API calls it.
+    void press_power_button();
 
 private:
     // Puts a virtio device in the next free PCI slot, BAR pre-assigned.
@@ -111,9 +125,10 @@ private:
     std::vector<DiskDevice> disks_;
     std::shared_ptr<VirtioBalloon> balloon_;
     std::shared_ptr<VirtioMem> virtio_mem_;
+    std::shared_ptr<VirtioRng> rng_;
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
-    Fd console_file_;
+    std::unique_ptr<ConsoleBackend> console_;
     LegacyDevices legacy_;
     std::unique_ptr<Port80Absorber> port80_absorber_;
     std::vector<Vcpu> vcpus_;

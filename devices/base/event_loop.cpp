@@ -8,6 +8,7 @@
 #include "devices/base/thread_start.hpp"
 
 #include <algorithm>
+#include <pthread.h>
 #include <cerrno>
 #include <cstring>
 #include <liburing.h>
@@ -83,6 +84,11 @@ EventLoop::EventLoop(std::string name, std::uint16_t queues, Service service)
 }
 
 EventLoop::~EventLoop() { stop(); }
+
+void EventLoop::set_thread_name(const std::string& name) {
+    // Best effort: a name is for people and tools, nothing depends on it.
+    if (thread_.joinable()) ::pthread_setname_np(thread_.native_handle(), name.substr(0, 15).c_str());
+}
 
 void EventLoop::stop() {
     {

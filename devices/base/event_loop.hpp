@@ -91,6 +91,10 @@ public:
     bool wait_idle(std::chrono::milliseconds timeout = std::chrono::seconds(2));
     // Cancels the I/O in flight, waits for it, and joins the thread. Idempotent.
     void stop();
+    // Names the loop's thread (ps -L, top -H, /proc/PID/task/TID/comm; at
+    // most 15 bytes are kept), e.g. "net0" or "disk1". Any thread; done from
+    // the caller, so the loop thread needs no system call for it.
+    void set_thread_name(const std::string& name);
 
     // Loop thread only.
     void mark(std::uint16_t q) { dirty_[q] = true; }   // q has work: service it

@@ -27,6 +27,7 @@ public:
     int get() const { return fd_; }
     bool valid() const { return fd_ >= 0; }
     void reset();
+    int release() { return std::exchange(fd_, -1); }   // the caller owns it now
 
 private:
     int fd_ = -1;

@@ -165,6 +165,28 @@ TEST(AcpiPm, HostileAccessesMatchTheByteLaneModel) {
     EXPECT_GT(want_reset, 0);
 }
 
+TEST(AcpiPm, PowerButtonLatchesTheGedEventUntilRead) {
+    int interrupts = 0;
+    AcpiPm pm(nullptr, nullptr, [&] { ++interrupts; });
+    EXPECT_EQ(in8(pm, AcpiPm::kGedEvent), 0);
+    pm.press_power_button();
+    EXPECT_EQ(interrupts, 1);
+    out8(pm, AcpiPm::kGedEvent, 0);   // read-only: a write clears nothing
+    EXPECT_EQ(in8(pm, AcpiPm::kGedEvent), AcpiPm::GED_POWER_BUTTON);
+    EXPECT_EQ(in8(pm, AcpiPm::kGedEvent), 0);   // a read clears it (_EVT reads it once)
+    EXPECT_EQ(in8(pm, AcpiPm::kSleepStatus), 0);
+    pm.press_power_button();
+    pm.press_power_button();   // two presses before _EVT ran: one event, two edges
+    EXPECT_EQ(interrupts, 3);
+    std::uint8_t wide[4] = {0xaa, 0xaa, 0xaa, 0xaa};
+    pm.read(0, wide);   // a 4-byte read covers the GED lane too
+    EXPECT_EQ(wide[3], AcpiPm::GED_POWER_BUTTON);
+    EXPECT_EQ(in8(pm, AcpiPm::kGedEvent), 0);
+    AcpiPm quiet(nullptr, nullptr);
+    quiet.press_power_button();   // no interrupt wired: latched only
+    EXPECT_EQ(in8(quiet, AcpiPm::kGedEvent), AcpiPm::GED_POWER_BUTTON);
+}
+
 TEST(AcpiPm, NullCallbacksAreTolerated) {
     AcpiPm pm(nullptr, nullptr);
     out8(pm, AcpiPm::kSleepControl, sleep_value(AcpiPm::kSlpTypS5));

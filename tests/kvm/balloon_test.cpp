@@ -263,9 +263,9 @@ TEST(KvmApi, CurlExamplesAndHostileClients) {
     EXPECT_GT(c["exits"]["kvm"].value("exits", 0ull), 0u) << c["exits"].dump();
     // Pause and resume a running guest, then shut it down through the API.
     EXPECT_EQ(curl({"-X", "PUT", "http://localhost/api/v1/vm.pause"}).first, "204");
-    EXPECT_EQ(info(sock)["state"], "paused");
+    EXPECT_EQ(info(sock)["state"], "Paused");
     EXPECT_EQ(curl({"-X", "PUT", "http://localhost/api/v1/vm.resume"}).first, "204");
-    EXPECT_EQ(info(sock)["state"], "running");
+    EXPECT_EQ(info(sock)["state"], "Running");
     EXPECT_EQ(curl({"-X", "PUT", "http://localhost/api/v1/vm.shutdown"}).first, "204");
     auto r = vm.wait(60);
     for (int fd : slow) close(fd);

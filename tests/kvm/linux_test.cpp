@@ -295,11 +295,15 @@ TEST(KvmLinux, BalloonResizesTheGuest) {
     // balloon could. Seen in the QEMU sandbox, where everything is slower
     // than that delay: at the guest's first BALLOON line RSS was 152 MiB
     // and reported_bytes already 654 MB.
+    // Also a virtio-rng device (Linux's hw_random picks it) and, at the end,
+    // the ACPI power button instead of a stop: this boot checks both.
     auto vmp = start_linux(linux_run("kguest.test=balloon kguest.touch=300 kguest.wait=600",
-                                     {"--balloon=free_page_reporting=off", "--api-socket", sock}));
+                                     {"--balloon=free_page_reporting=off", "--rng", "--api-socket", sock}));
     Background& vm = *vmp;
     ASSERT_TRUE(vm.wait_for_output("BALLOON t=1 ", 240)) << vm.out() << vm.err();
     EXPECT_NE(vm.out().find("driver=virtio_balloon"), std::string::npos) << vm.out();
+    EXPECT_EQ(result(vm.out(), "hwrng").rfind("virtio_rng", 0), 0u) << vm.out();
+    EXPECT_EQ(result(vm.out(), "power_button").rfind("/dev/input/event", 0), 0u) << vm.out();
     const std::uint64_t rss0 = info(sock)["rss_bytes"].get<std::uint64_t>();
     const std::uint64_t free0 = last_memfree_kb(vm.out());
     EXPECT_GE(rss0, 300 * kMiB) << "the guest's fill did not make its RAM resident";
@@ -329,9 +333,16 @@ TEST(KvmLinux, BalloonResizesTheGuest) {
     EXPECT_EQ(info(sock)["balloon"]["actual_bytes"].get<std::uint64_t>(), 0u);
     EXPECT_GE(last_memfree_kb(vm.out()) + 64 * 1024, free0) << vm.out().substr(vm.out().size() - 400);
 
-    EXPECT_EQ(run_process({kKguest, "stop", "--api-socket", sock}, 30).status, 0);
+    // The ACPI power button: GED interrupt, _EVT, Notify(PWRB, 0x80),
+    // KEY_POWER, the init powers off (ACPI S5): status 0.
+    auto p = run_process({kKguest, "power-button", "--api-socket", sock}, 30);
+    EXPECT_EQ(p.status, 0) << p.out << p.err;
     auto r = vm.wait(60);
+    EXPECT_FALSE(r.timed_out) << "no poweroff within 60 s of the power button" << r.out.substr(r.out.size() > 600 ? r.out.size() - 600 : 0);
     EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_NE(r.out.find("kguest-init: power button"), std::string::npos) << r.out.substr(r.out.size() > 600 ? r.out.size() - 600 : 0);
+    EXPECT_NE(r.err.find("guest powered off (ACPI S5)"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("virtio-rng: "), std::string::npos) << r.err;
 }
 
 // ---- Linux from a virtio-blk disk ---------------------------------------------

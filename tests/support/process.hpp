@@ -37,13 +37,17 @@ inline std::string slurp(const std::string& path) {
 }
 
 // Forks `argv` with stdin from /dev/null and stdout/stderr into the two fds.
-// With KGUEST_TEST_SECCOMP=MODE set, every `kguest run` gets `--seccomp MODE`
+// With KGUEST_TEST_SECCOMP=MODE set, every `kguest run` and bare
+// `kguest --api-socket ...` gets `--seccomp MODE`
 // (scripts/seccomp-audit runs the kvm suite with `log`).
 inline pid_t spawn(std::vector<std::string> argv, int out_fd, int err_fd) {
     const char* seccomp = std::getenv("KGUEST_TEST_SECCOMP");
     if (seccomp != nullptr && *seccomp != '\0' && argv.size() > 1 && argv[1] == "run" &&
         argv[0].ends_with("/kguest"))
         argv.insert(argv.begin() + 2, {"--seccomp", seccomp});
+    else if (seccomp != nullptr && *seccomp != '\0' && argv.size() > 1 && argv[1].starts_with("--api-socket") &&
+             argv[0].ends_with("/kguest"))   // a bare VMM
+        argv.insert(argv.end(), {"--seccomp", seccomp});
     pid_t pid = fork();
     if (pid == 0) {
         int null = open("/dev/null", O_RDONLY);

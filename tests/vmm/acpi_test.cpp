@@ -2,13 +2,20 @@
 // RSDP, check both its checksums, follow RsdtAddress-less XSDT pointers in
 // guest memory to the FADT and MADT and from the FADT to the DSDT; every
 // table's checksum, the MADT's entries for 1..254 vCPUs, the FADT's flags and
-// register addresses, and the AML bytes of \_S5_ and \_SB.PCI0 in the DSDT.
+// register addresses, and the AML bytes of \_S5_ and \_SB.PCI0 in the DSDT;
+// the whole DSDT through ACPICA's disassembler (iasl -d, Debian's
+// acpica-tools, which scripts/lib.sh installs), which must parse it without
+// an error and show the power button's Generic Event Device.
 #include "devices/acpi_pm.hpp"
 #include "vmm/acpi.hpp"
 #include "tests/support/bytes.hpp"
+#include "tests/support/process.hpp"
 #include "devices/base/guest_memory.hpp"
 
 #include <algorithm>
+#include <fstream>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <cstdint>
 #include <cstring>
 #include <gtest/gtest.h>
@@ -251,6 +258,47 @@ TEST(AcpiTables, DsdtHasS5ThePciRootBridgeAndTheIsaDevices) {
     EXPECT_TRUE(contains(d, {0x88, 13, 0, 1, 0x0c, 0x03, 0, 0, 0x00, 0x00, 0xf7, 0x0c, 0, 0, 0xf8, 0x0c}));
     EXPECT_TRUE(contains(d, {0x88, 13, 0, 1, 0x0c, 0x03, 0, 0, 0x00, 0x0d, 0xff, 0xff, 0, 0, 0x00, 0xf3}));
     EXPECT_TRUE(contains(d, {0x88, 13, 0, 2, 0x0c, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00}));  // bus 0..0
+}
+
+TEST(AcpiTables, DsdtHasTheGedAndThePowerButton) {
+    Tables t = load({});
+    const Bytes& d = t.by_sig["DSDT"];
+    // Device (GED_) { Name (_HID, "ACPI0013") ... }
+    EXPECT_TRUE(contains(d, {'G', 'E', 'D', '_', 0x08, '_', 'H', 'I', 'D', 0x0d, 'A', 'C', 'P', 'I', '0', '0', '1', '3', 0}));
+    // Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { kGedIrq }, then the End Tag.
+    EXPECT_TRUE(contains(d, {0x89, 0x06, 0x00, 0x03, 0x01, static_cast<std::uint8_t>(kGedIrq), 0, 0, 0, 0x79, 0x00}));
+    // OperationRegion (GDST, SystemIO, 0x603, One): the GED register of AcpiPm.
+    const std::uint16_t port = AcpiPm::kBase + AcpiPm::kGedEvent;
+    EXPECT_TRUE(contains(d, {0x5b, 0x80, 'G', 'D', 'S', 'T', 0x01, 0x0b, static_cast<std::uint8_t>(port),
+                             static_cast<std::uint8_t>(port >> 8), 0x01}));
+    // Notify (\_SB_.PWRB, 0x80) and Device (PWRB) with _HID EisaId ("PNP0C0C").
+    EXPECT_TRUE(contains(d, {0x86, '\\', 0x2e, '_', 'S', 'B', '_', 'P', 'W', 'R', 'B', 0x0a, 0x80}));
+    EXPECT_TRUE(contains(d, {'P', 'W', 'R', 'B', 0x08, '_', 'H', 'I', 'D', 0x0c, 0x41, 0xd0, 0x0c, 0x0c}));
+}
+
+TEST(AcpiTables, DsdtDisassemblesCleanlyWithIasl) {
+    const std::string dir = "/tmp/kguest-acpi-test-" + std::to_string(::getpid());
+    ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0) << dir;
+    const Bytes d = load({}).by_sig["DSDT"];
+    {
+        std::ofstream f(dir + "/dsdt.dat", std::ios::binary);
+        f.write(reinterpret_cast<const char*>(d.data()), static_cast<std::streamsize>(d.size()));
+    }
+    const test::ProcResult r = test::run_process({"iasl", "-d", dir + "/dsdt.dat"}, 30);
+    const std::string dsl = test::slurp(dir + "/dsdt.dsl");
+    ::unlink((dir + "/dsdt.dat").c_str());
+    ::unlink((dir + "/dsdt.dsl").c_str());
+    ::rmdir(dir.c_str());
+    ASSERT_EQ(r.status, 0) << "iasl -d (Debian's acpica-tools; scripts/lib.sh installs it): " << r.out << r.err;
+    EXPECT_EQ(r.out.find("Error"), std::string::npos) << r.out;
+    EXPECT_EQ(r.err.find("Error"), std::string::npos) << r.err;
+    // ASL as ACPICA prints it back.
+    for (const char* want : {"Name (_HID, \"ACPI0013\"", "Name (_HID, EisaId (\"PNP0C0C\")",
+                             "OperationRegion (GDST, SystemIO, 0x0603, One)", "GDAT,   8",
+                             "Method (_EVT, 1, Serialized)", "Notify (\\_SB.PWRB, 0x80)",
+                             "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+                             "Device (PCI0)", "_S5, Package (0x04)"})
+        EXPECT_NE(dsl.find(want), std::string::npos) << want << "\n" << dsl;
 }
 
 TEST(AcpiTables, DsdtFollowsTheConfiguredMmioWindow) {

@@ -48,7 +48,9 @@ struct AmlDevice {
 };
 
 // Reads the few AML constructs kguest's DSDT uses (§20.2): Scope, Device,
-// Name with an integer, Package or Buffer. Anything else fails the test.
+// Name with an integer, string, Package or Buffer, an OperationRegion (one in
+// SystemIO counts as the device's I/O ports), and a Field or Method (skipped).
+// Anything else fails the test.
 class AmlReader {
 public:
     explicit AmlReader(const Bytes& dsdt) : p_(dsdt) {}
@@ -98,6 +100,8 @@ private:
         for (std::size_t i = 0; i < r.size();) {
             const std::uint8_t tag = r[i];
             if (tag & 0x80) {   // large item: 16-bit length
+                if (tag == 0x89 && r.at(i + 4) == 1)   // Extended Interrupt, one: its number
+                    d.irqs.push_back(static_cast<unsigned>(le(&r.at(i + 5), 4)));
                 i += 3 + le(&r.at(i + 1), 2);
                 continue;
             }
@@ -129,10 +133,24 @@ private:
                 } else if (p_[i] == 0x12) {   // Package: skipped
                     ++i;
                     i = package_end(i);
+                } else if (p_[i] == 0x0d) {   // String
+                    std::string v;
+                    for (++i; p_.at(i) != 0; ++i) v += static_cast<char>(p_[i]);
+                    ++i;
+                    if (dev && n == "_HID") dev->hid = v;
                 } else {
                     const std::uint64_t v = integer(i);
                     if (dev && n == "_HID") dev->hid = eisa(v);
                 }
+            } else if (op == 0x5b && p_.at(i) == 0x80) {   // OperationRegion
+                ++i;
+                name(i);
+                const std::uint8_t space = p_.at(i++);
+                const std::uint64_t base = integer(i), len = integer(i);
+                if (dev && space == 1) dev->io.emplace_back(static_cast<std::uint16_t>(base), static_cast<std::uint8_t>(len));
+            } else if ((op == 0x5b && p_.at(i) == 0x81) || op == 0x14) {   // Field, Method: skipped
+                if (op == 0x5b) ++i;
+                i = package_end(i);
             } else if (op == 0x10 || (op == 0x5b && p_.at(i) == 0x82)) {   // Scope, Device
                 if (op == 0x5b) ++i;
                 const std::size_t e = package_end(i);
@@ -185,9 +203,28 @@ TEST(Board, EveryDsdtDeviceSitsOnTheBusAtItsPortAndIrq) {
     const std::vector<AmlDevice> devs = AmlReader(table(build_acpi_tables(AcpiConfig{}), "DSDT")).devices();
     Board board;
     unsigned named = 0;
+    bool ged = false, pwrb = false;
     for (const AmlDevice& d : devs) {
         SCOPED_TRACE(d.name);
-        ASSERT_FALSE(d.io.empty()) << "every DSDT device here has I/O ports";
+        if (d.name == "PWRB") {   // the power button: a _HID only, the GED notifies it
+            pwrb = true;
+            EXPECT_EQ(d.hid, "PNP0C0C");
+            EXPECT_TRUE(d.io.empty());
+            continue;
+        }
+        if (d.name == "GED_") {   // its event register: AcpiPm's last byte, and its own IRQ
+            ged = true;
+            EXPECT_EQ(d.hid, "ACPI0013");
+            ASSERT_EQ(d.io.size(), 1u);
+            EXPECT_EQ(d.io[0].first, AcpiPm::kBase + AcpiPm::kGedEvent);
+            EXPECT_EQ(d.io[0].second, 1u);
+            EXPECT_EQ(d.irqs, std::vector<unsigned>{kGedIrq});
+            std::uint8_t b = 0;
+            EXPECT_TRUE(board.pio.read(d.io[0].first, {&b, 1}));
+            for (const auto& e : kPioDevices) EXPECT_NE(e.irq, static_cast<int>(kGedIrq)) << e.name;
+            continue;
+        }
+        ASSERT_FALSE(d.io.empty()) << "every other DSDT device here has I/O ports";
         for (auto [port, len] : d.io) {
             const PioDevice* e = board_entry_at(port);
             ASSERT_NE(e, nullptr) << "port 0x" << std::hex << port << " is not on the board";
@@ -214,6 +251,14 @@ TEST(Board, EveryDsdtDeviceSitsOnTheBusAtItsPortAndIrq) {
     for (const auto& e : kPioDevices) in_table += e.acpi_name != nullptr;
     EXPECT_EQ(named, in_table) << "a board device meant for the DSDT is missing from it";
     EXPECT_EQ(named, 2u);   // COM1 and the RTC
+    EXPECT_TRUE(ged && pwrb) << "the power button's GED and PNP0C0C device";
+
+    // A press latches the event and pulses the GED's IRQ (an edge).
+    board.legacy.acpi_pm->press_power_button();
+    EXPECT_EQ(board.irqs, (std::vector<std::pair<unsigned, bool>>{{kGedIrq, true}, {kGedIrq, false}}));
+    std::uint8_t ev = 0;
+    ASSERT_TRUE(board.pio.read(AcpiPm::kBase + AcpiPm::kGedEvent, {&ev, 1}));
+    EXPECT_EQ(ev, AcpiPm::GED_POWER_BUTTON);
 
     // The ports reach the right models: COM1's scratch register and the
     // RTC's index register, written through the bus, read back directly.

@@ -7,6 +7,7 @@
 // makes a late timer harmless.
 #include "vmm/app/api.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/app/ch_config.hpp"
 #include "devices/base/error.hpp"
 #include "devices/base/log.hpp"
 #include "devices/base/thread_start.hpp"
@@ -14,12 +15,15 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http.hpp>
 
 #include <algorithm>
 #include <cerrno>
+#include <pthread.h>
 #include <cstring>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -39,20 +43,22 @@ using Socket = asio::local::stream_protocol::socket;
 namespace {
 
 constexpr std::string_view kPrefix = "/api/v1/";
+constexpr std::size_t kMaxRequestFds = 16;   // kMaxNetQueuePairs TAP queues
 
 ApiReply error_reply(unsigned status, const std::string& message) {
-    return ApiReply{status, json{{"error", message}}, {}};
+    return ApiReply{status, json{{"error", message}}, {}, {}};
 }
 
 ApiReply control_reply(ControlError err) {
-    if (err == ControlError::none) return ApiReply{204, nullptr, {}};
+    if (err == ControlError::none) return ApiReply{204, nullptr, {}, {}};
     return error_reply(409, control_message(err));
 }
 
 json info_json(const VmInfo& i) {
     json j = {
         {"name", i.name},
-        {"state", i.paused ? "paused" : "running"},
+        // Cloud Hypervisor's VmInfo.state names (libvirt and Kata compare them).
+        {"state", !i.state.empty() ? i.state : i.paused ? "Paused" : "Running"},
         {"cpus", i.cpus},
         {"memory", i.memory},
         {"backing", backing_name(i.backing)},
@@ -66,6 +72,13 @@ json info_json(const VmInfo& i) {
         for (const VmInfo::Disk& k : i.disks)
             d.push_back({{"path", k.path}, {"size", k.size}, {"readonly", k.readonly}, {"queues", k.queues}});
     }
+    // Cloud Hypervisor's memory_actual_size: what the guest has now, boot
+    // RAM plus what virtio-mem plugged, less what the balloon holds.
+    std::uint64_t actual = i.memory;
+    if (i.virtio_mem) actual += i.virtio_mem->plugged_bytes;
+    if (i.balloon) actual -= std::min(actual, i.balloon->actual_bytes);
+    j["memory_actual_size"] = actual;
+    if (!i.config.is_null()) j["config"] = i.config;
     if (i.virtio_mem) {
         const VmInfo::VirtioMem& m = *i.virtio_mem;
         j["memory_max"] = m.max_bytes;
@@ -112,6 +125,9 @@ json counters_json(const VmCounters& c) {
         }
         j["balloon"] = b;
     }
+    if (c.rng)
+        j["rng"] = {{"bytes", c.rng->bytes}, {"requests", c.rng->requests}, {"throttled", c.rng->throttled},
+                    {"bad_chains", c.rng->bad_chains}};
     json& e = j["exits"] = {{"userspace", json::array()}};
     for (const ExitCount& x : c.exits.userspace)
         e["userspace"].push_back({{"reason", x.reason}, {"count", x.count}, {"handling_ns", x.handling_ns}});
@@ -130,10 +146,25 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
     if (!req.is_object())
         return error_reply(400, "body must be a JSON object: {\"desired_ram\": BYTES} or {\"desired_balloon\": BYTES}");
     for (const auto& item : req.items())
-        if (item.key() != "desired_ram" && item.key() != "desired_balloon")
+        if (item.key() != "desired_ram" && item.key() != "desired_balloon" && item.key() != "desired_vcpus")
             return error_reply(400, "unknown field '" + item.key() + "'");
-    bool has_ram = req.contains("desired_ram"), has_balloon = req.contains("desired_balloon");
-    if (has_ram == has_balloon) return error_reply(400, "need exactly one of desired_ram or desired_balloon");
+    // Fields sent as null are ignored: Cloud Hypervisor's ch-remote sends them so.
+    auto given = [&](const char* k) { return req.contains(k) && !req[k].is_null(); };
+    const VmInfo info = vm.info();
+    if (info.state == "NotCreated" || info.state == "Created" || info.state == "Shutdown")
+        return control_reply(ControlError::not_running);
+    if (given("desired_vcpus")) {
+        const json& v = req["desired_vcpus"];
+        if (!v.is_number_unsigned() || v.get<std::uint64_t>() != info.cpus)
+            return error_reply(400, "desired_vcpus must equal the VM's " + std::to_string(info.cpus) +
+                                        " vCPUs (kguest does not hot-plug vCPUs)");
+    }
+    bool has_ram = given("desired_ram"), has_balloon = given("desired_balloon");
+    if (has_ram && has_balloon) return error_reply(400, "need exactly one of desired_ram or desired_balloon");
+    if (!has_ram && !has_balloon) {
+        if (given("desired_vcpus")) return control_reply(ControlError::none);
+        return error_reply(400, "need exactly one of desired_ram or desired_balloon");
+    }
     const char* key = has_ram ? "desired_ram" : "desired_balloon";
     const json& v = req[key];
     if (!v.is_number_unsigned()) return error_reply(400, std::string(key) + " must be a non-negative integer (bytes)");
@@ -148,7 +179,6 @@ ApiReply do_resize(VmControl& vm, std::string_view body) {
                                         std::to_string(kMaxBalloon) + " bytes)");
         return control_reply(vm.resize(balloon));
     };
-    const VmInfo info = vm.info();
     const std::uint64_t memory = info.memory;
     std::uint64_t floor = std::min(kMinGuestRam, memory);
     if (!has_ram) {
@@ -196,17 +226,84 @@ const char* control_message(ControlError e) {
     case ControlError::balloon_too_large: return "desired_balloon is larger than guest RAM";
     case ControlError::no_virtio_mem: return "this VM has no virtio-mem device (start it with --memory-max)";
     case ControlError::hotplug_too_large: return "requested size is not a multiple of 2 MiB or exceeds the virtio-mem region";
+    case ControlError::not_running: return "the VM is not running (vm.boot it first)";
     }
     return "refused";
 }
 
-ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view target, std::string_view body) {
+Refusal VmControl::add_net(NetConfig, std::vector<Fd>) { return fixed_vm(); }
+
+namespace {
+
+ApiReply refusal_reply(const Refusal& r) {
+    if (!r) return ApiReply{204, nullptr, {}, {}};
+    return error_reply(r.status, r.message);
+}
+
+// A JSON object body, or the 400 that says why not.
+std::optional<json> object_body(std::string_view body, ApiReply& err) {
+    json j = json::parse(body.begin(), body.end(), nullptr, false);
+    if (j.is_discarded()) {
+        err = error_reply(400, "malformed JSON body");
+        return std::nullopt;
+    }
+    if (!j.is_object()) {
+        err = error_reply(400, "body must be a JSON object");
+        return std::nullopt;
+    }
+    return j;
+}
+
+ApiReply do_lifecycle(VmControl& vm, std::string_view name, std::string_view body, std::vector<Fd>& fds) {
+    ApiReply err;
+    try {
+        if (name == "vm.create") {
+            auto j = object_body(body, err);
+            if (!j) return err;
+            return refusal_reply(vm.create(vm_config_from_ch(*j)));
+        }
+        if (name == "vm.add-net") {
+            auto j = object_body(body, err);
+            if (!j) return err;
+            NetConfig n = net_from_ch(*j, kMacLater, "vm.add-net");
+            // With fds the TAP queues come from the client, one per queue pair.
+            if (!fds.empty() && fds.size() != n.queue_pairs)
+                return error_reply(400, "vm.add-net: " + std::to_string(fds.size()) + " fds for " +
+                                            std::to_string(n.queue_pairs) + " queue pairs (num_queues / 2)");
+            if (fds.empty() && n.target.empty())
+                return error_reply(400, "vm.add-net.tap: missing (name a TAP interface or pass its fds)");
+            return refusal_reply(vm.add_net(std::move(n), std::move(fds)));
+        }
+        if (name == "vm.add-disk") {
+            auto j = object_body(body, err);
+            if (!j) return err;
+            return refusal_reply(vm.add_disk(disk_from_ch(*j, "vm.add-disk")));
+        }
+    } catch (const ChConfigError& e) {
+        return error_reply(400, e.what());
+    }
+    if (name == "vm.boot") return refusal_reply(vm.boot());
+    if (name == "vm.reboot") return refusal_reply(vm.reboot());
+    if (name == "vm.delete") return refusal_reply(vm.remove());
+    // vmm.shutdown: answered first, then the VMM ends.
+    if (Refusal r = vm.can_shutdown_vmm()) return refusal_reply(r);
+    ApiReply reply{204, nullptr, {}, {}};
+    reply.after_write = [&vm] { vm.shutdown_vmm(); };
+    return reply;
+}
+
+} // namespace
+
+ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view target, std::string_view body,
+                      std::vector<Fd> fds) {
     struct Route {
         std::string_view name, method;
     };
     static constexpr Route routes[] = {
-        {"vmm.ping", "GET"},   {"vm.info", "GET"},   {"vm.counters", "GET"}, {"vm.resize", "PUT"},
-        {"vm.pause", "PUT"},   {"vm.resume", "PUT"}, {"vm.shutdown", "PUT"},
+        {"vmm.ping", "GET"},      {"vm.info", "GET"},         {"vm.counters", "GET"},   {"vm.resize", "PUT"},
+        {"vm.pause", "PUT"},      {"vm.resume", "PUT"},       {"vm.shutdown", "PUT"},   {"vm.create", "PUT"},
+        {"vm.add-net", "PUT"},    {"vm.add-disk", "PUT"},     {"vm.boot", "PUT"},       {"vm.reboot", "PUT"},
+        {"vm.delete", "PUT"},     {"vm.power-button", "PUT"}, {"vmm.shutdown", "PUT"},
     };
     std::string_view path = target.substr(0, target.find('?'));
     const Route* route = nullptr;
@@ -221,13 +318,19 @@ ApiReply api_dispatch(VmControl& vm, std::string_view method, std::string_view t
     }
     try {
         const std::string_view name = route->name;
-        if (name == "vmm.ping") return ApiReply{200, json{{"version", KGUEST_VERSION}, {"pid", ::getpid()}}, {}};
-        if (name == "vm.info") return ApiReply{200, info_json(vm.info()), {}};
-        if (name == "vm.counters") return ApiReply{200, counters_json(vm.counters()), {}};
+        if (name == "vmm.ping") return ApiReply{200, json{{"version", KGUEST_VERSION}, {"pid", ::getpid()}}, {}, {}};
+        if (name == "vm.info") {
+            const VmInfo i = vm.info();
+            if (i.state == "NotCreated") return error_reply(409, "vm.info: no VM (vm.create first)");
+            return ApiReply{200, info_json(i), {}, {}};
+        }
+        if (name == "vm.counters") return ApiReply{200, counters_json(vm.counters()), {}, {}};
         if (name == "vm.resize") return do_resize(vm, body);
         if (name == "vm.pause") return control_reply(vm.pause());
         if (name == "vm.resume") return control_reply(vm.resume());
-        return control_reply(vm.shutdown());
+        if (name == "vm.shutdown") return control_reply(vm.shutdown());
+        if (name == "vm.power-button") return control_reply(vm.power_button());
+        return do_lifecycle(vm, name, body, fds);
     } catch (const std::exception& e) {
         return error_reply(500, std::string(route->name) + ": " + e.what());
     }
@@ -252,6 +355,7 @@ struct ApiServer::Impl {
     std::thread thread;
 
     void accept();
+    void start();   // accepting, on the API thread
 };
 
 namespace {
@@ -272,9 +376,45 @@ private:
         arm(srv_.limits.idle_timeout);
         socket_.async_wait(Socket::wait_read, [self = shared_from_this()](beast::error_code ec) {
             self->disarm();
-            if (ec) return self->close();
+            if (ec || !self->receive_first_bytes()) return self->close();
             self->read_request();
         });
+    }
+
+    // A request's first bytes, read with recvmsg for the file descriptors a
+    // client may send with them (SCM_RIGHTS: vm.add-net's TAP fds, which
+    // libvirt and Kata attach to the sendmsg that carries the request). Beast
+    // parses them from buffer_ and reads the rest; fds on later segments are
+    // closed by the kernel, as recv without a control buffer drops them.
+    // False when the client is gone.
+    bool receive_first_bytes() {
+        fds_.clear();
+        const std::size_t room = std::min<std::size_t>(buffer_.max_size() - buffer_.size(), 4096);
+        if (room == 0) return true;
+        auto space = buffer_.prepare(room);
+        iovec iov{space.data(), space.size()};
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxRequestFds)];
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        const ssize_t n = ::recvmsg(socket_.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (n < 0) return errno == EAGAIN || errno == EINTR;   // Beast's read waits again
+        if (n == 0) return false;
+        buffer_.commit(static_cast<std::size_t>(n));
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < count; ++i) {
+                int fd;
+                std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                fds_.emplace_back(fd);
+            }
+        }
+        // MSG_CTRUNC: the kernel closed the fds that did not fit; the
+        // request then gets its fds short and a 400 from vm.add-net.
+        return true;
     }
 
     void read_request() {
@@ -282,9 +422,29 @@ private:
         parser_->body_limit(srv_.limits.body_limit);
         parser_->header_limit(static_cast<std::uint32_t>(srv_.limits.header_limit));
         arm(srv_.limits.request_timeout);
-        http::async_read(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
-            self->on_read(ec);
+        http::async_read_header(socket_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+            if (ec) return self->on_read(ec);
+            self->continue_body();
         });
+    }
+
+    // `Expect: 100-continue` (RFC 9110 10.1.1): libcurl sends it with an
+    // upload of unknown size, as libvirt's ch driver makes for every
+    // body-less PUT (CURLOPT_UPLOAD, ch_monitor.c), and then waits a second
+    // for the interim answer before sending the (empty, chunked) body.
+    void continue_body() {
+        auto read_body = [self = shared_from_this()] {
+            http::async_read(self->socket_, self->buffer_, *self->parser_,
+                             [self](beast::error_code ec, std::size_t) { self->on_read(ec); });
+        };
+        if (parser_->is_done() || !beast::iequals(parser_->get()[http::field::expect], "100-continue"))
+            return read_body();
+        static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+        asio::async_write(socket_, asio::buffer(kContinue.data(), kContinue.size()),
+                          [self = shared_from_this(), read_body](beast::error_code ec, std::size_t) {
+                              if (ec) return self->on_read(ec);
+                              read_body();
+                          });
     }
 
     void on_read(beast::error_code ec) {
@@ -313,7 +473,8 @@ private:
         auto target = req.target();
         const std::string& body = req.body();
         ApiReply reply = api_dispatch(srv_.vm, std::string_view(method.data(), method.size()),
-                                      std::string_view(target.data(), target.size()), body);
+                                      std::string_view(target.data(), target.size()), body, std::move(fds_));
+        fds_.clear();
         send(std::move(reply), req.keep_alive(), req.version());
     }
 
@@ -330,8 +491,10 @@ private:
         }
         res_.keep_alive(keep_alive);
         arm(srv_.limits.write_timeout);
+        after_write_ = std::move(reply.after_write);
         http::async_write(socket_, res_, [self = shared_from_this(), keep_alive](beast::error_code ec, std::size_t) {
             self->disarm();
+            if (auto after = std::exchange(self->after_write_, nullptr)) after();
             if (ec || !keep_alive) return self->close();
             self->wait_request();
         });
@@ -367,6 +530,8 @@ private:
     beast::flat_buffer buffer_{8192};
     std::optional<http::request_parser<http::string_body>> parser_;
     http::response<http::string_body> res_;
+    std::vector<Fd> fds_;                  // received with the request being read
+    std::function<void()> after_write_;    // the answer's ApiReply::after_write
     std::uint64_t gen_ = 0;
     bool timed_out_ = false;
 };
@@ -475,12 +640,39 @@ ApiServer::ApiServer(const std::string& socket_path, VmControl& vm, ApiLimits li
     beast::error_code ec;
     impl_->acceptor.assign(asio::local::stream_protocol(), fd, ec);
     if (ec) fail("api acceptor " + socket_path, ec.value(), true);
-    impl_->accept();
-    impl_->thread = std::thread([impl = impl_.get()] {
+    impl_->start();
+}
+
+ApiServer::ApiServer(Fd listening, VmControl& vm, ApiLimits limits)
+    : impl_(std::make_unique<Impl>("fd " + std::to_string(listening.get()), vm, limits)) {
+    int accepting = 0, type = 0, family = 0;
+    socklen_t len = sizeof accepting;
+    if (::getsockopt(listening.get(), SOL_SOCKET, SO_ACCEPTCONN, &accepting, &len) != 0)
+        throw SysError("getsockopt SO_ACCEPTCONN on api socket " + impl_->path, errno);
+    len = sizeof type;
+    if (::getsockopt(listening.get(), SOL_SOCKET, SO_TYPE, &type, &len) != 0) throw_errno("getsockopt SO_TYPE");
+    len = sizeof family;
+    if (::getsockopt(listening.get(), SOL_SOCKET, SO_DOMAIN, &family, &len) != 0) throw_errno("getsockopt SO_DOMAIN");
+    if (!accepting || type != SOCK_STREAM || family != AF_UNIX)
+        throw UsageError("--api-socket " + impl_->path + ": not a listening UNIX stream socket");
+    const int fl = ::fcntl(listening.get(), F_GETFL);
+    if (fl < 0 || ::fcntl(listening.get(), F_SETFL, fl | O_NONBLOCK) != 0) throw_errno("fcntl O_NONBLOCK (api socket)");
+    if (::fcntl(listening.get(), F_SETFD, FD_CLOEXEC) != 0) throw_errno("fcntl FD_CLOEXEC (api socket)");
+    beast::error_code ec;
+    impl_->acceptor.assign(asio::local::stream_protocol(), listening.get(), ec);
+    if (ec) throw SysError("api acceptor " + impl_->path, ec.value());
+    (void)listening.release();   // the acceptor owns it now
+    impl_->start();
+}
+
+void ApiServer::Impl::start() {
+    accept();
+    thread = std::thread([this] {
+        ::pthread_setname_np(::pthread_self(), "api");   // before confinement: glibc uses prctl for itself
         thread_started(ThreadKind::api);
         for (;;) {
             try {
-                impl->io.run();
+                io.run();
                 return;
             } catch (const std::exception& e) {
                 log_msg("api: %s", e.what());
@@ -495,7 +687,7 @@ ApiServer::~ApiServer() {
     beast::error_code ignored;
     impl_->acceptor.close(ignored);
     struct stat st {};
-    if (::lstat(impl_->path.c_str(), &st) == 0 && st.st_dev == impl_->dev && st.st_ino == impl_->ino)
+    if (impl_->ino != 0 && ::lstat(impl_->path.c_str(), &st) == 0 && st.st_dev == impl_->dev && st.st_ino == impl_->ino)
         ::unlink(impl_->path.c_str());
     // impl_'s destruction closes the remaining client connections.
 }

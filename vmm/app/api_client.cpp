@@ -146,7 +146,7 @@ constexpr const char* kCliUsage =
     "       kguest stats NAME [--json]\n"
     "       kguest balloon NAME --target SIZE [--wait] [--timeout SECONDS] [--json]\n"
     "       kguest resize NAME --memory SIZE [--wait] [--timeout SECONDS] [--json]\n"
-    "       kguest pause|resume|stop NAME\n"
+    "       kguest pause|resume|stop|power-button NAME\n"
     "NAME may be replaced by --api-socket PATH; --json prints the VM's JSON as is.\n"
     "balloon: SIZE is the guest's size once the balloon holds the rest (K/M/G suffixes);\n"
     "  --wait polls until the balloon gets there, for --timeout seconds (default 60).\n"
@@ -542,7 +542,8 @@ int run_cli(int argc, char** argv) {
         const char *cmd, *endpoint, *done;
     };
     static constexpr Action actions[] = {
-        {"pause", "vm.pause", "paused"}, {"resume", "vm.resume", "resumed"}, {"stop", "vm.shutdown", "stopping"}};
+        {"pause", "vm.pause", "paused"}, {"resume", "vm.resume", "resumed"}, {"stop", "vm.shutdown", "stopping"},
+        {"power-button", "vm.power-button", "power button pressed"}};
     for (const Action& a : actions) {
         if (o.cmd != a.cmd) continue;
         Target t = target_of(o);

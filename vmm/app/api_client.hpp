@@ -76,6 +76,13 @@ public:
     }
     // The `=VALUE` of `--flag=VALUE`, for flags whose value is optional.
     std::optional<std::string> optional_value() { return std::exchange(pending_, std::nullopt); }
+    // The next argument, unless there is none or it is a flag ("--..."):
+    // for flags whose value may also follow after a space (`--rng src=PATH`).
+    std::optional<std::string> optional_next_value() {
+        if (pending_) return std::exchange(pending_, std::nullopt);
+        if (done() || v_[i_].rfind("--", 0) == 0) return std::nullopt;
+        return v_[i_++];
+    }
     void no_value(const std::string& flag) {
         if (pending_) throw UsageError(prefix_ + flag + " takes no value");
     }

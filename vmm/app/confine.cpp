@@ -42,16 +42,11 @@ Gate g_gate;
 // Confines the calling thread or ends the process: a thread left unconfined
 // must not go on serving the guest.
 void confine_this_thread(ThreadKind kind) {
-    // Named after its kind ("kguest-vcpu"), so ps -L, top -H and the kernel's
-    // seccomp log lines (comm=) tell the threads apart.
-    char name[16];
-    std::snprintf(name, sizeof name, "kguest-%s", thread_kind_name(kind));
-    const char* call = "prctl PR_SET_NAME";
-    int err = ::prctl(PR_SET_NAME, name, 0, 0, 0) == 0 ? 0 : errno;
-    if (err == 0) {
-        call = "capset";
-        err = drop_thread_capabilities();
-    }
+    // Each thread was named for what it does when it started ("vcpu0",
+    // "api", "disk0", ...), which ps -L, top -H and the kernel's seccomp log
+    // lines (comm=) show.
+    const char* call = "capset";
+    int err = drop_thread_capabilities();
     if (err == 0) {
         call = "seccomp";
         err = g_gate.filters->install(kind);
@@ -129,8 +124,17 @@ int drop_thread_capabilities() noexcept {
 
 Confinement::Confinement(const ConfineOptions& opt) : opt_(opt) {
     if (opt_.user && ::geteuid() != 0) throw UsageError("--user: kguest must be started as root to switch users");
-    // Nothing is inherited on purpose beyond stdin, stdout and stderr.
-    if (::close_range(3, ~0U, 0) != 0) throw_errno("close_range");
+    // Nothing is inherited on purpose beyond stdin, stdout, stderr and keep_fds.
+    std::vector<int> keep = opt_.keep_fds;
+    std::sort(keep.begin(), keep.end());
+    unsigned from = 3;
+    for (int fd : keep) {
+        if (fd < 3 || static_cast<unsigned>(fd) < from) continue;
+        if (static_cast<unsigned>(fd) > from && ::close_range(from, static_cast<unsigned>(fd) - 1, 0) != 0)
+            throw_errno("close_range");
+        from = static_cast<unsigned>(fd) + 1;
+    }
+    if (::close_range(from, ~0U, 0) != 0) throw_errno("close_range");
     if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) throw_errno("prctl PR_SET_NO_NEW_PRIVS");
     if (opt_.seccomp == SeccompMode::on) install_sigsys_reporter();
     filters_ = std::make_unique<SeccompFilters>(opt_.seccomp);
@@ -160,6 +164,10 @@ void Confinement::setup_done() {
             if (::setresuid(opt_.user->uid, opt_.user->uid, opt_.user->uid) != 0) throw_errno("setresuid");
         }
         if (int err = drop_thread_capabilities()) throw SysError("capset", err);
+        if (opt_.bare_vmm) {
+            open_gate(true);
+            return;
+        }
         const rlim_t nofile = static_cast<rlim_t>(highest_fd()) + 1 + kFdHeadroom;
         rlimit old{};
         if (::getrlimit(RLIMIT_NOFILE, &old) != 0) throw_errno("getrlimit RLIMIT_NOFILE");

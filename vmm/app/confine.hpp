@@ -7,7 +7,8 @@
 //
 // Order, and why (run_vm follows it):
 //  1. The constructor, first thing in run_vm, before anything is opened:
-//     closes every fd but 0-2 (nothing is inherited on purpose), sets
+//     closes every fd but 0-2 and keep_fds (nothing else is inherited on
+//     purpose), sets
 //     no_new_privs (inherited by every thread created later), installs the
 //     SIGSYS reporter, builds the BPF programs, and sets the thread hooks
 //     (devices/base/thread_start.hpp). Threads started during set-up are not
@@ -40,6 +41,7 @@
 #include <optional>
 #include <string>
 #include <sys/types.h>
+#include <vector>
 
 namespace kguest {
 
@@ -53,6 +55,12 @@ UserIds parse_user(const std::string& spec);
 struct ConfineOptions {
     SeccompMode seccomp = SeccompMode::on;
     std::optional<UserIds> user;   // switch to it after set-up (needs root)
+    // A bare VMM (kguest --api-socket ...): these inherited fds (the API
+    // socket, the event monitor) stay open, RLIMIT_NOFILE is not cut (VMs,
+    // their images and TAP devices are opened later), and confine_main() is
+    // not called (the main thread builds VMs: vmm/app/lifecycle.hpp).
+    bool bare_vmm = false;
+    std::vector<int> keep_fds;
 };
 
 class Confinement {

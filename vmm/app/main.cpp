@@ -23,6 +23,8 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: kguest run --kernel PATH [options]     boot a kernel (build/guest/guest.elf, a bzImage, a vmlinux)\n"
+    "       kguest --api-socket path=PATH|fd=N [--event-monitor path=PATH|fd=N] [--seccomp ...] [--user ...]\n"
+    "                                             a bare VMM: Cloud Hypervisor's API creates and boots its VM\n"
     "       kguest --version\n"
     "\n"
     "run options:\n"
@@ -35,7 +37,8 @@ constexpr const char* kUsage =
     "  --memory SIZE             guest RAM, K/M/G suffixes (default 256M, at least 8M)\n"
     "  --memory-max SIZE         grow the guest up to SIZE with virtio-mem (`kguest resize NAME --memory SIZE`)\n"
     "  --hugepages thp|hugetlbfs|off   RAM backing (default thp)\n"
-    "  --console stdio|none|FILE serial console (default stdio)\n"
+    "  --console stdio|none|pty|socket=PATH|FILE   serial console (default stdio); pty: a pseudo-terminal\n"
+    "                            whose path kguest prints; socket=PATH: a UNIX socket kguest listens on\n"
     "  --name NAME               VM name (default kguest)\n"
     "  --port80 kernel|exit      port 0x80 writes absorbed in KVM (default) or by userspace exits\n"
     "  --no-pv-spinlocks         hide KVM_FEATURE_PV_UNHALT from the guest (native spinlocks)\n"
@@ -48,6 +51,8 @@ constexpr const char* kUsage =
     "                            KEY: stats, deflate_on_oom, free_page_reporting (all on by default)\n"
     "  --api-socket PATH|none    control API socket (default $XDG_RUNTIME_DIR/kguest/NAME.sock,\n"
     "                            /run/kguest/NAME.sock for root)\n"
+    "  --rng [src=PATH][,rate=BYTES][,burst=BYTES]  a virtio-rng device reading PATH (default /dev/urandom),\n"
+    "                            at most rate bytes/s (default 1M; 0: unlimited) in bursts of up to burst\n"
     "  --prefault                fault all guest RAM in before boot (MADV_POPULATE_WRITE)\n"
     "  --boot-timeline           at exit, print when each boot step was reached\n"
     "  --seccomp on|log|off      system-call allow-lists per thread after set-up (default on; log:\n"
@@ -72,6 +77,34 @@ BalloonOptions parse_balloon_options(const std::string& spec) {
         pos = end + 1;
     }
     return o;
+}
+
+// --rng [src=PATH][,rate=BYTES[,burst=BYTES]]: the virtio-rng source and its
+// token bucket (bytes per second, K/M/G suffixes; rate=0: unlimited).
+void parse_rng_options(const std::string& spec, VmConfig& cfg) {
+    cfg.rng = "";
+    std::size_t pos = 0;
+    bool burst_set = false;
+    while (!spec.empty() && pos <= spec.size()) {
+        const std::size_t end = std::min(spec.find(',', pos), spec.size());
+        const std::string item = spec.substr(pos, end - pos);
+        const std::size_t eq = item.find('=');
+        const std::string key = item.substr(0, eq), val = eq == std::string::npos ? "" : item.substr(eq + 1);
+        if (key == "src") {
+            if (val.empty()) throw UsageError("--rng src= needs a path");
+            cfg.rng = val;
+        } else if (key == "rate" || key == "burst") {
+            const auto n = parse_size(val);
+            if (!n) throw UsageError("--rng " + key + "='" + val + "': need a byte count like 1M");
+            (key == "rate" ? cfg.rng_limit.rate : cfg.rng_limit.burst) = *n;
+            burst_set |= key == "burst";
+        } else {
+            throw UsageError("--rng '" + item + "': unknown option (src=PATH, rate=BYTES, burst=BYTES)");
+        }
+        pos = end + 1;
+    }
+    if (!burst_set) cfg.rng_limit.burst = cfg.rng_limit.rate;   // a second's worth
+    if (cfg.rng_limit.rate != 0 && cfg.rng_limit.burst == 0) throw UsageError("--rng burst=0: the bucket must hold a byte");
 }
 
 int cmd_run(int argc, char** argv) {
@@ -115,10 +148,15 @@ int cmd_run(int argc, char** argv) {
             cfg.backing = *b;
         } else if (f == "--console") {
             std::string v = a.value(f);
-            if (v.empty()) throw UsageError("--console needs stdio, none or a file name");
+            if (v.empty()) throw UsageError("--console needs stdio, none, pty, socket=PATH or a file name");
             if (v == "stdio") cfg.console = VmConfig::Console::stdio;
             else if (v == "none") cfg.console = VmConfig::Console::none;
-            else { cfg.console = VmConfig::Console::file; cfg.console_path = v; }
+            else if (v == "pty") cfg.console = VmConfig::Console::pty;
+            else if (v.rfind("socket=", 0) == 0) {
+                cfg.console = VmConfig::Console::socket;
+                cfg.console_path = v.substr(7);
+                if (cfg.console_path.empty()) throw UsageError("--console socket= needs a path");
+            } else { cfg.console = VmConfig::Console::file; cfg.console_path = v; }
         } else if (f == "--name") {
             cfg.name = a.value(f);
             if (cfg.name.empty() || cfg.name.find_first_of("/ \t\n") != std::string::npos)
@@ -135,6 +173,8 @@ int cmd_run(int argc, char** argv) {
         } else if (f == "--balloon") {
             cfg.balloon = true;
             if (auto v = a.optional_value()) cfg.balloon_options = parse_balloon_options(*v);
+        } else if (f == "--rng") {
+            parse_rng_options(a.optional_next_value().value_or(""), cfg);
         } else if (f == "--prefault") {
             a.no_value(f);
             cfg.prefault = true;
@@ -170,6 +210,52 @@ int cmd_run(int argc, char** argv) {
         cfg.memory = boot;
     }
     return run_vm(cfg, confine);
+}
+
+// `kguest --api-socket ...`: a bare VMM, started the way libvirt's ch driver
+// and Kata's clh driver start Cloud Hypervisor.
+int cmd_bare_vmm(int argc, char** argv) {
+    BareVmmOptions o;
+    bool have_api = false;
+    Args a(argc, argv, 1);
+    while (!a.done()) {
+        std::string f = a.flag();
+        if (f == "--api-socket") {
+            o.api = parse_path_or_fd(f, a.value(f));
+            have_api = true;
+        } else if (f == "--event-monitor") {
+            std::string v = a.value(f);
+            parse_path_or_fd(f, v);   // checked now; opened by run_bare_vmm
+            o.event_monitor = v;
+        } else if (f == "--seccomp") {
+            std::string v = a.value(f);
+            auto m = parse_seccomp_mode(v);
+            if (!m) throw UsageError("--seccomp '" + v + "': need on, log or off");
+            o.confine.seccomp = *m;
+        } else if (f == "--user") {
+            o.confine.user = parse_user(a.value(f));
+        } else {
+            throw UsageError("unknown option '" + f + "' for a bare VMM (--api-socket, --event-monitor, --seccomp, --user)");
+        }
+    }
+    if (!have_api) throw UsageError("a bare VMM needs --api-socket path=PATH or fd=N");
+    return run_bare_vmm(o);
+}
+
+// `--version`. The number is the Cloud Hypervisor release whose API kguest
+// answers (vm.create's VmConfig with `payload`, vm.info, vm.resize's
+// desired_ram), not kguest's own (vmm.ping's "version"): libvirt's ch driver
+// (src/ch/ch_conf.c, chExtractVersion) refuses anything before v15.0, sends
+// the kernel as `payload` only from v28.0 (ch_capabilities.c) and parses
+// "cloud-hypervisor vX.Y.Z" (so under that name, e.g. through a symlink,
+// kguest says so); Kata's clh driver reads the same line.
+constexpr const char* kChApiVersion = "41.0.0";
+
+int print_version(const char* argv0) {
+    std::string name = argv0;
+    if (auto slash = name.rfind('/'); slash != std::string::npos) name = name.substr(slash + 1);
+    std::printf("%s v%s\n", name == "cloud-hypervisor" ? "cloud-hypervisor" : "kguest", kChApiVersion);
+    return 0;
 }
 
 } // namespace
@@ -208,12 +294,10 @@ int main(int argc, char** argv) {
             return 0;
         }
         if (cmd == "list" || cmd == "info" || cmd == "balloon" || cmd == "resize" || cmd == "stats" || cmd == "pause" || cmd == "resume" ||
-            cmd == "stop")
+            cmd == "stop" || cmd == "power-button")
             return cli_main(argc, argv);
-        if (cmd == "--version") {
-            std::printf("kguest %s\n", KGUEST_VERSION);
-            return 0;
-        }
+        if (cmd == "--version") return print_version(argv[0]);
+        if (cmd.rfind("--api-socket", 0) == 0 || cmd.rfind("--event-monitor", 0) == 0) return cmd_bare_vmm(argc, argv);
         if (cmd == "run") return cmd_run(argc, argv);
         throw UsageError("unknown command '" + cmd + "' (see kguest --help)");
     } catch (const std::exception& e) {

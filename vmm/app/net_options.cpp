@@ -16,6 +16,19 @@ namespace {
     throw UsageError("--net " + std::string(spec) + ": " + why);
 }
 
+// Linux's dev_valid_name(): 1..15 bytes, no '/', ':' or whitespace, not "." or "..".
+std::string check_ifname(std::string_view spec, std::string_view name) {
+    if (name.empty()) bad_spec(spec, "empty interface name");
+    if (name.size() >= IFNAMSIZ)
+        bad_spec(spec, "interface name '" + std::string(name) + "' is longer than 15 characters");
+    if (name == "." || name == ".." ||
+        name.find_first_of("/: \t\n\r\f\v") != std::string_view::npos)
+        bad_spec(spec, "invalid interface name '" + std::string(name) + "'");
+    return std::string(name);
+}
+
+} // namespace
+
 bool parse_mac(std::string_view s, MacAddress& mac) {
     if (s.size() != 17) return false;
     for (std::size_t i = 0; i < 6; ++i) {
@@ -29,18 +42,13 @@ bool parse_mac(std::string_view s, MacAddress& mac) {
     return true;
 }
 
-// Linux's dev_valid_name(): 1..15 bytes, no '/', ':' or whitespace, not "." or "..".
-std::string check_ifname(std::string_view spec, std::string_view name) {
-    if (name.empty()) bad_spec(spec, "empty interface name");
-    if (name.size() >= IFNAMSIZ)
-        bad_spec(spec, "interface name '" + std::string(name) + "' is longer than 15 characters");
-    if (name == "." || name == ".." ||
-        name.find_first_of("/: \t\n\r\f\v") != std::string_view::npos)
-        bad_spec(spec, "invalid interface name '" + std::string(name) + "'");
-    return std::string(name);
+MacAddress default_mac(unsigned index) {
+    // 52:54:00 is QEMU's locally administered prefix; the low 24 bits
+    // count up from 12:34:56 with the device index.
+    const std::uint32_t low = (0x123456u + index) & 0xffffff;
+    return {0x52, 0x54, 0x00, static_cast<std::uint8_t>(low >> 16), static_cast<std::uint8_t>(low >> 8),
+            static_cast<std::uint8_t>(low)};
 }
-
-} // namespace
 
 NetConfig parse_net_spec(std::string_view spec, unsigned index) {
     NetConfig cfg;
@@ -90,13 +98,7 @@ NetConfig parse_net_spec(std::string_view spec, unsigned index) {
     }
     if (!have_kind) bad_spec(spec, "missing tap=IFNAME or stream=PATH");
     if (have_queues && cfg.kind != NetConfig::Kind::tap) bad_spec(spec, "queues= is only for tap");
-    if (!have_mac) {
-        // 52:54:00 is QEMU's locally administered prefix; the low 24 bits
-        // count up from 12:34:56 with the device index.
-        const std::uint32_t low = (0x123456u + index) & 0xffffff;
-        cfg.mac = {0x52, 0x54, 0x00, static_cast<std::uint8_t>(low >> 16), static_cast<std::uint8_t>(low >> 8),
-                   static_cast<std::uint8_t>(low)};
-    }
+    if (!have_mac) cfg.mac = default_mac(index);
     return cfg;
 }
 

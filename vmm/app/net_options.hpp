@@ -13,4 +13,9 @@ namespace kguest {
 // options). Throws UsageError naming the problem.
 NetConfig parse_net_spec(std::string_view spec, unsigned index = 0);
 
+// XX:XX:XX:XX:XX:XX; false for anything else.
+bool parse_mac(std::string_view s, MacAddress& mac);
+// 52:54:00:12:34:56 plus `index`: the MAC of a device given none.
+MacAddress default_mac(unsigned index);
+
 } // namespace kguest

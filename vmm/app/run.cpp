@@ -1,7 +1,9 @@
-// Running a VM (see run.hpp): the console input, the stop signals, the exit
-// report, and MachineControl, the control API's view of the Machine, called on
+// Running VMs (see run.hpp): the console input, the stop signals, the exit
+// report, MachineControl, the control API's view of one Machine, called on
 // the API thread (its pause() waits for the vCPUs to park; the rest is atomics
-// or the devices' own locks). The rest runs on the thread that called run_vm.
+// or the devices' own locks), and MachineVm, the GuestVm (vmm/app/lifecycle.hpp)
+// that builds, starts and ends a Machine on the thread that called run_vm or
+// run_bare_vmm (the lifecycle's owner thread).
 #include "vmm/app/run.hpp"
 #include "balloon/balloon.hpp"
 #include "devices/virtio_mem.hpp"
@@ -16,7 +18,10 @@
 #include "devices/virtio_net.hpp"
 #include "vmm/app/api.hpp"
 #include "vmm/app/api_client.hpp"
+#include "vmm/app/events.hpp"
+#include "vmm/app/lifecycle.hpp"
 #include "vmm/app/setup_pages.hpp"
+#include "vmm/console.hpp"
 #include "vmm/machine.hpp"
 #include "vmm/virtio_kvm.hpp"
 
@@ -30,8 +35,6 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/signalfd.h>
-#include <termios.h>
-#include <thread>
 #include <unistd.h>
 
 namespace kguest {
@@ -88,6 +91,7 @@ public:
             b->request_stats();
             c.balloon = VmCounters::Balloon{b->counters(), b->stats()};
         }
+        if (VirtioRng* r = m_.rng()) c.rng = r->counters();
         c.exits = m_.loop().exits();
         return c;
     }
@@ -120,58 +124,13 @@ public:
         m_.loop().request_stop(0);
         return ControlError::none;
     }
+    ControlError power_button() override {
+        m_.press_power_button();
+        return ControlError::none;
+    }
 
 private:
     Machine& m_;
-};
-
-// The serial console's input for `--console stdio`: the terminal in raw-ish
-// mode (ISIG and output processing stay on, so Ctrl-C stops the VM cleanly)
-// and a thread that feeds stdin to COM1 until EOF or `stop_fd` is readable.
-// The destructor joins it (the VM must be stopping) and restores the terminal.
-class ConsoleInput {
-public:
-    ConsoleInput(Serial& serial, int stop_fd) : serial_(serial), stop_fd_(stop_fd) {
-        if (::isatty(STDIN_FILENO) && ::tcgetattr(STDIN_FILENO, &saved_) == 0) {
-            termios raw = saved_;
-            raw.c_iflag &= ~static_cast<tcflag_t>(IGNBRK | BRKINT | PARMRK | ISTRIP | INLCR | IGNCR | ICRNL | IXON);
-            raw.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL | ICANON | IEXTEN);
-            raw.c_cc[VMIN] = 1;
-            raw.c_cc[VTIME] = 0;
-            raw_ = ::tcsetattr(STDIN_FILENO, TCSANOW, &raw) == 0;
-        }
-        thread_ = std::thread([this] { thread_main(); });
-    }
-    ~ConsoleInput() {
-        if (thread_.joinable()) thread_.join();
-        if (raw_) ::tcsetattr(STDIN_FILENO, TCSANOW, &saved_);
-    }
-    ConsoleInput(const ConsoleInput&) = delete;
-    ConsoleInput& operator=(const ConsoleInput&) = delete;
-
-private:
-    void thread_main() {
-        thread_started(ThreadKind::console);
-        pollfd fds[2] = {{STDIN_FILENO, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-        std::uint8_t buf[256];
-        for (;;) {
-            int n = ::poll(fds, 2, -1);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0 || (fds[1].revents & POLLIN)) return;
-            if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-                ssize_t r = ::read(STDIN_FILENO, buf, sizeof buf);
-                if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-                if (r <= 0) return;  // EOF (e.g. </dev/null) or error: no more input
-                serial_.receive({buf, static_cast<std::size_t>(r)});
-            }
-        }
-    }
-
-    Serial& serial_;
-    int stop_fd_;
-    termios saved_{};
-    bool raw_ = false;
-    std::thread thread_;
 };
 
 // Blocks the stop signals in this thread (and the threads it starts) and reads
@@ -202,34 +161,6 @@ private:
     Fd fd_;
 };
 
-// Leaving run_vm by an exception stops the VM first, so its threads can be joined.
-struct StopOnExit {
-    Machine& m;
-    ~StopOnExit() { m.loop().request_stop(1); }
-};
-
-// Waits for the VM to stop or a stop signal; true when a signal stopped it.
-bool wait_for_stop(Machine& m, int signal_fd) {
-    pollfd fds[2] = {{signal_fd, POLLIN, 0}, {m.loop().stop_fd(), POLLIN, 0}};
-    for (;;) {
-        int n = ::poll(fds, 2, -1);
-        if (n < 0 && errno != EINTR) {
-            log_msg("poll: %s (errno %d); stopping the VM", std::strerror(errno), errno);
-            m.loop().request_stop(1);
-            return false;
-        }
-        if (n > 0 && (fds[0].revents & POLLIN)) {
-            signalfd_siginfo si;
-            if (::read(signal_fd, &si, sizeof si) == sizeof si) {
-                log_msg("caught %s; stopping the VM", strsignal(static_cast<int>(si.ssi_signo)));
-                m.loop().request_stop(128 + static_cast<int>(si.ssi_signo));
-                return true;
-            }
-        }
-        if (n > 0 && (fds[1].revents & POLLIN)) return false;
-    }
-}
-
 void exit_report(Machine& m, int status, bool signalled) {
     if (signalled)   // stopped from outside: where each vCPU was
         for (const auto& v : m.vcpus()) log_msg("vCPU %u: %s", v.id(), describe_vcpu(v).c_str());
@@ -259,6 +190,11 @@ void exit_report(Machine& m, int status, bool signalled) {
                 i++, ull(c.reads), ull(c.read_bytes), ull(c.writes), ull(c.write_bytes), ull(c.flushes),
                 ull(c.discards), ull(c.errors), ull(d.slot->msi_count()), ull(d.slot->intx_count()));
     }
+    if (VirtioRng* r = m.rng()) {
+        const RngCounters c = r->counters();
+        log_msg("virtio-rng: %llu bytes in %llu requests, %llu waits for the rate limit, %llu bad chains", ull(c.bytes),
+                ull(c.requests), ull(c.throttled), ull(c.bad_chains));
+    }
     // Exits by reason, as kvm_stat shows them: the top userspace ones, then KVM's own.
     const ExitStats ex = m.loop().exits();
     std::string line;
@@ -280,6 +216,43 @@ void exit_report(Machine& m, int status, bool signalled) {
     if (m.config().boot_timeline) std::fputs(boot_timeline_report().c_str(), stderr);
 }
 
+// A Machine as the lifecycle drives it.
+class MachineVm : public GuestVm {
+public:
+    explicit MachineVm(const VmConfig& cfg) : m_(cfg), control_(m_) {}
+    ~MachineVm() override {
+        // Leaving by an exception, or ending the VMM without finish(): stop
+        // the VM first, so its threads can be joined.
+        if (started_ && !finished_) m_.loop().request_stop(1);
+        console_.reset();
+    }
+
+    VmControl& control() override { return control_; }
+    void start() override {
+        console_ = std::make_unique<ConsoleInput>(m_.console(), m_.serial(), m_.loop().stop_fd());
+        started_ = true;
+        m_.loop().start();
+    }
+    int stop_fd() override { return m_.loop().stop_fd(); }
+    void request_stop(int status) override { m_.loop().request_stop(status); }
+    std::string console_pty_path() override { return m_.console_pty_path(); }
+    int finish(bool signalled) override {
+        const int status = m_.loop().wait();
+        finished_ = true;
+        console_.reset();   // joins the input thread, restores a terminal
+        exit_report(m_, status, signalled);
+        return status;
+    }
+
+private:
+    Machine m_;
+    MachineControl control_;
+    std::unique_ptr<ConsoleInput> console_;
+    bool started_ = false, finished_ = false;
+};
+
+std::unique_ptr<GuestVm> make_machine_vm(const VmConfig& cfg) { return std::make_unique<MachineVm>(cfg); }
+
 } // namespace
 
 int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
@@ -290,30 +263,45 @@ int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
     // not block them would take its default action and end the process
     // without the stop path (the terminal left raw, the socket left behind).
     StopSignals signals;
-    Machine m(cfg);
-    int status = 0;
-    bool signalled = false;
-    {
-        // The control API first, so a socket error needs no thread cleanup.
-        MachineControl control(m);
-        std::unique_ptr<ApiServer> api;
-        if (cfg.api_socket != "none")
-            api = std::make_unique<ApiServer>(cfg.api_socket.empty() ? socket_for(cfg.name) : cfg.api_socket, control);
-        // Everything is open: drop privileges and let the waiting threads
-        // confine themselves, before anything else can fail (the API thread
-        // waits for this, and `api` joins it).
-        confine.setup_done();
-        std::unique_ptr<ConsoleInput> console;
-        StopOnExit stop_on_exit{m};
-        if (cfg.console == VmConfig::Console::stdio) console = std::make_unique<ConsoleInput>(m.serial(), m.loop().stop_fd());
-        m.loop().start();
-        drop_setup_pages();       // after the last thread's start, before the main list (it opens a file)
-        confine.confine_main();   // last: no thread is started after it
-        signalled = wait_for_stop(m, signals.fd());
-        status = m.loop().wait();
+    // `kguest run` is the lifecycle's create and boot with the command line's VM.
+    VmLifecycle life(VmLifecycle::Mode::fixed, make_machine_vm);
+    life.create_fixed(cfg);
+    life.build();
+    // The control API before the VM starts, so a socket error needs no thread cleanup.
+    std::unique_ptr<ApiServer> api;
+    if (cfg.api_socket != "none")
+        api = std::make_unique<ApiServer>(cfg.api_socket.empty() ? socket_for(cfg.name) : cfg.api_socket, life);
+    // Everything is open: drop privileges and let the waiting threads
+    // confine themselves, before anything else can fail (the API thread
+    // waits for this, and `api` joins it).
+    confine.setup_done();
+    life.start();
+    drop_setup_pages();       // after the last thread's start, before the main list (it opens a file)
+    confine.confine_main();   // last: no thread is started after it
+    return life.serve(signals.fd());
+}
+
+int run_bare_vmm(const BareVmmOptions& o) {
+    ConfineOptions confine_options = o.confine;
+    confine_options.bare_vmm = true;
+    if (o.api.fd >= 0) confine_options.keep_fds.push_back(o.api.fd);
+    if (o.event_monitor) {
+        const PathOrFd ev = parse_path_or_fd("--event-monitor", *o.event_monitor);
+        if (ev.fd >= 0) confine_options.keep_fds.push_back(ev.fd);
     }
-    exit_report(m, status, signalled);
-    return status;
+    Confinement confine(confine_options);   // first: it closes the other inherited fds
+    StopSignals signals;
+    std::unique_ptr<EventMonitor> events;
+    if (o.event_monitor) events = std::make_unique<EventMonitor>(*o.event_monitor);
+    VmLifecycle life(VmLifecycle::Mode::api, make_machine_vm, events.get());
+    if (events) events->emit("vmm", "starting");
+    std::unique_ptr<ApiServer> api = o.api.fd >= 0 ? std::make_unique<ApiServer>(Fd(o.api.fd), life)
+                                                   : std::make_unique<ApiServer>(o.api.path, life);
+    // The API thread confines itself now; each VM's threads do so as they
+    // start. The main thread keeps the set-up calls: it builds the VMs (see
+    // lifecycle.hpp).
+    confine.setup_done();
+    return life.serve(signals.fd());
 }
 
 } // namespace kguest

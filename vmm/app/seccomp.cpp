@@ -43,9 +43,10 @@ constexpr const char* kCommon[] = {
 // set-up a guest's PCI writes trigger (on the VM fd).
 constexpr const char* kVcpu[] = {"ioctl"};
 // Device loops: io_uring, the backends' sockets and TAP (TUNSETOFFLOAD on
-// feature negotiation), and the balloon's page returns (madvise, above).
+// feature negotiation), the balloon's page returns (madvise, above), and
+// virtio-rng's rate-limit timer (timerfd_settime).
 constexpr const char* kDevice[] = {"io_uring_enter", "io_uring_register", "ioctl",
-                                   "recvfrom", "recvmsg", "sendmsg"};
+                                   "recvfrom", "recvmsg", "sendmsg", "timerfd_settime"};
 // Control API: Boost.Asio (epoll, its timerfd, non-blocking sockets), and the
 // answers' sources: /proc/self/status and smaps, mincore over guest RAM,
 // KVM's per-vCPU stats fds (pread), pause's vCPU kicks (tgkill) and ioctls.
@@ -53,8 +54,9 @@ constexpr const char* kApi[] = {"epoll_wait", "epoll_pwait", "epoll_ctl", "accep
                                 "recvfrom", "recvmsg", "sendmsg", "getsockopt", "setsockopt",
                                 "getsockname", "getpeername", "ioctl", "fcntl", "timerfd_settime",
                                 "openat", "pread64", "mincore"};
-// Console input: poll on stdin and the stop eventfd; the serial IRQ (ioctl).
-constexpr const char* kConsole[] = {"ioctl"};
+// Console input: poll on stdin (or the PTY master, or the console socket)
+// and the stop eventfd; the serial IRQ (ioctl); the socket's clients (accept4).
+constexpr const char* kConsole[] = {"ioctl", "accept4"};
 // Main thread after start-up: waits on the signalfd and the stop eventfd,
 // the exit report (vCPU ioctls, stats fds), the terminal's restore, and
 // tearing everything down (the API socket's unlink, io_uring, the acceptor).

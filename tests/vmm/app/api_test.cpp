@@ -12,6 +12,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <mutex>
 #include <poll.h>
@@ -91,6 +93,10 @@ public:
         stopped_ = true;
         return ControlError::none;
     }
+    ControlError power_button() override {
+        ++power_buttons_;
+        return ControlError::none;
+    }
 
     std::uint64_t target() {
         std::lock_guard lock(mu_);
@@ -105,6 +111,7 @@ public:
         return resizes_;
     }
     std::atomic<bool> stopped_{false};
+    std::atomic<int> power_buttons_{0};
 
 private:
     std::mutex mu_;
@@ -207,6 +214,8 @@ public:
         return out;
     }
 
+    int fd() const { return fd_; }
+
 private:
     int fd_;
 };
@@ -263,7 +272,7 @@ TEST_F(ApiServerTest, EveryRouteThroughClient) {
     r = c.get("vm.info");
     EXPECT_EQ(r.status, 200u);
     EXPECT_EQ(r.body["memory"], 256 * MiB);
-    EXPECT_EQ(r.body["state"], "running");
+    EXPECT_EQ(r.body["state"], "Running");
 
     r = c.get("/api/v1/vm.counters");
     EXPECT_EQ(r.status, 200u);
@@ -282,9 +291,12 @@ TEST_F(ApiServerTest, EveryRouteThroughClient) {
     r = c.request("PUT", "vm.pause");
     EXPECT_EQ(r.status, 409u);
     EXPECT_EQ(r.error(), "already paused");
-    EXPECT_EQ(c.get("vm.info").body["state"], "paused");
+    EXPECT_EQ(c.get("vm.info").body["state"], "Paused");
     EXPECT_EQ(c.request("PUT", "vm.resume").status, 204u);
     EXPECT_FALSE(vm_.paused());
+    EXPECT_EQ(c.request("PUT", "vm.power-button").status, 204u);
+    EXPECT_EQ(vm_.power_buttons_, 1);
+    EXPECT_EQ(c.get("vm.power-button").status, 405u);
     EXPECT_EQ(c.request("PUT", "vm.shutdown").status, 204u);
     EXPECT_TRUE(vm_.stopped_);
 }
@@ -308,6 +320,104 @@ TEST_F(ApiServerTest, RawRequestsLikeCurl) {
     r = c.read_all(3s, &eof);
     EXPECT_EQ(status_of(r), 200u) << r;
     EXPECT_TRUE(eof);
+}
+
+// libvirt's body-less PUTs go through libcurl's CURLOPT_UPLOAD: a chunked
+// empty body behind `Expect: 100-continue`. The interim 100 comes first, so
+// curl need not wait a second for it.
+TEST_F(ApiServerTest, ExpectContinueAndChunkedBody) {
+    start();
+    RawConn c(sock_);
+    c.send("PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
+           "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n");
+    const auto t0 = Clock::now();
+    std::string r = c.read_all(500ms);
+    EXPECT_EQ(r, "HTTP/1.1 100 Continue\r\n\r\n");
+    EXPECT_LT(Clock::now() - t0, 600ms);
+    c.send("0\r\n\r\n");
+    r = c.read_response(3s);
+    EXPECT_EQ(status_of(r), 204u) << r;
+    EXPECT_TRUE(vm_.paused());
+}
+
+// A VMM that takes the lifecycle steps, to see what reaches it.
+class LifecycleVm : public FakeVm {
+public:
+    Refusal add_net(NetConfig net, std::vector<Fd> fds) override {
+        nets.push_back(net);
+        for (Fd& f : fds) {
+            struct stat st {};
+            fd_kinds.push_back(::fstat(f.get(), &st) == 0 && S_ISFIFO(st.st_mode) ? "fifo" : "other");
+        }
+        return {};
+    }
+    std::vector<NetConfig> nets;
+    std::vector<std::string> fd_kinds;
+};
+
+// vm.add-net's TAP fds ride on the request as SCM_RIGHTS, the way libvirt
+// and Kata send them; the API hands them to add_net. Here: pipes.
+TEST(ApiServerFds, AddNetReceivesTheRequestsFds) {
+    TempDir dir;
+    const std::string sock = dir.path() + "/vm.sock";
+    LifecycleVm vm;
+    ApiServer server(sock, vm);
+    int p1[2], p2[2];
+    ASSERT_EQ(::pipe2(p1, O_CLOEXEC), 0);
+    ASSERT_EQ(::pipe2(p2, O_CLOEXEC), 0);
+    const std::string body = R"({"mac":"52:54:00:aa:bb:cc","num_queues":4})";
+    const std::string req = "PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                            "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+    RawConn c(sock);
+    int fds[2] = {p1[0], p2[0]};
+    iovec iov{const_cast<char*>(req.data()), req.size()};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)] = {};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    cmsghdr* cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof fds);
+    std::memcpy(CMSG_DATA(cm), fds, sizeof fds);
+    ASSERT_EQ(::sendmsg(c.fd(), &msg, 0), static_cast<ssize_t>(req.size()));
+    std::string r = c.read_response(3s);
+    EXPECT_EQ(status_of(r), 204u) << r;
+    ASSERT_EQ(vm.nets.size(), 1u);
+    EXPECT_EQ(vm.nets[0].queue_pairs, 2u);
+    EXPECT_EQ(vm.fd_kinds, (std::vector<std::string>{"fifo", "fifo"}));
+
+    // Fewer fds than queue pairs: 400, and the fds are closed.
+    c.send("PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nContent-Length: 16\r\n\r\n{\"num_queues\":4}");
+    r = c.read_response(3s);
+    EXPECT_EQ(status_of(r), 400u) << r;   // no fds, no tap
+    for (int f : {p1[0], p1[1], p2[0], p2[1]}) ::close(f);
+}
+
+// `--api-socket fd=N`: a socket the caller bound and listens on (libvirt's
+// chMonitorCreateSocket) is served as it is, and left in place at the end.
+TEST(ApiServerFds, ServesAnInheritedListeningSocket) {
+    TempDir dir;
+    const std::string path = dir.path() + "/inherited.sock";
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    ASSERT_GE(fd, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    ASSERT_EQ(::listen(fd, 1), 0);
+    FakeVm vm;
+    {
+        ApiServer server(Fd(fd), vm);
+        std::string r = exchange(path, "GET", "/api/v1/vmm.ping");
+        EXPECT_EQ(status_of(r), 200u) << r;
+    }
+    EXPECT_EQ(::access(path.c_str(), F_OK), 0);
+    // Not a listening socket: refused.
+    int unbound = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    EXPECT_THROW(ApiServer(Fd(unbound), vm), UsageError);
 }
 
 TEST_F(ApiServerTest, BadRequestsGetJsonErrors) {
@@ -899,7 +1009,7 @@ TEST_F(ApiCliTest, ListShowsRunningVmsOnly) {
     EXPECT_EQ(r.status, 0) << r.err;
     EXPECT_NE(r.out.find("NAME"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("alpha"), std::string::npos) << r.out;
-    EXPECT_NE(r.out.find("running"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("Running"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("256 MiB"), std::string::npos) << r.out;
     EXPECT_EQ(r.out.find("dead"), std::string::npos) << r.out;
     r = cli({"list", "--json"});
@@ -919,12 +1029,12 @@ TEST_F(ApiCliTest, InfoStatsAndControl) {
     EXPECT_TRUE(has_line(r.out, "rss", "100.5 MiB")) << r.out;
     EXPECT_TRUE(has_line(r.out, "hugepage_backed", "128 MiB")) << r.out;
     EXPECT_TRUE(has_line(r.out, "balloon.actual", "0 MiB")) << r.out;
-    EXPECT_TRUE(has_line(r.out, "state", "running")) << r.out;
+    EXPECT_TRUE(has_line(r.out, "state", "Running")) << r.out;
     EXPECT_TRUE(has_line(r.out, "disks.0.path", "/img/a.raw")) << r.out;
     EXPECT_TRUE(has_line(r.out, "disks.0.readonly", "true")) << r.out;
     // Keys are aligned: every value starts in the same column.
     std::size_t col = r.out.find("256 MiB") - r.out.rfind('\n', r.out.find("256 MiB")) - 1;
-    EXPECT_EQ(r.out.find("running") - r.out.rfind('\n', r.out.find("running")) - 1, col) << r.out;
+    EXPECT_EQ(r.out.find("Running") - r.out.rfind('\n', r.out.find("Running")) - 1, col) << r.out;
     r = cli({"info", "vm1", "--json"});
     EXPECT_EQ(json::parse(r.out)["memory"], 256 * MiB);
     r = cli({"stats", "vm1"});

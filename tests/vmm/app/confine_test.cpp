@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <csignal>
+#include <fcntl.h>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -32,6 +33,31 @@ TEST(Confine, DropsEveryCapabilityOfTheThread) {
             auto at = status.find(key);
             if (at == std::string::npos || status.compare(at + std::strlen(key), 16, "0000000000000000") != 0) {
                 std::fprintf(stderr, "%s", status.c_str());
+                ::_exit(4);
+            }
+        }
+        ::_exit(0);
+    });
+    ASSERT_TRUE(WIFEXITED(c.wstatus)) << c.err;
+    EXPECT_EQ(WEXITSTATUS(c.wstatus), 0) << c.err;
+}
+
+// A bare VMM keeps the inherited fds it was given (--api-socket fd=N,
+// --event-monitor fd=N) and closes every other one.
+TEST(Confine, KeepsOnlyTheGivenInheritedFds) {
+    Child c = in_child([] {
+        int a[2], b[2];
+        if (::pipe(a) != 0 || ::pipe(b) != 0) ::_exit(3);
+        ConfineOptions o;
+        o.seccomp = SeccompMode::off;
+        o.bare_vmm = true;
+        o.keep_fds = {b[0], a[1]};
+        {
+            Confinement confine(o);
+            const bool kept = ::fcntl(b[0], F_GETFD) >= 0 && ::fcntl(a[1], F_GETFD) >= 0;
+            const bool closed = ::fcntl(a[0], F_GETFD) < 0 && ::fcntl(b[1], F_GETFD) < 0;
+            if (!kept || !closed) {
+                std::fprintf(stderr, "kept %d closed %d\n", kept, closed);
                 ::_exit(4);
             }
         }
