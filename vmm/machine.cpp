@@ -58,6 +58,14 @@ std::vector<std::unique_ptr<BlockImage>> open_images(const VmConfig& cfg) {
     for (const DiskConfig& d : cfg.disks) images.push_back(std::make_unique<BlockImage>(d));
     return images;
 }
+// The --rng source, opened for reading (UsageError naming it); none without --rng.
+Fd open_rng_source(const VmConfig& cfg) {
+    if (!cfg.rng) return Fd();
+    const std::string src = cfg.rng->empty() ? VirtioRng::kDefaultSource : *cfg.rng;
+    const int fd = ::open(src.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0) throw UsageError("--rng src=" + src + ": " + std::strerror(errno));
+    return Fd(fd);
+}
 } // namespace
 
 Machine::Machine(const VmConfig& cfg)
@@ -65,6 +73,7 @@ Machine::Machine(const VmConfig& cfg)
       mem_(cfg.memory, cfg.backing, cfg.memory_max > cfg.memory ? cfg.memory_max - cfg.memory : 0),
       boot_(boot_guest(mem_, cfg)),
       images_(open_images(cfg)),
+      rng_source_(open_rng_source(cfg)),
       kvm_(),
       vm_(kvm_.create_vm()),
       loop_(vcpus_, kvm_.vcpu_mmap_size(), pio_, mmio_, [this] {
@@ -163,10 +172,8 @@ Machine::Machine(const VmConfig& cfg)
     }
     // virtio-rng (VIRTIO 1.2 5.4), class 0xff0000 as QEMU's virtio-rng-pci.
     if (cfg.rng) {
-        const std::string& src = cfg.rng->empty() ? std::string(VirtioRng::kDefaultSource) : *cfg.rng;
-        const int fd = ::open(src.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0) throw UsageError("--rng src=" + src + ": " + std::strerror(errno));
-        rng_ = std::make_shared<VirtioRng>(Fd(fd), cfg.rng_limit);
+        const std::string src = cfg.rng->empty() ? VirtioRng::kDefaultSource : *cfg.rng;
+        rng_ = std::make_shared<VirtioRng>(std::move(rng_source_), cfg.rng_limit);
         add_virtio(rng_, 0xff0000);
         rng_->set_thread_name("rng");
         log_msg("virtio-rng at PCI 00:%02x.0 from %s, %s", static_cast<unsigned>(virtio_.size()), src.c_str(),

@@ -115,6 +115,7 @@ private:
     GuestMemory mem_;
     BootPlan boot_;
     std::vector<std::unique_ptr<BlockImage>> images_;   // --disk, opened and locked; moved into disks_
+    Fd rng_source_;                                     // --rng's source, opened; moved into rng_
     Kvm kvm_;
     Vm vm_;
     // Before the buses and the bridge, so those drop their references first

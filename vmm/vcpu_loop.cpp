@@ -52,13 +52,8 @@ void VcpuLoop::start() {
     if (!kvm_stats_note_.empty()) kvm_stats_.clear();
     started_.store(true, std::memory_order_release);
     std::lock_guard lock(pause_mu_);   // pause() and request_stop() read threads_ under it
-    for (std::size_t i = 0; i < vcpus_.size(); ++i) {
+    for (std::size_t i = 0; i < vcpus_.size(); ++i)
         threads_.emplace_back([this, i] { thread_main(vcpus_[i], exit_counters_[i]); });
-        // "vcpu0", "vcpu1", ...: libvirt and Kata find vCPU threads by these
-        // names (as Cloud Hypervisor names them) to pin and place them.
-        const std::string name = "vcpu" + std::to_string(i);
-        ::pthread_setname_np(threads_.back().native_handle(), name.c_str());
-    }
 }
 
 ExitStats VcpuLoop::exits() const {
@@ -152,6 +147,13 @@ void VcpuLoop::park(Vcpu& vcpu) {
 }
 
 void VcpuLoop::thread_main(Vcpu& vcpu, ExitCounter& counter) {
+    // "vcpu0", "vcpu1", ...: libvirt and Kata find vCPU threads by these names
+    // (as Cloud Hypervisor names them) to pin and place them. Named by the
+    // thread itself (glibc's prctl(PR_SET_NAME)) before its confinement: the
+    // main thread could only write /proc/self/task/TID/comm, which after
+    // --user's setresuid (the process no longer dumpable) it may not open.
+    const std::string name = "vcpu" + std::to_string(vcpu.id());
+    ::pthread_setname_np(::pthread_self(), name.c_str());
     thread_started(ThreadKind::vcpu);
     sigset_t kick;
     sigemptyset(&kick);

@@ -92,8 +92,11 @@ public:
     // Cancels the I/O in flight, waits for it, and joins the thread. Idempotent.
     void stop();
     // Names the loop's thread (ps -L, top -H, /proc/PID/task/TID/comm; at
-    // most 15 bytes are kept), e.g. "net0" or "disk1". Any thread; done from
-    // the caller, so the loop thread needs no system call for it.
+    // most 15 bytes are kept), e.g. "net0" or "disk1". Done from the caller
+    // (it writes the thread's comm file), so the loop thread, which may be
+    // confined already, makes no call for it; the caller must be allowed to
+    // open that file: the VMM names its loops at set-up, before --user's
+    // setresuid makes the process's /proc files root's. Best effort.
     void set_thread_name(const std::string& name);
 
     // Loop thread only.
