@@ -1,4 +1,4 @@
-/* memfill MIB [SEED]: fills MIB MiB of fresh anonymous memory with a
+/* memfill MIB [SEED [HOLD_S]]: fills MIB MiB of fresh anonymous memory with a
  * per-page pattern and reads it all back, in the Linux test guest
  * (scripts/linux-initramfs builds it with gcc -static into the initramfs as
  * /bin/memfill; scripts/linux-init's kguest.test=mem runs it once the guest
@@ -6,7 +6,9 @@
  * reads back zeroes (lost host backing), another page's contents (a wrong
  * mapping) or stale data from an earlier SEED is caught. Prints one line:
  *   RESULT memfill_mib=N seed=S bad_pages=B fill_ms=F check_ms=C
- * and exits 0 when B is 0, 1 when not, 2 when the memory could not be had.
+ * then keeps the memory HOLD_S seconds (default 0: the host may look at it
+ * meanwhile) and exits 0 when B is 0, 1 when not, 2 when the memory could
+ * not be had.
  * MAP_POPULATE is not used: the write loop faults each page in, as a program
  * would; MADV_HUGEPAGE (Debian's kernels default THP to madvise) makes that
  * one fault per 2 MiB instead of 512, which under the nested, emulated
@@ -18,6 +20,7 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 static uint64_t mix(uint64_t page, uint64_t word, uint64_t seed) {
     uint64_t x = (page << 9 | word) ^ (seed * 0x9e3779b97f4a7c15ull);
@@ -34,10 +37,11 @@ static double now_ms(void) {
 
 int main(int argc, char** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: memfill MIB [SEED]\n");
+        fprintf(stderr, "usage: memfill MIB [SEED [HOLD_S]]\n");
         return 2;
     }
     const uint64_t mib = strtoull(argv[1], NULL, 0), seed = argc > 2 ? strtoull(argv[2], NULL, 0) : 1;
+    const unsigned hold = argc > 3 ? (unsigned)strtoul(argv[3], NULL, 0) : 0;
     const uint64_t pages = mib << 8, words = 4096 / 8;
     uint64_t* p = mmap(NULL, mib << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
@@ -59,5 +63,7 @@ int main(int argc, char** argv) {
     const double t2 = now_ms();
     printf("RESULT memfill_mib=%llu seed=%llu bad_pages=%llu fill_ms=%.0f check_ms=%.0f\n", (unsigned long long)mib,
            (unsigned long long)seed, (unsigned long long)bad, t1 - t0, t2 - t1);
+    fflush(stdout);
+    sleep(hold);
     return bad == 0 ? 0 : 1;
 }
