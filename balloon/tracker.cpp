@@ -5,7 +5,8 @@
 namespace kguest {
 
 BalloonTracker::BalloonTracker(GuestMemory& mem)
-    : mem_(mem), per_page_(mem.backing() == Backing::off), regions_(mem.size() / kHugePageSize) {}
+    : mem_(mem), per_page_(mem.backing() == Backing::off), ram_regions_(mem.size() / kHugePageSize),
+      regions_(ram_regions_ + mem.hotplug_blocks()) {}
 
 std::optional<BalloonTracker::Page> BalloonTracker::locate(std::uint64_t pfn) const {
     if (pfn > (UINT64_MAX >> kBalloonPfnShift)) return std::nullopt;
@@ -17,7 +18,14 @@ std::optional<BalloonTracker::Page> BalloonTracker::locate(std::uint64_t pfn) co
             return Page{gpa, off / kHugePageSize, page / 64, std::uint64_t{1} << (page % 64)};
         }
     }
-    return std::nullopt;   // beyond RAM or in the MMIO hole [kMmioHoleStart, 4 GiB)
+    // Hot-added memory is the guest's while its block is plugged.
+    if (const MemoryRegion* h = mem_.hotplug_region(); h != nullptr && gpa >= h->gpa && gpa.value() - h->gpa.value() < h->size) {
+        const std::uint64_t off = gpa.value() - h->gpa.value();
+        if (!mem_.hotplug_block_plugged(off / kHugePageSize)) return std::nullopt;
+        const std::uint64_t page = (off % kHugePageSize) >> kBalloonPfnShift;
+        return Page{gpa, ram_regions_ + off / kHugePageSize, page / 64, std::uint64_t{1} << (page % 64)};
+    }
+    return std::nullopt;   // beyond RAM, in the MMIO hole [kMmioHoleStart, 4 GiB) or in an unplugged block
 }
 
 void BalloonTracker::discard(Gpa gpa, std::uint64_t len) {
@@ -52,8 +60,9 @@ void BalloonTracker::inflate(std::span<const std::uint64_t> pfns) {
         ++r.count;
         ++counters_.inflated_pages;
         if (per_page_) {
-            // 4 KiB backing: give the page back now, coalescing runs.
-            if (run_len_ != 0 && run_gpa_ + run_len_ == p->gpa) {
+            // 4 KiB backing: give the page back now, coalescing runs (within
+            // one host mapping: the hotplug region may follow RAM directly).
+            if (run_len_ != 0 && run_gpa_ + run_len_ == p->gpa && mem_.contains(run_gpa_, run_len_ + kBalloonPageSize)) {
                 run_len_ += kBalloonPageSize;
             } else {
                 flush_run();

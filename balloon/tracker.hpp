@@ -13,8 +13,16 @@
 // un-releases its region. Free page reporting (5.5.6.4, report_free) discards
 // too, but tracks nothing: the pages stay the guest's.
 //
-// The guest is hostile: PFNs outside RAM (or in the MMIO hole), double
-// inflates and stray deflates are counted and ignored. Not thread-safe:
+// Guest RAM here is boot RAM and the plugged blocks of the hotplug region
+// (virtio-mem, read through GuestMemory::hotplug_block_plugged(), so the
+// balloon need not know that device): Linux puts hot-added pages into the
+// balloon like any other, and their host memory goes back the same way.
+// A block unplugged while pages of it are in the balloon (Linux migrates
+// them out first, so only a broken guest does it) keeps their bits until it
+// is plugged again and they are deflated; its pages read as bad PFNs meanwhile.
+//
+// The guest is hostile: PFNs outside RAM (or in the MMIO hole, or in an
+// unplugged block), double inflates and stray deflates are counted and ignored. Not thread-safe:
 // VirtioBalloon calls it from its event loop only.
 #pragma once
 
@@ -39,7 +47,7 @@ struct BalloonTrackerCounters {
     std::uint64_t regions_released = 0;   // 2 MiB regions with all 512 pages in the balloon now
     std::uint64_t bytes_released = 0;     // host memory given back now for ballooned pages
     std::uint64_t bytes_discarded = 0;    // total bytes ever discarded (balloon and free page reporting)
-    std::uint64_t bad_pfns = 0;           // outside guest RAM or in the MMIO hole
+    std::uint64_t bad_pfns = 0;           // outside guest RAM, in the MMIO hole or in an unplugged block
     std::uint64_t double_inflates = 0;    // inflate of a page already in the balloon
     std::uint64_t stray_deflates = 0;     // deflate of a page not in the balloon
     std::uint64_t discard_errors = 0;     // GuestMemory::discard failed (e.g. hugetlb before Linux 5.18)
@@ -73,12 +81,13 @@ private:
     };
     // Where `pfn`'s page is tracked: regions_[region]->bits[word] & bit.
     struct Page { Gpa gpa; std::size_t region, word; std::uint64_t bit; };
-    std::optional<Page> locate(std::uint64_t pfn) const;   // nullopt: outside RAM
+    std::optional<Page> locate(std::uint64_t pfn) const;   // nullopt: not guest RAM
     void discard(Gpa gpa, std::uint64_t len);
     void flush_run();
 
     GuestMemory& mem_;
     bool per_page_;   // Backing::off: release each page at once
+    const std::size_t ram_regions_;   // boot RAM's 2 MiB regions; the hotplug region's follow
     std::vector<std::unique_ptr<Region>> regions_;   // by host offset / 2 MiB, allocated on demand
     BalloonTrackerCounters counters_;
     Gpa run_gpa_;

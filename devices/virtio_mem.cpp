@@ -30,7 +30,7 @@ const char* resp_name(std::uint16_t r) {
 
 VirtioMem::VirtioMem(GuestMemory& mem)
     : mem_(mem), addr_(hotplug_of(mem).gpa.value()), region_size_(hotplug_of(mem).size),
-      blocks_(region_size_ / kBlockSize), plugged_map_(blocks_, false) {
+      blocks_(region_size_ / kBlockSize) {
     loop_ = std::make_unique<EventLoop>("virtio-mem", 1, [this](std::uint16_t q) { return service(q); });
 }
 
@@ -78,7 +78,7 @@ VirtioMemCounters VirtioMem::counters() const {
 
 bool VirtioMem::block_plugged(std::uint64_t i) const {
     auto in = std::make_shared<std::atomic<bool>>(false);
-    loop_->run_and_wait([this, in, i] { in->store(i < blocks_ && plugged_map_[i]); });
+    loop_->run_and_wait([this, in, i] { in->store(mem_.hotplug_block_plugged(i)); });
     return in->load();
 }
 
@@ -197,13 +197,13 @@ std::uint16_t VirtioMem::plug(std::uint64_t addr, std::uint16_t nb) {
     }
     // 5.15.6, PLUG request: ERROR "if any memory block covered by the request is already plugged".
     for (std::uint64_t i = first; i < first + nb; ++i)
-        if (plugged_map_[i]) {
+        if (mem_.hotplug_block_plugged(i)) {
             reject("PLUG of a plugged block", addr, nb, VIRTIO_MEM_RESP_ERROR);
             return VIRTIO_MEM_RESP_ERROR;
         }
     // Nothing to map: the region is mapped for KVM already, and the guest's
     // first touch of a block faults a (huge) page in.
-    for (std::uint64_t i = first; i < first + nb; ++i) plugged_map_[i] = true;
+    for (std::uint64_t i = first; i < first + nb; ++i) mem_.set_hotplug_block_plugged(i, true);
     std::lock_guard lock(mu_);
     plugged_ += bytes;
     return VIRTIO_MEM_RESP_ACK;
@@ -221,7 +221,7 @@ std::uint16_t VirtioMem::unplug(std::uint64_t addr, std::uint16_t nb) {
     }
     // 5.15.6, UNPLUG request: ERROR "if any memory block covered by the request is already unplugged".
     for (std::uint64_t i = first; i < first + nb; ++i)
-        if (!plugged_map_[i]) {
+        if (!mem_.hotplug_block_plugged(i)) {
             reject("UNPLUG of an unplugged block", addr, nb, VIRTIO_MEM_RESP_ERROR);
             return VIRTIO_MEM_RESP_ERROR;
         }
@@ -230,7 +230,7 @@ std::uint16_t VirtioMem::unplug(std::uint64_t addr, std::uint16_t nb) {
         reject("UNPLUG: madvise(MADV_DONTNEED) failed", addr, nb, VIRTIO_MEM_RESP_BUSY);
         return VIRTIO_MEM_RESP_BUSY;
     }
-    for (std::uint64_t i = first; i < first + nb; ++i) plugged_map_[i] = false;
+    for (std::uint64_t i = first; i < first + nb; ++i) mem_.set_hotplug_block_plugged(i, false);
     std::lock_guard lock(mu_);
     plugged_ -= std::uint64_t{nb} * kBlockSize;
     return VIRTIO_MEM_RESP_ACK;
@@ -241,14 +241,14 @@ std::uint16_t VirtioMem::unplug_all() {
     // bits are walked: bounded by the region, not by the guest.
     bool ok = true;
     for (std::uint64_t i = 0; i < blocks_;) {
-        if (!plugged_map_[i]) {
+        if (!mem_.hotplug_block_plugged(i)) {
             ++i;
             continue;
         }
         std::uint64_t j = i;
-        while (j < blocks_ && plugged_map_[j]) ++j;
+        while (j < blocks_ && mem_.hotplug_block_plugged(j)) ++j;
         if (discard(i, j - i)) {
-            for (std::uint64_t k = i; k < j; ++k) plugged_map_[k] = false;
+            for (std::uint64_t k = i; k < j; ++k) mem_.set_hotplug_block_plugged(k, false);
             std::lock_guard lock(mu_);
             plugged_ -= (j - i) * kBlockSize;
         } else {
@@ -270,7 +270,7 @@ std::uint16_t VirtioMem::state(std::uint64_t addr, std::uint16_t nb, std::uint16
         return VIRTIO_MEM_RESP_ERROR;
     }
     std::uint64_t n_plugged = 0;
-    for (std::uint64_t i = first; i < first + nb; ++i) n_plugged += plugged_map_[i];
+    for (std::uint64_t i = first; i < first + nb; ++i) n_plugged += mem_.hotplug_block_plugged(i);
     out = n_plugged == nb ? VIRTIO_MEM_STATE_PLUGGED
         : n_plugged == 0  ? VIRTIO_MEM_STATE_UNPLUGGED
                           : VIRTIO_MEM_STATE_MIXED;

@@ -2,10 +2,12 @@
 // region above all RAM (GuestMemory's hotplug region, not RAM for E820),
 // split into 2 MiB blocks, one transparent huge page each. The host sets
 // requested_size; the driver plugs and unplugs blocks on the one queue
-// (guest-request) until plugged_size matches. A bitmap holds which blocks are
-// plugged. Plugging costs nothing up front (the mapping is MAP_NORESERVE, the
-// guest's first touch faults a huge page in); unplugged blocks go back to the
-// host at once (MADV_DONTNEED) and read as zero afterwards.
+// (guest-request) until plugged_size matches. Which blocks are plugged is
+// GuestMemory's map of the hotplug region (hotplug_block_plugged()), which
+// this device alone writes and the balloon reads. Plugging costs nothing up
+// front (the mapping is MAP_NORESERVE, the guest's first touch faults a huge
+// page in); unplugged blocks go back to the host at once (MADV_DONTNEED) and
+// read as zero afterwards.
 //
 // Requests (5.15.6): PLUG, UNPLUG, UNPLUG_ALL, STATE, answered as the device
 // requirements of each request in 5.15.6 say: ERROR for an unaligned address, zero
@@ -31,8 +33,9 @@
 // (5.15.6) does not happen.
 //
 // Threading: the device runs on its own EventLoop (devices/base/event_loop.hpp).
-// Only the loop thread touches the queue, the bitmap and madvise; a kick only
-// flags the queue and each pass serves at most kBudget requests. The host-side
+// Only the loop thread touches the queue, writes the plugged-block map and
+// calls madvise; a kick only flags the queue and each pass serves at most
+// kBudget requests. The host-side
 // calls (set_requested_size, status, counters) may come from any thread and
 // never wait for the loop: they take a short lock (mu_) that the loop takes
 // only to publish plugged_size and counters.
@@ -51,7 +54,6 @@
 #include <memory>
 #include <mutex>
 #include <span>
-#include <vector>
 
 namespace kguest {
 
@@ -143,7 +145,6 @@ private:
     VirtioMemCounters counters_;
 
     // Loop thread only.
-    std::vector<bool> plugged_map_;   // one bit per block
     std::span<Virtqueue> queues_;     // empty while not active
     RateLimit log_limit_{5};
 

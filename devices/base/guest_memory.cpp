@@ -93,6 +93,7 @@ GuestMemory::GuestMemory(std::uint64_t size, Backing backing, std::uint64_t hotp
         hotplug = (hotplug + kHotplugAlign - 1) & ~(kHotplugAlign - 1);
         hotplug_mapping_ = map_ram(hotplug, backing);   // MAP_NORESERVE: host memory on first touch only
         hotplug_ = MemoryRegion{Gpa(start), hotplug, 0, true};
+        hotplug_plugged_ = std::make_unique<std::atomic<std::uint64_t>[]>((hotplug_blocks() + 63) / 64);
     }
 }
 

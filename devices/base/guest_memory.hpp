@@ -24,6 +24,7 @@
 #include <bit>
 #include <chrono>
 #include <compare>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -147,6 +148,25 @@ public:
     const std::vector<MemoryRegion>& regions() const { return regions_; }
     // The hotplug region, or null.
     const MemoryRegion* hotplug_region() const { return hotplug_ ? &*hotplug_ : nullptr; }
+    // The hotplug region's 2 MiB blocks (kHugePageSize each) and which of
+    // them are plugged. The virtio-mem device is the only writer (from its
+    // loop thread); anything else may read it from any thread to tell
+    // hot-added memory the guest may use from memory it may not (the balloon
+    // accepts pages of plugged blocks only) without knowing that device.
+    // Reads of a block past the end say unplugged; writes to one are ignored.
+    std::uint64_t hotplug_blocks() const { return hotplug_ ? hotplug_->size / kHugePageSize : 0; }
+    bool hotplug_block_plugged(std::uint64_t block) const {
+        return block < hotplug_blocks() &&
+               (hotplug_plugged_[block / 64].load(std::memory_order_relaxed) >> (block % 64) & 1) != 0;
+    }
+    void set_hotplug_block_plugged(std::uint64_t block, bool plugged) {
+        if (block >= hotplug_blocks()) return;
+        const std::uint64_t bit = std::uint64_t{1} << (block % 64);
+        if (plugged)
+            hotplug_plugged_[block / 64].fetch_or(bit, std::memory_order_relaxed);
+        else
+            hotplug_plugged_[block / 64].fetch_and(~bit, std::memory_order_relaxed);
+    }
 
     // "RAM" below includes the hotplug region: devices may find buffers there.
     // The view of [gpa, gpa+len) when it is RAM in one region (len 0: 1 byte).
@@ -228,6 +248,7 @@ private:
     Backing backing_;
     std::vector<MemoryRegion> regions_;
     std::optional<MemoryRegion> hotplug_;
+    std::unique_ptr<std::atomic<std::uint64_t>[]> hotplug_plugged_;   // hotplug_blocks() bits, all 0 at first
     mutable std::atomic<std::uint64_t> usage_scans_{0};
     mutable std::mutex usage_mu_;   // guards the cached usage() answer
     mutable Usage usage_;

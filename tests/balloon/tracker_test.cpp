@@ -1,6 +1,7 @@
 // BalloonTracker: the release policy per backing (4 KiB pages discarded at
 // once; THP/hugetlbfs regions only when all 512 pages are in the balloon),
-// hostile PFNs (beyond RAM, in the MMIO hole, twice, never inflated),
+// hostile PFNs (beyond RAM, in the MMIO hole, twice, never inflated), pages
+// of plugged virtio-mem blocks taken like RAM and of unplugged ones refused,
 // deflate after release and free page reporting, checked against the host's
 // view of the mapping through mincore (GuestMemory::resident_bytes).
 #include "balloon/tracker.hpp"
@@ -165,6 +166,63 @@ TEST(BalloonTracker, PfnsBeyondRamAndInTheHoleAreRejected) {
     EXPECT_FALSE(t.region_released(Gpa(kHighRamStart)));
     EXPECT_EQ(t.counters().bytes_discarded, kRegion);
     EXPECT_EQ(t.counters().discard_errors, 0u);
+}
+
+// Linux balloons hot-added pages like any other: pages of plugged blocks of
+// the hotplug region are tracked and given back, on either backing; pages of
+// unplugged blocks are not the guest's and count as bad PFNs.
+TEST(BalloonTracker, PagesOfPluggedHotplugBlocksOnly) {
+    for (Backing b : {Backing::thp, Backing::off}) {
+        SCOPED_TRACE(backing_name(b));
+        GuestMemory mem(16 << 20, b, 256 << 20);
+        ASSERT_NE(mem.hotplug_region(), nullptr);
+        BalloonTracker t(mem);
+        const std::uint64_t base = mem.hotplug_region()->gpa.value();
+        const std::uint64_t blk = base + 3 * kRegion;   // block 3
+        inflate_one(t, blk / kPage);
+        EXPECT_FALSE(t.inflated(blk / kPage));
+        EXPECT_EQ(t.counters().bad_pfns, 1u);
+        EXPECT_EQ(t.counters().inflated_pages, 0u);
+
+        mem.set_hotplug_block_plugged(3, true);
+        mem.set_hotplug_block_plugged(4, true);
+        touch(mem, blk, 2 * kRegion, 0x6b);
+        ASSERT_EQ(mem.resident_bytes(Gpa(blk), 2 * kRegion), 2 * kRegion);
+        const auto pfns = pfn_range(blk, kBalloonPagesPerRegion);
+        t.inflate(pfns);
+        EXPECT_TRUE(t.inflated(blk / kPage));
+        EXPECT_TRUE(t.region_released(Gpa(blk)));
+        EXPECT_EQ(t.counters().inflated_pages, kBalloonPagesPerRegion);
+        EXPECT_EQ(t.counters().bytes_released, kRegion);
+        EXPECT_EQ(t.counters().bad_pfns, 1u);
+        EXPECT_EQ(t.counters().discard_errors, 0u);
+        EXPECT_EQ(mem.resident_bytes(Gpa(blk), kRegion), 0u);
+        EXPECT_EQ(mem.resident_bytes(Gpa(blk + kRegion), kRegion), kRegion);   // block 4 untouched
+        EXPECT_TRUE(all_bytes(mem, blk + kRegion, kRegion, 0x6b));
+        // One page of block 4: with 4 KiB backing it goes back at once, with
+        // THP it waits for the rest of its region.
+        inflate_one(t, (blk + kRegion) / kPage);
+        EXPECT_TRUE(t.inflated((blk + kRegion) / kPage));
+        EXPECT_FALSE(t.region_released(Gpa(blk + kRegion)));
+        EXPECT_EQ(mem.resident_bytes(Gpa(blk + kRegion), kPage), b == Backing::off ? 0u : kPage);
+
+        t.deflate(pfns);
+        EXPECT_FALSE(t.inflated(blk / kPage));
+        EXPECT_FALSE(t.region_released(Gpa(blk)));
+        EXPECT_EQ(t.counters().inflated_pages, 1u);
+        EXPECT_EQ(t.counters().stray_deflates, 0u);
+        EXPECT_TRUE(all_bytes(mem, blk, kRegion, 0));   // discarded: refaults as zeroes
+
+        // Block 4 unplugged behind the balloon's back: its page is no longer
+        // the guest's to deflate.
+        mem.set_hotplug_block_plugged(4, false);
+        deflate_one(t, (blk + kRegion) / kPage);
+        EXPECT_EQ(t.counters().bad_pfns, 2u);
+        EXPECT_FALSE(t.inflated((blk + kRegion) / kPage));
+        // Past the region's end: not RAM.
+        inflate_one(t, (base + mem.hotplug_region()->size) / kPage);
+        EXPECT_EQ(t.counters().bad_pfns, 3u);
+    }
 }
 
 TEST(BalloonTracker, DeflateAfterReleaseMakesPagesUsable) {
