@@ -80,7 +80,13 @@ TEST(BareVmm, AnswersPingWithin100msOfExec) {
         EXPECT_EQ(vmm.wait(10).status, 0) << vmm.err();
     }
     std::printf("bare VMM: first vmm.ping answer %.1f ms after exec (best of 3; required under 100 ms)\n", best_ms);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    // A sanitizer build starts several times slower than kguest as shipped
+    // (seen: over 100 ms under ASan with the suite running two at a time):
+    // there the figure is printed, not judged.
+#else
     EXPECT_LT(best_ms, 100.0);
+#endif
 }
 
 // libvirt's start: a listening socket passed as fd=N and an event FIFO it
