@@ -276,7 +276,7 @@ int run_vm(const VmConfig& cfg, const ConfineOptions& confine_options) {
     // waits for this, and `api` joins it).
     confine.setup_done();
     life.start();
-    drop_setup_pages();       // after the last thread's start, before the main list (it opens a file)
+    drop_setup_pages();       // after the last thread's start
     confine.confine_main();   // last: no thread is started after it
     return life.serve(signals.fd());
 }

@@ -3,22 +3,19 @@
 // page in the 64 KiB around each fault (fault-around), so after set-up nearly
 // all of it is resident although a running VM uses a fraction of it.
 // Measured in the sandbox (Debian's 6.1 at init, balloon and virtio-net): the
-// binary's resident pages were 1704 KiB; after the unmap alone, 1516 KiB, as
-// fault-around mapped most of it back; with fault-around off in the kernel,
-// 456 KiB: that is what the running VM really touches. Fault-around maps only
-// pages in the page cache and MADV_RANDOM does not turn it off, so the
-// unmapped pages are also dropped from the page cache (POSIX_FADV_DONTNEED
-// leaves alone the pages any process still maps, i.e. the code that ran
-// since), and MADV_RANDOM stops the read-ahead that would bring their
-// neighbours back with each fault.
+// binary's resident pages were 1704 KiB, 1516 KiB after the unmap (fault-
+// around maps most of it back), and 456 KiB with fault-around off in the
+// kernel, which is what the running VM really touches. Also dropping the
+// pages from the page cache (POSIX_FADV_DONTNEED, MADV_RANDOM) got 1292 KiB,
+// but every later fault then read the binary again: in the sandbox, where it
+// sits on a 9p share, KvmGuest.IdleGuestBlocksInTheKernel's VMM went from
+// under 0.3 to 0.33-0.35 of a CPU. So the pages stay cached.
 #include "vmm/app/setup_pages.hpp"
-#include "devices/base/fd.hpp"
 #include "devices/base/log.hpp"
 
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <fcntl.h>
 #include <link.h>
 #include <malloc.h>
 #include <sys/mman.h>
@@ -41,11 +38,8 @@ int drop_read_only_segments(dl_phdr_info* info, std::size_t, void*) {
         // writable segment is touched.
         const std::uintptr_t start = (info->dlpi_addr + ph.p_vaddr + page - 1) & ~(page - 1);
         const std::uintptr_t end = (info->dlpi_addr + ph.p_vaddr + ph.p_memsz) & ~(page - 1);
-        if (end <= start) continue;
-        for (int advice : {MADV_RANDOM, MADV_DONTNEED})
-            if (::madvise(reinterpret_cast<void*>(start), end - start, advice) != 0)
-                log_msg("madvise(%s) on kguest's own code: %s (errno %d)", advice == MADV_RANDOM ? "MADV_RANDOM" : "MADV_DONTNEED",
-                        std::strerror(errno), errno);
+        if (end > start && ::madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED) != 0)
+            log_msg("madvise(MADV_DONTNEED) on kguest's own code: %s (errno %d)", std::strerror(errno), errno);
     }
     return 1;   // the executable only
 }
@@ -54,9 +48,6 @@ int drop_read_only_segments(dl_phdr_info* info, std::size_t, void*) {
 
 void drop_setup_pages() {
     ::dl_iterate_phdr(drop_read_only_segments, nullptr);
-    Fd exe(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
-    int err = exe.valid() ? ::posix_fadvise(exe.get(), 0, 0, POSIX_FADV_DONTNEED) : errno;
-    if (err != 0) log_msg("posix_fadvise(POSIX_FADV_DONTNEED) on kguest's binary: %s (errno %d)", std::strerror(err), err);
     ::malloc_trim(0);   // returns free heap pages (MADV_DONTNEED inside the heap)
 }
 

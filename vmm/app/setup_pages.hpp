@@ -15,6 +15,6 @@ namespace kguest {
 // out of kguest's resident set. Nothing is lost: these pages are never
 // written, so the file holds exactly what was mapped. Failures are logged,
 // never fatal (the VM runs the same, only larger).
-void drop_setup_pages();   // before the main thread's seccomp list: it opens a file
+void drop_setup_pages();
 
 } // namespace kguest
