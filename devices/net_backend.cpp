@@ -47,15 +47,18 @@ TapBackend::TapBackend(const std::string& ifname, unsigned queues) {
         ifr.ifr_flags = static_cast<short>(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (queues > 1 ? IFF_MULTI_QUEUE : 0));
         if (::ioctl(fd.get(), TUNSETIFF, &ifr) != 0) throw_errno("TUNSETIFF " + name_);
         name_.assign(ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ));
-        int hdr = static_cast<int>(kVnetHdrLen);
-        if (::ioctl(fd.get(), TUNSETVNETHDRSZ, &hdr) != 0) throw_errno("TUNSETVNETHDRSZ " + name_);
-        // No offloads until the guest negotiates them (VirtioNet::activate).
-        if (::ioctl(fd.get(), TUNSETOFFLOAD, 0ul) != 0) throw_errno("TUNSETOFFLOAD " + name_);
-        fds_.push_back(std::move(fd));
+        add_queue(std::move(fd));
     }
-    queues_.resize(fds_.size());
-    for (Queue& s : queues_)
-        for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
+}
+
+void TapBackend::add_queue(Fd fd) {
+    int hdr = static_cast<int>(kVnetHdrLen);
+    if (::ioctl(fd.get(), TUNSETVNETHDRSZ, &hdr) != 0) throw_errno("TUNSETVNETHDRSZ " + name_);
+    // No offloads until the guest negotiates them (VirtioNet::activate).
+    if (::ioctl(fd.get(), TUNSETOFFLOAD, 0ul) != 0) throw_errno("TUNSETOFFLOAD " + name_);
+    fds_.push_back(std::move(fd));
+    Queue& s = queues_.emplace_back();
+    for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
 }
 
 TapBackend::TapBackend(const std::vector<int>& fds) {
@@ -75,14 +78,8 @@ TapBackend::TapBackend(const std::vector<int>& fds) {
         if (!fd.valid()) throw_errno("fcntl F_DUPFD_CLOEXEC (TAP " + name_ + ")");
         const int fl = ::fcntl(fd.get(), F_GETFL);
         if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl | O_NONBLOCK) != 0) throw_errno("fcntl O_NONBLOCK (TAP " + name_ + ")");
-        int hdr = static_cast<int>(kVnetHdrLen);
-        if (::ioctl(fd.get(), TUNSETVNETHDRSZ, &hdr) != 0) throw_errno("TUNSETVNETHDRSZ " + name_);
-        if (::ioctl(fd.get(), TUNSETOFFLOAD, 0ul) != 0) throw_errno("TUNSETOFFLOAD " + name_);
-        fds_.push_back(std::move(fd));
+        add_queue(std::move(fd));
     }
-    queues_.resize(fds_.size());
-    for (Queue& s : queues_)
-        for (unsigned i = kTapTxSlots; i > 0; --i) s.free.push_back(i - 1);
 }
 
 namespace {

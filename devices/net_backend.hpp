@@ -139,6 +139,8 @@ public:
     std::string describe() const override { return "tap " + name_; }
 
 private:
+    // One queue's TAP fd: vnet header size set, offloads off, TX slots free.
+    void add_queue(Fd fd);
     struct Queue {
         std::vector<std::uint8_t> in = std::vector<std::uint8_t>(kMaxPacketLen + 1);   // +1: a cut frame shows
         NetIoResult got;             // what the last completed read brought
