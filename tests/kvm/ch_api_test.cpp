@@ -345,23 +345,8 @@ TEST(KvmChApi, LibvirtSequenceWithTheSmallGuest) {
 
 // ---- Kata with Linux ----
 
-std::string env_or(const char* name, const std::string& fallback) {
-    const char* v = std::getenv(name);
-    return v != nullptr && *v != '\0' ? v : fallback;
-}
-// As linux_test.cpp: $KGUEST_LINUX_KERNEL or /vmlinuz, $KGUEST_LINUX_INITRD or scripts/linux-initramfs's.
-std::string linux_kernel() { return env_or("KGUEST_LINUX_KERNEL", "/vmlinuz"); }
-std::string linux_initrd() {
-    static std::string path = [] {
-        std::string p = env_or("KGUEST_LINUX_INITRD", "");
-        if (!p.empty()) return p;
-        auto r = run_process({KGUEST_SOURCE_DIR "/scripts/linux-initramfs"}, 300);
-        if (r.status != 0) return std::string();
-        while (!r.out.empty() && r.out.back() == '\n') r.out.pop_back();
-        return r.out.substr(r.out.rfind('\n') + 1);
-    }();
-    return path;
-}
+using test::linux_initrd;
+using test::linux_kernel;
 
 TEST(KvmChApi, KataSequenceWithLinux) {
     KGUEST_OPEN_KVM(kvm);

@@ -44,24 +44,9 @@ using nlohmann::json;
 
 constexpr std::uint64_t kMiB = 1ull << 20;
 
-std::string env_or(const char* name, const std::string& fallback) {
-    const char* v = std::getenv(name);
-    return v != nullptr && *v != '\0' ? v : fallback;
-}
-
-std::string linux_kernel() { return env_or("KGUEST_LINUX_KERNEL", "/vmlinuz"); }
-
-std::string linux_initrd() {
-    static std::string path = [] {
-        std::string p = env_or("KGUEST_LINUX_INITRD", "");
-        if (!p.empty()) return p;
-        auto r = run_process({KGUEST_SOURCE_DIR "/scripts/linux-initramfs"}, 300);
-        if (r.status != 0) return std::string();
-        while (!r.out.empty() && r.out.back() == '\n') r.out.pop_back();
-        return r.out.substr(r.out.rfind('\n') + 1);
-    }();
-    return path;
-}
+using test::env_or;
+using test::linux_initrd;
+using test::linux_kernel;
 
 // `kguest run` of the Linux kernel with the test initramfs.
 std::vector<std::string> linux_run(const std::string& cmdline, std::vector<std::string> extra = {}) {
