@@ -21,11 +21,17 @@ namespace kguest {
 namespace {
 using namespace kguest::test;
 
-// Reads fd until `until` shows up, EOF, or timeout_s.
+// Reads fd until the whole line holding `until` has come (the serial port
+// hands the console one byte per exit, so a read can end mid-line), EOF, or
+// timeout_s.
 std::string read_until(int fd, const std::string& until, int timeout_s) {
     std::string out;
+    const auto line_done = [&] {
+        const auto at = out.find(until);
+        return at != std::string::npos && out.find('\n', at) != std::string::npos;
+    };
     const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-    while (out.find(until) == std::string::npos && std::chrono::steady_clock::now() < end) {
+    while (!line_done() && std::chrono::steady_clock::now() < end) {
         pollfd p{fd, POLLIN, 0};
         if (::poll(&p, 1, 100) != 1) continue;
         char buf[512];
