@@ -40,6 +40,7 @@ struct DiskConfig {
     enum class Cache { writeback, none } cache = Cache::writeback;
     unsigned queues = 1;
     bool discard = false;                         // DISCARD and WRITE_ZEROES
+    std::string id;                               // the API's name for it ("" = _diskN)
 };
 
 inline constexpr unsigned kMaxBlkQueues = 64;

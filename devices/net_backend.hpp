@@ -54,6 +54,7 @@ struct NetConfig {
     // owned: the backend takes duplicates, so the VM can be rebuilt from the
     // same config; `target` is then only for messages.
     std::vector<int> tap_fds;
+    std::string id;              // the API's name for it ("" = _netN)
 };
 
 inline constexpr unsigned kMaxNetQueuePairs = 16;

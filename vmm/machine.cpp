@@ -116,8 +116,11 @@ Machine::Machine(const VmConfig& cfg)
         log_msg("guest powered off (ACPI S5)");
         loop_.request_stop(0);
     };
-    wiring.reset = [this] {   // kguest, like Firecracker, does not restart guests
+    wiring.reset = [this] {
+        // The VM ends; `kguest run` ends with it (as in Firecracker), while the
+        // API lifecycle boots it again (as Cloud Hypervisor does).
         log_msg("guest reset the machine (reboot); ending the VM");
+        reset_by_guest_ = true;
         loop_.request_stop(0);
     };
     for (const auto& r : mem_.regions()) (r.gpa.value() < kHighRamStart ? wiring.ram_below_4g : wiring.ram_above_4g) += r.size;

@@ -104,6 +104,9 @@ public:
     // An ACPI power button press through the Generic Event Device
     // (devices/acpi_pm.hpp). Thread-safe; the control API calls it.
     void press_power_button();
+    // Whether the guest ended the VM by resetting the machine (the i8042 or
+    // ACPI reset register), rather than powering off or failing.
+    bool reset_by_guest() const { return reset_by_guest_.load(); }
 
 private:
     // Puts a virtio device in the next free PCI slot, BAR pre-assigned.
@@ -127,6 +130,7 @@ private:
     std::shared_ptr<VirtioBalloon> balloon_;
     std::shared_ptr<VirtioMem> virtio_mem_;
     std::shared_ptr<VirtioRng> rng_;
+    std::atomic<bool> reset_by_guest_{false};
     Bus pio_{"PIO"};
     Bus mmio_{"MMIO"};
     std::unique_ptr<ConsoleBackend> console_;

@@ -172,7 +172,7 @@ protected:
 
 TEST_F(VirtioBlkTest, IdentityConfigAndFeatures) {
     create(3 << 20, {.path = {}, .readonly = false, .serial = {}, .cache = DiskConfig::Cache::writeback, .queues = 2,
-                     .discard = true});
+                     .discard = true, .id = {}});
     EXPECT_EQ(dev->device_id(), 2);
     EXPECT_EQ(dev->num_queues(), 2);
     EXPECT_EQ(dev->max_queue_size(1), 256);
@@ -223,7 +223,7 @@ TEST_F(VirtioBlkTest, IdentityConfigAndFeatures) {
 
 TEST_F(VirtioBlkTest, ReadOnlyAndDiscardOffWithoutTheOptions) {
     create(1 << 20, {.path = {}, .readonly = true, .serial = {}, .cache = DiskConfig::Cache::writeback, .queues = 1,
-                     .discard = true});
+                     .discard = true, .id = {}});
     const std::uint64_t f = dev->device_features();
     EXPECT_TRUE(f & virtio_bit(VIRTIO_BLK_F_RO));
     EXPECT_FALSE(f & virtio_bit(VIRTIO_BLK_F_MQ));

@@ -6,17 +6,25 @@
 //
 // The request bytes are transcribed from the drivers' sources (read through
 // the reference search, not captured from a live run):
-// - libvirt, src/ch/ch_monitor.c and ch_process.c: the VMM is started as
-//   `--api-socket fd=N` (chMonitorCreateSocket: bound, listen(fd, 1), passed
-//   to the child) and `--event-monitor path=FIFO`; vm.create and vm.info go
-//   through libcurl with "Accept: application/json" and "Content-Type:
-//   application/json" (virCHMonitorCreateVM, virCHMonitorGet), the body-less
-//   PUTs (vm.boot, vm.shutdown, ...) through libcurl's CURLOPT_UPLOAD with no
-//   data (virCHMonitorPutNoContent): a chunked empty body behind "Expect:
-//   100-continue"; vm.create's JSON is virCHMonitorBuildVMJson's (serial Pty
-//   for a <serial type='pty'>, cpus, memory, payload, in that order);
-//   vm.add-net is written by hand with the TAP fds as SCM_RIGHTS on the same
-//   sendmsg (chProcessAddNetworkDevice).
+// - libvirt, src/ch/ch_monitor.c and ch_process.c (libvirt/libvirt at
+//   92441ba35ac9): the VMM is started as `--api-socket fd=N`
+//   (chMonitorCreateSocket: bound, listen(fd, 1), passed to the child) and
+//   `--event-monitor path=FIFO`; vm.create and vm.info go through libcurl
+//   with "Accept: application/json" and "Content-Type: application/json"
+//   (virCHMonitorCreateVM, virCHMonitorGet); the body-less PUTs (vm.boot,
+//   vm.shutdown, ...) through virCHMonitorPut: CURLOPT_UPLOAD with
+//   CURLOPT_INFILESIZE 0, so libcurl sends "Content-Length: 0" (libcurl
+//   without a size sends a chunked body behind "Expect: 100-continue"
+//   instead; one call checks that form too); vm.create's JSON is
+//   virCHMonitorBuildVMJson's (serial Pty for a <serial type='pty'>, cpus,
+//   memory, payload, in that order, and no "net"); then one vm.add-net per
+//   NIC, written by hand (chProcessAddNetworkDevice): a fresh connection,
+//   the request line, "Host: localhost", "Content-Type: application/json",
+//   "Content-Length: N", the body virCHMonitorBuildNetJson makes ("id" from
+//   the NIC's alias, "mac", "num_queues" twice the queue pairs), and one TAP
+//   fd per queue pair as SCM_RIGHTS, all in one sendmsg; the answer is read
+//   by chSocketProcessHttpResponse: one recv of at most 1024 bytes after at
+//   most 500 ms, whose status line must say 200 or 204.
 // - Kata, src/runtime/virtcontainers/clh.go: `--api-socket PATH`, vmm.ping
 //   polled until it answers, then vm.create with the VmConfig its OpenAPI
 //   client (Go net/http: Host, User-Agent, Content-Length, Accept,
@@ -137,8 +145,14 @@ Response http_exchange(const std::string& sock_path, const std::string& bytes, c
     return r;
 }
 
-// libvirt's virCHMonitorPutNoContent: libcurl's upload of nothing.
+// libvirt's virCHMonitorPut without a payload: libcurl's upload of size 0.
 Response curl_put_no_content(const std::string& sock_path, const std::string& endpoint) {
+    return http_exchange(sock_path, "PUT /api/v1/" + endpoint + " HTTP/1.1\r\nHost: localhost\r\n"
+                                    "Accept: application/json\r\nContent-Length: 0\r\n\r\n");
+}
+
+// libcurl's upload of unknown size: a chunked empty body behind Expect.
+Response curl_put_chunked(const std::string& sock_path, const std::string& endpoint) {
     const int s = connect_unix(sock_path);
     if (s < 0) return {};
     send_with_fds(s, "PUT /api/v1/" + endpoint + " HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
@@ -148,6 +162,22 @@ Response curl_put_no_content(const std::string& sock_path, const std::string& en
     Response r = parse(first.rfind("HTTP/1.1 100 ", 0) == 0 ? read_response(s) : first);
     ::close(s);
     return r;
+}
+
+// chProcessAddNetworkDevice and chSocketProcessHttpResponse: the request
+// and the fds in one sendmsg on a fresh connection, then one recv of at most
+// 1024 bytes within 500 ms; the status from "HTTP/1.x NNN" (0: none).
+int libvirt_add_net(const std::string& sock_path, const std::string& body, const std::vector<int>& fds) {
+    const int s = connect_unix(sock_path);
+    if (s < 0) return 0;
+    send_with_fds(s, "PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body, fds);
+    int status = 0;
+    pollfd p{s, POLLIN, 0};
+    char buf[1024] = {};
+    if (::poll(&p, 1, 500) == 1 && ::recv(s, buf, sizeof buf - 1, 0) > 0) std::sscanf(buf, "HTTP/1.%*d %d", &status);
+    ::close(s);
+    return status;
 }
 
 std::string libcurl_json(const std::string& method, const std::string& endpoint, const std::string& body) {
@@ -270,7 +300,7 @@ TEST(KvmChApi, LibvirtSequenceWithTheSmallGuest) {
     };
 
     // Refusals that leave the VMM usable.
-    Response r = curl_put_no_content(sock, "vm.boot");
+    Response r = curl_put_chunked(sock, "vm.boot");
     EXPECT_EQ(r.status, 409u) << r.raw;
     r = http_exchange(sock, libcurl_json("PUT", "vm.create", R"({"serial":{"mode":"Carrier"},"payload":{"kernel":"/k"}})"));
     EXPECT_EQ(r.status, 400u) << r.raw;
@@ -292,11 +322,10 @@ TEST(KvmChApi, LibvirtSequenceWithTheSmallGuest) {
     EXPECT_EQ(r.status, 409u) << r.raw;   // a second create
     const int tap = open_tap("kgch0");
     ASSERT_GE(tap, 0) << "cannot open a TAP (needs root and /dev/net/tun)";
-    const std::string net = R"({"mac":"52:54:00:e5:48:58"})";
-    r = http_exchange(sock, "PUT /api/v1/vm.add-net HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                       "Content-Length: " + std::to_string(net.size()) + "\r\n\r\n" + net, {tap});
-    EXPECT_EQ(r.status / 100, 2u) << r.raw;
-    ::close(tap);   // the VMM holds its own copy now
+    // <interface type='ethernet'> with its alias net0, default queues: one fd.
+    const int add_net = libvirt_add_net(sock, R"({"id":"net0","mac":"52:54:00:e5:48:58","num_queues":2})", {tap});
+    EXPECT_TRUE(add_net == 200 || add_net == 204) << "vm.add-net: " << add_net;
+    ::close(tap);   // libvirt closes its copy (chCloseFDs); the VMM holds its own
 
     r = curl_put_no_content(sock, "vm.boot");
     ASSERT_EQ(r.status / 100, 2u) << r.raw << vmm.err();
@@ -304,6 +333,7 @@ TEST(KvmChApi, LibvirtSequenceWithTheSmallGuest) {
     ASSERT_EQ(r.status, 200u) << r.raw;
     EXPECT_EQ(r.body["state"], "Running") << r.raw;
     EXPECT_EQ(r.body["config"]["net"][0]["mac"], "52:54:00:e5:48:58") << r.raw;
+    EXPECT_EQ(r.body["config"]["net"][0]["id"], "net0") << r.raw;
     const std::string pty = r.body["config"]["serial"].value("file", "");
     ASSERT_FALSE(pty.empty()) << "no PTY path in config.serial.file: " << r.raw;
     // The guest's console comes out of that PTY.
@@ -341,6 +371,48 @@ TEST(KvmChApi, LibvirtSequenceWithTheSmallGuest) {
     EXPECT_EQ(event_names(events), want) << events;
     ::unlink(fifo.c_str());
     ::unlink(sock.c_str());
+}
+
+// A guest's own reboot (the i8042 reset line) under a bare VMM: the VM is
+// built and booted again, as Cloud Hypervisor does, with CH's events; the
+// small guest's test=reset resets at once on every boot, so it loops until
+// vm.shutdown, which still answers.
+TEST(KvmChApi, GuestResetBootsTheVmAgain) {
+    KGUEST_OPEN_KVM(kvm);
+    const std::string sock = "/tmp/kguest-test-chapi-reset.sock";
+    const std::string log = "/tmp/kguest-test-chapi-reset.events";
+    ::unlink(sock.c_str());
+    Background vmm({kKguest, "--api-socket", sock, "--event-monitor", "path=" + log});
+    Response r;
+    ASSERT_TRUE(wait_until([&] { return (r = http_exchange(sock, libcurl_json("GET", "vmm.ping", ""))).status == 200; }, 30))
+        << vmm.err();
+    const std::string create = R"({"cpus":{"boot_vcpus":1,"max_vcpus":1},"memory":{"size":134217728},)"
+                               R"("serial":{"mode":"Null"},"payload":{"kernel":")" + kGuestElf +
+                               R"(","cmdline":"test=reset"}})";
+    ASSERT_EQ(http_exchange(sock, libcurl_json("PUT", "vm.create", create)).status, 204u);
+    ASSERT_EQ(curl_put_no_content(sock, "vm.boot").status / 100, 2u) << vmm.err();
+    auto reboots = [&] {
+        std::size_t n = 0;
+        for (const auto& e : event_names(slurp(log)))
+            if (e == "vm:rebooted") ++n;
+        return n;
+    };
+    EXPECT_TRUE(wait_until([&] { return reboots() >= 3; }, 120)) << slurp(log) << vmm.err();
+    r = curl_put_no_content(sock, "vm.shutdown");
+    EXPECT_EQ(r.status / 100, 2u) << r.raw;
+    r = http_exchange(sock, libcurl_json("GET", "vm.info", ""));
+    EXPECT_EQ(r.body["state"], "Shutdown") << r.raw;
+    EXPECT_EQ(curl_put_no_content(sock, "vmm.shutdown").status / 100, 2u);
+    const ProcResult end = vmm.wait(30);
+    EXPECT_EQ(end.status, 0) << end.err;
+    EXPECT_NE(end.err.find("guest reset the machine"), std::string::npos) << end.err;
+    const std::vector<std::string> ev = event_names(slurp(log));
+    ASSERT_GE(ev.size(), 7u) << slurp(log);
+    const std::vector<std::string> head(ev.begin(), ev.begin() + 7);
+    const std::vector<std::string> want = {"vmm:starting", "vm:booting", "vm:booted",  "vm:rebooting",
+                                           "vm:booting",   "vm:booted",  "vm:rebooted"};
+    EXPECT_EQ(head, want) << slurp(log);
+    ::unlink(log.c_str());
 }
 
 // ---- Kata with Linux ----

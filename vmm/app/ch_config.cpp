@@ -97,6 +97,7 @@ NetConfig net_from_ch(const json& j, unsigned index, const std::string& at) {
     object_at(j, at);
     NetConfig n;
     n.kind = NetConfig::Kind::tap;
+    n.id = get_string(j, "id", at).value_or("");
     n.target = get_string(j, "tap", at).value_or("");
     if (n.target.size() >= 16) bad(at + ".tap", "interface name longer than 15 characters");
     if (auto mac = get_string(j, "mac", at)) {
@@ -118,6 +119,7 @@ NetConfig net_from_ch(const json& j, unsigned index, const std::string& at) {
 DiskConfig disk_from_ch(const json& j, const std::string& at) {
     object_at(j, at);
     DiskConfig d;
+    d.id = get_string(j, "id", at).value_or("");
     auto path = get_string(j, "path", at);
     if (!path || path->empty()) bad(at + ".path", "missing (kguest needs an image file or block device)");
     d.path = *path;
@@ -266,7 +268,9 @@ json ch_config_json(const VmConfig& c, std::uint64_t balloon_bytes) {
     if (!c.nets.empty()) {
         json& nets = j["net"] = json::array();
         for (const NetConfig& n : c.nets) {
-            json e = {{"mac", format_mac(n.mac)}, {"num_queues", 2 * n.queue_pairs}};
+            // Cloud Hypervisor names a device "_netN" / "_diskN" when its config does not.
+            const std::string id = n.id.empty() ? "_net" + std::to_string(nets.size()) : n.id;
+            json e = {{"id", id}, {"mac", format_mac(n.mac)}, {"num_queues", 2 * n.queue_pairs}};
             if (n.kind == NetConfig::Kind::tap && !n.target.empty()) e["tap"] = n.target;
             nets.push_back(e);
         }
@@ -274,7 +278,8 @@ json ch_config_json(const VmConfig& c, std::uint64_t balloon_bytes) {
     if (!c.disks.empty()) {
         json& disks = j["disks"] = json::array();
         for (const DiskConfig& d : c.disks) {
-            json e = {{"path", d.path},
+            json e = {{"id", d.id.empty() ? "_disk" + std::to_string(disks.size()) : d.id},
+                      {"path", d.path},
                       {"readonly", d.readonly},
                       {"direct", d.cache == DiskConfig::Cache::none},
                       {"num_queues", d.queues}};

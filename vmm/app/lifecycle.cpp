@@ -214,8 +214,24 @@ int VmLifecycle::serve(int signal_fd) {
         }
         if (stop_fd >= 0 && (fds[2].revents & POLLIN)) {
             // The VM ended by itself (the guest, a vm.shutdown in fixed mode, a failure).
+            const bool reset = vm_->reset_by_guest();
             exit_status = end_vm(false);
             if (mode_ == Mode::fixed) break;
+            if (reset) {
+                // A guest's reboot: built again from the same config, as vm.reboot
+                // does (Cloud Hypervisor reboots its guests too). A guest that
+                // resets at once loops here, one build per reset; a step the API
+                // hands over meanwhile waits for one build, as behind vm.reboot.
+                log_msg("booting the VM again");
+                emit("vm", "rebooting");
+                if (Refusal r = boot_now()) {
+                    log_msg("rebooting the VM failed: %s", r.message.c_str());
+                    emit("vm", "shutdown");
+                } else {
+                    emit("vm", "rebooted");
+                }
+                continue;
+            }
             emit("vm", "shutdown");
             continue;
         }
@@ -365,12 +381,23 @@ Refusal VmLifecycle::create(const ChVmConfig& cfg) {
     return {};
 }
 
+// Cloud Hypervisor's 409 for a device whose id another device has (mu_).
+Refusal VmLifecycle::id_taken(const char* step, const std::string& id) const {
+    if (id.empty()) return {};
+    for (const NetConfig& n : cfg_.config.nets)
+        if (n.id == id) return {409, std::string(step) + ": a device named '" + id + "' exists"};
+    for (const DiskConfig& d : cfg_.config.disks)
+        if (d.id == id) return {409, std::string(step) + ": a device named '" + id + "' exists"};
+    return {};
+}
+
 Refusal VmLifecycle::add_net(NetConfig net, std::vector<Fd> tap_fds) {
     if (mode_ == Mode::fixed) return fixed_vm();
     std::lock_guard lock(mu_);
     if (state_ == not_created) return wrong_state("vm.add-net");
     if (state_ != created && state_ != shut_down)
         return {409, "vm.add-net: kguest does not hot-plug devices; add them before vm.boot"};
+    if (Refusal r = id_taken("vm.add-net", net.id)) return r;
     if (net.mac == MacAddress{}) net.mac = default_mac(static_cast<unsigned>(cfg_.config.nets.size()));
     for (Fd& fd : tap_fds) {
         net.tap_fds.push_back(fd.get());
@@ -387,6 +414,7 @@ Refusal VmLifecycle::add_disk(const DiskConfig& disk) {
     if (state_ == not_created) return wrong_state("vm.add-disk");
     if (state_ != created && state_ != shut_down)
         return {409, "vm.add-disk: kguest does not hot-plug devices; add them before vm.boot"};
+    if (Refusal r = id_taken("vm.add-disk", disk.id)) return r;
     cfg_.config.disks.push_back(disk);
     return {};
 }

@@ -2,8 +2,8 @@
 // a VMM holds at most one VM, which vm.create configures (state Created),
 // vm.add-net / vm.add-disk extend, vm.boot builds and starts (Running, Paused
 // through vm.pause), vm.shutdown or the guest's power-off ends (Shutdown: a
-// new vm.boot rebuilds it from the same config), vm.reboot ends and boots
-// again, vm.delete forgets; vmm.shutdown ends the process. `kguest run` is
+// new vm.boot rebuilds it from the same config), vm.reboot and the guest's
+// own reset end it and boot it again, vm.delete forgets; vmm.shutdown ends the process. `kguest run` is
 // the same machinery with its one VM created and booted from the command
 // line (Mode::fixed: vm.create and friends are refused, vm.shutdown ends the
 // process with the VM, as before).
@@ -53,6 +53,7 @@ public:
     virtual int stop_fd() = 0;              // readable once the VM has stopped
     virtual void request_stop(int status) = 0;
     virtual std::string console_pty_path() = 0;   // the serial's PTY slave, "" when none
+    virtual bool reset_by_guest() = 0;            // it stopped because the guest reset the machine
     virtual int finish(bool signalled) = 0;   // waits for the stop, logs the exit report; its status
 };
 // Builds a VM (does not start it); throws as Machine's constructor does.
@@ -107,6 +108,7 @@ private:
     Refusal boot_now();                            // owner thread
     int end_vm(bool signalled);                    // owner thread: finish, destroy; the status
     Refusal wrong_state(const char* step) const;   // (mu_)
+    Refusal id_taken(const char* step, const std::string& id) const;   // (mu_)
     void emit(const char* source, const char* event);
 
     const Mode mode_;

@@ -236,6 +236,7 @@ public:
     int stop_fd() override { return m_.loop().stop_fd(); }
     void request_stop(int status) override { m_.loop().request_stop(status); }
     std::string console_pty_path() override { return m_.console_pty_path(); }
+    bool reset_by_guest() override { return m_.reset_by_guest(); }
     int finish(bool signalled) override {
         const int status = m_.loop().wait();
         finished_ = true;

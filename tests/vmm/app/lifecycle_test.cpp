@@ -25,6 +25,7 @@ constexpr std::uint64_t MiB = 1ull << 20;
 struct FakeStats {
     std::atomic<int> built{0}, started{0}, finished{0}, live{0};
     std::atomic<int> fail_next{0};   // 1: UsageError, 2: runtime_error
+    std::atomic<int> resets{0};      // the next N guests reset the machine as they start
 };
 
 class FakeControl : public VmControl {
@@ -72,7 +73,14 @@ public:
     }
     ~FakeGuest() override { --stats_.live; }
     VmControl& control() override { return control_; }
-    void start() override { ++stats_.started; }
+    void start() override {
+        ++stats_.started;
+        if (stats_.resets.load() > 0) {
+            --stats_.resets;
+            reset_ = true;
+            request_stop(0);
+        }
+    }
     int stop_fd() override { return stop_.get(); }
     void request_stop(int status) override {
         status_ = status;
@@ -80,6 +88,7 @@ public:
         ASSERT_EQ(::write(stop_.get(), &one, sizeof one), 8);
     }
     std::string console_pty_path() override { return "/dev/pts/fake"; }
+    bool reset_by_guest() override { return reset_; }
     int finish(bool) override {
         ++stats_.finished;
         return status_;
@@ -90,6 +99,7 @@ private:
     FakeStats& stats_;
     Fd stop_;
     int status_ = 0;
+    bool reset_ = false;
 };
 
 struct Reply {
@@ -209,11 +219,18 @@ TEST_F(Lifecycle, RefusalsLeaveTheVmmUsable) {
 TEST_F(Lifecycle, StatesAndEvents) {
     ASSERT_EQ(call("PUT", "vm.create", kCreate).status, 204u);
     EXPECT_EQ(call("PUT", "vm.add-disk", R"({"path":"/img","readonly":true})").status, 204u);
+    EXPECT_EQ(call("PUT", "vm.add-disk", R"({"path":"/img2","id":"data"})").status, 204u);
+    Reply dup = call("PUT", "vm.add-disk", R"({"path":"/img3","id":"data"})");   // CH: 409, same identifier
+    EXPECT_EQ(dup.status, 409u);
+    EXPECT_NE(dup.body["error"].get<std::string>().find("'data'"), std::string::npos) << dup.body;
     Reply info = call("GET", "vm.info");
     ASSERT_EQ(info.status, 200u);
     EXPECT_EQ(info.body["state"], "Created");
     EXPECT_EQ(info.body["config"]["cpus"]["boot_vcpus"], 2);
     EXPECT_EQ(info.body["config"]["disks"][0]["path"], "/img");
+    EXPECT_EQ(info.body["config"]["disks"][0]["id"], "_disk0");   // named as Cloud Hypervisor names it
+    EXPECT_EQ(info.body["config"]["disks"][1]["id"], "data");
+    EXPECT_EQ(info.body["config"]["disks"].size(), 2u);
     EXPECT_EQ(info.body["config"]["payload"]["cmdline"], "x");
     EXPECT_EQ(info.body["memory_actual_size"], 256 * MiB);
 
@@ -259,6 +276,24 @@ TEST_F(Lifecycle, StatesAndEvents) {
         "vm:booting",   "vm:booted",  "vm:pausing",  "vm:paused",   "vm:resuming", "vm:resumed",
         "vm:rebooting", "vm:booting", "vm:booted",   "vm:rebooted", "vm:shutdown", "vm:booting",
         "vm:booted",    "vm:shutdown", "vm:deleted", "vmm:shutdown"};
+    EXPECT_EQ(events(), want);
+}
+
+// A guest that resets the machine (its reboot) is built and booted again
+// from the same config, as vm.reboot does; one that then runs stays Running.
+TEST_F(Lifecycle, GuestResetBootsTheVmAgain) {
+    ASSERT_EQ(call("PUT", "vm.create", kCreate).status, 204u);
+    stats_.resets = 2;
+    ASSERT_EQ(call("PUT", "vm.boot").status, 204u);
+    for (int i = 0; i < 500 && (stats_.built.load() < 3 || state() != "Running"); ++i) ::usleep(2000);
+    EXPECT_EQ(stats_.built.load(), 3);
+    EXPECT_EQ(stats_.live.load(), 1);
+    EXPECT_EQ(stats_.finished.load(), 2);
+    EXPECT_EQ(state(), "Running");
+    ASSERT_EQ(call("PUT", "vm.shutdown").status, 204u);
+    const std::vector<std::string> want = {"vm:booting", "vm:booted",    "vm:rebooting", "vm:booting",
+                                           "vm:booted",  "vm:rebooted",  "vm:rebooting", "vm:booting",
+                                           "vm:booted",  "vm:rebooted",  "vm:shutdown"};
     EXPECT_EQ(events(), want);
 }
 
