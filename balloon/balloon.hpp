@@ -103,7 +103,7 @@ struct BalloonOptions {
     bool reporting = true;         // VIRTIO_BALLOON_F_REPORTING
 };
 
-class VirtioBalloon : public VirtioDevice {
+class VirtioBalloon : public LoopDevice {
 public:
     static constexpr std::uint16_t kNumQueues = 5;
     static constexpr std::uint16_t kQueueSize = 256;   // reporting needs >= 32 (Linux)
@@ -130,10 +130,9 @@ public:
 
     BalloonCounters counters() const;
     // For tests (they ask the loop): queue q's role (none while inactive),
-    // whether page `pfn` is in the balloon, and waiting for the loop to settle.
+    // whether page `pfn` is in the balloon (settle(), from LoopDevice, waits for the loop).
     BalloonQueue queue_role(std::uint16_t q) const;
     bool page_inflated(std::uint64_t pfn) const;
-    bool settle() { return loop_->wait_idle(); }
 
     // VirtioDevice.
     std::uint16_t device_id() const override { return 5; }
@@ -145,9 +144,6 @@ public:
     void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
-    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
-    void set_thread_name(const std::string& name) override { loop_->set_thread_name(name); }
 
 private:
     static BalloonQueue role_of(std::uint16_t q, std::uint64_t features);
@@ -187,8 +183,6 @@ private:
     bool give_back_deferred_ = false;   // request_stats() came while DMA was off
     std::vector<std::uint64_t> pfn_buf_;
     RateLimit log_limit_{5};
-
-    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "devices/virtqueue.hpp"
+#include "devices/base/event_loop.hpp"
 #include "devices/base/guest_memory.hpp"
 
 #include <cstddef>
@@ -104,6 +105,24 @@ protected:
 
 private:
     VirtioTransport* transport_ = nullptr;
+};
+
+// A device whose queues its own EventLoop serves (devices/base/event_loop.hpp):
+// a kick only wakes the loop, the transport's ioeventfds go straight to it,
+// and the loop's thread carries the device's name. The derived device makes
+// loop_ at the end of its constructor (so the loop starts once everything it
+// serves exists) and stops it first thing in its destructor (so the loop's
+// thread is joined before the members it uses go).
+class LoopDevice : public VirtioDevice {
+public:
+    void queue_notify(std::uint16_t q) final { loop_->kick(q); }
+    bool take_notify_fds(std::span<const int> fds) final { return loop_->watch_queues(fds); }
+    void set_thread_name(const std::string& name) final { loop_->set_thread_name(name); }
+    // Waits until the loop has nothing left to do (tests).
+    bool settle() { return loop_->wait_idle(); }
+
+protected:
+    std::unique_ptr<EventLoop> loop_;
 };
 
 } // namespace kguest

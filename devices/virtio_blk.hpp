@@ -103,7 +103,7 @@ struct BlkCounters {
     std::uint64_t errors = 0;                              // requests answered IOERR or UNSUPP
 };
 
-class VirtioBlk final : public VirtioDevice {
+class VirtioBlk final : public LoopDevice {
 public:
     static constexpr std::uint16_t kQueueSize = 256;
     static constexpr std::uint32_t kSegMax = kQueueSize - 2;   // data segments besides header and status
@@ -130,15 +130,11 @@ public:
     void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
-    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
-    void set_thread_name(const std::string& name) override { loop_->set_thread_name(name); }
 
     const BlockImage& image() const { return *image_; }
     BlkCounters counters() const;
     bool writeback() const { return writeback_.load(std::memory_order_relaxed) != 0; }
     // Waits until the loop has no queue left to service (tests).
-    bool settle() { return loop_->wait_idle(); }
 
 private:
     struct Req;
@@ -176,8 +172,6 @@ private:
     std::atomic<unsigned> in_flight_{0};
     std::atomic<std::uint64_t> reads_{0}, read_bytes_{0}, writes_{0}, write_bytes_{0}, flushes_{0}, discards_{0},
         discard_bytes_{0}, errors_{0};
-
-    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

@@ -86,7 +86,7 @@ struct VirtioMemCounters {
     std::uint64_t bad_chains = 0;   // malformed rings or short requests: DEVICE_NEEDS_RESET
 };
 
-class VirtioMem : public VirtioDevice {
+class VirtioMem : public LoopDevice {
 public:
     static constexpr std::uint64_t kBlockSize = kHugePageSize;
     static constexpr std::uint16_t kQueueSize = 128;
@@ -106,7 +106,6 @@ public:
     VirtioMemCounters counters() const;
     // For tests (asks the loop): whether block i is plugged; settling.
     bool block_plugged(std::uint64_t i) const;
-    bool settle() { return loop_->wait_idle(); }
 
     // VirtioDevice.
     std::uint16_t device_id() const override { return 24; }
@@ -118,9 +117,6 @@ public:
     void write_config(std::uint64_t, std::span<const std::uint8_t>) override {}   // 5.15.4: read-only
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
-    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
-    void set_thread_name(const std::string& name) override { loop_->set_thread_name(name); }
 
 private:
     // On the loop.
@@ -147,8 +143,6 @@ private:
     // Loop thread only.
     std::span<Virtqueue> queues_;     // empty while not active
     RateLimit log_limit_{5};
-
-    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

@@ -72,7 +72,7 @@ struct NetCounters {
     std::uint64_t tx_packets = 0, tx_bytes = 0, tx_dropped = 0;
 };
 
-class VirtioNet final : public VirtioDevice {
+class VirtioNet final : public LoopDevice {
 public:
     static constexpr std::uint16_t kQueueSize = 256;
     static constexpr std::uint16_t kDefaultMtu = 1500;
@@ -97,9 +97,6 @@ public:
     void write_config(std::uint64_t offset, std::span<const std::uint8_t> data) override;
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
-    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
-    void set_thread_name(const std::string& name) override { loop_->set_thread_name(name); }
 
     NetCounters counters() const;
     unsigned queue_pairs() const { return pairs_; }
@@ -164,8 +161,6 @@ private:
     std::atomic<std::uint64_t> tx_packets_{0}, tx_bytes_{0}, tx_dropped_{0};
     RateLimit log_limit_{5};
     bool logged_error_ = false;
-
-    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest

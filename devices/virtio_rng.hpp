@@ -63,7 +63,7 @@ struct RngCounters {
     std::uint64_t bad_chains = 0;   // DEVICE_NEEDS_RESET
 };
 
-class VirtioRng final : public VirtioDevice {
+class VirtioRng final : public LoopDevice {
 public:
     static constexpr std::uint16_t kQueueSize = 64;
     static constexpr std::size_t kMaxRead = 64 * 1024;   // bytes per chain at most
@@ -79,7 +79,6 @@ public:
 
     RngCounters counters() const;
     const RngLimit& limit() const { return limit_; }
-    bool settle() { return loop_->wait_idle(); }   // tests
 
     // VirtioDevice.
     std::uint16_t device_id() const override { return 4; }   // 5.4.1: entropy device
@@ -91,9 +90,6 @@ public:
     void write_config(std::uint64_t, std::span<const std::uint8_t>) override {}
     void activate(std::span<Virtqueue> queues, GuestMemory& mem) override;
     void reset() override;
-    void queue_notify(std::uint16_t q) override { loop_->kick(q); }
-    bool take_notify_fds(std::span<const int> fds) override { return loop_->watch_queues(fds); }
-    void set_thread_name(const std::string& name) override { loop_->set_thread_name(name); }
 
 private:
     struct ReadDone final : EventLoop::Completion {
@@ -134,8 +130,6 @@ private:
     RateLimit log_limit_{5};
 
     std::atomic<std::uint64_t> bytes_{0}, requests_{0}, throttled_{0}, bad_chains_{0};
-
-    std::unique_ptr<EventLoop> loop_;   // last: started once the rest exists
 };
 
 } // namespace kguest
