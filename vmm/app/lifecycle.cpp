@@ -108,6 +108,13 @@ Refusal VmLifecycle::boot_now() {
     return {};
 }
 
+Refusal VmLifecycle::boot_again() {
+    emit("vm", "rebooting");
+    if (Refusal r = boot_now()) return r;
+    emit("vm", "rebooted");
+    return {};
+}
+
 int VmLifecycle::end_vm(bool signalled) {
     GuestVm* vm;
     {
@@ -141,12 +148,9 @@ Refusal VmLifecycle::run_step(Step step) {
             std::lock_guard lock(mu_);
             return wrong_state("vm.reboot");
         }
-        emit("vm", "rebooting");
         vm_->request_stop(0);
         end_vm(false);
-        if (Refusal r = boot_now()) return r;
-        emit("vm", "rebooted");
-        return {};
+        return boot_again();
     case Step::shutdown:
         if (!live) {
             std::lock_guard lock(mu_);
@@ -223,12 +227,9 @@ int VmLifecycle::serve(int signal_fd) {
                 // resets at once loops here, one build per reset; a step the API
                 // hands over meanwhile waits for one build, as behind vm.reboot.
                 log_msg("booting the VM again");
-                emit("vm", "rebooting");
-                if (Refusal r = boot_now()) {
+                if (Refusal r = boot_again()) {
                     log_msg("rebooting the VM failed: %s", r.message.c_str());
                     emit("vm", "shutdown");
-                } else {
-                    emit("vm", "rebooted");
                 }
                 continue;
             }

@@ -106,6 +106,7 @@ private:
     Refusal hand_over(Step step);                  // API thread: to serve(), waits for the answer
     Refusal run_step(Step step);                   // owner thread
     Refusal boot_now();                            // owner thread
+    Refusal boot_again();                          // owner thread: an ended VM, with CH's rebooting/rebooted
     int end_vm(bool signalled);                    // owner thread: finish, destroy; the status
     Refusal wrong_state(const char* step) const;   // (mu_)
     Refusal id_taken(const char* step, const std::string& id) const;   // (mu_)
