@@ -25,19 +25,15 @@ FileImage read_file(const std::string& path, std::uint64_t max_size) {
     if (static_cast<std::uint64_t>(st.st_size) > max_size)
         throw UsageError(path + " is larger than guest RAM");
     const std::size_t size = static_cast<std::size_t>(st.st_size);
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw_errno("mmap (a buffer for " + path + ")");
-    Mapping buf(p, size);
-    auto* dst = static_cast<std::uint8_t*>(p);
-    std::size_t done = 0;
-    while (done < size) {
-        ssize_t r = ::read(fd, dst + done, size - done);
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0) throw UsageError("cannot read " + path + ": " + std::strerror(errno));
-        if (r == 0) break;  // shrank meanwhile: what we got is the file
-        done += static_cast<std::size_t>(r);
-    }
-    return FileImage(std::move(buf), done);
+    // Mapped, not read into a buffer: the loaders copy only what they load
+    // (a vmlinux's PT_LOAD segments) straight from the page cache into guest
+    // RAM. Reading Debian's 66 MB vmlinux into an anonymous buffer first
+    // (zeroing it, copying it, then copying again) took 0.8-2.8 s of a Linux
+    // boot in the QEMU sandbox, against 0.38 s mapped. A file truncated while
+    // we copy it raises SIGBUS: the start dies before any guest has run.
+    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) throw_errno("mmap (" + path + ")");
+    return FileImage(Mapping(p, size), size);
 }
 
 namespace {

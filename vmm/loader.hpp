@@ -99,7 +99,7 @@ private:
     std::size_t size_;
 };
 
-// Reads the whole file; UsageError if unreadable, empty or over `max_size`.
+// Maps the whole file read-only; UsageError if unreadable, empty or over `max_size`.
 FileImage read_file(const std::string& path, std::uint64_t max_size);
 
 // Validates and loads; throws UsageError("...") naming what is wrong.
