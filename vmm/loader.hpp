@@ -87,8 +87,8 @@ bool is_linux_kernel(std::span<const std::uint8_t> image);
 // Validates the header; throws UsageError naming what is wrong.
 SetupHeader parse_setup_header(std::span<const std::uint8_t> image);
 
-// A whole file's bytes in an anonymous mapping of their own, so a multi-MiB
-// image leaves the VMM's RSS once loaded (a heap buffer would stay).
+// A whole file's bytes, mapped read-only from the page cache; unmapped when
+// it goes, so a multi-MiB image leaves the VMM's RSS once loaded.
 class FileImage {
 public:
     FileImage(Mapping m, std::size_t size) : m_(std::move(m)), size_(size) {}
