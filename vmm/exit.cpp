@@ -156,28 +156,32 @@ std::string reason_of(std::uint64_t key, const Bus& pio, const Bus& mmio) {
 }
 } // namespace
 
-void ExitCounter::record(const DecodedExit& e, const ExitOutcome& out, std::chrono::nanoseconds handling) {
+void ExitCounter::record(const DecodedExit& e, const ExitOutcome& out, std::uint64_t handling_ticks) {
     const std::uint64_t key = exit_key(e, out);
-    auto it = entries_.find(key);
-    if (it == entries_.end()) {
-        std::lock_guard lock(insert_mu_);
-        it = entries_.try_emplace(key).first;
+    if (key != last_key_) {
+        auto it = entries_.find(key);
+        if (it == entries_.end()) {
+            std::lock_guard lock(insert_mu_);
+            it = entries_.try_emplace(key).first;
+        }
+        last_key_ = key;
+        last_ = &it->second;
     }
-    Entry& en = it->second;
+    Entry& en = *last_;
     en.count.store(en.count.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-    en.ns.store(en.ns.load(std::memory_order_relaxed) + static_cast<std::uint64_t>(handling.count()),
-                std::memory_order_relaxed);
+    en.ticks.store(en.ticks.load(std::memory_order_relaxed) + handling_ticks, std::memory_order_relaxed);
 }
 
 std::vector<ExitCount> ExitCounter::sum(const std::deque<ExitCounter>& counters, const Bus& pio,
-                                        const Bus& mmio) {
+                                        const Bus& mmio, double ns_per_tick) {
     std::map<std::uint64_t, ExitCount> by_key;
     for (const ExitCounter& c : counters) {
         std::lock_guard lock(c.insert_mu_);
         for (const auto& [key, en] : c.entries_) {
             ExitCount& x = by_key[key];
             x.count += en.count.load(std::memory_order_relaxed);
-            x.handling_ns += en.ns.load(std::memory_order_relaxed);
+            x.handling_ns += static_cast<std::uint64_t>(
+                static_cast<double>(en.ticks.load(std::memory_order_relaxed)) * ns_per_tick);
         }
     }
     std::vector<ExitCount> out;

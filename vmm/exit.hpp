@@ -79,17 +79,27 @@ struct ExitStats {
 // allocates only for a reason it has not seen before; sum() may run on any
 // thread meanwhile. Only such a first insert and sum() share a lock (per
 // vCPU, held for a copy of the counts), so no vCPU contends with another.
+//
+// Handling time is counted in TSC ticks (the caller's two RDTSCs around the
+// handling) and turned into ns only by sum(): a clock_gettime pair on every
+// exit costs more than a bare exit can afford to lose.
 class ExitCounter {
 public:
-    void record(const DecodedExit& e, const ExitOutcome& out, std::chrono::nanoseconds handling);
-    // The reasons of all counters `c` together, named from the buses, most frequent first.
-    static std::vector<ExitCount> sum(const std::deque<ExitCounter>& c, const Bus& pio, const Bus& mmio);
+    void record(const DecodedExit& e, const ExitOutcome& out, std::uint64_t handling_ticks);
+    // The reasons of all counters `c` together, named from the buses, most
+    // frequent first; handling_ns = ticks * `ns_per_tick`.
+    static std::vector<ExitCount> sum(const std::deque<ExitCounter>& c, const Bus& pio, const Bus& mmio,
+                                      double ns_per_tick);
 
 private:
     struct Entry {
-        std::atomic<std::uint64_t> count{0}, ns{0};   // one writer: relaxed loads and stores
+        std::atomic<std::uint64_t> count{0}, ticks{0};   // one writer: relaxed loads and stores
     };
     std::unordered_map<std::uint64_t, Entry> entries_;   // by exit_key() (exit.cpp)
+    // The owner's last reason (exits come in runs of one kind): no hash lookup
+    // then. Nodes of an unordered_map stay put when it grows.
+    std::uint64_t last_key_ = ~std::uint64_t{0};
+    Entry* last_ = nullptr;
     mutable std::mutex insert_mu_;   // inserts vs sum(); lookups by the owner need none
 };
 

@@ -17,6 +17,7 @@
 #include "vmm/kvm.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -80,6 +81,8 @@ private:
     std::deque<ExitCounter> exit_counters_;   // one per vCPU
     std::vector<Fd> kvm_stats_;               // one per vCPU, or none
     std::string kvm_stats_note_;              // why there are none
+    std::uint64_t tsc_start_ = 0;             // the TSC and the clock at start(), to
+    std::chrono::steady_clock::time_point clock_start_;   // turn handling ticks into ns
     std::atomic<bool> started_{false};
 };
 

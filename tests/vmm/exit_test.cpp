@@ -256,9 +256,10 @@ TEST(Exit, CounterNamesReasonsAndSumsVcpus) {
     pio.insert(0x60, 1, dev);
     mmio.insert(0xc0000000, 0x1000, dev, "virtio-net 00:01.0");
     std::deque<ExitCounter> vcpus(2);
+    // Handling times in ticks; sum() below turns them into ns at 2 ns a tick.
     auto take = [&](ExitCounter& c, kvm_run& r, std::chrono::nanoseconds ns) {
         DecodedExit e = decode_exit(r, kPage);
-        c.record(e, handle_exit(e, pio, mmio, 0), ns);
+        c.record(e, handle_exit(e, pio, mmio, 0), static_cast<std::uint64_t>(ns.count()));
     };
     for (int i = 0; i < 4; ++i) take(vcpus[i % 2], io_page(true, 0x3fd, 1, 1)->run(), 100ns);
     take(vcpus[1], io_page(true, 0x3f8, 1, 16)->run(), 1000ns);   // a rep batch is one exit
@@ -280,13 +281,13 @@ TEST(Exit, CounterNamesReasonsAndSumsVcpus) {
         take(vcpus[0], r, 1ns);
     }
 
-    const std::vector<ExitCount> sum = ExitCounter::sum(vcpus, pio, mmio);
+    const std::vector<ExitCount> sum = ExitCounter::sum(vcpus, pio, mmio, 2.0);
     std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> got;
     for (const ExitCount& x : sum) got[x.reason] = {x.count, x.handling_ns};
     const std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> want = {
-        {"serial COM1", {5, 1400}},   {"unclaimed port 0x70", {3, 30}}, {"virtio-net 00:01.0", {2, 100}},
-        {"unclaimed port 0x71", {1, 10}}, {"PIO 0x60", {1, 10}},    {"unclaimed MMIO", {1, 5}},
-        {"shutdown", {1, 1}},         {"intr", {1, 1}},                 {"exit reason 57005", {1, 1}}};
+        {"serial COM1", {5, 2800}},   {"unclaimed port 0x70", {3, 60}}, {"virtio-net 00:01.0", {2, 200}},
+        {"unclaimed port 0x71", {1, 20}}, {"PIO 0x60", {1, 20}},    {"unclaimed MMIO", {1, 10}},
+        {"shutdown", {1, 2}},         {"intr", {1, 2}},                 {"exit reason 57005", {1, 2}}};
     EXPECT_EQ(got, want);
     ASSERT_EQ(sum.size(), want.size());
     for (std::size_t i = 1; i < sum.size(); ++i) EXPECT_GE(sum[i - 1].count, sum[i].count) << i;
@@ -300,10 +301,10 @@ TEST(Exit, CounterNamesReasonsAndSumsVcpus) {
     r.mmio.phys_addr = 0xc1000000;
     take(vcpus[0], r, 50ns);
     std::uint64_t bar_exits = 0;
-    for (const ExitCount& x : ExitCounter::sum(vcpus, pio, mmio))
+    for (const ExitCount& x : ExitCounter::sum(vcpus, pio, mmio, 1.0))
         if (x.reason == "virtio-net 00:01.0") bar_exits = x.count;
     EXPECT_EQ(bar_exits, 3u);
-    EXPECT_TRUE(ExitCounter::sum(std::deque<ExitCounter>(3), pio, mmio).empty());
+    EXPECT_TRUE(ExitCounter::sum(std::deque<ExitCounter>(3), pio, mmio, 1.0).empty());
 }
 
 // A made-up KVM_GET_STATS_FD file: header, id string, descriptors each
