@@ -31,9 +31,25 @@ FileImage read_file(const std::string& path, std::uint64_t max_size) {
     // (zeroing it, copying it, then copying again) took 0.8-2.8 s of a Linux
     // boot in the QEMU sandbox, against 0.38 s mapped. A file truncated while
     // we copy it raises SIGBUS: the start dies before any guest has run.
+    // A file system that cannot map files (ENODEV, e.g. sysfs) gets the
+    // file read into an anonymous buffer instead.
     void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) throw_errno("mmap (" + path + ")");
-    return FileImage(Mapping(p, size), size);
+    if (p != MAP_FAILED) return FileImage(Mapping(p, size), size);
+    if (errno != ENODEV) throw_errno("mmap (" + path + ")");
+    p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw_errno("mmap (a buffer for " + path + ")");
+    Mapping buf(p, size);
+    auto* dst = static_cast<std::uint8_t*>(p);
+    std::size_t done = 0;
+    while (done < size) {
+        ssize_t r = ::read(fd, dst + done, size - done);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) throw UsageError("cannot read " + path + ": " + std::strerror(errno));
+        if (r == 0) break;  // shorter than its size said: what we got is the file
+        done += static_cast<std::size_t>(r);
+    }
+    if (done == 0) throw UsageError(path + " is empty");
+    return FileImage(std::move(buf), done);
 }
 
 namespace {

@@ -531,5 +531,19 @@ TEST(ReadFile, ReadsAndRefuses) {
     EXPECT_THROW(read_file(path, 100), UsageError);  // gone
 }
 
+TEST(ReadFile, ReadsAFileThatCannotBeMapped) {
+    // A sysfs attribute is a regular file of 4096 bytes by fstat that mmap
+    // refuses (ENODEV) and read gives in full, shorter.
+    const char* path = "/sys/kernel/mm/transparent_hugepage/enabled";
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) GTEST_SKIP() << path << ": " << std::strerror(errno);
+    char want[4096];
+    const ssize_t n = ::read(fd, want, sizeof want);
+    ::close(fd);
+    ASSERT_GT(n, 0);
+    FileImage f = read_file(path, 1 << 20);
+    EXPECT_EQ(std::string(f.bytes().begin(), f.bytes().end()), std::string(want, static_cast<std::size_t>(n)));
+}
+
 } // namespace
 } // namespace kguest
