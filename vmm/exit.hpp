@@ -11,7 +11,6 @@
 #include "devices/base/bus.hpp"
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <mutex>
